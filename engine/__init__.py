@@ -6,7 +6,7 @@ The public surface is `LLM` and `SamplingParams`; they are imported lazily so th
 
 from typing import Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:

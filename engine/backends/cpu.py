@@ -1,0 +1,96 @@
+"""CPU Backend: numba kernels from kernels_cpu, numpy BLAS for float32 matmuls."""
+
+from __future__ import annotations
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import kernels_cpu
+from engine.kv_cache import ForwardBatch
+from engine.weights import DenseWeight
+from kernels_cpu.gemv_f32 import matmul_f32
+
+# Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
+SMALL_BATCH = 4
+
+
+class CPUBackend:
+    """Runs the model on the CPU.
+
+    numba's thread pool owns the cores. OpenBLAS threads that linger spinning after a GEMM
+    steal them from the next numba kernel (measured: decode fell from ~35 to ~5 tok/s), so
+    BLAS is limited to one thread for the whole process while a CPUBackend exists.
+    """
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+
+    def embed(self, table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(table[token_ids], dtype=np.float32)
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return kernels_cpu.rmsnorm(x, weight, eps)
+
+    def linear(self, x: np.ndarray, weight: DenseWeight) -> np.ndarray:
+        if not isinstance(weight, DenseWeight):
+            raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
+        if x.shape[0] <= SMALL_BATCH:
+            out = matmul_f32(x, weight.data)
+        else:
+            out = x @ weight.data.T
+        if weight.bias is not None:
+            out += weight.bias
+        return out
+
+    def split_qkv(
+        self, qkv: np.ndarray, heads: int, kv_heads: int, head_dim: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fused (T, (H + 2*Hkv) * D) projections -> contiguous q (T,H,D), k and v (T,Hkv,D)."""
+        tokens = qkv.shape[0]
+        q_end = heads * head_dim
+        k_end = q_end + kv_heads * head_dim
+        q = np.ascontiguousarray(qkv[:, :q_end]).reshape(tokens, heads, head_dim)
+        k = np.ascontiguousarray(qkv[:, q_end:k_end]).reshape(tokens, kv_heads, head_dim)
+        v = qkv[:, k_end:].reshape(tokens, kv_heads, head_dim)
+        return q, k, v
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
+        kernels_cpu.rope_inplace(x, positions, inv_freq)
+
+    def attention(
+        self,
+        layer: int,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        batch: ForwardBatch,
+        scale: float,
+        window: int,
+    ) -> np.ndarray:
+        """Store this pass's k, v (T, Hkv, D) in the cache, then attend q (T, H, D) over it."""
+        cache = batch.cache
+        end = batch.start + q.shape[0]
+        cache.k[layer, batch.start : end] = k
+        cache.v[layer, batch.start : end] = v
+        out = kernels_cpu.causal_attention(
+            q, cache.k[layer, :end], cache.v[layer, :end], batch.start, scale, window
+        )
+        return out.reshape(q.shape[0], -1)
+
+    def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
+        return kernels_cpu.silu_mul(gate_up)
+
+    def add_(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x += y
+        return x
+
+    def take_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x[rows])
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def allocate_kv(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)

@@ -1,0 +1,146 @@
+"""The `lamina` command line: generate and chat (more subcommands arrive with later issues).
+
+Bad arguments and bad inputs (a missing model, a prompt longer than the context) print one
+line and exit with status 2; a stack trace means a bug in lamina.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from engine.errors import LaminaError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--max-model-len", type=_positive_int, help="cap the context window")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=_positive_int, default=max_tokens, help="tokens to generate")
+    p.add_argument("--temperature", type=float, help="0 means greedy (default: the model's)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top prob")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, help="same seed, same text")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lamina", description="CPU-first LLM inference engine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="complete a prompt and print the text")
+    _add_model_args(gen)
+    _add_sampling_args(gen, max_tokens=128)
+    gen.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with metrics")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read stdin")
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat with streaming replies")
+    _add_model_args(chat)
+    _add_sampling_args(chat, max_tokens=512)
+    chat.add_argument("--system", "-s", help="system prompt")
+    return parser
+
+
+def _sampling_params(args: argparse.Namespace):
+    from engine.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from engine.api import LLM
+
+    return LLM(args.model, max_model_len=args.max_model_len)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _sampling_params(args)
+    llm = _load(args)
+    if args.chat:
+        stream = llm.stream_chat([{"role": "user", "content": prompt}], params)
+    else:
+        stream = llm.stream(prompt, params)
+    if args.json:
+        for _ in stream:
+            pass
+        result = stream.output.to_dict()
+        del result["id"]
+        result["load_s"] = llm.loaded.load_s
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from engine.chat_session import ChatSession
+
+    params = _sampling_params(args)
+    llm = _load(args)
+    ChatSession(llm, params, system=args.system).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    handler = {"generate": cmd_generate, "chat": cmd_chat}[args.command]
+    try:
+        return handler(args)
+    except (LaminaError, ValueError) as exc:
+        print(f"lamina {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

