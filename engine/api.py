@@ -13,6 +13,8 @@ import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from engine.backends.cpu import CPUBackend
 from engine.engine_loop import EngineLoop
 from engine.loader.model_loader import LoadedModel, load_model
@@ -66,6 +68,11 @@ class LLM:
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config defaults filled in."""
         return SamplingParams().with_defaults(self.loaded.sampling_defaults)
+
+    def prompt_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
+        """Float32 logits (T, vocab) at every position of a prompt: for scoring and tests."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        return self._engine.prompt_logits(ids)
 
     def generate(
         self,

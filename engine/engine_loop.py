@@ -80,6 +80,16 @@ class EngineLoop:
             if output.finish_reason is None:
                 output.finish_reason = "abort"
 
+    def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits at every position of `token_ids` (T, vocab), from one prefill pass."""
+        self._check_prompt(token_ids)
+        cfg = self.loaded.config
+        cache = SequenceKVCache(
+            self.backend, cfg.num_layers, len(token_ids), cfg.num_kv_heads, cfg.head_dim
+        )
+        batch = ForwardBatch.for_sequence(cache, token_ids, all_logits=True)
+        return self.model.forward(batch)
+
     def _step(self, cache: SequenceKVCache, token_ids: list[int]) -> np.ndarray:
         batch = ForwardBatch.for_sequence(cache, token_ids)
         logits = self.model.forward(batch)

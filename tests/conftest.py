@@ -40,3 +40,29 @@ def default_gguf_metadata(default_gguf: Path) -> dict[str, object]:
 
     reader = gguf.GGUFReader(default_gguf)
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(default_gguf: Path):
+    """transformers' own tokenizer for the default GGUF (the reference implementation)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_gguf: Path):
+    """transformers' float32 model dequantized from the default GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from engine import LLM
+
+    return LLM()

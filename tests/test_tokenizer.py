@@ -101,8 +101,9 @@ def ours(default_gguf_metadata):
 
 
 @pytest.fixture(scope="module")
-def hf_gguf(default_gguf):
-    return AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+def hf_gguf(hf_tokenizer):
+    """transformers' tokenizer for the default GGUF (session fixture in conftest.py)."""
+    return hf_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from engine.errors import LaminaError, ModelLoadError, UnsupportedModelError
-from engine.loader.chat_template import render_chat_template
+from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.loader.chat_template import ChatTemplateError, render_chat_template
 
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = (
@@ -185,7 +185,7 @@ class Tokenizer:
         """The prompt text for `messages`, rendered with the model's chat template."""
         if self.chat_template is None:
             named = f" (it has named templates: {sorted(self.chat_templates)})"
-            raise LaminaError(
+            raise ChatTemplateError(
                 "this model has no default chat template"
                 + (named if self.chat_templates else "")
                 + "; use plain text generation instead of chat"
@@ -299,7 +299,8 @@ def _post_processor_adds(backend: tokenizers.Tokenizer) -> tuple[bool, bool]:
     """
     plain = backend.encode("a", add_special_tokens=False).ids
     full = backend.encode("a", add_special_tokens=True).ids
-    start = next(i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
+    positions = range(len(full) - len(plain) + 1)
+    start = next((i for i in positions if full[i : i + len(plain)] == plain), 0)
     return start > 0, len(full) - start - len(plain) > 0
 
 

@@ -1,0 +1,75 @@
+"""Tiny random-weight Hugging Face models of each supported architecture, saved to disk.
+
+They share SmolLM2's tokenizer (so `LLM` can load them) and are big enough in init scale that
+greedy decoding has clear winners instead of near-ties.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+VOCAB = 49152
+
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (config class, model class, overrides)
+VARIANTS = {
+    "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "llama-mha-tied-rope3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_theta=50000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    "llama-linear-rope-mqa": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=2.0)),
+    ),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=16)),
+    "qwen2-bias-tied": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=2),
+    ),
+}
+
+
+def build_tiny_model(name: str, folder: Path, tokenizer, dtype=torch.float32, shard: bool = False):
+    """Save a seeded random model `name` plus tokenizer to `folder`; return the HF model (f32)."""
+    config_cls, model_cls, overrides = VARIANTS[name]
+    config = getattr(transformers, config_cls)(**{**BASE, **overrides})
+    torch.manual_seed(sum(map(ord, name)))
+    model = getattr(transformers, model_cls)(config).eval()
+    if name.startswith("qwen2"):
+        with torch.no_grad():  # HF initialises biases to zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    model.to(dtype).save_pretrained(folder, max_shard_size="2MB" if shard else "10GB")
+    tokenizer.save_pretrained(folder)
+    return model.to(torch.float32)
