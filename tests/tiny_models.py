@@ -13,48 +13,48 @@ import transformers
 
 VOCAB = 49152
 
-BASE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+BASE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.2,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 # name -> (config class, model class, overrides)
 VARIANTS = {
-    "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
     "llama-mha-tied-rope3": (
         "LlamaConfig",
         "LlamaForCausalLM",
-        dict(
-            num_key_value_heads=4,
-            tie_word_embeddings=True,
-            rope_theta=50000.0,
-            rope_scaling=dict(
-                rope_type="llama3",
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=32,
-            ),
-        ),
+        {
+            "num_key_value_heads": 4,
+            "tie_word_embeddings": True,
+            "rope_theta": 50000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        },
     ),
     "llama-linear-rope-mqa": (
         "LlamaConfig",
         "LlamaForCausalLM",
-        dict(num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=2.0)),
+        {"num_key_value_heads": 1, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     ),
-    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=16)),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
     "qwen2-bias-tied": (
         "Qwen2Config",
         "Qwen2ForCausalLM",
-        dict(tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=2),
+        {"tie_word_embeddings": True, "num_attention_heads": 8, "num_key_value_heads": 2},
     ),
 }
 
