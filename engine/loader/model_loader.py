@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from engine.config import ModelConfig
@@ -103,12 +104,27 @@ def _load_gguf(path: Path) -> LoadedModel:
 
 
 def _open_gguf(path: Path) -> Any:
-    import gguf
-
     try:
-        return gguf.GGUFReader(path, "r")
+        return _PlainViewGGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OSError, EOFError) as exc:
         raise ModelLoadError(f"{path} is truncated or not a valid GGUF file: {exc}") from None
+
+
+class _PlainViewGGUFReader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map.
+
+    The reader slices its `data` memmap hundreds of thousands of times while parsing a
+    vocabulary; numpy's memmap subclass bookkeeping on each slice made opening the default
+    model take 4.3 s instead of 1.4 s. The view keeps the mapping alive through `.base`.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain_data = np.asarray(value)
 
 
 def _ids(value: Any) -> tuple[int, ...]:

@@ -163,7 +163,8 @@ class GGUFSource:
 
         tensor = self._tensors[self.gguf_name(name)]
         try:
-            arr = dequantize(tensor.data, tensor.tensor_type)
+            # a plain ndarray view: numpy memmap subclass bookkeeping tripled dequant time
+            arr = dequantize(np.asarray(tensor.data), tensor.tensor_type)
         except NotImplementedError:
             raise ModelLoadError(
                 f"tensor {name!r} uses GGUF type {tensor.tensor_type.name}, which the gguf package "
