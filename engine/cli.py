@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -34,10 +35,13 @@ def _positive_int(text: str) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--max-model-len", type=_positive_int, help="cap the context window")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=_positive_int, default=max_tokens, help="tokens to generate")
+    p.add_argument(
+        "--max-tokens", type=_positive_int, default=max_tokens, help="tokens to generate"
+    )
     p.add_argument("--temperature", type=float, help="0 means greedy (default: the model's)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
@@ -87,11 +91,20 @@ def _sampling_params(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from engine.api import LLM
 
-    return LLM(args.model, max_model_len=args.max_model_len)
+    return LLM(args.model, max_model_len=args.max_model_len, threads=args.threads)
+
+
+def _read_stdin() -> str:
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"standard input is not valid UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
     params = _sampling_params(args)
     llm = _load(args)
     if args.chat:
@@ -140,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) left; stop quietly instead of a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

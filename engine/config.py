@@ -84,12 +84,29 @@ class ModelConfig:
     max_position_embeddings: int
     rope: RopeConfig = field(default_factory=RopeConfig)
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # required q/k/v biases (qwen2; llama with attention_bias)
+    o_bias: bool = False  # required o_proj bias (llama with attention_bias)
+    mlp_bias: bool = False  # required gate/up/down biases (llama with mlp_bias)
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        sizes = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ModelLoadError(
+                    f"model config: {name} must be at least 1, got {getattr(self, name)}"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "
@@ -114,7 +131,7 @@ class ModelConfig:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             kv_heads = int(cfg.get("num_key_value_heads") or heads)
-            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            head_dim = int(cfg.get("head_dim") or hidden // max(heads, 1))
             window = None
             if arch == "mistral" or cfg.get("use_sliding_window"):
                 window = cfg.get("sliding_window")
@@ -132,6 +149,8 @@ class ModelConfig:
                 rope=_rope_from_hf(cfg),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+                o_bias=arch != "qwen2" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
                 sliding_window=int(window) if window else None,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(cfg.get("eos_token_id")),
@@ -140,7 +159,7 @@ class ModelConfig:
             raise ModelLoadError(
                 f"config.json is missing the required key {exc.args[0]!r}"
             ) from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
             raise ModelLoadError(f"config.json has an invalid value: {exc}") from None
 
     @classmethod
@@ -152,7 +171,7 @@ class ModelConfig:
             hidden = int(meta[p + "embedding_length"])
             heads = int(meta[p + "attention.head_count"])
             kv_heads = int(meta.get(p + "attention.head_count_kv") or heads)
-            head_dim = int(meta.get(p + "attention.key_length") or hidden // heads)
+            head_dim = int(meta.get(p + "attention.key_length") or hidden // max(heads, 1))
             vocab = meta.get(p + "vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
             window = meta.get(p + "attention.sliding_window")
             rope = _rope_from_gguf(meta, p, freq_factors)

@@ -7,6 +7,7 @@ scheduler replaces `run` with an iteration-level loop over many sequences.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -27,7 +28,12 @@ class EngineLoop:
         self.backend = backend
         self.model = Transformer(loaded.config, loaded.weights, backend)
         limit = loaded.config.max_position_embeddings
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
         self.max_model_len = min(max_model_len or limit, limit)
+        # numba's workqueue threading layer aborts the process on concurrent parallel calls.
+        self._model_lock = threading.Lock()
+        self.vocab_size = min(loaded.tokenizer.vocab_size, loaded.config.vocab_size)
 
     def run(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
         """Generate for `output.prompt_token_ids`, filling `output` and yielding text pieces.
@@ -35,13 +41,13 @@ class EngineLoop:
         Closing the generator early (e.g. Ctrl-C in a chat) ends the request with "abort".
         """
         prompt = output.prompt_token_ids
-        self._check_prompt(prompt)
+        self.check_prompt(prompt)
         cfg = self.loaded.config
         budget = min(params.max_tokens, self.max_model_len - len(prompt))
         cache = SequenceKVCache(
             self.backend, cfg.num_layers, len(prompt) + budget, cfg.num_kv_heads, cfg.head_dim
         )
-        sampler = Sampler(params, self.loaded.tokenizer.vocab_size)
+        sampler = Sampler(params, self.vocab_size)
         detok = IncrementalDetokenizer(self.loaded.tokenizer, prompt, params.skip_special_tokens)
         stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         stop_ids = set(params.stop_token_ids or ())
@@ -82,23 +88,31 @@ class EngineLoop:
 
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits at every position of `token_ids` (T, vocab), from one prefill pass."""
-        self._check_prompt(token_ids)
+        self.check_prompt(token_ids)
         cfg = self.loaded.config
         cache = SequenceKVCache(
             self.backend, cfg.num_layers, len(token_ids), cfg.num_kv_heads, cfg.head_dim
         )
         batch = ForwardBatch.for_sequence(cache, token_ids, all_logits=True)
-        return self.model.forward(batch)
+        with self._model_lock:
+            return self.model.forward(batch)
 
     def _step(self, cache: SequenceKVCache, token_ids: list[int]) -> np.ndarray:
         batch = ForwardBatch.for_sequence(cache, token_ids)
-        logits = self.model.forward(batch)
+        with self._model_lock:
+            logits = self.model.forward(batch)
         cache.commit(len(token_ids))
         return logits[-1]
 
-    def _check_prompt(self, prompt: list[int]) -> None:
+    def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise ContextLengthError("the prompt is empty: there is no token to start from")
+        bad = [i for i in prompt if not 0 <= i < self.loaded.config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token id {bad[0]} is outside the model's vocabulary "
+                f"(0 .. {self.loaded.config.vocab_size - 1})"
+            )
         if len(prompt) >= self.max_model_len:
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens but the context window is "

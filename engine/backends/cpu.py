@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 import kernels_cpu
 from engine.kv_cache import ForwardBatch
@@ -12,6 +12,8 @@ from kernels_cpu.gemv_f32 import matmul_f32
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
 SMALL_BATCH = 4
+# Found once: building a controller scans the loaded libraries (~0.3 ms); limiting is ~12 us.
+_BLAS = ThreadpoolController()
 
 
 class CPUBackend:
@@ -19,13 +21,10 @@ class CPUBackend:
 
     numba's thread pool owns the cores. OpenBLAS threads that linger spinning after a GEMM
     steal them from the next numba kernel (measured: decode fell from ~35 to ~5 tok/s), so
-    BLAS is limited to one thread for the whole process while a CPUBackend exists.
+    the model's BLAS calls run single-threaded; the user's own numpy keeps its threads.
     """
 
     name = "cpu"
-
-    def __init__(self) -> None:
-        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
 
     def embed(self, table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(table[token_ids], dtype=np.float32)
@@ -39,7 +38,8 @@ class CPUBackend:
         if x.shape[0] <= SMALL_BATCH:
             out = matmul_f32(x, weight.data)
         else:
-            out = x @ weight.data.T
+            with _BLAS.limit(limits=1, user_api="blas"):
+                out = x @ weight.data.T
         if weight.bias is not None:
             out += weight.bias
         return out

@@ -61,9 +61,12 @@ def _is_gguf(path: Path) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _load_hf_folder(folder: Path) -> LoadedModel:
@@ -75,7 +78,9 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     tokenizer = load_hf_tokenizer(folder)
     gen_path = folder / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.exists() else {}
-    eos = _merge_ids(config.eos_token_ids, _ids(gen.get("eos_token_id")), tokenizer.eos_token_ids)
+    eos = _merge_ids(
+        config.eos_token_ids, _ids(gen.get("eos_token_id"), gen_path), tokenizer.eos_token_ids
+    )
     config = dataclasses.replace(config, eos_token_ids=eos)
     weights = build_weights(config, source, str(folder))
     defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
@@ -127,10 +132,15 @@ class _PlainViewGGUFReader(gguf.GGUFReader):
         self._plain_data = np.asarray(value)
 
 
-def _ids(value: Any) -> tuple[int, ...]:
+def _ids(value: Any, where: Path) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ModelLoadError(
+            f"{where}: eos_token_id must be a token id or a list of them, got {value!r}"
+        )
+    return tuple(values)
 
 
 def _merge_ids(*groups: tuple[int, ...] | list[int]) -> tuple[int, ...]:

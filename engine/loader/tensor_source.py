@@ -27,6 +27,14 @@ class TensorSource(Protocol):
 
     def load(self, name: str) -> np.ndarray: ...
 
+    def describe(self, name: str) -> str:
+        """How the file itself names tensor `name`, for error messages."""
+        ...
+
+    def unused(self, used: set[str]) -> list[str]:
+        """Tensors in the file that are neither in `used` nor known to be ignorable."""
+        ...
+
 
 class SafetensorsSource:
     """One or more (sharded) .safetensors files, memory-mapped by the safetensors library."""
@@ -47,6 +55,13 @@ class SafetensorsSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def describe(self, name: str) -> str:
+        return repr(name)
+
+    def unused(self, used: set[str]) -> list[str]:
+        # Old checkpoints store the rotary inverse frequencies as a buffer; they are recomputed.
+        return [n for n in self._where if n not in used and not n.endswith("rotary_emb.inv_freq")]
 
     def load(self, name: str) -> np.ndarray:
         path = self._where[name]
@@ -157,6 +172,14 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(self._tensors[self.gguf_name(name)].shape))
+
+    def describe(self, name: str) -> str:
+        return f"{self.gguf_name(name)!r} ({name})"
+
+    def unused(self, used: set[str]) -> list[str]:
+        # rope_freqs carries llama3 rope scaling; the config already read it.
+        known = {self.gguf_name(n) for n in used} | {"rope_freqs.weight"}
+        return [n for n in self._tensors if n not in known]
 
     def load(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize

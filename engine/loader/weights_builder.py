@@ -5,27 +5,49 @@ from __future__ import annotations
 import numpy as np
 
 from engine.config import ModelConfig
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.tensor_source import TensorSource
 from engine.weights import DenseWeight, LayerWeights, ModelWeights
 
 
 class _Reader:
-    """Fetches tensors by Hugging Face name and reports missing or mis-shaped ones by name."""
+    """Fetches tensors by Hugging Face name, reports missing or mis-shaped ones by name, and
+    remembers what it read so that tensors the model would silently ignore can be refused."""
 
     def __init__(self, source: TensorSource, where: str) -> None:
         self.source = source
         self.where = where
+        self.used: set[str] = set()
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if not self.source.has(name):
-            raise ModelLoadError(f"{self.where} has no tensor {name!r}")
+            raise ModelLoadError(f"{self.where} has no tensor {self.source.describe(name)}")
         found = self.source.shape(name)
         if found != shape:
             raise ModelLoadError(
-                f"tensor {name!r} in {self.where} has shape {found}, but the config implies {shape}"
+                f"tensor {self.source.describe(name)} in {self.where} has shape {found}, "
+                f"but the config implies {shape}"
             )
+        self.used.add(name)
         return self.source.load(name)
+
+    def optional(self, name: str, shape: tuple[int, ...], required: bool) -> np.ndarray | None:
+        return self.get(name, shape) if required or self.source.has(name) else None
+
+    def linear(self, prefix: str, shape: tuple[int, int], bias: bool = False) -> DenseWeight:
+        """`prefix`.weight, plus `prefix`.bias when the config requires it or the file has it."""
+        return DenseWeight(
+            self.get(prefix + ".weight", shape), self.optional(prefix + ".bias", shape[:1], bias)
+        )
+
+    def refuse_unused(self) -> None:
+        unused = self.source.unused(self.used)
+        if unused:
+            shown = ", ".join(sorted(unused)[:5]) + (" ..." if len(unused) > 5 else "")
+            raise UnsupportedModelError(
+                f"{self.where} has {len(unused)} tensor(s) this architecture does not use "
+                f"(an unsupported variant?): {shown}"
+            )
 
 
 def build_weights(config: ModelConfig, source: TensorSource, where: str) -> ModelWeights:
@@ -35,35 +57,37 @@ def build_weights(config: ModelConfig, source: TensorSource, where: str) -> Mode
     embed = r.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
     layers = [_build_layer(r, c, i) for i in range(c.num_layers)]
     final_norm = r.get("model.norm.weight", (c.hidden_size,))
-    if c.tie_word_embeddings:
-        lm_head = DenseWeight(embed)
+    # As transformers does, a stored lm_head wins even when the config says embeddings are tied.
+    if source.has("lm_head.weight") or not c.tie_word_embeddings:
+        lm_head = r.linear("lm_head", (c.vocab_size, c.hidden_size))
     else:
-        lm_head = DenseWeight(r.get("lm_head.weight", (c.vocab_size, c.hidden_size)))
+        lm_head = DenseWeight(embed)
+    r.refuse_unused()
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
 def _build_layer(r: _Reader, c: ModelConfig, i: int) -> LayerWeights:
     p = f"model.layers.{i}."
     h = c.hidden_size
-    q = r.get(p + "self_attn.q_proj.weight", (c.q_size, h))
-    k = r.get(p + "self_attn.k_proj.weight", (c.kv_size, h))
-    v = r.get(p + "self_attn.v_proj.weight", (c.kv_size, h))
-    bias = None
-    if c.qkv_bias:
-        bias = np.concatenate(
-            [
-                r.get(p + "self_attn.q_proj.bias", (c.q_size,)),
-                r.get(p + "self_attn.k_proj.bias", (c.kv_size,)),
-                r.get(p + "self_attn.v_proj.bias", (c.kv_size,)),
-            ]
-        )
-    gate = r.get(p + "mlp.gate_proj.weight", (c.intermediate_size, h))
-    up = r.get(p + "mlp.up_proj.weight", (c.intermediate_size, h))
+    q = r.linear(p + "self_attn.q_proj", (c.q_size, h), c.qkv_bias)
+    k = r.linear(p + "self_attn.k_proj", (c.kv_size, h), c.qkv_bias)
+    v = r.linear(p + "self_attn.v_proj", (c.kv_size, h), c.qkv_bias)
+    gate = r.linear(p + "mlp.gate_proj", (c.intermediate_size, h), c.mlp_bias)
+    up = r.linear(p + "mlp.up_proj", (c.intermediate_size, h), c.mlp_bias)
     return LayerWeights(
         attn_norm=r.get(p + "input_layernorm.weight", (h,)),
-        qkv=DenseWeight(np.concatenate([q, k, v]), bias),
-        o_proj=DenseWeight(r.get(p + "self_attn.o_proj.weight", (h, c.q_size))),
+        qkv=_fuse(q, k, v),
+        o_proj=r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias),
         ffn_norm=r.get(p + "post_attention_layernorm.weight", (h,)),
-        gate_up=DenseWeight(np.concatenate([gate, up])),
-        down=DenseWeight(r.get(p + "mlp.down_proj.weight", (h, c.intermediate_size))),
+        gate_up=_fuse(gate, up),
+        down=r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias),
     )
+
+
+def _fuse(*parts: DenseWeight) -> DenseWeight:
+    """Stack linears that read the same input into one, so a layer makes fewer matmul calls."""
+    data = np.concatenate([w.data for w in parts])
+    if all(w.bias is None for w in parts):
+        return DenseWeight(data)
+    biases = [w.bias if w.bias is not None else np.zeros(w.out_features, np.float32) for w in parts]
+    return DenseWeight(data, np.concatenate(biases))
