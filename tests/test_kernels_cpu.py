@@ -107,3 +107,43 @@ def test_matmul_f32(tokens, n, k, seed):
     x, w = rand(rng, tokens, k), rand(rng, n, k)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
     np.testing.assert_allclose(matmul_f32(x, w), ref, rtol=1e-4, atol=1e-3)
+
+
+def int8_matrix(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(-127, 128, size=(n, k), dtype=np.int8), rng.random(n).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.sampled_from([1, 2, 3, 4]),
+    n=st.sampled_from([1, 3, 4, 5, 17, 64, 4097]),
+    k=st.sampled_from([1, 7, 17, 32, 576, 4097]),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_w8(tokens, n, k, seed):
+    from kernels_cpu.gemv_int8 import gemm_w8
+
+    rng = np.random.default_rng(seed)
+    x = rand(rng, tokens, k)
+    w, scale = int8_matrix(rng, n, k)
+    ref = x.astype(np.float64) @ (w.astype(np.float64) * scale[:, None]).T
+    np.testing.assert_allclose(gemm_w8(x, w, scale), ref, rtol=1e-4, atol=1e-3 * np.sqrt(k))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.sampled_from([1, 17, 300]),
+    k=st.sampled_from([1, 17, 64]),
+    lo_frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_rows_and_embedding_lookup(n, k, lo_frac, seed):
+    from kernels_cpu.gemv_int8 import dequantize_rows, embed_rows_w8
+
+    rng = np.random.default_rng(seed)
+    w, scale = int8_matrix(rng, n, k)
+    full = w.astype(np.float32) * scale[:, None]
+    lo = int(lo_frac * (n - 1))
+    np.testing.assert_allclose(dequantize_rows(w, scale, lo, n), full[lo:], rtol=1e-6)
+    ids = rng.integers(0, n, size=9)
+    np.testing.assert_allclose(embed_rows_w8(w, scale, ids), full[ids], rtol=1e-6)

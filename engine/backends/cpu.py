@@ -7,11 +7,14 @@ from threadpoolctl import ThreadpoolController
 
 import kernels_cpu
 from engine.kv_cache import ForwardBatch
-from engine.weights import DenseWeight
+from engine.weights import DenseWeight, Int8Weight, Weight
 from kernels_cpu.gemv_f32 import matmul_f32
+from kernels_cpu.gemv_int8 import dequantize_rows, embed_rows_w8, gemm_w8
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
 SMALL_BATCH = 4
+# Rows of an int8 weight widened to float32 at a time in prefill (fits L2 for hidden <= 4096).
+PREFILL_TILE_ROWS = 256
 # Found once: building a controller scans the loaded libraries (~0.3 ms); limiting is ~12 us.
 _BLAS = ThreadpoolController()
 
@@ -26,22 +29,42 @@ class CPUBackend:
 
     name = "cpu"
 
-    def embed(self, table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(table[token_ids], dtype=np.float32)
+    def embed(self, table: Weight, token_ids: np.ndarray) -> np.ndarray:
+        if isinstance(table, Int8Weight):
+            return embed_rows_w8(table.data, table.scale, token_ids)
+        return np.ascontiguousarray(table.data[token_ids], dtype=np.float32)
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         return kernels_cpu.rmsnorm(x, weight, eps)
 
-    def linear(self, x: np.ndarray, weight: DenseWeight) -> np.ndarray:
-        if not isinstance(weight, DenseWeight):
-            raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
-        if x.shape[0] <= SMALL_BATCH:
-            out = matmul_f32(x, weight.data)
+    def linear(self, x: np.ndarray, weight: Weight) -> np.ndarray:
+        if isinstance(weight, DenseWeight):
+            out = self._linear_f32(x, weight)
+        elif isinstance(weight, Int8Weight):
+            out = self._linear_int8(x, weight)
         else:
-            with _BLAS.limit(limits=1, user_api="blas"):
-                out = x @ weight.data.T
+            raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
         if weight.bias is not None:
             out += weight.bias
+        return out
+
+    def _linear_f32(self, x: np.ndarray, weight: DenseWeight) -> np.ndarray:
+        if x.shape[0] <= SMALL_BATCH:
+            return matmul_f32(x, weight.data)
+        with _BLAS.limit(limits=1, user_api="blas"):
+            return x @ weight.data.T
+
+    def _linear_int8(self, x: np.ndarray, weight: Int8Weight) -> np.ndarray:
+        """Decode streams the int8 bytes; prefill widens row tiles for BLAS (compute-bound)."""
+        if x.shape[0] <= SMALL_BATCH:
+            return gemm_w8(x, weight.data, weight.scale)
+        n = weight.out_features
+        out = np.empty((x.shape[0], n), dtype=np.float32)
+        with _BLAS.limit(limits=1, user_api="blas"):
+            for lo in range(0, n, PREFILL_TILE_ROWS):
+                hi = min(lo + PREFILL_TILE_ROWS, n)
+                tile = dequantize_rows(weight.data, weight.scale, lo, hi)
+                np.matmul(x, tile.T, out=out[:, lo:hi])
         return out
 
     def split_qkv(

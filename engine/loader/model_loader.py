@@ -17,7 +17,8 @@ from engine.errors import ModelLoadError
 from engine.loader.default_model import default_model_path
 from engine.loader.tensor_source import GGUFSource, SafetensorsSource
 from engine.loader.tokenizer import Tokenizer, load_hf_tokenizer, tokenizer_from_gguf
-from engine.loader.weights_builder import build_weights
+from engine.loader.weights_builder import Quantizer, build_weights
+from engine.quant.int8 import quantizer_for
 from engine.weights import ModelWeights
 
 # generation_config.json fields that become SamplingParams defaults.
@@ -38,16 +39,20 @@ class LoadedModel:
         return self.config.eos_token_ids
 
 
-def load_model(model: str | Path | None = None) -> LoadedModel:
-    """Load `model` (a folder, a .gguf file, or None for the default model)."""
+def load_model(model: str | Path | None = None, quant: str | None = None) -> LoadedModel:
+    """Load `model` (a folder, a .gguf file, or None for the default model).
+
+    quant: None/"f32" keeps float32 weights; "int8" quantizes each matrix as it is loaded.
+    """
+    quantize = quantizer_for(quant)
     start = time.perf_counter()
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {path} is neither a file nor a folder")
     if path.is_dir():
-        loaded = _load_hf_folder(path)
+        loaded = _load_hf_folder(path, quantize)
     elif _is_gguf(path):
-        loaded = _load_gguf(path)
+        loaded = _load_gguf(path, quantize)
     else:
         raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a GGUF file")
     loaded.load_s = time.perf_counter() - start
@@ -69,7 +74,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_hf_folder(folder: Path) -> LoadedModel:
+def _load_hf_folder(folder: Path, quantize: Quantizer | None) -> LoadedModel:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
@@ -82,12 +87,12 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
         config.eos_token_ids, _ids(gen.get("eos_token_id"), gen_path), tokenizer.eos_token_ids
     )
     config = dataclasses.replace(config, eos_token_ids=eos)
-    weights = build_weights(config, source, str(folder))
+    weights = build_weights(config, source, str(folder), quantize)
     defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
     return LoadedModel(folder, config, weights, tokenizer, defaults)
 
 
-def _load_gguf(path: Path) -> LoadedModel:
+def _load_gguf(path: Path, quantize: Quantizer | None) -> LoadedModel:
     reader = _open_gguf(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     freq_factors = None
@@ -104,7 +109,7 @@ def _load_gguf(path: Path) -> LoadedModel:
     config = dataclasses.replace(
         config, tie_word_embeddings=not source.has("lm_head.weight"), eos_token_ids=eos
     )
-    weights = build_weights(config, source, path.name)
+    weights = build_weights(config, source, path.name, quantize)
     return LoadedModel(path, config, weights, tokenizer, {})
 
 

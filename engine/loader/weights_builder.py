@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.tensor_source import TensorSource
-from engine.weights import DenseWeight, LayerWeights, ModelWeights
+from engine.weights import DenseWeight, LayerWeights, ModelWeights, Weight
 
 
 class _Reader:
@@ -50,37 +52,51 @@ class _Reader:
             )
 
 
-def build_weights(config: ModelConfig, source: TensorSource, where: str) -> ModelWeights:
-    """Load and fuse all weights of `config`'s model from `source` (described as `where`)."""
+Quantizer = Callable[[DenseWeight], Weight]
+
+
+def _keep(weight: DenseWeight) -> Weight:
+    return weight
+
+
+def build_weights(
+    config: ModelConfig, source: TensorSource, where: str, quantize: Quantizer | None = None
+) -> ModelWeights:
+    """Load and fuse all weights of `config`'s model from `source` (described as `where`).
+
+    `quantize` is applied to each matrix as soon as it is loaded, so peak memory stays near
+    the quantized size plus one float32 layer, however large the float32 model would be.
+    """
     r = _Reader(source, where)
     c = config
-    embed = r.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-    layers = [_build_layer(r, c, i) for i in range(c.num_layers)]
+    q = quantize or _keep
+    embed = q(DenseWeight(r.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))))
+    layers = [_build_layer(r, c, i, q) for i in range(c.num_layers)]
     final_norm = r.get("model.norm.weight", (c.hidden_size,))
     # As transformers does, a stored lm_head wins even when the config says embeddings are tied.
     if source.has("lm_head.weight") or not c.tie_word_embeddings:
-        lm_head = r.linear("lm_head", (c.vocab_size, c.hidden_size))
+        lm_head = q(r.linear("lm_head", (c.vocab_size, c.hidden_size)))
     else:
-        lm_head = DenseWeight(embed)
+        lm_head = embed
     r.refuse_unused()
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
-def _build_layer(r: _Reader, c: ModelConfig, i: int) -> LayerWeights:
+def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeights:
     p = f"model.layers.{i}."
     h = c.hidden_size
-    q = r.linear(p + "self_attn.q_proj", (c.q_size, h), c.qkv_bias)
-    k = r.linear(p + "self_attn.k_proj", (c.kv_size, h), c.qkv_bias)
-    v = r.linear(p + "self_attn.v_proj", (c.kv_size, h), c.qkv_bias)
+    qp = r.linear(p + "self_attn.q_proj", (c.q_size, h), c.qkv_bias)
+    kp = r.linear(p + "self_attn.k_proj", (c.kv_size, h), c.qkv_bias)
+    vp = r.linear(p + "self_attn.v_proj", (c.kv_size, h), c.qkv_bias)
     gate = r.linear(p + "mlp.gate_proj", (c.intermediate_size, h), c.mlp_bias)
     up = r.linear(p + "mlp.up_proj", (c.intermediate_size, h), c.mlp_bias)
     return LayerWeights(
         attn_norm=r.get(p + "input_layernorm.weight", (h,)),
-        qkv=_fuse(q, k, v),
-        o_proj=r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias),
+        qkv=q(_fuse(qp, kp, vp)),
+        o_proj=q(r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias)),
         ffn_norm=r.get(p + "post_attention_layernorm.weight", (h,)),
-        gate_up=_fuse(gate, up),
-        down=r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias),
+        gate_up=q(_fuse(gate, up)),
+        down=q(r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias)),
     )
 
 

@@ -1,0 +1,1 @@
+"""Quantizers: turn float weights into the compact typed weights the backends run."""
