@@ -19,6 +19,7 @@ from engine.backends.cpu import CPUBackend
 from engine.engine_loop import EngineLoop
 from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
+from engine.perplexity import PerplexityResult, sliding_window_nll
 from engine.sampling import SamplingParams
 
 __all__ = ["LLM", "RequestMetrics", "RequestOutput", "SamplingParams", "TextStream"]
@@ -97,6 +98,15 @@ class LLM:
         """Float32 logits (T, vocab) at every position of a prompt: for scoring and tests."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         return self._engine.prompt_logits(ids)
+
+    def perplexity(
+        self, text: str, context: int | None = None, stride: int | None = None
+    ) -> PerplexityResult:
+        """Sliding-window perplexity of `text` (context defaults to min(1024, max_model_len),
+        stride to half the context)."""
+        context = min(context or 1024, self.max_model_len)
+        ids = self.tokenizer.encode(text)
+        return sliding_window_nll(self._engine.prompt_logits, ids, context, stride or context // 2)
 
     def generate(
         self,

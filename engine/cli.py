@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", "-s", help="system prompt")
+    ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    _add_model_args(ppl)
+    ppl.add_argument("--context", type=_positive_int, default=1024, help="window length in tokens")
+    ppl.add_argument("--stride", type=_positive_int, help="window step (default: context / 2)")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.add_argument("file", metavar="FILE", help="UTF-8 text file, or - for stdin")
     return parser
 
 
@@ -141,13 +147,40 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        text = _read_stdin()
+    else:
+        try:
+            with open(args.file, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read {args.file}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{args.file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
+    llm = _load(args)
+    result = llm.perplexity(text, args.context, args.stride)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "quant": args.quant or "f32"}))
+    else:
+        print(
+            f"perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "
+            f"({result.windows} windows of {min(args.context, llm.max_model_len)})"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    handler = {"generate": cmd_generate, "chat": cmd_chat}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity}[
+        args.command
+    ]
     try:
         return handler(args)
     except (LaminaError, ValueError) as exc:

@@ -1,0 +1,73 @@
+"""Sliding-window perplexity against the Hugging Face perplexity-guide loop on transformers."""
+
+from __future__ import annotations
+
+import math
+from pydoc_data.topics import topics
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.cli import main
+from tests.tiny_models import build_tiny_model
+
+TEXT = topics["assignment"][:2500]
+
+
+def hf_guide_perplexity(model, ids: list[int], context: int, stride: int) -> float:
+    """The loop from transformers' perplexity guide: labels = -100 for context tokens."""
+    input_ids = torch.tensor([ids])
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        trg_len = end - prev_end
+        window = input_ids[:, begin:end]
+        labels = window.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(window, labels=labels).loss
+        # the loss averages over the shifted labels; the guide's "valid - 1" is exact only for
+        # the first window, so count the shifted labels themselves
+        valid = int((labels[:, 1:] != -100).sum())
+        nll_sum += float(loss) * valid
+        n_tokens += valid
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll_sum / n_tokens)
+
+
+@pytest.mark.parametrize(("context", "stride"), [(64, 32), (64, 64), (50, 17)])
+def test_matches_transformers_guide(context, stride, tmp_path, hf_tokenizer):
+    hf = build_tiny_model("llama-gqa-untied", tmp_path, hf_tokenizer)
+    llm = LLM(tmp_path)
+    ids = llm.tokenizer.encode(TEXT)[:200]
+    ours = llm.perplexity(llm.tokenizer.decode(ids), context, stride)
+    ref = hf_guide_perplexity(hf, llm.tokenizer.encode(llm.tokenizer.decode(ids)), context, stride)
+    assert ours.perplexity == pytest.approx(ref, rel=1e-4)
+
+
+def test_int8_perplexity_within_one_percent_of_float32(default_llm):
+    int8 = LLM(quant="int8")
+    f32 = default_llm.perplexity(TEXT, context=256, stride=128).perplexity
+    q8 = int8.perplexity(TEXT, context=256, stride=128).perplexity
+    assert abs(q8 - f32) / f32 < 0.01, (q8, f32)
+
+
+def test_cli_perplexity_json(tmp_path, capsys, hf_tokenizer):
+    build_tiny_model("qwen2-bias-tied", tmp_path / "m", hf_tokenizer)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT[:600])
+    assert (
+        main(["perplexity", "-m", str(tmp_path / "m"), "--context", "64", "--json", str(text)]) == 0
+    )
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] > 1 and result["scored_tokens"] > 0
+
+
+def test_cli_perplexity_missing_file_exits_2(capsys):
+    assert main(["perplexity", "/no/such/file.txt"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
