@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", "-s", help="system prompt")
+    quant = sub.add_parser("quantize", help="write a quantized checkpoint that loads mmapped")
+    quant.add_argument("src", metavar="SRC", help='HF folder, .gguf file, or "default"')
+    quant.add_argument("out", metavar="OUT", help="output folder (must not exist)")
+    quant.add_argument("--weights", choices=["int8", "f32"], default="int8", help="precision")
+
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     _add_model_args(ppl)
     ppl.add_argument("--context", type=_positive_int, default=1024, help="window length in tokens")
@@ -147,6 +152,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.loader.checkpoint import save_checkpoint
+    from engine.loader.model_loader import load_model
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose a new folder")
+    loaded = load_model(None if args.src == "default" else args.src, args.weights)
+    save_checkpoint(loaded, out)
+    size = (out / "model.safetensors").stat().st_size / 2**20
+    print(f"wrote {args.weights} checkpoint to {out} ({size:.1f} MiB of weights)")
+    return 0
+
+
 def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.file == "-":
         text = _read_stdin()
@@ -178,9 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity}[
-        args.command
-    ]
+    handler = {
+        "generate": cmd_generate,
+        "chat": cmd_chat,
+        "quantize": cmd_quantize,
+        "perplexity": cmd_perplexity,
+    }[args.command]
     try:
         return handler(args)
     except (LaminaError, ValueError) as exc:

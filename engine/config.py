@@ -123,6 +123,43 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json that `from_hf` (and transformers) read back to this config."""
+        model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}[self.architecture]
+        rope: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
+        if self.rope.rope_type != "default":
+            rope["factor"] = self.rope.factor
+        if self.rope.rope_type == "llama3":
+            rope.update(
+                low_freq_factor=self.rope.low_freq_factor,
+                high_freq_factor=self.rope.high_freq_factor,
+                original_max_position_embeddings=self.rope.original_max_position_embeddings,
+            )
+        cfg: dict[str, Any] = {
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+        }
+        if self.rope.freq_factors is not None:  # llama3 scaling as a GGUF stores it
+            cfg["lamina_rope_freq_factors"] = list(self.rope.freq_factors)
+        if self.sliding_window:
+            cfg["sliding_window"] = self.sliding_window
+            cfg["use_sliding_window"] = True
+        return cfg
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a parsed config.json."""
@@ -227,6 +264,9 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
         raise UnsupportedModelError(
             f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})"
         )
+    factors = cfg.get("lamina_rope_freq_factors")
+    if factors is not None:
+        return RopeConfig(theta=theta, freq_factors=tuple(float(f) for f in factors))
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,

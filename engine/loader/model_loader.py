@@ -14,6 +14,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.loader.checkpoint import load_checkpoint_weights
 from engine.loader.default_model import default_model_path
 from engine.loader.tensor_source import GGUFSource, SafetensorsSource
 from engine.loader.tokenizer import Tokenizer, load_hf_tokenizer, tokenizer_from_gguf
@@ -50,7 +51,7 @@ def load_model(model: str | Path | None = None, quant: str | None = None) -> Loa
     if not path.exists():
         raise ModelLoadError(f"model not found: {path} is neither a file nor a folder")
     if path.is_dir():
-        loaded = _load_hf_folder(path, quantize)
+        loaded = _load_hf_folder(path, quant, quantize)
     elif _is_gguf(path):
         loaded = _load_gguf(path, quantize)
     else:
@@ -74,12 +75,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_hf_folder(folder: Path, quantize: Quantizer | None) -> LoadedModel:
+def _load_hf_folder(folder: Path, quant: str | None, quantize: Quantizer | None) -> LoadedModel:
+    """A Hugging Face folder, or a lamina checkpoint (an HF folder with fused, typed tensors)."""
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    config = ModelConfig.from_hf(_read_json(config_path))
-    source = SafetensorsSource(folder)
+    raw_config = _read_json(config_path)
+    config = ModelConfig.from_hf(raw_config)
+    checkpoint = raw_config.get("lamina")
+    if checkpoint is not None:
+        stored = checkpoint.get("weights") if isinstance(checkpoint, dict) else None
+        if quant not in (None, stored):
+            raise ModelLoadError(
+                f"{folder} is a lamina checkpoint with {stored} weights; it cannot be loaded as {quant}"
+            )
     tokenizer = load_hf_tokenizer(folder)
     gen_path = folder / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.exists() else {}
@@ -87,7 +96,10 @@ def _load_hf_folder(folder: Path, quantize: Quantizer | None) -> LoadedModel:
         config.eos_token_ids, _ids(gen.get("eos_token_id"), gen_path), tokenizer.eos_token_ids
     )
     config = dataclasses.replace(config, eos_token_ids=eos)
-    weights = build_weights(config, source, str(folder), quantize)
+    if checkpoint is not None:
+        weights = load_checkpoint_weights(folder, config.num_layers)
+    else:
+        weights = build_weights(config, SafetensorsSource(folder), str(folder), quantize)
     defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
     return LoadedModel(folder, config, weights, tokenizer, defaults)
 

@@ -104,23 +104,29 @@ def _open_safetensors(path: Path) -> Any:
         handle = safe_open(str(path), framework="numpy")
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"{path} is truncated or corrupt: {exc}") from None
-    _check_safetensors_length(path, path.stat().st_size)
+    read_safetensors_header(path)  # a truncated file can still have a readable header
     return handle
 
 
-def _check_safetensors_length(path: Path, size: int) -> None:
-    """A truncated file can still have a readable header; compare its data end with the size."""
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a .safetensors file and the byte offset where tensor data starts."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path} has a corrupt safetensors header: {exc}") from None
+    start = 8 + header_len
     data_end = max(
         (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
     )
-    if 8 + header_len + data_end > size:
+    size = path.stat().st_size
+    if start + data_end > size:
         raise ModelLoadError(
-            f"{path} is truncated: its header describes {8 + header_len + data_end} bytes "
+            f"{path} is truncated: its header describes {start + data_end} bytes "
             f"but the file has {size}"
         )
+    return header, start
 
 
 # GGUF tensor names for the Hugging Face names the builder asks for.

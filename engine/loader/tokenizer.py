@@ -171,6 +171,21 @@ class Tokenizer:
             text = _clean_up_tokenization(text)
         return text
 
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json that `load_hf_tokenizer` reads back
+        to an equivalent tokenizer (how a quantized checkpoint carries a GGUF's tokenizer)."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = dict(self.special_tokens)
+        config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        if self.chat_templates:
+            config["chat_template"] = [
+                {"name": name, "template": text} for name, text in self.chat_templates.items()
+            ]
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False)
+        )
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of `token_id` (byte-level spelling), None if out of range."""
         return self.backend.id_to_token(token_id)
