@@ -87,6 +87,11 @@ class LLM:
         self._engine = EngineLoop(self.loaded, CPUBackend(), max_model_len)
 
     @property
+    def backend(self):
+        """The Backend running this model (benchmarks wrap its kernels to time them)."""
+        return self._engine.backend
+
+    @property
     def max_model_len(self) -> int:
         return self._engine.max_model_len
 

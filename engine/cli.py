@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("out", metavar="OUT", help="output folder (must not exist)")
     quant.add_argument("--weights", choices=["int8", "f32"], default="int8", help="precision")
 
+    bench = sub.add_parser("bench", help="measure speed against bandwidth and peer engines")
+    bench.add_argument("what", nargs="?", choices=["e2e", "kernels"], default="e2e")
+    bench.add_argument(
+        "--model", "-m", help="model path, or random:llama-1b (default model if absent)"
+    )
+    bench.add_argument("--quant", choices=["f32", "int8"], default=None)
+    bench.add_argument("--prompt-tokens", type=_positive_int, default=128)
+    bench.add_argument("--gen-tokens", type=_positive_int, default=64)
+    bench.add_argument("--runs", type=_positive_int, default=5, help="runs per figure (median)")
+    bench.add_argument(
+        "--peers", default="llama.cpp,transformers", help="comma-separated; '' for none"
+    )
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     _add_model_args(ppl)
     ppl.add_argument("--context", type=_positive_int, default=1024, help="window length in tokens")
@@ -168,6 +182,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.run import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.file == "-":
         text = _read_stdin()
@@ -203,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "chat": cmd_chat,
         "quantize": cmd_quantize,
+        "bench": cmd_bench,
         "perplexity": cmd_perplexity,
     }[args.command]
     try:

@@ -113,7 +113,7 @@ def test_half_precision_sharded_checkpoint(dtype, tmp_path, tokenizer_for_tiny):
 @pytest.mark.parametrize(("name", "half"), [("llama-gqa-untied", True), ("qwen2-bias-tied", False)])
 def test_gguf_export_of_tiny_model(name, half, tmp_path, tokenizer_for_tiny, default_gguf):
     """A GGUF written like llama.cpp's converter (llama Q/K permuted, qwen2 not) loads right."""
-    from tests.gguf_export import export_gguf
+    from bench.gguf_export import export_gguf
 
     hf = build_tiny_model(name, tmp_path / "hf", tokenizer_for_tiny)
     path = export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", default_gguf, half=half)

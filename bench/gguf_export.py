@@ -1,5 +1,9 @@
-"""Write a tiny Hugging Face model folder as a GGUF file, the way llama.cpp's converter lays it
-out (Q/K rows permuted for llama, GGUF tensor names), with the default model's tokenizer."""
+"""Write a Hugging Face model folder as a GGUF file, the way llama.cpp's converter lays it out
+(Q/K rows permuted for llama, GGUF tensor names), with the default model's tokenizer; and
+quantize a GGUF to Q8_0 with llama.cpp itself, so llama.cpp runs on the same weights as lamina.
+
+Tests use the export to check lamina's GGUF reader; the bench uses both for its llama.cpp peer.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +58,24 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: gguf.GGUFReader) -> None:
             writer.add_uint32(name, value)
 
 
+def _tensors(folder: Path):
+    for path in sorted(folder.glob("*.safetensors")):
+        yield from load_file(path).items()
+
+
+def quantize_gguf_q8_0(src: Path, dst: Path) -> Path:
+    """Requantize any GGUF to Q8_0 with llama.cpp's own quantizer (needs llama-cpp-python)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama.cpp failed to quantize {src} (status {status})")
+    return dst
+
+
 def export_gguf(folder: Path, out: Path, tokenizer_gguf: Path, half: bool = False) -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     arch = cfg["model_type"]
@@ -71,7 +93,7 @@ def export_gguf(folder: Path, out: Path, tokenizer_gguf: Path, half: bool = Fals
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     _copy_tokenizer(w, gguf.GGUFReader(tokenizer_gguf))
-    for name, tensor in load_file(folder / "model.safetensors").items():
+    for name, tensor in _tensors(folder):
         tensor = tensor.astype(np.float32)
         if name in _GLOBAL:
             gguf_name = _GLOBAL[name]

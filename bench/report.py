@@ -1,0 +1,77 @@
+"""Write bench results as JSON, a markdown table and (with matplotlib) a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def results_dir() -> Path:
+    """bench/results/, or $LAMINA_BENCH_RESULTS (read at call time, for tests)."""
+    return Path(os.environ.get("LAMINA_BENCH_RESULTS") or Path(__file__).parent / "results")
+
+
+_TABLE_KEYS = (
+    "kernel", "shape", "gbps", "vs_bandwidth",
+    "quant", "decode_tok_s", "prefill_tok_s", "ttft_s", "tpot_s", "load_s", "warm_start_s",
+    "cold_start_s", "peak_rss_mb", "bandwidth_gbps", "decode_vs_bandwidth_limit",
+    "overhead_per_token_s",
+)  # fmt: skip
+
+
+def write_report(name: str, rows: list[dict]) -> None:
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"{name}.md").write_text(_markdown(rows))
+    try:
+        _chart(out / f"{name}.png", name, rows)
+    except ImportError:
+        print("chart skipped: install matplotlib for bench/results/*.png", file=sys.stderr)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        keys = [k for k in _TABLE_KEYS if k in row]
+        peers = row.get("peers", {})
+        header = ["engine", *keys]
+        if not lines:
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines.append("| lamina | " + " | ".join(_fmt(row[k]) for k in keys) + " |")
+        for peer, figures in peers.items():
+            cells = [_fmt(figures.get(k, "")) for k in keys]
+            lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _chart(path: Path, name: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if "kernel" in rows[0]:
+        labels = [f"{r['kernel']}\n{r['shape']}" for r in rows]
+        ax.bar(labels, [r["gbps"] for r in rows])
+        ax.axhline(rows[0]["bandwidth_gbps"], color="red", linestyle="--", label="bandwidth")
+        ax.set_ylabel("GB/s")
+        ax.tick_params(axis="x", labelsize=6)
+    else:
+        row = rows[0]
+        engines = {"lamina": row, **row.get("peers", {})}
+        ax.bar([f"{e}\ndecode" for e in engines], [f["decode_tok_s"] for f in engines.values()])
+        ax.set_ylabel("decode tok/s")
+    ax.set_title(name)
+    if "kernel" in rows[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,169 @@
+"""`lamina bench`: end-to-end speed of lamina and its peers, measured side by side in one run.
+
+Every figure is a median of several runs; ratios are taken between figures of the same run,
+because this machine is shared and noisy. Results go to stdout (one JSON object with --json)
+and to bench/results/ as JSON, a markdown table and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.bandwidth import read_bandwidth_gbps
+from bench.peers import installed, llama_cpp_figures, llama_cpp_gguf, transformers_figures
+from bench.random_model import cache_dir, random_model_path
+from bench.report import write_report
+from bench.timing import KernelTimer
+
+PROMPT_TEXT = "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
+
+
+def resolve_model(model: str | None) -> Path:
+    if model and model.startswith("random:"):
+        return random_model_path(model)
+    from engine.loader.default_model import default_model_path
+
+    return Path(model) if model else default_model_path()
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(PROMPT_TEXT * (n // 8 + 8))
+    return ids[:n]
+
+
+def lamina_figures(path: Path, quant: str | None, prompt: int, gen: int, runs: int) -> dict:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(path, quant=quant)
+    ids = prompt_ids(llm.tokenizer, prompt)
+    params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    llm.generate(llm.tokenizer.decode(ids[:16]), SamplingParams(max_tokens=2))  # warm-up
+    timer = KernelTimer(llm.backend)
+    ttft, tpot, outside = [], [], []
+    for _ in range(runs):
+        stream = llm.stream(ids, params)
+        next(stream)
+        timer.reset()  # count decode steps only
+        for _ in stream:
+            pass
+        m = stream.output.metrics
+        ttft.append(m.ttft_s)
+        tpot.append(m.tpot_s)
+        decode_s = m.total_s - m.ttft_s
+        outside.append((decode_s - timer.seconds) / (m.generated_tokens - 1))
+    t, p = statistics.median(ttft), statistics.median(tpot)
+    return {
+        "weights": quant or "f32",
+        "load_s": llm.loaded.load_s,
+        "ttft_s": t,
+        "tpot_s": p,
+        "prefill_tok_s": prompt / t,
+        "decode_tok_s": 1.0 / p,
+        "overhead_per_token_s": statistics.median(outside),
+        "kernel_calls_per_token": timer.calls / max(1, gen - 1),
+        "bytes_per_token": llm.loaded.weights.nbytes,
+    }
+
+
+_STARTUP = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from engine import LLM, SamplingParams
+llm = LLM(sys.argv[1], quant=sys.argv[2] or None)
+out = llm.generate("Hello", SamplingParams(max_tokens=1, temperature=0))[0]
+print(json.dumps({"first_token_s": time.perf_counter() - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def startup_figures(path: Path, quant: str | None) -> dict:
+    """Fresh process to first token, with an empty numba cache (cold) and then a filled one."""
+    with tempfile.TemporaryDirectory() as numba_cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": numba_cache}
+        runs = []
+        for _ in range(2):
+            t = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-c", _STARTUP, str(path), quant or ""],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs.append({**result, "wall_s": time.perf_counter() - t})
+    cold, warm = runs
+    return {
+        "cold_start_s": cold["wall_s"],
+        "warm_start_s": warm["wall_s"],
+        "compile_s": cold["wall_s"] - warm["wall_s"],
+        "peak_rss_mb": warm["peak_rss_mb"],
+    }
+
+
+def run_e2e(
+    model: str | None,
+    quant: str | None,
+    prompt: int,
+    gen: int,
+    runs: int,
+    peers: list[str],
+) -> dict:
+    path = resolve_model(model)
+    result: dict = {"model": model or "default", "path": str(path), "quant": quant or "f32"}
+    result["prompt_tokens"], result["gen_tokens"], result["runs"] = prompt, gen, runs
+    result.update(startup_figures(path, quant))
+    result["bandwidth_gbps"] = read_bandwidth_gbps()
+    result.update(lamina_figures(path, quant, prompt, gen, runs))
+    result["bandwidth_limit_tok_s"] = result["bandwidth_gbps"] * 1e9 / result["bytes_per_token"]
+    result["decode_vs_bandwidth_limit"] = result["decode_tok_s"] / result["bandwidth_limit_tok_s"]
+    from engine.loader.model_loader import load_model
+
+    ids = prompt_ids(load_model(path).tokenizer, prompt)
+    result["peers"], result["peers_skipped"] = {}, []
+    for peer in peers:
+        if not installed(peer):
+            result["peers_skipped"].append(f"{peer} (not installed)")
+            continue
+        if peer == "llama.cpp":
+            cache = cache_dir() / f"gguf-{path.stem if path.is_file() else path.name}"
+            cache.mkdir(parents=True, exist_ok=True)
+            figures = llama_cpp_figures(llama_cpp_gguf(path, quant, cache), ids, gen, runs)
+        else:
+            figures = transformers_figures(path, ids, gen, max(2, runs // 2))
+        result["peers"][peer] = figures
+        for key in ("decode_tok_s", "prefill_tok_s"):
+            result[f"{key}_vs_{peer}"] = result[key] / figures[key]
+    return result
+
+
+def main(args) -> int:
+    """Entry point for `lamina bench` (args parsed by engine.cli)."""
+    if args.what == "kernels":
+        from bench.kernels import run_kernels
+
+        rows = run_kernels(args.runs)
+        for row in rows:
+            print(json.dumps(row) if args.json else _kernel_line(row))
+        write_report("kernels", rows)
+        return 0
+    peers = [p for p in (args.peers or "").split(",") if p]
+    result = run_e2e(args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.runs, peers)
+    name = f"e2e-{(args.model or 'default').replace(':', '-').replace('/', '_')}-{result['quant']}"
+    write_report(name, [result])
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def _kernel_line(row: dict) -> str:
+    return (
+        f"{row['kernel']:>10} {row['shape']:>12}  {row['gbps']:6.1f} GB/s  "
+        f"({row['vs_bandwidth']:.2f} of {row['bandwidth_gbps']:.1f} GB/s)"
+    )
