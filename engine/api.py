@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -54,6 +55,17 @@ class TextStream:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    def write_to(self, out: TextIO) -> bool:
+        """Write pieces to `out` as they come; Ctrl-C stops generation. True if interrupted."""
+        try:
+            for piece in self._pieces:
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            self.close()
+            return True
+        return False
 
     def close(self) -> None:
         self._pieces.close()

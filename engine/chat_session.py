@@ -69,12 +69,7 @@ class ChatSession:
         stream = self._start_reply()
         if stream is None:
             return ""
-        try:
-            for piece in stream:
-                self.out.write(piece)
-                self.out.flush()
-        except KeyboardInterrupt:
-            stream.close()
+        if stream.write_to(self.out):
             self.out.write(" [stopped]")
         if _hit_context_end(stream.output, self.llm.max_model_len):
             self.out.write(" [context full: the oldest turns will be dropped]")

@@ -147,12 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result["load_s"] = llm.loaded.load_s
         print(json.dumps(result, ensure_ascii=False))
         return 0
-    try:
-        for piece in stream:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        stream.close()
+    stream.write_to(sys.stdout)
     sys.stdout.write("\n")
     return 0
 

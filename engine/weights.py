@@ -12,12 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass
-class DenseWeight:
-    """A float32 matrix of shape (out_features, in_features) with an optional bias."""
+class _Matrix:
+    """Shape accessors shared by every weight format; `data` is (out_features, in_features)."""
 
     data: np.ndarray
-    bias: np.ndarray | None = None
 
     @property
     def out_features(self) -> int:
@@ -27,13 +25,21 @@ class DenseWeight:
     def in_features(self) -> int:
         return self.data.shape[1]
 
+
+@dataclass
+class DenseWeight(_Matrix):
+    """A float32 matrix of shape (out_features, in_features) with an optional bias."""
+
+    data: np.ndarray
+    bias: np.ndarray | None = None
+
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
 @dataclass
-class Int8Weight:
+class Int8Weight(_Matrix):
     """Symmetric int8 matrix (out_features, in_features) with one float32 scale per output row.
 
     Row r is `data[r] * scale[r]`. Used for linears, the embedding table and the output head.
@@ -42,14 +48,6 @@ class Int8Weight:
     data: np.ndarray  # int8
     scale: np.ndarray  # float32 (out_features,)
     bias: np.ndarray | None = None
-
-    @property
-    def out_features(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.data.shape[1]
 
     @property
     def nbytes(self) -> int:
