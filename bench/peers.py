@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from bench.gguf_export import export_gguf, quantize_gguf_q8_0
+from engine.loader.default_model import default_model_path
 
 
 def installed(peer: str) -> bool:
@@ -21,7 +22,7 @@ def llama_cpp_gguf(model_path: Path, quant: str | None, cache: Path) -> Path:
     if model_path.is_dir():
         source = cache / "model-f16.gguf"
         if not source.exists():
-            export_gguf(model_path, source, default_tokenizer_gguf(), half=True)
+            export_gguf(model_path, source, default_model_path(), half=True)
     else:
         source = model_path
     if quant != "int8":
@@ -30,12 +31,6 @@ def llama_cpp_gguf(model_path: Path, quant: str | None, cache: Path) -> Path:
     if not target.exists():
         quantize_gguf_q8_0(source, target)
     return target
-
-
-def default_tokenizer_gguf() -> Path:
-    from engine.loader.default_model import default_model_path
-
-    return default_model_path()
 
 
 def llama_cpp_figures(gguf_path: Path, ids: list[int], gen: int, runs: int) -> dict:

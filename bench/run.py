@@ -38,7 +38,10 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def lamina_figures(path: Path, quant: str | None, prompt: int, gen: int, runs: int) -> dict:
+def lamina_figures(
+    path: Path, quant: str | None, prompt: int, gen: int, runs: int
+) -> tuple[dict, list[int]]:
+    """lamina's figures, and the prompt ids it used (the peers get the same ones)."""
     from engine import LLM, SamplingParams
 
     llm = LLM(path, quant=quant)
@@ -69,7 +72,7 @@ def lamina_figures(path: Path, quant: str | None, prompt: int, gen: int, runs: i
         "overhead_per_token_s": statistics.median(outside),
         "kernel_calls_per_token": timer.calls / max(1, gen - 1),
         "bytes_per_token": llm.loaded.weights.nbytes,
-    }
+    }, ids
 
 
 _STARTUP = """
@@ -121,12 +124,10 @@ def run_e2e(
     result["prompt_tokens"], result["gen_tokens"], result["runs"] = prompt, gen, runs
     result.update(startup_figures(path, quant))
     result["bandwidth_gbps"] = read_bandwidth_gbps()
-    result.update(lamina_figures(path, quant, prompt, gen, runs))
+    figures, ids = lamina_figures(path, quant, prompt, gen, runs)
+    result.update(figures)
     result["bandwidth_limit_tok_s"] = result["bandwidth_gbps"] * 1e9 / result["bytes_per_token"]
     result["decode_vs_bandwidth_limit"] = result["decode_tok_s"] / result["bandwidth_limit_tok_s"]
-    from engine.loader.model_loader import load_model
-
-    ids = prompt_ids(load_model(path).tokenizer, prompt)
     result["peers"], result["peers_skipped"] = {}, []
     for peer in peers:
         if not installed(peer):

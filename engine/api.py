@@ -174,11 +174,10 @@ class LLM:
         self, prompt: str | None, ids: list[int], params: SamplingParams | None
     ) -> TextStream:
         resolved = (params or SamplingParams()).with_defaults(self.loaded.sampling_defaults)
-        self._engine.check_prompt(ids)  # fail here, not on the first iteration
         output = RequestOutput(
             request_id=str(next(_request_ids)), prompt=prompt, prompt_token_ids=ids
         )
-        pieces = self._engine.run(output, resolved)
+        pieces = self._engine.start(output, resolved)
         return TextStream(output, pieces)
 
     @staticmethod

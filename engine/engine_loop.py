@@ -35,13 +35,18 @@ class EngineLoop:
         self._model_lock = threading.Lock()
         self.vocab_size = min(loaded.tokenizer.vocab_size, loaded.config.vocab_size)
 
-    def run(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
-        """Generate for `output.prompt_token_ids`, filling `output` and yielding text pieces.
+    def start(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
+        """Check the prompt now, then return the generator that fills `output` and yields text.
 
-        Closing the generator early (e.g. Ctrl-C in a chat) ends the request with "abort".
+        Checking here rather than inside the generator makes a bad prompt fail at the call,
+        not at the first iteration. Closing the generator early (e.g. Ctrl-C in a chat) ends
+        the request with "abort".
         """
+        self.check_prompt(output.prompt_token_ids)
+        return self._run(output, params)
+
+    def _run(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
         prompt = output.prompt_token_ids
-        self.check_prompt(prompt)
         cfg = self.loaded.config
         budget = min(params.max_tokens, self.max_model_len - len(prompt))
         cache = SequenceKVCache(
@@ -88,7 +93,7 @@ class EngineLoop:
 
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits at every position of `token_ids` (T, vocab), from one prefill pass."""
-        self.check_prompt(token_ids)
+        self.check_prompt(token_ids, room_to_generate=0)
         cfg = self.loaded.config
         cache = SequenceKVCache(
             self.backend, cfg.num_layers, len(token_ids), cfg.num_kv_heads, cfg.head_dim
@@ -104,7 +109,9 @@ class EngineLoop:
         cache.commit(len(token_ids))
         return logits[-1]
 
-    def check_prompt(self, prompt: list[int]) -> None:
+    def check_prompt(self, prompt: list[int], room_to_generate: int = 1) -> None:
+        """Refuse empty prompts, unknown token ids, and prompts that leave fewer than
+        `room_to_generate` free positions in the context window (0 when only scoring)."""
         if not prompt:
             raise ContextLengthError("the prompt is empty: there is no token to start from")
         bad = [i for i in prompt if not 0 <= i < self.loaded.config.vocab_size]
@@ -113,8 +120,9 @@ class EngineLoop:
                 f"prompt token id {bad[0]} is outside the model's vocabulary "
                 f"(0 .. {self.loaded.config.vocab_size - 1})"
             )
-        if len(prompt) >= self.max_model_len:
+        longest = self.max_model_len - room_to_generate
+        if len(prompt) > longest:
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens but the context window is "
-                f"{self.max_model_len}; shorten it to at most {self.max_model_len - 1} tokens"
+                f"{self.max_model_len}; shorten it to at most {longest} tokens"
             )

@@ -39,9 +39,6 @@ class SequenceKVCache:
         """Mark n tokens written by the last forward pass as part of the sequence."""
         self.length += n_tokens
 
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, length)
-
 
 @dataclass
 class ForwardBatch:

@@ -35,10 +35,6 @@ class RequestMetrics:
             return 1.0 / self.tpot_s
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
-
 
 @dataclass
 class RequestOutput:

@@ -128,13 +128,7 @@ def test_gguf_export_of_tiny_model(name, half, tmp_path, tokenizer_for_tiny, def
         {"rope_theta": 50000.0, "rope_scaling": {"type": "linear", "factor": 2.0}},
         {
             "rope_theta": 50000.0,
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
+            "rope_scaling": VARIANTS["llama-mha-tied-rope3"][2]["rope_scaling"],
         },
     ],
 )

@@ -71,3 +71,14 @@ def test_cli_perplexity_json(tmp_path, capsys, hf_tokenizer):
 def test_cli_perplexity_missing_file_exits_2(capsys):
     assert main(["perplexity", "/no/such/file.txt"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_window_as_long_as_the_context(tmp_path, hf_tokenizer):
+    """Scoring needs no free position: a window may fill the whole context window."""
+    hf = build_tiny_model("llama-gqa-untied", tmp_path, hf_tokenizer)
+    llm = LLM(tmp_path, max_model_len=64)
+    ids = llm.tokenizer.encode(TEXT)[:150]
+    text = llm.tokenizer.decode(ids)
+    ours = llm.perplexity(text, context=1024).perplexity  # capped at 64
+    ref = hf_guide_perplexity(hf, llm.tokenizer.encode(text), 64, 32)
+    assert ours == pytest.approx(ref, rel=1e-4)

@@ -27,16 +27,6 @@ _DTYPES = {"F32": np.float32, "I8": np.int8}
 _LAYER_MATRICES = ("qkv", "o_proj", "gate_up", "down")
 
 
-def is_checkpoint(folder: Path) -> bool:
-    config = folder / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "lamina" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-        return False
-
-
 def weights_format(weights: ModelWeights) -> str:
     return "int8" if isinstance(weights.layers[0].qkv, Int8Weight) else "f32"
 

@@ -35,10 +35,6 @@ class LoadedModel:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     load_s: float = 0.0
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.config.eos_token_ids
-
 
 def load_model(model: str | Path | None = None, quant: str | None = None) -> LoadedModel:
     """Load `model` (a folder, a .gguf file, or None for the default model).
