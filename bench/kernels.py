@@ -13,7 +13,7 @@ import numpy as np
 
 from bench.bandwidth import read_bandwidth_gbps
 from kernels_cpu.gemv_f32 import matmul_f32
-from kernels_cpu.gemv_int8 import gemm_w8
+from kernels_cpu.matmul_int8 import gemv_w8
 
 # (rows, cols) of the default model's fused matrices and of Llama-7B's.
 SHAPES = [
@@ -60,7 +60,7 @@ def run_kernels(runs: int = 9) -> list[dict]:
         cases = [
             (
                 "gemv_int8",
-                lambda ws=w8s, x=x, s=scale: [gemm_w8(x, w, s) for w in ws],
+                lambda ws=w8s, x=x, s=scale: [gemv_w8(x, w, s) for w in ws],
                 len(w8s),
                 n * k + 4 * n,
             ),

@@ -9,12 +9,10 @@ import kernels_cpu
 from engine.kv_cache import ForwardBatch
 from engine.weights import DenseWeight, Int8Weight, Weight
 from kernels_cpu.gemv_f32 import matmul_f32
-from kernels_cpu.gemv_int8 import dequantize_rows, embed_rows_w8, gemm_w8
+from kernels_cpu.matmul_int8 import INT16_MAX, embed_rows_w8, gemm_w8, gemv_w8
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
 SMALL_BATCH = 4
-# Rows of an int8 weight widened to float32 at a time in prefill (fits L2 for hidden <= 4096).
-PREFILL_TILE_ROWS = 256
 # Found once: building a controller scans the loaded libraries (~0.3 ms); limiting is ~12 us.
 _BLAS = ThreadpoolController()
 
@@ -55,17 +53,10 @@ class CPUBackend:
             return x @ weight.data.T
 
     def _linear_int8(self, x: np.ndarray, weight: Int8Weight) -> np.ndarray:
-        """Decode streams the int8 bytes; prefill widens row tiles for BLAS (compute-bound)."""
+        """Decode streams the int8 bytes; prefill is compute-bound. Both use int16 activations."""
         if x.shape[0] <= SMALL_BATCH:
-            return gemm_w8(x, weight.data, weight.scale)
-        n = weight.out_features
-        out = np.empty((x.shape[0], n), dtype=np.float32)
-        with _BLAS.limit(limits=1, user_api="blas"):
-            for lo in range(0, n, PREFILL_TILE_ROWS):
-                hi = min(lo + PREFILL_TILE_ROWS, n)
-                tile = dequantize_rows(weight.data, weight.scale, lo, hi)
-                np.matmul(x, tile.T, out=out[:, lo:hi])
-        return out
+            return gemv_w8(x, weight.data, weight.scale)
+        return gemm_w8(x, weight.data, weight.scale, INT16_MAX)
 
     def split_qkv(
         self, qkv: np.ndarray, heads: int, kv_heads: int, head_dim: int

@@ -1,0 +1,201 @@
+"""Explicit SIMD integer dot products for numba kernels, chosen from the CPU's features.
+
+numba leaves int8 x int16 -> int32 loops scalar or widens them to float, so the int8 matmuls
+emit their inner loop as LLVM vector IR through a numba intrinsic. The multiply-add step is
+the instruction the CPU is best at, picked once at import:
+
+- ``avx512vnni``: vpdpwssd, multiply int16 pairs and accumulate in one instruction (512-bit);
+- ``avx512bw``: vpmaddwd then vpaddd (512-bit);
+- ``avx2``: vpmaddwd then vpaddd (256-bit);
+- ``portable``: sign-extend to int32, multiply, add; LLVM lowers it for any target.
+
+The inner loop computes a tile of ROWS weight rows times TOKENS activation rows over a column
+range [k0, k1) whose length is a multiple of `lanes(kind)`; callers do the scalar tail. The
+int32 lanes cannot overflow for int16 activations as long as a call covers at most KBLOCK
+columns; the lanes are summed in int64.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+KINDS = ("avx512vnni", "avx512bw", "avx2", "portable")
+# Columns per call: |w| <= 127 and |a| <= 32767 give products < 2**22; an int32 lane collects
+# at most 2 * KBLOCK / lanes = 256 of them here, below 2**31.
+KBLOCK = 2048
+
+
+def host_kind() -> str:
+    """The best multiply-add kind this CPU supports."""
+    features = llvm.get_host_cpu_features()
+    has = {name for name, on in features.items() if on}
+    if {"avx512bw", "avx512vnni"} <= has:
+        return "avx512vnni"
+    if "avx512bw" in has:
+        return "avx512bw"
+    if "avx2" in has:
+        return "avx2"
+    return "portable"
+
+
+def lanes(kind: str) -> int:
+    """int16 elements per vector step for a kind."""
+    return 32 if kind.startswith("avx512") else 16
+
+
+def _declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+
+
+def _madd(builder: ir.IRBuilder, kind: str, acc: ir.Value, w16: ir.Value, a16: ir.Value):
+    """acc (int32 x lanes/2) += pairwise sums of w16 * a16 (int16 x lanes)."""
+    module = builder.module
+    n = lanes(kind)
+    i32v = ir.VectorType(ir.IntType(32), n // 2)
+    i16v = ir.VectorType(ir.IntType(16), n)
+    if kind == "avx512vnni":
+        fn = _declare(module, "llvm.x86.avx512.vpdpwssd.512", i32v, [i32v, i16v, i16v])
+        return builder.call(fn, [acc, w16, a16])
+    if kind in ("avx512bw", "avx2"):
+        name = "llvm.x86.avx512.pmaddw.d.512" if kind == "avx512bw" else "llvm.x86.avx2.pmadd.wd"
+        fn = _declare(module, name, i32v, [i16v, i16v])
+        return builder.add(acc, builder.call(fn, [w16, a16]))
+    wide = ir.VectorType(ir.IntType(32), n)
+    prod = builder.mul(builder.sext(w16, wide), builder.sext(a16, wide))
+    even = builder.shuffle_vector(prod, prod, ir.Constant(i32v, list(range(0, n, 2))))
+    odd = builder.shuffle_vector(prod, prod, ir.Constant(i32v, list(range(1, n, 2))))
+    return builder.add(acc, builder.add(even, odd))
+
+
+def _row_pointer(builder: ir.IRBuilder, array, row: ir.Value, elem: ir.Type) -> ir.Value:
+    """Pointer to array[row, 0] of a C-contiguous 2D numba array."""
+    row_stride = cgutils.unpack_tuple(builder, array.strides)[0]
+    base = builder.bitcast(array.data, ir.IntType(8).as_pointer())
+    return builder.bitcast(builder.gep(base, [builder.mul(row, row_stride)]), elem.as_pointer())
+
+
+def _load(builder: ir.IRBuilder, row_ptr: ir.Value, col: ir.Value, vec: ir.VectorType):
+    ptr = builder.bitcast(builder.gep(row_ptr, [col]), vec.as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def emit_dot_tile(
+    builder: ir.IRBuilder,
+    kind: str,
+    w_rows: list[ir.Value],
+    a_rows: list[ir.Value],
+    k0: ir.Value,
+    k1: ir.Value,
+) -> list[ir.Value]:
+    """Emit the loop; return int64 dots [row r x token t] in row-major order.
+
+    `w_rows` point at int8 weight rows, `a_rows` at int16 activation rows.
+    """
+    n = lanes(kind)
+    intp = k0.type
+    i8v = ir.VectorType(ir.IntType(8), n)
+    i16v = ir.VectorType(ir.IntType(16), n)
+    i32v = ir.VectorType(ir.IntType(32), n // 2)
+    zero = ir.Constant(i32v, None)
+    entry = builder.block
+    loop = builder.append_basic_block("dot.loop")
+    done = builder.append_basic_block("dot.done")
+    builder.cbranch(builder.icmp_signed("<", k0, k1), loop, done)
+
+    builder.position_at_end(loop)
+    col = builder.phi(intp)
+    accs = [builder.phi(i32v) for _ in range(len(w_rows) * len(a_rows))]
+    acts = [_load(builder, a, col, i16v) for a in a_rows]
+    new_accs = []
+    for r, w in enumerate(w_rows):
+        w16 = builder.sext(_load(builder, w, col, i8v), i16v)
+        for t, act in enumerate(acts):
+            new_accs.append(_madd(builder, kind, accs[r * len(a_rows) + t], w16, act))
+    next_col = builder.add(col, ir.Constant(intp, n))
+    body_end = builder.block
+    builder.cbranch(builder.icmp_signed("<", next_col, k1), loop, done)
+    col.add_incoming(k0, entry)
+    col.add_incoming(next_col, body_end)
+    for acc, new in zip(accs, new_accs, strict=True):
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(new, body_end)
+
+    builder.position_at_end(done)
+    i64v = ir.VectorType(ir.IntType(64), n // 2)
+    reduce_add = _declare(
+        builder.module, f"llvm.vector.reduce.add.v{n // 2}i64", ir.IntType(64), [i64v]
+    )
+    finals = []
+    for new in new_accs:
+        final = builder.phi(i32v)
+        final.add_incoming(zero, entry)
+        final.add_incoming(new, body_end)
+        finals.append(final)
+    return [builder.call(reduce_add, [builder.sext(final, i64v)]) for final in finals]
+
+
+def make_dot_tile(kind: str, rows: int, tokens: int):
+    """A numba intrinsic dot(w, r, a, t, k0, k1) -> UniTuple(int64, rows * tokens).
+
+    w is a C-contiguous int8 (N, K) array and a an int16 (T, K) array; the tuple holds
+    sum(w[r + i, k0:k1] * a[t + j, k0:k1]) at index i * tokens + j.
+    """
+
+    @intrinsic
+    def dot_tile(typingctx, w, r, a, t, k0, k1):
+        sig = types.UniTuple(types.int64, rows * tokens)(w, r, a, t, k0, k1)
+
+        def codegen(context, builder, signature, args):
+            w_arr = context.make_array(signature.args[0])(context, builder, args[0])
+            a_arr = context.make_array(signature.args[2])(context, builder, args[2])
+            r0, t0, lo, hi = (
+                context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4, 5)
+            )
+            w_rows = [
+                _row_pointer(
+                    builder, w_arr, builder.add(r0, ir.Constant(r0.type, i)), ir.IntType(8)
+                )
+                for i in range(rows)
+            ]
+            a_rows = [
+                _row_pointer(
+                    builder, a_arr, builder.add(t0, ir.Constant(t0.type, j)), ir.IntType(16)
+                )
+                for j in range(tokens)
+            ]
+            dots = emit_dot_tile(builder, kind, w_rows, a_rows, lo, hi)
+            return context.make_tuple(builder, signature.return_type, dots)
+
+        return sig, codegen
+
+    return dot_tile
+
+
+@intrinsic
+def prefetch(typingctx, array, byte_offset):
+    """Hint the CPU to pull the cache line at array.data + byte_offset; never faults.
+
+    Rows shorter than ~1 KB defeat the hardware prefetcher when a kernel walks several rows
+    at once, so the int8 GEMV asks for the tile it will read next by hand.
+    """
+    sig = types.none(array, byte_offset)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        base = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
+        fn = _declare(
+            builder.module,
+            "llvm.prefetch.p0",
+            ir.VoidType(),
+            [ir.IntType(8).as_pointer()] + [ir.IntType(32)] * 3,
+        )
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.gep(base, [offset]), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
