@@ -81,6 +81,8 @@ class LLM:
     threads: CPU threads for the kernels (default: all cores); fewer helps when other busy
     processes share the machine, since every parallel kernel waits for its slowest thread.
     quant: None (float32) or "int8" (per-row int8 weights, quantized while loading).
+    kv_cache_mb / kv_cache_fraction: the paged KV cache's size, in MB or as a share of the
+    available RAM (default 0.2); it must hold at least one max_model_len context.
     """
 
     def __init__(
@@ -90,13 +92,17 @@ class LLM:
         max_model_len: int | None = None,
         threads: int | None = None,
         quant: str | None = None,
+        kv_cache_mb: float | None = None,
+        kv_cache_fraction: float | None = None,
     ):
         if threads is not None:
             _set_threads(threads)
         self.loaded: LoadedModel = load_model(model, quant)
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
-        self._engine = EngineLoop(self.loaded, CPUBackend(), max_model_len)
+        self._engine = EngineLoop(
+            self.loaded, CPUBackend(), max_model_len, kv_cache_mb, kv_cache_fraction
+        )
 
     @property
     def backend(self):

@@ -7,6 +7,7 @@ scheduler replaces `run` with an iteration-level loop over many sequences.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from engine.errors import ContextLengthError
-from engine.kv_cache import ForwardBatch, SequenceKVCache
+from engine.errors import ContextLengthError, LaminaError
+from engine.kv_cache import BLOCK_SIZE, ForwardBatch, PagedKVCache, budget_blocks
 from engine.loader.model_loader import LoadedModel
 from engine.model import Transformer
 from engine.outputs import RequestOutput
@@ -23,7 +24,14 @@ from engine.sampling import Sampler, SamplingParams
 
 
 class EngineLoop:
-    def __init__(self, loaded: LoadedModel, backend: object, max_model_len: int | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        backend: object,
+        max_model_len: int | None = None,
+        kv_cache_mb: float | None = None,
+        kv_cache_fraction: float | None = None,
+    ):
         self.loaded = loaded
         self.backend = backend
         self.model = Transformer(loaded.config, loaded.weights, backend)
@@ -33,7 +41,24 @@ class EngineLoop:
         self.max_model_len = min(max_model_len or limit, limit)
         # numba's workqueue threading layer aborts the process on concurrent parallel calls.
         self._model_lock = threading.Lock()
+        self._score_ids = itertools.count()
         self.vocab_size = min(loaded.tokenizer.vocab_size, loaded.config.vocab_size)
+        self.cache = self._make_cache(kv_cache_mb, kv_cache_fraction)
+
+    def _make_cache(self, memory_mb: float | None, fraction: float | None) -> PagedKVCache:
+        cfg = self.loaded.config
+        token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+        blocks = budget_blocks(token_bytes * BLOCK_SIZE, memory_mb, fraction)
+        needed = -(-self.max_model_len // BLOCK_SIZE)
+        if blocks < needed:
+            raise LaminaError(
+                f"the KV cache budget holds {blocks * BLOCK_SIZE} tokens, less than one "
+                f"{self.max_model_len}-token context ({token_bytes * self.max_model_len / 2**20:.0f}"
+                " MB); raise the budget or lower max_model_len"
+            )
+        return PagedKVCache(
+            self.backend, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks, BLOCK_SIZE
+        )
 
     def start(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
         """Check the prompt now, then return the generator that fills `output` and yields text.
@@ -49,9 +74,7 @@ class EngineLoop:
         prompt = output.prompt_token_ids
         cfg = self.loaded.config
         budget = min(params.max_tokens, self.max_model_len - len(prompt))
-        cache = SequenceKVCache(
-            self.backend, cfg.num_layers, len(prompt) + budget, cfg.num_kv_heads, cfg.head_dim
-        )
+        seq_id = ("generate", output.request_id)
         sampler = Sampler(params, self.vocab_size)
         detok = IncrementalDetokenizer(self.loaded.tokenizer, prompt, params.skip_special_tokens)
         stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
@@ -61,10 +84,12 @@ class EngineLoop:
         m = output.metrics
         m.prompt_tokens = len(prompt)
         start = time.perf_counter()
-        feed = list(prompt)
+        cached = self.cache.add_sequence(seq_id, prompt)
+        m.cached_prompt_tokens = cached
+        feed = list(prompt[cached:])
         try:
             while True:
-                logits = self._step(cache, feed)
+                logits = self._step(seq_id, feed)
                 token = sampler.sample(logits, prompt, output.token_ids)
                 output.token_ids.append(token)
                 m.record_token(time.perf_counter() - start)
@@ -88,25 +113,28 @@ class EngineLoop:
                     return
                 feed = [token]
         finally:
+            self.cache.free(seq_id)
             if output.finish_reason is None:
                 output.finish_reason = "abort"
 
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits at every position of `token_ids` (T, vocab), from one prefill pass."""
         self.check_prompt(token_ids, room_to_generate=0)
-        cfg = self.loaded.config
-        cache = SequenceKVCache(
-            self.backend, cfg.num_layers, len(token_ids), cfg.num_kv_heads, cfg.head_dim
-        )
-        batch = ForwardBatch.for_sequence(cache, token_ids, all_logits=True)
-        with self._model_lock:
-            return self.model.forward(batch)
+        seq_id = ("score", next(self._score_ids))
+        self.cache.add_sequence(seq_id, [])
+        try:
+            batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)], all_logits=True)
+            with self._model_lock:
+                return self.model.forward(batch)
+        finally:
+            self.cache.free(seq_id)
 
-    def _step(self, cache: SequenceKVCache, token_ids: list[int]) -> np.ndarray:
-        batch = ForwardBatch.for_sequence(cache, token_ids)
+    def _step(self, seq_id: tuple, token_ids: list[int]) -> np.ndarray:
+        """One forward pass of a sequence's new tokens; the logits of the last one."""
         with self._model_lock:
+            batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)])
             logits = self.model.forward(batch)
-        cache.commit(len(token_ids))
+            self.cache.commit(seq_id, token_ids)
         return logits[-1]
 
     def check_prompt(self, prompt: list[int], room_to_generate: int = 1) -> None:

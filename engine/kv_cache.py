@@ -1,65 +1,312 @@
-"""KV cache for one sequence, and the ForwardBatch that tells the model where tokens go.
+"""The paged KV cache every path uses, and the ForwardBatch that tells the model where tokens go.
 
-model.py only hands a ForwardBatch to `Backend.attention`; the backend writes the new keys
-and values into the cache and reads the history from it. The paged cache (block tables,
-many sequences) replaces this class and extends ForwardBatch without touching model.py.
+Keys and values live in fixed-size blocks of one storage array per K and V, shape
+(layers, num_blocks, block_size, kv_heads, head_dim), allocated by the Backend (numpy on the
+CPU, device memory on a GPU). Each sequence owns a block table: the list of its blocks in
+order. Everything else here is plain Python bookkeeping, as in vLLM's PagedAttention:
+
+- Blocks are reference-counted. `fork` lets a child share its parent's blocks; the first
+  write into a shared, partly filled block copies it (copy-on-write).
+- Full blocks are keyed by (key of the previous block, their token ids), so a sequence whose
+  prompt starts with blocks already computed (a system prompt, a chat history) reuses them
+  instead of recomputing. Freed blocks keep their contents and key until they are needed
+  again; the least recently freed is reused first.
+
+model.py only hands a ForwardBatch to `Backend.attention`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from engine.errors import ContextLengthError
+from engine.errors import LaminaError
+
+BLOCK_SIZE = 16
+# Share of the RAM psutil reports available that the KV cache may take by default. The
+# storage is allocated lazily (np.zeros), so unused blocks cost address space, not memory.
+DEFAULT_KV_FRACTION = 0.2
 
 
-class SequenceKVCache:
-    """Contiguous K and V storage of shape (layers, max_tokens, kv_heads, head_dim)."""
+class NoFreeBlocksError(LaminaError):
+    """The KV cache has no free block left; the scheduler preempts a sequence and retries."""
+
+
+# A full block's identity: (key of the previous block or None, its token ids).
+BlockKey = tuple[Any, tuple[int, ...]]
+
+
+class BlockAllocator:
+    """Reference counts, a free list and the prefix-cache index of the blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.refcount = np.zeros(num_blocks, dtype=np.int32)
+        self._never_cached: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; LRU first
+        self._key_of: dict[int, BlockKey] = {}
+        self._block_of: dict[BlockKey, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._never_cached) + len(self._evictable)
+
+    def allocate(self) -> int:
+        """A block with refcount 1; reuses blocks that never held a cached prefix first."""
+        if self._never_cached:
+            block = self._never_cached.popleft()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+        else:
+            raise NoFreeBlocksError(f"all {self.num_blocks} KV cache blocks are in use")
+        self.refcount[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        if self.refcount[block] < 1:
+            raise RuntimeError(f"block {block} is free and cannot be shared")
+        self.refcount[block] += 1
+
+    def release(self, block: int) -> None:
+        if self.refcount[block] < 1:
+            raise RuntimeError(f"block {block} released more often than taken")
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._never_cached.append(block)
+
+    def lookup(self, key: BlockKey) -> int | None:
+        """The cached block holding `key`, now taken by the caller; None if not cached."""
+        block = self._block_of.get(key)
+        if block is None:
+            return None
+        if self.refcount[block] == 0:
+            del self._evictable[block]
+        self.refcount[block] += 1
+        return block
+
+    def register(self, block: int, key: BlockKey) -> None:
+        """Record that full block `block` holds `key` (first writer wins)."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._key_of
+
+
+@dataclass
+class _Sequence:
+    blocks: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # tokens whose K/V are written
+    keys: list[BlockKey] = field(default_factory=list)  # keys of the full blocks
+    reserved: int = 0  # token slots reserved by the forward pass in flight
+
+
+class PagedKVCache:
+    """Block storage plus the block tables of the sequences being run."""
 
     def __init__(
-        self, backend: Any, num_layers: int, max_tokens: int, num_kv_heads: int, head_dim: int
-    ):
-        shape = (num_layers, max_tokens, num_kv_heads, head_dim)
+        self,
+        backend: Any,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = backend.allocate_kv(shape)
         self.v = backend.allocate_kv(shape)
-        self.max_tokens = max_tokens
-        self.length = 0
+        self._backend = backend
+        self._seqs: dict[Hashable, _Sequence] = {}
 
-    def reserve(self, n_tokens: int) -> int:
-        """Check that n more tokens fit; return the position of the first of them."""
-        if self.length + n_tokens > self.max_tokens:
-            raise ContextLengthError(
-                f"{self.length + n_tokens} tokens do not fit in the {self.max_tokens}-token cache"
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def length(self, seq_id: Hashable) -> int:
+        return len(self._seqs[seq_id].tokens)
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        return list(self._seqs[seq_id].blocks)
+
+    def add_sequence(self, seq_id: Hashable, prompt: Sequence[int]) -> int:
+        """Start a sequence; return how many leading prompt tokens the prefix cache already holds.
+
+        At least one prompt token is always left to compute, since its logits are needed.
+        """
+        if seq_id in self._seqs:
+            raise KeyError(f"sequence {seq_id!r} is already in the cache")
+        seq = _Sequence()
+        self._seqs[seq_id] = seq
+        parent = None
+        reusable = (len(prompt) - 1) // self.block_size
+        for i in range(reusable):
+            key = (parent, tuple(prompt[i * self.block_size : (i + 1) * self.block_size]))
+            block = self.allocator.lookup(key)
+            if block is None:
+                break
+            seq.blocks.append(block)
+            seq.keys.append(key)
+            seq.tokens.extend(key[1])
+            parent = key
+        return len(seq.tokens)
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """The child starts as a copy of the parent, sharing all its blocks."""
+        parent = self._seqs[parent_id]
+        if child_id in self._seqs:
+            raise KeyError(f"sequence {child_id!r} is already in the cache")
+        for block in parent.blocks:
+            self.allocator.share(block)
+        self._seqs[child_id] = _Sequence(
+            list(parent.blocks), list(parent.tokens), list(parent.keys)
+        )
+
+    def blocks_needed(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Free blocks that `reserve(seq_id, num_tokens)` would take."""
+        seq = self._seqs[seq_id]
+        new = self.blocks_for(len(seq.tokens) + num_tokens) - len(seq.blocks)
+        return new + int(self._needs_copy(seq))
+
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> np.ndarray:
+        """Slots (block * block_size + offset) for the next `num_tokens` tokens of a sequence.
+
+        All or nothing: raises NoFreeBlocksError, changing nothing, if the blocks are short.
+        """
+        seq = self._seqs[seq_id]
+        if self.blocks_needed(seq_id, num_tokens) > self.allocator.num_free:
+            raise NoFreeBlocksError(
+                f"{self.blocks_needed(seq_id, num_tokens)} KV blocks needed, "
+                f"{self.allocator.num_free} free"
             )
-        return self.length
+        if self._needs_copy(seq):
+            self._copy_last_block(seq)
+        while len(seq.blocks) < self.blocks_for(len(seq.tokens) + num_tokens):
+            seq.blocks.append(self.allocator.allocate())
+        seq.reserved = num_tokens
+        positions = np.arange(len(seq.tokens), len(seq.tokens) + num_tokens)
+        blocks = np.asarray(seq.blocks, dtype=np.int64)[positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
 
-    def commit(self, n_tokens: int) -> None:
-        """Mark n tokens written by the last forward pass as part of the sequence."""
-        self.length += n_tokens
+    def commit(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
+        """Mark the reserved tokens as written; index the blocks that became full."""
+        seq = self._seqs[seq_id]
+        if len(token_ids) != seq.reserved:
+            raise ValueError(f"committing {len(token_ids)} tokens, {seq.reserved} reserved")
+        seq.tokens.extend(int(t) for t in token_ids)
+        seq.reserved = 0
+        while len(seq.keys) < len(seq.tokens) // self.block_size:
+            i = len(seq.keys)
+            parent = seq.keys[-1] if seq.keys else None
+            key = (parent, tuple(seq.tokens[i * self.block_size : (i + 1) * self.block_size]))
+            self.allocator.register(seq.blocks[i], key)
+            seq.keys.append(key)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Release a sequence's blocks, its last block first so prefixes stay cached longer."""
+        seq = self._seqs.pop(seq_id)
+        for block in reversed(seq.blocks):
+            self.allocator.release(block)
+
+    def used_slots(self) -> tuple[int, int]:
+        """(token slots holding a sequence's token, slots in the blocks sequences hold)."""
+        owned = {b for seq in self._seqs.values() for b in seq.blocks}
+        used = sum(len(seq.tokens) + seq.reserved for seq in self._seqs.values())
+        return used, len(owned) * self.block_size
+
+    def _needs_copy(self, seq: _Sequence) -> bool:
+        """The next token goes into a partly filled block that another sequence shares."""
+        partial = len(seq.tokens) % self.block_size > 0
+        return partial and self.allocator.refcount[seq.blocks[-1]] > 1
+
+    def _copy_last_block(self, seq: _Sequence) -> None:
+        old = seq.blocks[-1]
+        new = self.allocator.allocate()
+        self.k[:, new] = self.k[:, old]
+        self.v[:, new] = self.v[:, old]
+        self.allocator.release(old)
+        seq.blocks[-1] = new
+
+
+def budget_blocks(block_bytes: int, memory_mb: float | None, fraction: float | None) -> int:
+    """Blocks that fit a KV budget given in MB, or as a fraction of available RAM."""
+    if memory_mb is not None:
+        if memory_mb <= 0:
+            raise ValueError(f"the KV cache budget must be positive, got {memory_mb} MB")
+        budget = memory_mb * 2**20
+    else:
+        import psutil
+
+        fraction = DEFAULT_KV_FRACTION if fraction is None else fraction
+        if not 0 < fraction <= 1:
+            raise ValueError(f"the KV cache fraction must be in (0, 1], got {fraction}")
+        budget = psutil.virtual_memory().available * fraction
+    return int(budget // block_bytes)
 
 
 @dataclass
 class ForwardBatch:
-    """The tokens of one forward pass and where their keys and values live."""
+    """The tokens of one forward pass: chunks of one or more sequences, concatenated."""
 
     token_ids: np.ndarray  # (T,) int64
     positions: np.ndarray  # (T,) int64
-    cache: SequenceKVCache
-    start: int  # position of token_ids[0]; the cache already holds 0 .. start-1
+    cache: PagedKVCache
+    slots: np.ndarray  # (T,) int64: where each token's key and value are written
+    query_start: np.ndarray  # (B + 1,) int64: sequence s owns rows query_start[s]:[s + 1]
+    context_lens: np.ndarray  # (B,) int64: tokens of s in the cache, including this pass's
+    block_tables: np.ndarray  # (B, max_blocks) int32
     logits_rows: np.ndarray  # rows of the batch whose logits are wanted
 
     @classmethod
-    def for_sequence(
-        cls, cache: SequenceKVCache, token_ids: list[int], all_logits: bool = False
+    def build(
+        cls,
+        cache: PagedKVCache,
+        chunks: Sequence[tuple[Hashable, Sequence[int]]],
+        all_logits: bool = False,
     ) -> ForwardBatch:
-        start = cache.reserve(len(token_ids))
-        n = len(token_ids)
+        """Reserve slots for each (sequence, new tokens) chunk and describe the pass.
+
+        Logits are wanted for the last token of each chunk, or for every token.
+        """
+        slots, positions, starts, lens, tables = [], [], [0], [], []
+        for seq_id, tokens in chunks:
+            first = cache.length(seq_id)
+            slots.append(cache.reserve(seq_id, len(tokens)))
+            positions.append(np.arange(first, first + len(tokens)))
+            starts.append(starts[-1] + len(tokens))
+            lens.append(first + len(tokens))
+            tables.append(cache.block_table(seq_id))
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((len(tables), width), dtype=np.int32)
+        for row, table in zip(block_tables, tables, strict=True):
+            row[: len(table)] = table
+        query_start = np.asarray(starts, dtype=np.int64)
         return cls(
-            token_ids=np.asarray(token_ids, dtype=np.int64),
-            positions=np.arange(start, start + n, dtype=np.int64),
+            token_ids=np.asarray([t for _, toks in chunks for t in toks], dtype=np.int64),
+            positions=np.concatenate(positions).astype(np.int64),
             cache=cache,
-            start=start,
-            logits_rows=np.arange(n) if all_logits else np.array([n - 1]),
+            slots=np.concatenate(slots),
+            query_start=query_start,
+            context_lens=np.asarray(lens, dtype=np.int64),
+            block_tables=block_tables,
+            logits_rows=np.arange(query_start[-1]) if all_logits else query_start[1:] - 1,
         )

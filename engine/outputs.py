@@ -15,6 +15,7 @@ class RequestMetrics:
     """
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     generated_tokens: int = 0
     ttft_s: float = 0.0
     tpot_s: float = 0.0
@@ -64,6 +65,7 @@ class RequestOutput:
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason,
             "prompt_tokens": m.prompt_tokens,
+            "cached_prompt_tokens": m.cached_prompt_tokens,
             "generated_tokens": m.generated_tokens,
             "ttft_s": m.ttft_s,
             "tpot_s": m.tpot_s,

@@ -75,27 +75,6 @@ def attention_reference(q, k, v, start, scale, window):
     return out
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    cached=st.integers(0, 40),
-    tokens=st.sampled_from([1, 2, 17]),
-    kv_heads=st.sampled_from([1, 2, 3]),
-    group=st.sampled_from([1, 2, 3]),
-    dim=st.sampled_from([1, 8, 64]),
-    window=st.sampled_from([0, 1, 5, 16]),
-    seed=st.integers(0, 2**16),
-)
-def test_causal_attention(cached, tokens, kv_heads, group, dim, window, seed):
-    rng = np.random.default_rng(seed)
-    total = cached + tokens
-    q = rand(rng, tokens, kv_heads * group, dim)
-    k, v = rand(rng, total, kv_heads, dim), rand(rng, total, kv_heads, dim)
-    scale = 1 / np.sqrt(dim)
-    out = kernels_cpu.causal_attention(q, k, v, cached, scale, window)
-    ref = attention_reference(q, k, v, cached, scale, window)
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
-
-
 @settings(max_examples=30, deadline=None)
 @given(
     tokens=st.sampled_from([1, 2, 4]),

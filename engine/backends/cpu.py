@@ -10,6 +10,7 @@ from engine.kv_cache import ForwardBatch
 from engine.weights import DenseWeight, Int8Weight, Weight
 from kernels_cpu.gemv_f32 import matmul_f32
 from kernels_cpu.matmul_int8 import INT16_MAX, embed_rows_w8, gemm_w8, gemv_w8
+from kernels_cpu.paged_attention import paged_attention, write_kv
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
 SMALL_BATCH = 4
@@ -83,13 +84,19 @@ class CPUBackend:
         scale: float,
         window: int,
     ) -> np.ndarray:
-        """Store this pass's k, v (T, Hkv, D) in the cache, then attend q (T, H, D) over it."""
+        """Write this pass's k, v (T, Hkv, D) into the paged cache, then attend q (T, H, D)
+        of every sequence in the batch over its own blocks."""
         cache = batch.cache
-        end = batch.start + q.shape[0]
-        cache.k[layer, batch.start : end] = k
-        cache.v[layer, batch.start : end] = v
-        out = kernels_cpu.causal_attention(
-            q, cache.k[layer, :end], cache.v[layer, :end], batch.start, scale, window
+        write_kv(cache.k[layer], cache.v[layer], k, v, batch.slots)
+        out = paged_attention(
+            q,
+            cache.k[layer],
+            cache.v[layer],
+            batch.block_tables,
+            batch.query_start,
+            batch.context_lens,
+            scale,
+            window,
         )
         return out.reshape(q.shape[0], -1)
 

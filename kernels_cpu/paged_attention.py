@@ -1,0 +1,405 @@
+"""Attention over a paged KV cache: many sequences, each reading its keys through a block table.
+
+The cache of one layer is a pool of fixed-size blocks, (num_blocks, block_size, Hkv, D). A
+sequence's position p lives in block block_tables[s, p // block_size] at row p % block_size, so
+sequences can share prefix blocks and grow without copying. One call serves a whole batch: the
+new query tokens of all sequences are concatenated, which mixes decode steps (one token) and
+prefill chunks (many tokens) freely.
+
+Why explicit 8-lane vectors: a key or value row is only D (64-128) floats, so every loop that
+numba vectorises by itself is a short one whose setup (trip-count and aliasing checks, remainder
+loops, a horizontal sum per key) costs as much as its arithmetic. The `f32x8` type below is an
+LLVM <8 x float> value, so the hot loops keep their accumulators in registers across a whole
+tile of keys: eight keys' dot products share each query load and are summed horizontally
+together, and each value row is folded into 32 output lanes per pass. Lanes past the last
+multiple of 8 in D are handled by scalar tails.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+LANES = 8
+# Keys per online-softmax step, a multiple of LANES. The running max, sum and output are
+# rescaled once per tile, so the rescale is amortised over TILE keys whatever the block size.
+TILE = 64
+
+_VEC = ir.VectorType(ir.FloatType(), LANES)
+_MASK = ir.VectorType(ir.IntType(32), LANES)
+
+
+class F32x8(types.Type):
+    """Eight float32 lanes held as one SIMD value (an LLVM <8 x float>)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="f32x8")
+
+
+f32x8 = F32x8()
+
+
+@register_model(F32x8)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:
+        super().__init__(dmm, fe_type, _VEC)
+
+
+def _is_f32_c_array(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.layout == "C"
+
+
+def _lanes_pointer(context, builder, sig, args):
+    """Pointer to the 8 floats at flat element args[1] of the C-contiguous array args[0]."""
+    arr = context.make_array(sig.args[0])(context, builder, args[0])
+    index = context.cast(builder, args[1], sig.args[1], types.intp)
+    return builder.bitcast(builder.gep(arr.data, [index]), _VEC.as_pointer())
+
+
+@intrinsic
+def _vload(typingctx, arr, index):
+    """arr.flat[index : index + 8] of a C-contiguous float32 array; no bounds check."""
+    if not (_is_f32_c_array(arr) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_lanes_pointer(context, builder, sig, args), align=4)
+
+    return f32x8(arr, index), codegen
+
+
+@intrinsic
+def _vstore(typingctx, arr, index, value):
+    """arr.flat[index : index + 8] = value; no bounds check."""
+    if not (_is_f32_c_array(arr) and isinstance(index, types.Integer) and value == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _lanes_pointer(context, builder, sig, args), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, value), codegen
+
+
+@intrinsic
+def _vzero(typingctx):
+    """Eight zero lanes."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VEC, None)
+
+    return f32x8(), codegen
+
+
+def _fmuladd(builder, a, b, c):
+    """a * b + c, fused where the target has FMA."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fmuladd.v8f32"
+    )
+    return builder.call(fn, [a, b, c])
+
+
+@intrinsic
+def _vfma(typingctx, acc, x, y):
+    """acc + x * y lane by lane."""
+    if not (acc == f32x8 and x == f32x8 and y == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _fmuladd(builder, args[1], args[2], args[0])
+
+    return f32x8(acc, x, y), codegen
+
+
+@intrinsic
+def _vfma_scalar(typingctx, acc, s, y):
+    """acc + s * y with the float s broadcast to every lane."""
+    if not (acc == f32x8 and isinstance(s, types.Float) and y == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        scalar = context.cast(builder, args[1], sig.args[1], types.float32)
+        lane0 = builder.insert_element(ir.Constant(_VEC, ir.Undefined), scalar, ir.IntType(32)(0))
+        splat = builder.shuffle_vector(lane0, lane0, ir.Constant(_MASK, None))
+        return _fmuladd(builder, splat, args[2], args[0])
+
+    return f32x8(acc, s, y), codegen
+
+
+def _pair_sums(builder, a, b):
+    """[a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] (vhaddps order)."""
+    even = builder.shuffle_vector(a, b, ir.Constant(_MASK, [0, 2, 8, 10, 4, 6, 12, 14]))
+    odd = builder.shuffle_vector(a, b, ir.Constant(_MASK, [1, 3, 9, 11, 5, 7, 13, 15]))
+    return builder.fadd(even, odd)
+
+
+@intrinsic
+def _hsum8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
+    """Lane i of the result is the sum of the lanes of v_i: eight dot products finished at once.
+
+    A tree of pairwise sums (three shuffle-add levels) replaces eight separate horizontal
+    reductions of four steps each.
+    """
+    if any(v != f32x8 for v in (v0, v1, v2, v3, v4, v5, v6, v7)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t0 = _pair_sums(builder, args[0], args[1])
+        t1 = _pair_sums(builder, args[2], args[3])
+        t2 = _pair_sums(builder, args[4], args[5])
+        t3 = _pair_sums(builder, args[6], args[7])
+        # u0 lanes: sums of v0..v3 over lanes 0-3, then of v0..v3 over lanes 4-7; u1 for v4..v7.
+        u0 = _pair_sums(builder, t0, t1)
+        u1 = _pair_sums(builder, t2, t3)
+        low = builder.shuffle_vector(u0, u1, ir.Constant(_MASK, [0, 1, 2, 3, 8, 9, 10, 11]))
+        high = builder.shuffle_vector(u0, u1, ir.Constant(_MASK, [4, 5, 6, 7, 12, 13, 14, 15]))
+        return builder.fadd(low, high)
+
+    return f32x8(v0, v1, v2, v3, v4, v5, v6, v7), codegen
+
+
+@njit(cache=True, fastmath=True)
+def _exp_shifted(x, n, shift, bits):
+    """x[:n] = exp(x[:n] - shift) for x <= shift; returns their sum.
+
+    numba calls expf once per element, which costs more than the dot products around it; this
+    Cody-Waite reduction plus a degree-6 polynomial (Cephes expf, ~1 ulp) vectorises. 2**k is
+    assembled in the exponent bits of an int32 scratch read back as float32. Arguments below
+    -87 are clamped: exp(-87) ~ 1.6e-38 is negligible next to the max term, which is 1.
+    """
+    pow2 = bits.view(np.float32)
+    for j in range(n):
+        t = max(x[j] - shift, np.float32(-87.0))
+        k = np.floor(t * np.float32(1.44269504) + np.float32(0.5))
+        r = t - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        x[j] = p * r * r + r + np.float32(1.0)
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    total = np.float32(0.0)
+    for j in range(n):
+        e = x[j] * pow2[j]
+        x[j] = e
+        total += e
+    return total
+
+
+@njit(cache=True, fastmath=True)
+def _scores(qs, kf, base, n, dim, scores):
+    """scores[g, j] = qs[g] . (key row at kf[base[j]:]) for j < n, eight keys at a time.
+
+    The eight key rows stay in L1 while every query head of the group is dotted with them.
+    base is padded past n with a valid row, so the last group of eight may overrun n; those
+    scores are computed and never read.
+    """
+    group, tile = scores.shape
+    vec_dim = dim - dim % LANES
+    for j0 in range(0, n, LANES):
+        b0, b1, b2, b3 = base[j0], base[j0 + 1], base[j0 + 2], base[j0 + 3]
+        b4, b5, b6, b7 = base[j0 + 4], base[j0 + 5], base[j0 + 6], base[j0 + 7]
+        for g in range(group):
+            q0 = g * dim
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _vzero()
+            for c in range(0, vec_dim, LANES):
+                qv = _vload(qs, q0 + c)
+                a0 = _vfma(a0, qv, _vload(kf, b0 + c))
+                a1 = _vfma(a1, qv, _vload(kf, b1 + c))
+                a2 = _vfma(a2, qv, _vload(kf, b2 + c))
+                a3 = _vfma(a3, qv, _vload(kf, b3 + c))
+                a4 = _vfma(a4, qv, _vload(kf, b4 + c))
+                a5 = _vfma(a5, qv, _vload(kf, b5 + c))
+                a6 = _vfma(a6, qv, _vload(kf, b6 + c))
+                a7 = _vfma(a7, qv, _vload(kf, b7 + c))
+            _vstore(scores, g * tile + j0, _hsum8(a0, a1, a2, a3, a4, a5, a6, a7))
+            if vec_dim < dim:
+                for i in range(LANES):
+                    row = base[j0 + i]
+                    extra = np.float32(0.0)
+                    for d in range(vec_dim, dim):
+                        extra += qs[q0 + d] * kf[row + d]
+                    scores[g, j0 + i] += extra
+
+
+@njit(cache=True, fastmath=True)
+def _accumulate(acc, vf, base, n, dim, weights):
+    """acc[g] += sum_j weights[g, j] * (value row at vf[base[j]:]) for j < n and every g.
+
+    Four vectors (32 output lanes) stay in registers over the whole tile of keys, giving four
+    independent FMA chains; the query heads of the group take turns on the same 32-lane slice
+    of the tile's value rows while it is in L1. Leftover whole vectors go one at a time, then
+    a scalar tail.
+    """
+    group = weights.shape[0]
+    vec_dim = dim - dim % LANES
+    c = 0
+    while c + 4 * LANES <= vec_dim:
+        for g in range(group):
+            o = g * dim + c
+            a0 = _vload(acc, o)
+            a1 = _vload(acc, o + 8)
+            a2 = _vload(acc, o + 16)
+            a3 = _vload(acc, o + 24)
+            for j in range(n):
+                w = weights[g, j]
+                b = base[j] + c
+                a0 = _vfma_scalar(a0, w, _vload(vf, b))
+                a1 = _vfma_scalar(a1, w, _vload(vf, b + 8))
+                a2 = _vfma_scalar(a2, w, _vload(vf, b + 16))
+                a3 = _vfma_scalar(a3, w, _vload(vf, b + 24))
+            _vstore(acc, o, a0)
+            _vstore(acc, o + 8, a1)
+            _vstore(acc, o + 16, a2)
+            _vstore(acc, o + 24, a3)
+        c += 4 * LANES
+    while c < vec_dim:
+        for g in range(group):
+            o = g * dim + c
+            a0 = _vload(acc, o)
+            for j in range(n):
+                a0 = _vfma_scalar(a0, weights[g, j], _vload(vf, base[j] + c))
+            _vstore(acc, o, a0)
+        c += LANES
+    for g in range(group):
+        for d in range(vec_dim, dim):
+            extra = np.float32(0.0)
+            for j in range(n):
+                extra += weights[g, j] * vf[base[j] + d]
+            acc[g * dim + d] += extra
+
+
+@njit(cache=True, fastmath=True)
+def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, out):
+    """Online-softmax attention of token t's GQA group (kv head kvh) over positions first..pos.
+
+    kf/vf are the flat caches. Keys are taken TILE at a time: base[j] is the flat offset of
+    key j's row, found by walking the block table with a (block, row) counter instead of a
+    division per key and shared by the key and value passes. Per query head, a running max
+    `best` and sum `total` let each tile's exponentials be added to the unnormalised output
+    `acc` after rescaling it by exp(old max - new max).
+    """
+    group = q.shape[1] // kv_heads
+    dim = q.shape[2]
+    h0 = kvh * group
+    qs = np.empty(group * dim, dtype=np.float32)
+    acc = np.zeros(group * dim, dtype=np.float32)
+    for g in range(group):
+        for d in range(dim):
+            qs[g * dim + d] = q[t, h0 + g, d] * scale
+    scores = np.empty((group, TILE), dtype=np.float32)
+    base = np.empty(TILE, dtype=np.int64)
+    bits = np.empty(TILE, dtype=np.int32)
+    best = np.empty(group, dtype=np.float32)
+    total = np.zeros(group, dtype=np.float32)
+    b = first // block_size
+    row = first - b * block_size
+    blk = np.int64(table[b])
+    p0 = first
+    while p0 <= pos:
+        n = min(TILE, pos + 1 - p0)
+        for j in range(n):
+            base[j] = ((blk * block_size + row) * kv_heads + kvh) * dim
+            row += 1
+            if row == block_size and p0 + j < pos:
+                row = 0
+                b += 1
+                blk = np.int64(table[b])
+        for j in range(n, TILE):
+            base[j] = base[n - 1]
+        _scores(qs, kf, base, n, dim, scores)
+        for g in range(group):
+            m = scores[g, 0]
+            for j in range(1, n):
+                m = max(m, scores[g, j])
+            if p0 == first:
+                best[g] = m
+            elif m > best[g]:
+                correction = np.exp(best[g] - m)
+                best[g] = m
+                total[g] *= correction
+                for d in range(g * dim, (g + 1) * dim):
+                    acc[d] *= correction
+            total[g] += _exp_shifted(scores[g], n, best[g], bits)
+        _accumulate(acc, vf, base, n, dim, scores)
+        p0 += n
+    for g in range(group):
+        inv = np.float32(1.0) / total[g]
+        for d in range(dim):
+            out[t, h0 + g, d] = acc[g * dim + d] * inv
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def paged_attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    block_tables: np.ndarray,
+    query_start: np.ndarray,
+    context_lens: np.ndarray,
+    scale: float,
+    window: int,
+) -> np.ndarray:
+    """Causal softmax attention of a batch's new tokens q (T, H, D) over a paged cache.
+
+    Sequence s owns query rows query_start[s] : query_start[s + 1]; context_lens[s] counts its
+    cached tokens including the new ones, which are its last positions and already written to
+    the C-contiguous k_cache/v_cache (num_blocks, block_size, Hkv, D). Query head h reads kv
+    head h // (H // Hkv) (GQA). `window` > 0 limits each query to its last `window` keys
+    (Mistral sliding window); 0 means unlimited. Returns (T, H, D) float32.
+
+    One job is one (token, kv head): its GQA group of query heads is handled together so each
+    key and value row is read once per group while it is in L1, and the online softmax keeps
+    the output in a small local array instead of a score buffer as long as the context.
+    """
+    tokens, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    kf = k_cache.reshape(k_cache.size)
+    vf = v_cache.reshape(v_cache.size)
+    seq_of = np.empty(tokens, dtype=np.int64)
+    for s in range(context_lens.shape[0]):
+        for t in range(query_start[s], query_start[s + 1]):
+            seq_of[t] = s
+    out = np.empty((tokens, heads, dim), dtype=np.float32)
+    for job in prange(tokens * kv_heads):
+        t = job // kv_heads
+        kvh = job % kv_heads
+        s = seq_of[t]
+        pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t
+        first = np.int64(0)
+        if window > 0 and pos - window + 1 > 0:
+            first = pos - window + 1
+        _attend(
+            q,
+            kf,
+            vf,
+            block_tables[s],
+            block_size,
+            kv_heads,
+            t,
+            kvh,
+            first,
+            pos,
+            np.float32(scale),
+            out,
+        )
+    return out
+
+
+@njit(cache=True)
+def write_kv(
+    k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, slots: np.ndarray
+) -> None:
+    """Store k, v (T, Hkv, D) at flat slots (T,) = block * block_size + row of the paged cache.
+
+    Serial: a step writes only T rows per layer, far less work than waking a thread pool.
+    """
+    block_size = k_cache.shape[1]
+    for t in range(k.shape[0]):
+        blk = slots[t] // block_size
+        row = slots[t] - blk * block_size
+        k_cache[blk, row] = k[t]
+        v_cache[blk, row] = v[t]
