@@ -44,7 +44,7 @@ def lamina_figures(
     """lamina's figures, and the prompt ids it used (the peers get the same ones)."""
     from engine import LLM, SamplingParams
 
-    llm = LLM(path, quant=quant)
+    llm = LLM(path, quant=quant, enable_prefix_caching=False)  # every run prefills in full
     ids = prompt_ids(llm.tokenizer, prompt)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     llm.generate(llm.tokenizer.decode(ids[:16]), SamplingParams(max_tokens=2))  # warm-up

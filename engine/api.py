@@ -83,6 +83,8 @@ class LLM:
     quant: None (float32) or "int8" (per-row int8 weights, quantized while loading).
     kv_cache_mb / kv_cache_fraction: the paged KV cache's size, in MB or as a share of the
     available RAM (default 0.2); it must hold at least one max_model_len context.
+    enable_prefix_caching: reuse the cached keys and values of a repeated prompt prefix
+    (benchmarks turn it off to time prefill).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class LLM:
         quant: str | None = None,
         kv_cache_mb: float | None = None,
         kv_cache_fraction: float | None = None,
+        enable_prefix_caching: bool = True,
     ):
         if threads is not None:
             _set_threads(threads)
@@ -101,7 +104,12 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
         self._engine = EngineLoop(
-            self.loaded, CPUBackend(), max_model_len, kv_cache_mb, kv_cache_fraction
+            self.loaded,
+            CPUBackend(),
+            max_model_len,
+            kv_cache_mb,
+            kv_cache_fraction,
+            enable_prefix_caching,
         )
 
     @property

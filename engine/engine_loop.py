@@ -31,6 +31,7 @@ class EngineLoop:
         max_model_len: int | None = None,
         kv_cache_mb: float | None = None,
         kv_cache_fraction: float | None = None,
+        enable_prefix_caching: bool = True,
     ):
         self.loaded = loaded
         self.backend = backend
@@ -44,6 +45,7 @@ class EngineLoop:
         self._score_ids = itertools.count()
         self.vocab_size = min(loaded.tokenizer.vocab_size, loaded.config.vocab_size)
         self.cache = self._make_cache(kv_cache_mb, kv_cache_fraction)
+        self.enable_prefix_caching = enable_prefix_caching
 
     def _make_cache(self, memory_mb: float | None, fraction: float | None) -> PagedKVCache:
         cfg = self.loaded.config
@@ -84,7 +86,7 @@ class EngineLoop:
         m = output.metrics
         m.prompt_tokens = len(prompt)
         start = time.perf_counter()
-        cached = self.cache.add_sequence(seq_id, prompt)
+        cached = self.cache.add_sequence(seq_id, prompt if self.enable_prefix_caching else [])
         m.cached_prompt_tokens = cached
         feed = list(prompt[cached:])
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import SamplingParams
+from engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SYSTEM = "You are a careful assistant. Answer in one short sentence. " * 4
@@ -28,3 +28,9 @@ def test_shared_system_prompt_gives_the_same_answer_as_a_cold_run(default_llm):
     assert warm.metrics.cached_prompt_tokens > 0
     cold_logits = default_llm.prompt_logits(prompt)[-1]
     assert warm.token_ids[0] == int(np.argmax(cold_logits))
+
+
+def test_prefix_caching_can_be_turned_off():
+    llm = LLM(enable_prefix_caching=False)
+    llm.generate(SYSTEM + "Hi.", GREEDY)
+    assert llm.generate(SYSTEM + "Hi.", GREEDY)[0].metrics.cached_prompt_tokens == 0
