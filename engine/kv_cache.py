@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 
 from engine.errors import LaminaError
 
@@ -100,9 +101,6 @@ class BlockAllocator:
             self._block_of[key] = block
             self._key_of[block] = key
 
-    def is_cached(self, block: int) -> bool:
-        return block in self._key_of
-
 
 @dataclass
 class _Sequence:
@@ -132,15 +130,8 @@ class PagedKVCache:
         self._backend = backend
         self._seqs: dict[Hashable, _Sequence] = {}
 
-    @property
-    def num_blocks(self) -> int:
-        return self.allocator.num_blocks
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
-
-    def __contains__(self, seq_id: Hashable) -> bool:
-        return seq_id in self._seqs
 
     def length(self, seq_id: Hashable) -> int:
         return len(self._seqs[seq_id].tokens)
@@ -193,11 +184,9 @@ class PagedKVCache:
         All or nothing: raises NoFreeBlocksError, changing nothing, if the blocks are short.
         """
         seq = self._seqs[seq_id]
-        if self.blocks_needed(seq_id, num_tokens) > self.allocator.num_free:
-            raise NoFreeBlocksError(
-                f"{self.blocks_needed(seq_id, num_tokens)} KV blocks needed, "
-                f"{self.allocator.num_free} free"
-            )
+        needed = self.blocks_needed(seq_id, num_tokens)
+        if needed > self.allocator.num_free:
+            raise NoFreeBlocksError(f"{needed} KV blocks needed, {self.allocator.num_free} free")
         if self._needs_copy(seq):
             self._copy_last_block(seq)
         while len(seq.blocks) < self.blocks_for(len(seq.tokens) + num_tokens):
@@ -227,12 +216,6 @@ class PagedKVCache:
         for block in reversed(seq.blocks):
             self.allocator.release(block)
 
-    def used_slots(self) -> tuple[int, int]:
-        """(token slots holding a sequence's token, slots in the blocks sequences hold)."""
-        owned = {b for seq in self._seqs.values() for b in seq.blocks}
-        used = sum(len(seq.tokens) + seq.reserved for seq in self._seqs.values())
-        return used, len(owned) * self.block_size
-
     def _needs_copy(self, seq: _Sequence) -> bool:
         """The next token goes into a partly filled block that another sequence shares."""
         partial = len(seq.tokens) % self.block_size > 0
@@ -254,8 +237,6 @@ def budget_blocks(block_bytes: int, memory_mb: float | None, fraction: float | N
             raise ValueError(f"the KV cache budget must be positive, got {memory_mb} MB")
         budget = memory_mb * 2**20
     else:
-        import psutil
-
         fraction = DEFAULT_KV_FRACTION if fraction is None else fraction
         if not 0 < fraction <= 1:
             raise ValueError(f"the KV cache fraction must be in (0, 1], got {fraction}")

@@ -61,6 +61,8 @@ def quantize_rows(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     return a, a_scale
 
 
+# A twin rather than njit(parallel=True)(quantize_rows.py_func): numba's disk cache keys on
+# the Python function, so the two compilations would overwrite each other's cache entries.
 @njit(cache=True, parallel=True, fastmath=True)
 def _quantize_rows_parallel(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     a = np.empty(x.shape, dtype=np.int16)
