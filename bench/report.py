@@ -17,7 +17,8 @@ _TABLE_KEYS = (
     "kernel", "shape", "gbps", "vs_bandwidth",
     "quant", "decode_tok_s", "prefill_tok_s", "ttft_s", "tpot_s", "load_s", "warm_start_s",
     "cold_start_s", "peak_rss_mb", "bandwidth_gbps", "decode_vs_bandwidth_limit",
-    "overhead_per_token_s",
+    "overhead_per_token_s", "batch16_vs_single", "prefix_ttft_speedup", "job_gen_tok_s",
+    "kv_waste",
 )  # fmt: skip
 
 
@@ -64,6 +65,12 @@ def _chart(path: Path, name: str, rows: list[dict]) -> None:
         ax.axhline(rows[0]["bandwidth_gbps"], color="red", linestyle="--", label="bandwidth")
         ax.set_ylabel("GB/s")
         ax.tick_params(axis="x", labelsize=6)
+    elif "batch_curve_decode_tok_s" in rows[0]:
+        curve = rows[0]["batch_curve_decode_tok_s"]
+        ax.plot([int(b) for b in curve], list(curve.values()), marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequences decoding together")
+        ax.set_ylabel("aggregate decode tok/s")
     else:
         row = rows[0]
         engines = {"lamina": row, **row.get("peers", {})}

@@ -156,11 +156,21 @@ def main(args) -> int:
         write_report("kernels", rows)
         return 0
     peers = [p for p in (args.peers or "").split(",") if p]
+    if args.batch:
+        from bench.batch import run_batch_bench
+
+        result = run_batch_bench(resolve_model(args.model), args.quant, args.runs, peers)
+        write_report(f"batch-{_slug(args.model)}-{result['quant']}", [result])
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
     result = run_e2e(args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.runs, peers)
-    name = f"e2e-{(args.model or 'default').replace(':', '-').replace('/', '_')}-{result['quant']}"
-    write_report(name, [result])
+    write_report(f"e2e-{_slug(args.model)}-{result['quant']}", [result])
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
+
+
+def _slug(model: str | None) -> str:
+    return (model or "default").replace(":", "-").replace("/", "_")
 
 
 def _kernel_line(row: dict) -> str:

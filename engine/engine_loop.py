@@ -1,26 +1,40 @@
-"""The engine loop: owns the model and KV cache, and turns a request into streamed text.
+"""The engine loop: owns the model, the KV cache and the scheduler, and runs forward passes.
 
-Every entry point (Python API, CLI, later the batch runner and server) goes through here, so
-nothing else calls the model. For now requests run one at a time; the continuous-batching
-scheduler replaces `run` with an iteration-level loop over many sequences.
+Every entry point (Python API, CLI, batch runner, server) submits requests here; nothing else
+calls the model. `step` runs one iteration of continuous batching: the scheduler picks the
+chunks, one forward pass computes them all, and each request turns its logits into tokens.
+Whoever waits for a result drives the loop by calling `step`, under a lock, so several
+streams interleaved in one thread, or served from several threads, all make progress.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.beam_search import BeamSearchGroup
 from engine.errors import ContextLengthError, LaminaError
-from engine.kv_cache import BLOCK_SIZE, ForwardBatch, PagedKVCache, budget_blocks
+from engine.kv_cache import (
+    BLOCK_SIZE,
+    ForwardBatch,
+    PagedKVCache,
+    budget_blocks,
+    kv_bytes_per_token,
+)
 from engine.loader.model_loader import LoadedModel
 from engine.model import Transformer
 from engine.outputs import RequestOutput
-from engine.sampling import Sampler, SamplingParams
+from engine.sampling import SamplingParams
+from engine.scheduler import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    Scheduler,
+    Sequence,
+)
+from engine.sequence_group import GenerationContext, SamplingGroup, SequenceGroup
 
 
 class EngineLoop:
@@ -32,6 +46,9 @@ class EngineLoop:
         kv_cache_mb: float | None = None,
         kv_cache_fraction: float | None = None,
         enable_prefix_caching: bool = True,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        kv_cache_dtype: str = "float32",
     ):
         self.loaded = loaded
         self.backend = backend
@@ -41,15 +58,24 @@ class EngineLoop:
             raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
         self.max_model_len = min(max_model_len or limit, limit)
         # numba's workqueue threading layer aborts the process on concurrent parallel calls.
-        self._model_lock = threading.Lock()
+        self._lock = threading.RLock()
         self._score_ids = itertools.count()
-        self.vocab_size = min(loaded.tokenizer.vocab_size, loaded.config.vocab_size)
-        self.cache = self._make_cache(kv_cache_mb, kv_cache_fraction)
-        self.enable_prefix_caching = enable_prefix_caching
+        self.ctx = GenerationContext(
+            tokenizer=loaded.tokenizer,
+            eos_token_ids=tuple(loaded.config.eos_token_ids),
+            vocab_size=min(loaded.tokenizer.vocab_size, loaded.config.vocab_size),
+            max_model_len=self.max_model_len,
+        )
+        self.cache = self._make_cache(kv_cache_mb, kv_cache_fraction, kv_cache_dtype)
+        self.scheduler = Scheduler(
+            self.cache, max_num_seqs, max_num_batched_tokens, enable_prefix_caching
+        )
 
-    def _make_cache(self, memory_mb: float | None, fraction: float | None) -> PagedKVCache:
+    def _make_cache(
+        self, memory_mb: float | None, fraction: float | None, dtype: str
+    ) -> PagedKVCache:
         cfg = self.loaded.config
-        token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+        token_bytes = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
         blocks = budget_blocks(token_bytes * BLOCK_SIZE, memory_mb, fraction)
         needed = -(-self.max_model_len // BLOCK_SIZE)
         if blocks < needed:
@@ -59,85 +85,139 @@ class EngineLoop:
                 " MB); raise the budget or lower max_model_len"
             )
         return PagedKVCache(
-            self.backend, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks, BLOCK_SIZE
+            self.backend,
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            blocks,
+            BLOCK_SIZE,
+            dtype,
         )
 
-    def start(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
-        """Check the prompt now, then return the generator that fills `output` and yields text.
+    def submit(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
+        """Queue a request (checked first, so a bad prompt raises here)."""
+        group = self._new_group(output, params)
+        with self._lock:
+            self.scheduler.add(group)
+        return group
 
-        Checking here rather than inside the generator makes a bad prompt fail at the call,
-        not at the first iteration. Closing the generator early (e.g. Ctrl-C in a chat) ends
-        the request with "abort".
-        """
+    def _new_group(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
         self.check_prompt(output.prompt_token_ids)
-        return self._run(output, params)
+        kind = BeamSearchGroup if params.use_beam_search else SamplingGroup
+        group = kind(output, params, self.ctx)
+        group.check_fits(self.scheduler.max_num_seqs)
+        return group
 
-    def _run(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
-        prompt = output.prompt_token_ids
-        cfg = self.loaded.config
-        budget = min(params.max_tokens, self.max_model_len - len(prompt))
-        seq_id = ("generate", output.request_id)
-        sampler = Sampler(params, self.vocab_size)
-        detok = IncrementalDetokenizer(self.loaded.tokenizer, prompt, params.skip_special_tokens)
-        stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
-        stop_ids = set(params.stop_token_ids or ())
-        if not params.ignore_eos:
-            stop_ids.update(cfg.eos_token_ids)
-        m = output.metrics
-        m.prompt_tokens = len(prompt)
-        start = time.perf_counter()
-        cached = self.cache.add_sequence(seq_id, prompt if self.enable_prefix_caching else [])
-        m.cached_prompt_tokens = cached
-        feed = list(prompt[cached:])
+    def abort(self, group: SequenceGroup) -> None:
+        """Stop a request; its sequences and KV blocks are freed at once."""
+        with self._lock:
+            if not group.finished:
+                self.scheduler.abort(group)
+
+    def step(self) -> None:
+        """One iteration: schedule, one forward pass over every chunk, then sample."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+            if not plan:
+                return
+            owner = {seq.seq_id: g for g in self.scheduler.running for seq in g.live}
+            chunks = [(seq.seq_id, seq.tokens[seq.computed : seq.computed + n]) for seq, n in plan]
+            try:
+                batch = ForwardBatch.build(self.cache, chunks)
+                logits = self.model.forward(batch)
+            except BaseException as error:
+                # A failed pass leaves reserved slots half-written: drop the requests in it.
+                for group in {id(owner[s.seq_id]): owner[s.seq_id] for s, _ in plan}.values():
+                    self.scheduler.abort(group, f"the forward pass failed: {error!r}")
+                raise
+            ready: dict[int, list[tuple[Sequence, np.ndarray]]] = {}
+            groups = {}
+            for row, ((seq, n), (seq_id, tokens)) in enumerate(zip(plan, chunks, strict=True)):
+                self.cache.commit(seq_id, tokens)
+                seq.computed += n
+                if seq.uncomputed == 0:
+                    group = owner[seq.seq_id]
+                    groups[id(group)] = group
+                    ready.setdefault(id(group), []).append((seq, logits[row]))
+            for key, items in ready.items():
+                groups[key].process(items, self.cache)
+            self.scheduler.remove_finished()
+
+    def start(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:
+        """Check the request now; return a generator that queues it when first advanced,
+        then drives the loop until it finishes, yielding the first completion's new text.
+
+        Closing the generator early (e.g. Ctrl-C in a chat) aborts the request; one that is
+        dropped unstarted never queues anything. With best_of > n the best completion is
+        only known at the end, so its text comes at once.
+        """
+        return self._stream(self._new_group(output, params))
+
+    def _stream(self, group: SequenceGroup) -> Iterator[str]:
+        with self._lock:
+            self.scheduler.add(group)
+        sent = 0
+        streaming = group.params.best_of == group.params.n
         try:
             while True:
-                logits = self._step(seq_id, feed)
-                token = sampler.sample(logits, prompt, output.token_ids)
-                output.token_ids.append(token)
-                m.record_token(time.perf_counter() - start)
-                reason = None
-                if token in stop_ids:
-                    reason, text = "stop", detok.flush()
-                else:
-                    text = detok.push(token)
-                    if len(output.token_ids) >= budget:
-                        reason, text = "length", text + detok.flush()
-                piece, hit_stop_string = stops.feed(text)
-                if hit_stop_string:
-                    reason = "stop"
-                elif reason is not None:
-                    piece += stops.flush()
-                output.text += piece
-                output.finish_reason = reason
-                if piece:
-                    yield piece
-                if reason is not None:
+                text = group.output.text if streaming or group.finished else ""
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+                if group.finished:
                     return
-                feed = [token]
+                self.step()
         finally:
-            self.cache.free(seq_id)
-            if output.finish_reason is None:
-                output.finish_reason = "abort"
+            self.abort(group)
+
+    def run(
+        self, requests: Iterable[tuple[RequestOutput, SamplingParams]]
+    ) -> Iterator[RequestOutput]:
+        """Run many requests through the scheduler; yield each output as it finishes.
+
+        A request that cannot run (prompt too long, bad parameters) is yielded at once,
+        aborted, with the reason in `output.error`; the others go on.
+
+        Requests are pulled from the iterable lazily, keeping about two batches queued, so a
+        million-line batch job does not tokenize everything up front. Closing the generator
+        aborts whatever is still queued or running.
+        """
+        source = iter(requests)
+        active: list[SequenceGroup] = []
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(active) < 2 * self.scheduler.max_num_seqs:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        continue
+                    try:
+                        active.append(self.submit(*item))
+                    except (ValueError, LaminaError) as error:
+                        item[0].abort(str(error))
+                        yield item[0]
+                if not active:
+                    return
+                self.step()
+                for group in [g for g in active if g.finished]:
+                    active.remove(group)
+                    yield group.output
+        finally:
+            for group in active:
+                self.abort(group)
 
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits at every position of `token_ids` (T, vocab), from one prefill pass."""
         self.check_prompt(token_ids, room_to_generate=0)
         seq_id = ("score", next(self._score_ids))
-        self.cache.add_sequence(seq_id, [])
-        try:
-            batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)], all_logits=True)
-            with self._model_lock:
+        with self._lock:
+            self.cache.add_sequence(seq_id, [])
+            try:
+                batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)], all_logits=True)
                 return self.model.forward(batch)
-        finally:
-            self.cache.free(seq_id)
-
-    def _step(self, seq_id: tuple, token_ids: list[int]) -> np.ndarray:
-        """One forward pass of a sequence's new tokens; the logits of the last one."""
-        with self._model_lock:
-            batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)])
-            logits = self.model.forward(batch)
-            self.cache.commit(seq_id, token_ids)
-        return logits[-1]
+            finally:
+                self.cache.free(seq_id)
 
     def check_prompt(self, prompt: list[int], room_to_generate: int = 1) -> None:
         """Refuse empty prompts, unknown token ids, and prompts that leave fewer than

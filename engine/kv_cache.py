@@ -31,6 +31,17 @@ BLOCK_SIZE = 16
 # Share of the RAM psutil reports available that the KV cache may take by default. The
 # storage is allocated lazily (np.zeros), so unused blocks cost address space, not memory.
 DEFAULT_KV_FRACTION = 0.2
+# Storage kinds of keys and values. int8 keeps one float32 scale per (token, kv head) row and
+# takes (head_dim + 4) / (4 * head_dim) of the float32 memory: 27% at head_dim 64.
+KV_DTYPES = ("float32", "int8")
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> int:
+    """Bytes of keys and values (and their scales) that one token takes in every layer."""
+    if dtype not in KV_DTYPES:
+        raise ValueError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+    row = head_dim + 4 if dtype == "int8" else 4 * head_dim
+    return 2 * num_layers * num_kv_heads * row
 
 
 class NoFreeBlocksError(LaminaError):
@@ -121,12 +132,20 @@ class PagedKVCache:
         head_dim: int,
         num_blocks: int,
         block_size: int = BLOCK_SIZE,
+        dtype: str = "float32",
     ) -> None:
+        kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)  # checks dtype
         self.block_size = block_size
+        self.dtype = dtype
         self.allocator = BlockAllocator(num_blocks)
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = backend.allocate_kv(shape)
-        self.v = backend.allocate_kv(shape)
+        self.k = backend.allocate_kv(shape, dtype)
+        self.v = backend.allocate_kv(shape, dtype)
+        # int8 storage: one scale per (token, kv head) row; None for float32.
+        self.k_scale = self.v_scale = None
+        if dtype == "int8":
+            self.k_scale = backend.allocate_kv(shape[:-1], "float32")
+            self.v_scale = backend.allocate_kv(shape[:-1], "float32")
         self._backend = backend
         self._seqs: dict[Hashable, _Sequence] = {}
 
@@ -138,6 +157,20 @@ class PagedKVCache:
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._seqs[seq_id].blocks)
+
+    def usage(self) -> tuple[int, int]:
+        """(token slots holding a sequence's token, slots in the blocks sequences hold).
+
+        A shared block counts once, with the fill of its longest holder, so
+        1 - used / allocated is the memory wasted by block granularity (vLLM's figure).
+        """
+        fill: dict[int, int] = {}
+        for seq in self._seqs.values():
+            length = len(seq.tokens) + seq.reserved
+            for i, block in enumerate(seq.blocks):
+                used = min(self.block_size, max(length - i * self.block_size, 0))
+                fill[block] = max(fill.get(block, 0), used)
+        return sum(fill.values()), len(fill) * self.block_size
 
     def add_sequence(self, seq_id: Hashable, prompt: Sequence[int]) -> int:
         """Start a sequence; return how many leading prompt tokens the prefix cache already holds.
@@ -224,8 +257,9 @@ class PagedKVCache:
     def _copy_last_block(self, seq: _Sequence) -> None:
         old = seq.blocks[-1]
         new = self.allocator.allocate()
-        self.k[:, new] = self.k[:, old]
-        self.v[:, new] = self.v[:, old]
+        for storage in (self.k, self.v, self.k_scale, self.v_scale):
+            if storage is not None:
+                storage[:, new] = storage[:, old]
         self.allocator.release(old)
         seq.blocks[-1] = new
 

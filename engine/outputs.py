@@ -7,59 +7,98 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestMetrics:
-    """Timings of one request, in seconds.
+    """Timings of one request, in seconds, counted from when it was submitted.
 
-    ttft_s: request start to the first generated token (prefill plus one sampling step).
-    tpot_s: mean time per generated token after the first.
-    tokens_per_s: decode speed, 1 / tpot_s (generated / total time when only one token).
+    ttft_s: submission to the first generated token (queueing, prefill, one sampling step).
+    tpot_s: mean time per decode step after the first token.
+    tokens_per_s: decode speed of one sequence, 1 / tpot_s (generated / total with one token).
+    generated_tokens counts the tokens of every sequence of the request (n > 1, beams).
     """
 
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     generated_tokens: int = 0
+    steps: int = 0
     ttft_s: float = 0.0
     tpot_s: float = 0.0
     total_s: float = 0.0
 
-    def record_token(self, elapsed_s: float) -> None:
-        """Account one generated token, `elapsed_s` after the request started."""
-        self.generated_tokens += 1
+    def record_step(self, elapsed_s: float, new_tokens: int = 1) -> None:
+        """Account one decode step that produced `new_tokens`, `elapsed_s` after submission."""
+        self.generated_tokens += new_tokens
+        self.steps += 1
         self.total_s = elapsed_s
-        if self.generated_tokens == 1:
+        if self.steps == 1:
             self.ttft_s = elapsed_s
         else:
-            self.tpot_s = (elapsed_s - self.ttft_s) / (self.generated_tokens - 1)
+            self.tpot_s = (elapsed_s - self.ttft_s) / (self.steps - 1)
 
     @property
     def tokens_per_s(self) -> float:
-        if self.generated_tokens > 1 and self.tpot_s > 0:
+        if self.steps > 1 and self.tpot_s > 0:
             return 1.0 / self.tpot_s
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
 
 @dataclass
-class RequestOutput:
-    """One prompt's result: text, token ids, why it stopped, and its timings.
+class CompletionOutput:
+    """One generated continuation of a prompt (a request with n > 1 has several).
 
     finish_reason is "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
-    context window) or "abort" (the caller stopped a stream).
+    context window) or "abort" (the caller stopped a stream, or the request could not run).
+    cumulative_logprob is the sum of the model's log-probabilities of the generated tokens;
+    it is computed only where it is needed (best_of > n, beam search).
+    """
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result: its completions, why they stopped, and the request's timings.
+
+    `text`, `token_ids` and `finish_reason` are those of the first completion, which is the
+    only one unless SamplingParams asked for n > 1.
     """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    outputs: list[CompletionOutput] = field(default_factory=lambda: [CompletionOutput(0)])
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    error: str | None = None  # why the request was aborted by the engine, if it was
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return all(c.finish_reason is not None for c in self.outputs)
+
+    def abort(self, error: str | None = None) -> None:
+        """Mark every unfinished completion aborted."""
+        for c in self.outputs:
+            if c.finish_reason is None:
+                c.finish_reason = "abort"
+        if error is not None:
+            self.error = error
 
     def to_dict(self) -> dict:
         m = self.metrics
-        return {
+        result = {
             "id": self.request_id,
             "text": self.text,
             "token_ids": self.token_ids,
@@ -71,3 +110,17 @@ class RequestOutput:
             "tpot_s": m.tpot_s,
             "tokens_per_s": m.tokens_per_s,
         }
+        if len(self.outputs) > 1:
+            result["outputs"] = [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "finish_reason": c.finish_reason,
+                    "cumulative_logprob": c.cumulative_logprob,
+                }
+                for c in self.outputs
+            ]
+        if self.error is not None:
+            result["error"] = self.error
+        return result

@@ -36,6 +36,12 @@ class SamplingParams:
     `temperature`, `top_p` and `top_k` default to None, meaning "use the model's generation
     config"; `with_defaults` resolves them before a `Sampler` is built. `top_k` of 0 or -1
     disables top-k explicitly (-1 is normalised to 0), which overrides a model default.
+
+    n > 1 returns several completions of one prompt; they share the prompt's KV blocks.
+    best_of (default n) sequences are generated and the n with the highest cumulative
+    log-probability are returned. use_beam_search keeps the best_of most likely sequences at
+    each step instead of sampling (deterministic; temperature and penalties do not apply), and
+    ranks finished beams by cumulative log-probability / length ** length_penalty.
     """
 
     max_tokens: int = 256
@@ -52,6 +58,10 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    n: int = 1
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         self.max_tokens = _as_int("max_tokens", self.max_tokens)
@@ -62,6 +72,23 @@ class SamplingParams:
             self.seed = _as_int("seed", self.seed)
         self.stop = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_token_ids(self.stop_token_ids)
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        self.n = _as_int("n", self.n)
+        _require(self.n >= 1, f"n must be >= 1, got {self.n}")
+        self.best_of = self.n if self.best_of is None else _as_int("best_of", self.best_of)
+        _require(self.best_of >= self.n, f"best_of ({self.best_of}) must be >= n ({self.n})")
+        _require(isinstance(self.use_beam_search, bool), "use_beam_search must be a bool")
+        self.length_penalty = _as_float("length_penalty", self.length_penalty)
+        if self.use_beam_search:
+            _require(not self.stop, "stop strings are not supported with beam search")
+            _require(
+                self.repetition_penalty == 1.0
+                and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0,
+                "penalties are not supported with beam search",
+            )
 
     def _check_sampling_knobs(self) -> None:
         if self.temperature is not None:
@@ -225,6 +252,21 @@ def apply_penalties(
         ids, counts = np.unique(out, return_counts=True)
         x[ids] -= params.frequency_penalty * counts + params.presence_penalty
     return x
+
+
+def log_softmax(logits: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Log-probabilities of the first vocab_size logits, in float64 for stable sums."""
+    x = _logits_row(logits, vocab_size).astype(np.float64)
+    x -= x.max()
+    x -= np.log(np.exp(x).sum())
+    return x
+
+
+def token_logprob(logits: np.ndarray, token: int, vocab_size: int) -> float:
+    """The model's log-probability of `token` (raw logits: before penalties and temperature)."""
+    x = _logits_row(logits, vocab_size)
+    top = float(x.max())
+    return float(x[token]) - top - math.log(float(np.exp(x - top, dtype=np.float64).sum()))
 
 
 def _logits_row(logits: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -13,6 +13,11 @@ LLVM <8 x float> value, so the hot loops keep their accumulators in registers ac
 tile of keys: eight keys' dot products share each query load and are summed horizontally
 together, and each value row is folded into 32 output lanes per pass. Lanes past the last
 multiple of 8 in D are handled by scalar tails.
+
+The int8 variant stores each (position, kv head) row as int8 with one float32 scale per row.
+Rows are read through the same loops: `_vload` converts eight int8 lanes to floats as it loads
+them, so no dequantised copy is ever written, and the row scales are applied once per key to
+the scores and to the softmax weights, where they cost one multiply per key instead of D.
 """
 
 import numpy as np
@@ -28,6 +33,7 @@ TILE = 64
 
 _VEC = ir.VectorType(ir.FloatType(), LANES)
 _MASK = ir.VectorType(ir.IntType(32), LANES)
+_BYTES = ir.VectorType(ir.IntType(8), LANES)
 
 
 class F32x8(types.Type):
@@ -50,22 +56,39 @@ def _is_f32_c_array(arr) -> bool:
     return isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.layout == "C"
 
 
-def _lanes_pointer(context, builder, sig, args):
-    """Pointer to the 8 floats at flat element args[1] of the C-contiguous array args[0]."""
+def _is_i8_c_array(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.dtype == types.int8 and arr.layout == "C"
+
+
+def _lanes_pointer(context, builder, sig, args, vec=_VEC):
+    """Pointer to the 8 elements at flat element args[1] of the C-contiguous array args[0]."""
     arr = context.make_array(sig.args[0])(context, builder, args[0])
     index = context.cast(builder, args[1], sig.args[1], types.intp)
-    return builder.bitcast(builder.gep(arr.data, [index]), _VEC.as_pointer())
+    return builder.bitcast(builder.gep(arr.data, [index]), vec.as_pointer())
 
 
 @intrinsic
 def _vload(typingctx, arr, index):
-    """arr.flat[index : index + 8] of a C-contiguous float32 array; no bounds check."""
-    if not (_is_f32_c_array(arr) and isinstance(index, types.Integer)):
+    """arr.flat[index : index + 8] of a C-contiguous float32 or int8 array; no bounds check.
+
+    int8 lanes are widened to floats in registers (vpmovsxbd + vcvtdq2ps on x86), so the kernels
+    below read an int8 cache unchanged and at a quarter of the bytes.
+    """
+    if not isinstance(index, types.Integer):
         return None
+    if _is_f32_c_array(arr):
 
-    def codegen(context, builder, sig, args):
-        return builder.load(_lanes_pointer(context, builder, sig, args), align=4)
+        def codegen(context, builder, sig, args):
+            return builder.load(_lanes_pointer(context, builder, sig, args), align=4)
 
+    elif _is_i8_c_array(arr):
+
+        def codegen(context, builder, sig, args):
+            raw = builder.load(_lanes_pointer(context, builder, sig, args, _BYTES), align=1)
+            return builder.sitofp(raw, _VEC)
+
+    else:
+        return None
     return f32x8(arr, index), codegen
 
 
@@ -273,7 +296,7 @@ def _accumulate(acc, vf, base, n, dim, weights):
 
 
 @njit(cache=True, fastmath=True)
-def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, out):
+def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos, scale, out):
     """Online-softmax attention of token t's GQA group (kv head kvh) over positions first..pos.
 
     kf/vf are the flat caches. Keys are taken TILE at a time: base[j] is the flat offset of
@@ -281,6 +304,11 @@ def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, o
     division per key and shared by the key and value passes. Per query head, a running max
     `best` and sum `total` let each tile's exponentials be added to the unnormalised output
     `acc` after rescaling it by exp(old max - new max).
+
+    ksf/vsf are the flat per-row scales of an int8 cache, or None for a float32 one; numba
+    prunes the `is not None` branches at compile time, so the float32 build carries no trace
+    of them. A key's scale multiplies its scores, a value's scale its softmax weights (after
+    they are summed into `total`, which must not see it).
     """
     group = q.shape[1] // kv_heads
     dim = q.shape[2]
@@ -293,6 +321,8 @@ def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, o
     scores = np.empty((group, TILE), dtype=np.float32)
     base = np.empty(TILE, dtype=np.int64)
     bits = np.empty(TILE, dtype=np.int32)
+    k_row_scale = np.empty(TILE, dtype=np.float32)
+    v_row_scale = np.empty(TILE, dtype=np.float32)
     best = np.empty(group, dtype=np.float32)
     total = np.zeros(group, dtype=np.float32)
     b = first // block_size
@@ -302,7 +332,11 @@ def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, o
     while p0 <= pos:
         n = min(TILE, pos + 1 - p0)
         for j in range(n):
-            base[j] = ((blk * block_size + row) * kv_heads + kvh) * dim
+            slot = (blk * block_size + row) * kv_heads + kvh
+            base[j] = slot * dim
+            if ksf is not None:
+                k_row_scale[j] = ksf[slot]
+                v_row_scale[j] = vsf[slot]
             row += 1
             if row == block_size and p0 + j < pos:
                 row = 0
@@ -311,6 +345,10 @@ def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, o
         for j in range(n, TILE):
             base[j] = base[n - 1]
         _scores(qs, kf, base, n, dim, scores)
+        if ksf is not None:
+            for g in range(group):
+                for j in range(n):
+                    scores[g, j] *= k_row_scale[j]
         for g in range(group):
             m = scores[g, 0]
             for j in range(1, n):
@@ -324,6 +362,10 @@ def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, o
                 for d in range(g * dim, (g + 1) * dim):
                     acc[d] *= correction
             total[g] += _exp_shifted(scores[g], n, best[g], bits)
+        if vsf is not None:
+            for g in range(group):
+                for j in range(n):
+                    scores[g, j] *= v_row_scale[j]
         _accumulate(acc, vf, base, n, dim, scores)
         p0 += n
     for g in range(group):
@@ -333,6 +375,55 @@ def _attend(q, kf, vf, table, block_size, kv_heads, t, kvh, first, pos, scale, o
 
 
 @njit(cache=True, parallel=True, fastmath=True)
+def _paged(
+    q,
+    kf,
+    vf,
+    ksf,
+    vsf,
+    block_size,
+    kv_heads,
+    block_tables,
+    query_start,
+    context_lens,
+    scale,
+    window,
+):
+    """The batch driver shared by both cache formats: one prange job per (token, kv head)."""
+    tokens, heads, dim = q.shape
+    seq_of = np.empty(tokens, dtype=np.int64)
+    for s in range(context_lens.shape[0]):
+        for t in range(query_start[s], query_start[s + 1]):
+            seq_of[t] = s
+    out = np.empty((tokens, heads, dim), dtype=np.float32)
+    for job in prange(tokens * kv_heads):
+        t = job // kv_heads
+        kvh = job % kv_heads
+        s = seq_of[t]
+        pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t
+        first = np.int64(0)
+        if window > 0 and pos - window + 1 > 0:
+            first = pos - window + 1
+        _attend(
+            q,
+            kf,
+            vf,
+            ksf,
+            vsf,
+            block_tables[s],
+            block_size,
+            kv_heads,
+            t,
+            kvh,
+            first,
+            pos,
+            np.float32(scale),
+            out,
+        )
+    return out
+
+
+@njit(cache=True)
 def paged_attention(
     q: np.ndarray,
     k_cache: np.ndarray,
@@ -355,38 +446,59 @@ def paged_attention(
     key and value row is read once per group while it is in L1, and the online softmax keeps
     the output in a small local array instead of a score buffer as long as the context.
     """
-    tokens, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    kf = k_cache.reshape(k_cache.size)
-    vf = v_cache.reshape(v_cache.size)
-    seq_of = np.empty(tokens, dtype=np.int64)
-    for s in range(context_lens.shape[0]):
-        for t in range(query_start[s], query_start[s + 1]):
-            seq_of[t] = s
-    out = np.empty((tokens, heads, dim), dtype=np.float32)
-    for job in prange(tokens * kv_heads):
-        t = job // kv_heads
-        kvh = job % kv_heads
-        s = seq_of[t]
-        pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t
-        first = np.int64(0)
-        if window > 0 and pos - window + 1 > 0:
-            first = pos - window + 1
-        _attend(
-            q,
-            kf,
-            vf,
-            block_tables[s],
-            block_size,
-            kv_heads,
-            t,
-            kvh,
-            first,
-            pos,
-            np.float32(scale),
-            out,
-        )
-    return out
+    return _paged(
+        q,
+        k_cache.reshape(k_cache.size),
+        v_cache.reshape(v_cache.size),
+        None,
+        None,
+        block_size,
+        kv_heads,
+        block_tables,
+        query_start,
+        context_lens,
+        scale,
+        window,
+    )
+
+
+@njit(cache=True)
+def paged_attention_int8(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    k_scale: np.ndarray,
+    v_scale: np.ndarray,
+    block_tables: np.ndarray,
+    query_start: np.ndarray,
+    context_lens: np.ndarray,
+    scale: float,
+    window: int,
+) -> np.ndarray:
+    """`paged_attention` over an int8 cache written by `write_kv_int8`.
+
+    k_cache/v_cache are int8 (num_blocks, block_size, Hkv, D) and k_scale/v_scale float32
+    (num_blocks, block_size, Hkv), all C-contiguous; row (block, r, h) stands for
+    cache[block, r, h] * scale[block, r, h]. Same batch layout, GQA, causal and window rules,
+    and result as `paged_attention`. The cache is a quarter of the float32 bytes, which is what
+    a long-context decode step is bound by.
+    """
+    _, block_size, kv_heads, _ = k_cache.shape
+    return _paged(
+        q,
+        k_cache.reshape(k_cache.size),
+        v_cache.reshape(v_cache.size),
+        k_scale.reshape(k_scale.size),
+        v_scale.reshape(v_scale.size),
+        block_size,
+        kv_heads,
+        block_tables,
+        query_start,
+        context_lens,
+        scale,
+        window,
+    )
 
 
 @njit(cache=True)
@@ -403,3 +515,43 @@ def write_kv(
         row = slots[t] - blk * block_size
         k_cache[blk, row] = k[t]
         v_cache[blk, row] = v[t]
+
+
+@njit(cache=True)
+def _quantize_row(x, dst):
+    """dst = round(x / s) in int8 for s = max|x| / 127; returns s."""
+    peak = np.float32(0.0)
+    for d in range(x.shape[0]):
+        peak = max(peak, abs(x[d]))
+    s = peak / np.float32(127.0)
+    if s == 0:
+        dst[:] = 0
+        return s
+    for d in range(x.shape[0]):
+        dst[d] = np.int8(min(max(np.round(x[d] / s), np.float32(-127.0)), np.float32(127.0)))
+    return s
+
+
+@njit(cache=True)
+def write_kv_int8(
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    k_scale: np.ndarray,
+    v_scale: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    slots: np.ndarray,
+) -> None:
+    """`write_kv` for an int8 cache: each (token, kv head) row of k, v is quantised on the way in.
+
+    Symmetric, one float32 scale per row: scale = max|x| / 127, q = round(x / scale), so every
+    element comes back within scale / 2. A per-row scale follows the outliers of one head at one
+    position without a calibration pass; an all-zero row gets scale 0 and zeros.
+    """
+    block_size = k_cache.shape[1]
+    for t in range(k.shape[0]):
+        blk = slots[t] // block_size
+        row = slots[t] - blk * block_size
+        for h in range(k.shape[1]):
+            k_scale[blk, row, h] = _quantize_row(k[t, h], k_cache[blk, row, h])
+            v_scale[blk, row, h] = _quantize_row(v[t, h], v_cache[blk, row, h])

@@ -36,3 +36,23 @@ def test_bench_kernels_json_lines(tmp_path, monkeypatch, capsys):
     assert {r["kernel"] for r in rows} == {"gemv_int8", "gemv_f32"}
     for row in rows:
         assert row["shape"] == "17x33" and row["gbps"] > 0 and row["bandwidth_gbps"] > 0
+
+
+def test_bench_batch_reports_curve_prefix_and_job(tmp_path, monkeypatch, capsys):
+    import bench.batch
+
+    monkeypatch.setenv("LAMINA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAMINA_BENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(bench.batch, "BATCH_SIZES", (1, 2, 16))
+    monkeypatch.setattr(bench.batch, "CURVE_GEN", 3)
+    monkeypatch.setattr(bench.batch, "PREFIX_TOKENS", 48)
+    monkeypatch.setattr(bench.batch, "JOB_PROMPTS", 4)
+    monkeypatch.setattr(bench.batch, "JOB_PROMPT_RANGE", (5, 40))
+    monkeypatch.setattr(bench.batch, "JOB_GEN_RANGE", (2, 6))
+    argv = ["bench", "--batch", "--model", "random:llama-tiny", "--quant", "int8", "--runs", "1"]
+    assert main([*argv, "--peers", "", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["batch_curve_decode_tok_s"]) == {"1", "2", "16"}
+    assert result["batch16_vs_single"] > 0 and result["prefix_ttft_speedup"] > 0
+    assert 0 <= result["kv_waste"] < 1
+    assert result["job_requests"] == 4 and result["job_generated_tokens"] > 0

@@ -22,8 +22,8 @@ from engine.kv_cache import BlockAllocator, ForwardBatch, NoFreeBlocksError, Pag
 
 
 class NumpyBackend:
-    def allocate_kv(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float32)
+    def allocate_kv(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.zeros(shape, dtype=np.dtype(dtype))
 
 
 def make_cache(num_blocks: int, block_size: int) -> PagedKVCache:
@@ -178,3 +178,15 @@ def test_forward_batch_describes_each_sequence():
     table_a = cache.block_table("a")
     assert batch.slots[0] == table_a[1] * 4 + 2
     assert batch.block_tables[0, :2].tolist() == table_a
+
+
+def test_usage_counts_shared_blocks_once():
+    cache = make_cache(8, 4)
+    cache.add_sequence("a", [])
+    cache.reserve("a", 6)
+    cache.commit("a", [1, 2, 3, 4, 5, 6])
+    cache.fork("a", "b")
+    assert cache.usage() == (6, 8)  # two blocks, the second half full
+    cache.reserve("b", 1)  # copy-on-write of the shared partial block
+    cache.commit("b", [7])
+    assert cache.usage() == (6 + 3, 12)

@@ -4,6 +4,9 @@ Each sequence's keys and values are generated densely, scattered into randomly c
 of a shared pool, and the kernel must read them back through the block tables. The reference
 never touches the pool, so a wrong block, row, head or position shows up as a mismatch; pool
 slots that no sequence owns hold NaN, so reading one poisons the output.
+
+The int8 cache is checked the same way against the reference on its dequantised rows, which
+are exact in float32, so the tolerance stays tight; unowned int8 rows carry a NaN scale.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels_cpu.paged_attention import paged_attention, write_kv
+from kernels_cpu.paged_attention import (
+    paged_attention,
+    paged_attention_int8,
+    write_kv,
+    write_kv_int8,
+)
 
 HEADS = [(4, 4), (4, 2), (6, 2), (4, 1), (9, 3)]
 # Lengths around the block sizes (1, 4, 16) and the kernel's 64-key tile, plus anything up to 150.
@@ -82,7 +90,33 @@ def build_batch(rng, lengths, new_tokens, block_size, heads, kv_heads, dim, shar
     return ks, vs, qs, k_cache, v_cache, tables
 
 
-def check(data, dim, heads, kv_heads, window, block_size, seed):
+def quantize_rows(x):
+    """write_kv_int8 of the rows x (L, Hkv, D) into a dense cache; returns (int8, scales)."""
+    length, kv_heads, dim = x.shape
+    q = np.zeros((length, 1, kv_heads, dim), dtype=np.int8)
+    scale = np.zeros((length, 1, kv_heads), dtype=np.float32)
+    write_kv_int8(q, np.empty_like(q), scale, np.empty_like(scale), x, x, np.arange(length))
+    return q[:, 0], scale[:, 0]
+
+
+def dequantize(q, scale):
+    return q.astype(np.float32) * scale[..., None]
+
+
+def quantize_pool(cache):
+    """The int8 form of a float pool from build_batch: owned rows through write_kv_int8 (the same
+    rows, so the same bits, as quantize_rows gives for the dense K/V), NaN rows get a NaN scale.
+    """
+    kv_heads, dim = cache.shape[2:]
+    flat = cache.reshape(-1, kv_heads, dim)
+    slots = np.flatnonzero(~np.isnan(flat).any(axis=(1, 2)))
+    q = np.zeros(cache.shape, dtype=np.int8)
+    scale = np.full(cache.shape[:3], np.nan, dtype=np.float32)
+    write_kv_int8(q, np.empty_like(q), scale, np.empty_like(scale), flat[slots], flat[slots], slots)
+    return q, scale
+
+
+def check(data, dim, heads, kv_heads, window, block_size, seed, int8=False):
     rng = np.random.default_rng(seed)
     lengths = data.draw(st.lists(LENGTHS, min_size=1, max_size=4), label="lengths")
     new_tokens = [data.draw(st.integers(1, n), label="new") for n in lengths]
@@ -97,9 +131,27 @@ def check(data, dim, heads, kv_heads, window, block_size, seed):
     query_start = np.concatenate([[0], np.cumsum(new_tokens)]).astype(index)
     context_lens = np.array(lengths, dtype=index)
     scale = 1 / np.sqrt(dim)
-    out = paged_attention(
-        np.concatenate(qs), k_cache, v_cache, tables, query_start, context_lens, scale, window
-    )
+    if int8:
+        ks = [dequantize(*quantize_rows(k)) for k in ks]
+        vs = [dequantize(*quantize_rows(v)) for v in vs]
+        k8, k_scale = quantize_pool(k_cache)
+        v8, v_scale = quantize_pool(v_cache)
+        out = paged_attention_int8(
+            np.concatenate(qs),
+            k8,
+            v8,
+            k_scale,
+            v_scale,
+            tables,
+            query_start,
+            context_lens,
+            scale,
+            window,
+        )
+    else:
+        out = paged_attention(
+            np.concatenate(qs), k_cache, v_cache, tables, query_start, context_lens, scale, window
+        )
     assert out.shape == (sum(new_tokens), heads, dim) and out.dtype == np.float32
     for s in range(len(lengths)):
         ref = reference(qs[s], ks[s], vs[s], scale, window)
@@ -182,3 +234,84 @@ def test_write_kv_round_trip(block_size, num_blocks, kv_heads, dim, data, seed):
     untouched[slots] = False
     np.testing.assert_array_equal(flat_k[untouched], k_before.reshape(flat_k.shape)[untouched])
     np.testing.assert_array_equal(flat_v[untouched], v_before.reshape(flat_v.shape)[untouched])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    dim=st.sampled_from([1, 8, 17, 64]),
+    heads=st.sampled_from(HEADS + [(1, 1)]),
+    window=st.sampled_from([0, 3, 70]),
+    block_size=st.sampled_from([1, 4, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_attention_int8_matches_dequantized_reference(
+    data, dim, heads, window, block_size, seed
+):
+    check(data, dim, heads[0], heads[1], window, block_size, seed, int8=True)
+
+
+@pytest.mark.parametrize("window", [0, 100])
+def test_int8_attention_close_to_float(window):
+    """Quantisation error on real-sized heads is small next to the attention output itself."""
+    rng = np.random.default_rng(window)
+    lengths, new_tokens, block_size = [700, 1, 257], [1, 1, 3], 16
+    _, _, qs, k_cache, v_cache, tables = build_batch(
+        rng, lengths, new_tokens, block_size, 9, 3, 64, 0
+    )
+    q = np.concatenate(qs)
+    query_start = np.array([0, 1, 2, 5])
+    context_lens = np.array(lengths)
+    k8, k_scale = quantize_pool(k_cache)
+    v8, v_scale = quantize_pool(v_cache)
+    want = paged_attention(q, k_cache, v_cache, tables, query_start, context_lens, 0.125, window)
+    got = paged_attention_int8(
+        q, k8, v8, k_scale, v_scale, tables, query_start, context_lens, 0.125, window
+    )
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.03)
+    assert np.abs(got - want).mean() < 0.03 * np.abs(want).mean()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    block_size=st.sampled_from([1, 4, 16]),
+    num_blocks=st.integers(1, 6),
+    kv_heads=st.sampled_from([1, 2, 3]),
+    dim=st.sampled_from([1, 8, 17, 64]),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_write_kv_int8_round_trip(block_size, num_blocks, kv_heads, dim, data, seed):
+    """Each written row comes back within half its scale; zero rows stay exactly zero."""
+    rng = np.random.default_rng(seed)
+    capacity = num_blocks * block_size
+    tokens = data.draw(st.integers(0, capacity), label="tokens")
+    slots = rng.choice(capacity, size=tokens, replace=False).astype(np.int64)
+    caches = [rng.integers(-127, 128, (num_blocks, block_size, kv_heads, dim), dtype=np.int8)]
+    caches.append(caches[0][::-1].copy())
+    scales = [rand(rng, num_blocks, block_size, kv_heads) for _ in range(2)]
+    before = [c.copy() for c in caches + scales]
+    # Scale the rows over a wide range, and zero some of them (and some single elements).
+    x = [
+        rand(rng, tokens, kv_heads, dim)
+        * np.exp(rng.uniform(-8, 8, (tokens, kv_heads, 1))).astype(np.float32)
+        * (rng.random((tokens, kv_heads, 1)) > 0.2)
+        * (rng.random((tokens, kv_heads, dim)) > 0.1)
+        for _ in range(2)
+    ]
+    write_kv_int8(*caches, *scales, *x, slots)
+    untouched = np.ones(capacity, dtype=bool)
+    untouched[slots] = False
+    for cache, scale, rows, old_cache, old_scale in zip(caches, scales, x, before[:2], before[2:]):
+        flat_q = cache.reshape(capacity, kv_heads, dim)
+        flat_s = scale.reshape(capacity, kv_heads)
+        q, s = flat_q[slots], flat_s[slots]
+        np.testing.assert_array_equal(cache[slots // block_size, slots % block_size], q)
+        peak = np.abs(rows).max(axis=-1)
+        np.testing.assert_allclose(s, peak / 127, rtol=1e-6)
+        assert np.abs(q.astype(np.int32)).max(initial=0) <= 127
+        error = np.abs(dequantize(q, s) - rows)
+        assert np.all(error <= s[..., None] * np.float32(0.5 + 1e-5))
+        assert np.all(dequantize(q, s)[rows == 0] == 0)
+        np.testing.assert_array_equal(flat_q[untouched], old_cache.reshape(flat_q.shape)[untouched])
+        np.testing.assert_array_equal(flat_s[untouched], old_scale.reshape(flat_s.shape)[untouched])

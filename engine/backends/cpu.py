@@ -10,7 +10,12 @@ from engine.kv_cache import ForwardBatch
 from engine.weights import DenseWeight, Int8Weight, Weight
 from kernels_cpu.gemv_f32 import matmul_f32
 from kernels_cpu.matmul_int8 import INT16_MAX, embed_rows_w8, gemm_w8, gemv_w8
-from kernels_cpu.paged_attention import paged_attention, write_kv
+from kernels_cpu.paged_attention import (
+    paged_attention,
+    paged_attention_int8,
+    write_kv,
+    write_kv_int8,
+)
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
 SMALL_BATCH = 4
@@ -87,17 +92,15 @@ class CPUBackend:
         """Write this pass's k, v (T, Hkv, D) into the paged cache, then attend q (T, H, D)
         of every sequence in the batch over its own blocks."""
         cache = batch.cache
-        write_kv(cache.k[layer], cache.v[layer], k, v, batch.slots)
-        out = paged_attention(
-            q,
-            cache.k[layer],
-            cache.v[layer],
-            batch.block_tables,
-            batch.query_start,
-            batch.context_lens,
-            scale,
-            window,
-        )
+        where = (batch.block_tables, batch.query_start, batch.context_lens, scale, window)
+        kc, vc = cache.k[layer], cache.v[layer]
+        if cache.k_scale is None:
+            write_kv(kc, vc, k, v, batch.slots)
+            out = paged_attention(q, kc, vc, *where)
+        else:
+            ks, vs = cache.k_scale[layer], cache.v_scale[layer]
+            write_kv_int8(kc, vc, ks, vs, k, v, batch.slots)
+            out = paged_attention_int8(q, kc, vc, ks, vs, *where)
         return out.reshape(q.shape[0], -1)
 
     def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
@@ -113,5 +116,5 @@ class CPUBackend:
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return x
 
-    def allocate_kv(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float32)
+    def allocate_kv(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.zeros(shape, dtype=np.dtype(dtype))

@@ -1,0 +1,196 @@
+"""Continuous batching: which sequences run in the next forward pass, with how many tokens.
+
+Every step the scheduler builds one batch from three sources, in this order:
+
+1. decode steps (one token) of every running sequence, so generation never stalls;
+2. the next chunk of every prompt still being prefilled, within a token budget per step
+   (chunked prefill: a long prompt takes several steps instead of freezing everyone else);
+3. waiting requests, first come first served, while the token budget, `max_num_seqs` and the
+   free KV blocks allow. A request is admitted only when the blocks for its whole prompt are
+   free, so that its prefill cannot be cut short.
+
+When the running sequences need more blocks than are free, the newest request is preempted:
+its blocks are freed and it goes back to the front of the queue, to be recomputed from its
+tokens later (prefix caching usually hands its prompt blocks straight back). This is vLLM's
+recompute policy; swapping blocks out to RAM buys nothing on a CPU, where the cache already is
+in RAM.
+
+A request is a `SequenceGroup` (see engine/sequence_group.py): one or more sequences that are
+scheduled, preempted and finished together, so beams or parallel samples stay in step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING
+
+from engine.kv_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from engine.sequence_group import SequenceGroup
+
+DEFAULT_MAX_NUM_SEQS = 64
+# Tokens per forward pass. Prefill throughput on 2-8 cores is flat beyond a few hundred tokens,
+# and a bounded step keeps the decode latency of the other sequences bounded too.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+# Share of the blocks kept free at admission, so newly admitted prompts don't force an
+# immediate preemption when the running sequences grow by one block.
+WATERMARK = 0.01
+
+_sequence_ids = itertools.count()
+
+
+class Sequence:
+    """One token stream in the KV cache: its prompt, what it generated, and what is computed.
+
+    tokens[:computed] have their keys and values in the cache; the rest (the prompt at first,
+    then the last sampled token) go into the next forward passes.
+    """
+
+    def __init__(self, tokens: list[int], num_prompt: int) -> None:
+        self.seq_id = next(_sequence_ids)
+        self.tokens = list(tokens)
+        self.num_prompt = num_prompt
+        self.computed = 0
+        self.cumulative_logprob = 0.0
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self.tokens) - self.computed
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    def fork(self, cache: PagedKVCache) -> Sequence:
+        """A copy that shares this sequence's cached blocks (copy-on-write)."""
+        child = Sequence(self.tokens, self.num_prompt)
+        child.computed = self.computed
+        child.cumulative_logprob = self.cumulative_logprob
+        cache.fork(self.seq_id, child.seq_id)
+        return child
+
+
+class Scheduler:
+    """Waiting and running requests, and the plan of each forward pass."""
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({max_num_seqs}), so every running sequence can decode each step"
+            )
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_prefix_caching = enable_prefix_caching
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.num_preemptions = 0
+        self._watermark = max(1, int(WATERMARK * cache.allocator.num_blocks))
+
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, group: SequenceGroup, error: str | None = None) -> None:
+        """Drop a request wherever it is and free its blocks at once."""
+        if group in self.running:
+            self.running.remove(group)
+            self._release(group)
+        elif group in self.waiting:
+            self.waiting.remove(group)
+        group.output.abort(error)
+
+    def remove_finished(self) -> None:
+        self.running = [g for g in self.running if not g.finished]
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The (sequence, number of new tokens) chunks of the next forward pass."""
+        plan = self._plan_running()
+        while self._blocks_needed(plan) > self.cache.allocator.num_free:
+            victim = self.running[-1]
+            plan = [(s, n) for s, n in plan if s not in victim.live]
+            self._preempt(victim)
+        self._admit(plan)
+        return plan
+
+    def _plan_running(self) -> list[tuple[Sequence, int]]:
+        budget = self.max_num_batched_tokens
+        plan = []
+        for group in self.running:
+            for seq in group.live:
+                if seq.uncomputed == 1:
+                    plan.append((seq, 1))
+                    budget -= 1
+        for group in self.running:
+            for seq in group.live:
+                if seq.uncomputed > 1 and budget > 0:
+                    plan.append((seq, min(seq.uncomputed, budget)))
+                    budget -= plan[-1][1]
+        return plan
+
+    def _blocks_needed(self, plan: list[tuple[Sequence, int]]) -> int:
+        return sum(self.cache.blocks_needed(seq.seq_id, n) for seq, n in plan)
+
+    def _admit(self, plan: list[tuple[Sequence, int]]) -> None:
+        """Move waiting requests to running while tokens, sequences and blocks allow."""
+        budget = self.max_num_batched_tokens - sum(n for _, n in plan)
+        claimed = self._blocks_needed(plan)
+        num_seqs = sum(len(g.live) for g in self.running)
+        while self.waiting and budget > 0:
+            group = self.waiting[0]
+            if num_seqs + len(group.live) > self.max_num_seqs:
+                return
+            for seq in group.live:
+                tokens = seq.tokens if self.enable_prefix_caching else []
+                seq.computed = self.cache.add_sequence(seq.seq_id, tokens)
+            need = sum(self.cache.blocks_needed(s.seq_id, s.uncomputed) for s in group.live)
+            if claimed + need + self._watermark > self.cache.allocator.num_free:
+                self._release(group)
+                if not self.running and not plan:
+                    self.waiting.popleft()
+                    group.output.abort(
+                        f"the request needs {need} KV blocks but the cache has "
+                        f"{self.cache.allocator.num_blocks}; raise the KV cache budget"
+                    )
+                    continue
+                return
+            self.waiting.popleft()
+            self.running.append(group)
+            group.on_admitted()
+            claimed += need
+            num_seqs += len(group.live)
+            for seq in group.live:
+                n = min(seq.uncomputed, budget)
+                if n:
+                    plan.append((seq, n))
+                    budget -= n
+
+    def _preempt(self, group: SequenceGroup) -> None:
+        """Free a running request's blocks and queue it first, to be recomputed."""
+        self.running.remove(group)
+        self._release(group)
+        if not self.running:
+            # Alone and still short of blocks: waiting would only repeat this.
+            group.output.abort("the KV cache is too small for this request; raise its budget")
+            return
+        self.num_preemptions += 1
+        group.on_preempted()
+        self.waiting.appendleft(group)
+
+    def _release(self, group: SequenceGroup) -> None:
+        for seq in group.live:
+            self.cache.free(seq.seq_id)
+            seq.computed = 0

@@ -1,0 +1,169 @@
+"""A request inside the engine: its sequences, and what happens to the logits they produce.
+
+`SamplingGroup` serves ordinary requests, including n > 1 and best_of: the prompt is computed
+once by a single sequence, which forks into best_of sequences at the first token, so all of
+them share the prompt's KV blocks. `BeamSearchGroup` (engine/beam_search.py) is the other kind.
+The scheduler only sees `live`, `finished` and the two hooks; the engine loop calls `process`
+with the logits of the sequences whose pending tokens were all computed in a step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.kv_cache import PagedKVCache
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling import Sampler, SamplingParams, token_logprob
+from engine.scheduler import Sequence
+
+
+@dataclass(frozen=True)
+class GenerationContext:
+    """What every request needs from the model, fixed for the engine's life."""
+
+    tokenizer: Tokenizer
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    max_model_len: int
+
+
+class SequenceGroup:
+    """Base of the request kinds: the output, the live sequences and the arrival time."""
+
+    def __init__(
+        self, output: RequestOutput, params: SamplingParams, ctx: GenerationContext
+    ) -> None:
+        self.output = output
+        self.params = params
+        self.ctx = ctx
+        self.arrival = time.perf_counter()
+        prompt = output.prompt_token_ids
+        self.live = [Sequence(prompt, len(prompt))]
+        self.budget = min(params.max_tokens, ctx.max_model_len - len(prompt))
+        self.stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            self.stop_ids.update(ctx.eos_token_ids)
+        self._admitted_once = False
+        output.metrics.prompt_tokens = len(prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finished
+
+    @property
+    def width(self) -> int:
+        """Sequences this request runs at once after its prompt."""
+        return self.params.best_of
+
+    def check_fits(self, max_num_seqs: int) -> None:
+        if self.width > max_num_seqs:
+            raise ValueError(
+                f"best_of / n of {self.width} is more than max_num_seqs ({max_num_seqs})"
+            )
+
+    def on_admitted(self) -> None:
+        if not self._admitted_once:
+            self._admitted_once = True
+            seq = self.live[0]
+            self.output.metrics.cached_prompt_tokens = seq.computed
+
+    def on_preempted(self) -> None:
+        """The live sequences lost their cache and will be recomputed."""
+
+    def process(self, ready: list[tuple[Sequence, np.ndarray]], cache: PagedKVCache) -> None:
+        raise NotImplementedError
+
+    def _record_step(self, new_tokens: int) -> None:
+        self.output.metrics.record_step(time.perf_counter() - self.arrival, new_tokens)
+
+
+class _Track:
+    """One sampled completion: its sequence, sampler, detokenizer and stop-string matcher."""
+
+    def __init__(
+        self, seq: Sequence, index: int, params: SamplingParams, ctx: GenerationContext
+    ) -> None:
+        self.seq = seq
+        self.completion = CompletionOutput(index)
+        if index and params.seed is not None:
+            params = replace(params, seed=params.seed + index)  # distinct, reproducible draws
+        self.sampler = Sampler(params, ctx.vocab_size)
+        self.detok = IncrementalDetokenizer(
+            ctx.tokenizer, seq.tokens[: seq.num_prompt], params.skip_special_tokens
+        )
+        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+
+
+class SamplingGroup(SequenceGroup):
+    """Sampling (or greedy) requests with n completions chosen from best_of sequences."""
+
+    def __init__(
+        self, output: RequestOutput, params: SamplingParams, ctx: GenerationContext
+    ) -> None:
+        super().__init__(output, params, ctx)
+        self._tracks: dict[int, _Track] = {}
+        self._wants_logprob = params.best_of > params.n
+        output.outputs = [CompletionOutput(i) for i in range(params.best_of)]
+
+    def process(self, ready: list[tuple[Sequence, np.ndarray]], cache: PagedKVCache) -> None:
+        new_tokens = 0
+        for seq, logits in ready:
+            if not self._tracks:
+                self._fork(seq, cache)
+                for track in list(self._tracks.values()):
+                    self._take(track, logits, cache)
+                new_tokens += len(self._tracks)
+            else:
+                self._take(self._tracks[seq.seq_id], logits, cache)
+                new_tokens += 1
+        self._record_step(new_tokens)
+        if not self.live:
+            self._choose_best()
+
+    def _fork(self, first: Sequence, cache: PagedKVCache) -> None:
+        """The prompt is computed; start the best_of sequences, sharing its blocks."""
+        self.live = [first] + [first.fork(cache) for _ in range(self.params.best_of - 1)]
+        for index, seq in enumerate(self.live):
+            track = _Track(seq, index, self.params, self.ctx)
+            track.completion = self.output.outputs[index]
+            if self._wants_logprob:
+                track.completion.cumulative_logprob = 0.0
+            self._tracks[seq.seq_id] = track
+
+    def _take(self, track: _Track, logits: np.ndarray, cache: PagedKVCache) -> None:
+        """Sample one token for a sequence, stream its text, and end it if it stops."""
+        seq, c = track.seq, track.completion
+        token = track.sampler.sample(logits, self.output.prompt_token_ids, c.token_ids)
+        if self._wants_logprob:
+            c.cumulative_logprob += token_logprob(logits, token, self.ctx.vocab_size)
+        seq.tokens.append(token)
+        c.token_ids.append(token)
+        reason = None
+        if token in self.stop_ids:
+            reason, text = "stop", track.detok.flush()
+        else:
+            text = track.detok.push(token)
+            if len(c.token_ids) >= self.budget:
+                reason, text = "length", text + track.detok.flush()
+        piece, hit_stop_string = track.stops.feed(text)
+        if hit_stop_string:
+            reason = "stop"
+        elif reason is not None:
+            piece += track.stops.flush()
+        c.text += piece
+        if reason is not None:
+            c.finish_reason = reason
+            cache.free(seq.seq_id)
+            self.live.remove(seq)
+
+    def _choose_best(self) -> None:
+        """Keep the n completions with the highest cumulative log-probability."""
+        n = self.params.n
+        if self.params.best_of > n:
+            ranked = sorted(self.output.outputs, key=lambda c: -c.cumulative_logprob)[:n]
+            self.output.outputs = [replace(c, index=i) for i, c in enumerate(ranked)]
