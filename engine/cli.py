@@ -32,12 +32,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--max-model-len", type=_positive_int, help="cap the context window")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
     p.add_argument(
         "--quant", choices=["f32", "int8"], default=None, help="weight precision (default: f32)"
+    )
+    p.add_argument(
+        "--kv-cache-mb", type=_positive_float, help="KV cache size (default: 20%% of free RAM)"
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["float32", "int8"],
+        default="float32",
+        help="int8 holds about 4x the tokens in the same memory",
+    )
+    p.add_argument("--max-num-seqs", type=_positive_int, help="sequences decoded together")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        help="tokens per forward pass (also the prefill chunk size)",
     )
 
 
@@ -71,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", "-s", help="system prompt")
+
+    batch = sub.add_parser(
+        "batch",
+        help="generate for every line of a JSONL file; rerun to resume",
+        description='Each IN line is {"id": ..., "prompt": ...} or {"id": ..., '
+        '"messages": [...]} with optional sampling fields overriding the flags. Results '
+        "are appended to OUT as they finish; ids already in OUT are skipped. Exit status: "
+        "0 all done, 1 some lines reported, 2 bad arguments, 130 interrupted.",
+    )
+    _add_model_args(batch)
+    _add_sampling_args(batch, max_tokens=256)
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    batch.add_argument("input", metavar="IN", help="JSONL requests")
+    batch.add_argument("output", metavar="OUT", help="JSONL results (appended to)")
     quant = sub.add_parser("quantize", help="write a quantized checkpoint that loads mmapped")
     quant.add_argument("src", metavar="SRC", help='HF folder, .gguf file, or "default"')
     quant.add_argument("out", metavar="OUT", help="output folder (must not exist)")
@@ -88,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--peers", default="llama.cpp,transformers", help="comma-separated; '' for none"
     )
+    bench.add_argument(
+        "--batch", action="store_true", help="continuous batching: batch curve, prefix, job"
+    )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
 
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
@@ -99,27 +138,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sampling_fields(args: argparse.Namespace) -> dict:
+    """The sampling flags as SamplingParams keyword arguments."""
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
 def _sampling_params(args: argparse.Namespace):
     from engine.sampling import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=args.stop,
-    )
+    return SamplingParams(**_sampling_fields(args))
 
 
 def _load(args: argparse.Namespace):
     from engine.api import LLM
 
-    return LLM(args.model, max_model_len=args.max_model_len, threads=args.threads, quant=args.quant)
+    # Unset scheduler flags keep LLM's own defaults.
+    scheduler = {
+        name: getattr(args, name)
+        for name in ("max_num_seqs", "max_num_batched_tokens")
+        if getattr(args, name) is not None
+    }
+    return LLM(
+        args.model,
+        max_model_len=args.max_model_len,
+        threads=args.threads,
+        quant=args.quant,
+        kv_cache_mb=args.kv_cache_mb,
+        kv_cache_dtype=args.kv_cache_dtype,
+        **scheduler,
+    )
 
 
 def _read_stdin() -> str:
@@ -159,6 +217,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args)
     ChatSession(llm, params, system=args.system).run()
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from engine.batch_job import check_job, run_batch
+
+    defaults = _sampling_fields(args)
+    check_job(args.input, args.output, defaults)
+    llm = _load(args)
+    progress = False if args.no_progress else None  # None: only when stderr is a terminal
+    summary = run_batch(llm, args.input, args.output, defaults, progress=progress)
+    if summary.interrupted:
+        print(
+            f"lamina batch: interrupted; every finished result is in {args.output}. "
+            "Rerun the same command to resume (ids already there are skipped).",
+            file=sys.stderr,
+        )
+    print(f"lamina batch: {summary.line()}", file=sys.stderr)
+    return summary.exit_code
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -217,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "generate": cmd_generate,
         "chat": cmd_chat,
+        "batch": cmd_batch,
         "quantize": cmd_quantize,
         "bench": cmd_bench,
         "perplexity": cmd_perplexity,

@@ -1,0 +1,376 @@
+"""Offline batch generation over JSONL: the logic behind `lamina batch IN OUT`.
+
+Each input line is `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [...]}`, plus any
+SamplingParams field. Every request goes through one `LLM.generate_iter`, so the scheduler
+batches them all; each result is appended to OUT and flushed the moment it finishes.
+
+OUT doubles as the checkpoint: a rerun skips ids already there, so an interrupted job
+(Ctrl-C, kill -9, a crash) resumes without losing or repeating work. A kill -9 can leave a
+half-written last line; it is cut off before anything is appended, keeping OUT valid JSONL.
+Lines that cannot run are reported on the log and left out of OUT, so fixing them and
+rerunning completes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+
+from engine.errors import LaminaError
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.api import LLM
+
+_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+# SamplingParams stores these flags as given; a JSON string like "no" would read as True.
+_FLAG_FIELDS = frozenset(f.name for f in fields(SamplingParams) if isinstance(f.default, bool))
+_ALLOWED_FIELDS = _SAMPLING_FIELDS | {"id", "prompt", "messages"}
+_TIMING_DIGITS = 4
+
+
+class BadLine(ValueError):
+    """An input line that cannot become a request; the message says why."""
+
+
+@dataclass
+class BatchSummary:
+    """What a run did, for the final line and the exit code."""
+
+    written: int = 0
+    skipped: int = 0  # already in OUT from an earlier run
+    failed: int = 0  # reported on the log, not written
+    generated_tokens: int = 0
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """130 after Ctrl-C (the shell's convention), 1 if any line failed, else 0."""
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def line(self) -> str:
+        rate = self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        failed = f"{self.failed} failed (reported above)" if self.failed else "0 failed"
+        return (
+            f"{self.written} written, {self.skipped} already done, {failed} "
+            f"in {self.elapsed_s:.1f}s ({rate:.1f} generated tok/s)"
+        )
+
+
+def run_batch(
+    llm: LLM,
+    in_path: str | Path,
+    out_path: str | Path,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    progress: bool | None = False,
+    log: TextIO | None = None,
+) -> BatchSummary:
+    """Generate for every line of IN not yet in OUT, appending each result as it finishes.
+
+    defaults: SamplingParams fields every line starts from (a line's own fields override
+    them); checked here, so bad defaults raise ValueError before anything runs.
+    progress: True shows a bar on the log, None shows it only when the log is a terminal.
+    Ctrl-C stops cleanly: finished results stay in OUT and the summary says `interrupted`.
+    """
+    in_path, out_path = Path(in_path), Path(out_path)
+    defaults = dict(defaults or {})
+    check_job(in_path, out_path, defaults)
+    log = log or sys.stderr
+    done = load_done_ids(out_path, log)
+    return _BatchJob(llm, in_path, out_path, defaults, done, log, progress).run()
+
+
+def check_job(in_path: str | Path, out_path: str | Path, defaults: Mapping[str, Any]) -> None:
+    """Raise ValueError for a job that cannot start, before anyone waits for a model load."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.is_file():
+        raise ValueError(f"cannot read {in_path}: no such file")
+    if in_path.resolve() == out_path.resolve():
+        raise ValueError("IN and OUT must be different files")
+    if out_path.is_dir() or not out_path.parent.is_dir():
+        raise ValueError(f"cannot write {out_path}: not a file in an existing folder")
+    _check_unknown(defaults.keys() - _SAMPLING_FIELDS)
+    SamplingParams(**defaults)
+
+
+def load_done_ids(out_path: Path, log: TextIO) -> set[str]:
+    """Keys (see `_id_key`) of the ids OUT already holds, after repairing a cut-off tail.
+
+    Any other unreadable line raises ValueError: appending to a file that is not ours
+    could bury someone's data under results.
+    """
+    if not out_path.exists():
+        return set()
+    done: set[str] = set()
+    end = 0  # offset just past the last complete line
+    with out_path.open("rb+") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                _repair_tail(f, end, raw, done, log)
+                break
+            end += len(raw)
+            if not raw.strip():
+                continue
+            record = _result(raw)
+            if record is None:
+                raise ValueError(
+                    f"{out_path}:{number}: not a batch result line; refusing to append to this file"
+                )
+            done.add(_id_key(record["id"]))
+    return done
+
+
+def _repair_tail(f: BinaryIO, end: int, tail: bytes, done: set[str], log: TextIO) -> None:
+    """A last line without a newline is a complete record missing only that newline (kept),
+    or what a killed run managed to write (cut off; its request simply runs again)."""
+    record = _result(tail)
+    if record is not None:
+        done.add(_id_key(record["id"]))
+        f.write(b"\n")
+        return
+    f.truncate(end)
+    print(f"{f.name}: cut off a truncated last line ({len(tail)} bytes)", file=log)
+
+
+def _result(raw: bytes) -> dict | None:
+    """The parsed OUT line, or None when it is not a result record."""
+    try:
+        record = json.loads(raw)
+    except ValueError:  # bad JSON or bad UTF-8
+        return None
+    return record if isinstance(record, dict) and "id" in record else None
+
+
+def _id_key(request_id: Any) -> str:
+    """A set key that keeps ids of different JSON types apart (1, 1.0, "1", true)."""
+    return json.dumps(request_id, ensure_ascii=False)
+
+
+def _parse_id(obj: Any) -> Any:
+    """The line's id: any JSON string, number or boolean."""
+    if not isinstance(obj, dict):
+        raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
+    if obj.get("id") is None:
+        raise BadLine('missing "id"')
+    if not isinstance(obj["id"], (str, int, float)):
+        raise BadLine(f'"id" must be a string, number or boolean, got {obj["id"]!r}')
+    return obj["id"]
+
+
+def _build_request(
+    llm: LLM, obj: dict, defaults: Mapping[str, Any]
+) -> tuple[str | list[int], SamplingParams]:
+    """The (prompt, params) pair of a parsed line; BadLine says what is wrong with it."""
+    _check_unknown(obj.keys() - _ALLOWED_FIELDS)
+    if ("prompt" in obj) == ("messages" in obj):
+        raise BadLine('give exactly one of "prompt" and "messages"')
+    overrides = {k: v for k, v in obj.items() if k in _SAMPLING_FIELDS}
+    for name in _FLAG_FIELDS & overrides.keys():
+        if not isinstance(overrides[name], bool):
+            raise BadLine(f"{name} must be true or false, got {overrides[name]!r}")
+    try:
+        params = SamplingParams(**{**defaults, **overrides})
+    except ValueError as exc:
+        raise BadLine(str(exc)) from None
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise BadLine(f'"prompt" must be a string, got {type(obj["prompt"]).__name__}')
+        return obj["prompt"], params
+    return _chat_prompt(llm, obj["messages"]), params
+
+
+def _chat_prompt(llm: LLM, messages: Any) -> list[int]:
+    """Token ids of a rendered conversation (the template writes BOS itself)."""
+    if not isinstance(messages, list) or not messages:
+        raise BadLine('"messages" must be a non-empty list of {"role": ..., "content": ...}')
+    try:
+        text = llm.render_chat(messages)
+    except LaminaError as exc:
+        raise BadLine(str(exc)) from None
+    return llm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _check_unknown(names: set[str]) -> None:
+    if names:
+        raise BadLine(f"unknown field(s): {', '.join(sorted(names))}")
+
+
+def result_record(request_id: Any, output: RequestOutput) -> dict:
+    """The OUT line of a finished request."""
+    m = output.metrics
+    record = {
+        "id": request_id,
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+        "prompt_tokens": m.prompt_tokens,
+        "completion_tokens": m.generated_tokens,
+        "ttft_s": round(m.ttft_s, _TIMING_DIGITS),
+        "total_s": round(m.total_s, _TIMING_DIGITS),
+        "tokens_per_s": round(m.tokens_per_s, _TIMING_DIGITS),
+    }
+    if len(output.outputs) > 1:
+        record["outputs"] = [
+            {
+                "index": c.index,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "completion_tokens": len(c.token_ids),
+            }
+            for c in output.outputs
+        ]
+    return record
+
+
+def _count_pending(in_path: Path, done: set[str]) -> int:
+    """Non-blank lines whose id is not yet in OUT: the progress bar's total.
+
+    A cheap extra pass (JSON parsing costs nothing next to generation) that keeps the ETA
+    honest on a resumed run.
+    """
+    pending = 0
+    with in_path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    known = _id_key(_parse_id(json.loads(raw))) in done
+                except ValueError:
+                    known = False
+                pending += not known
+    return pending
+
+
+class _Progress:
+    """A tqdm bar over finished lines with the generated tokens/s; messages print above it."""
+
+    def __init__(self, total: int | None, enabled: bool, log: TextIO) -> None:
+        from tqdm import tqdm
+
+        self.log = log
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.bar = tqdm(total=total, unit="req", file=log, disable=not enabled, dynamic_ncols=True)
+
+    def advance(self, tokens: int = 0) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def note(self, message: str) -> None:
+        self.bar.write(message, file=self.log)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _BatchJob:
+    """One pass over IN: feeds the engine lazily and writes results as they come back."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        in_path: Path,
+        out_path: Path,
+        defaults: dict[str, Any],
+        done: set[str],
+        log: TextIO,
+        progress: bool | None,
+    ) -> None:
+        self.llm = llm
+        self.in_path = in_path
+        self.out_path = out_path
+        self.defaults = defaults
+        self.done = done
+        self.log = log
+        self.summary = BatchSummary()
+        self.seen: dict[str, int] = {}  # id key -> line number, to name the first of a pair
+        # generate_iter request id -> (line number, id) of requests pulled but not finished.
+        self.pending: dict[str, tuple[int, Any]] = {}
+        if progress is None:
+            progress = log.isatty()
+        total = _count_pending(in_path, done) if progress else None
+        self.progress = _Progress(total, progress, log)
+
+    def run(self) -> BatchSummary:
+        start = time.perf_counter()
+        outputs = self.llm.generate_iter(self._requests())
+        try:
+            with self.out_path.open("a", encoding="utf-8") as out:
+                for output in outputs:
+                    self._finish(output, out)
+        except KeyboardInterrupt:
+            self.summary.interrupted = True
+        finally:
+            outputs.close()  # aborts whatever is still running
+            self.progress.close()
+            self.summary.elapsed_s = time.perf_counter() - start
+        return self.summary
+
+    def _requests(self) -> Iterator[tuple[str | list[int], SamplingParams]]:
+        """(prompt, params) for every runnable line, read only as the engine asks for more."""
+        index = 0
+        with self.in_path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    request = self._parse(raw, number)
+                except BadLine as exc:
+                    self._report(number, str(exc))
+                    continue
+                if request is None:
+                    continue
+                request_id, prompt, params = request
+                self.pending[str(index)] = (number, request_id)
+                index += 1
+                yield prompt, params
+
+    def _parse(self, raw: bytes, number: int) -> tuple[Any, str | list[int], SamplingParams] | None:
+        """(id, prompt, params) of a line, or None when OUT already has its result."""
+        try:
+            obj = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except UnicodeDecodeError as exc:
+            raise BadLine(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        request_id = _parse_id(obj)
+        key = _id_key(request_id)
+        if key in self.seen:
+            raise BadLine(f"duplicate id {key} (first on line {self.seen[key]})")
+        self.seen[key] = number
+        if key in self.done:
+            self.summary.skipped += 1
+            return None
+        prompt, params = _build_request(self.llm, obj, self.defaults)
+        return request_id, prompt, params
+
+    def _finish(self, output: RequestOutput, out: TextIO) -> None:
+        number, request_id = self.pending.pop(output.request_id)
+        if output.finish_reason == "abort":
+            self._report(number, f"id {_id_key(request_id)}: {output.error or 'aborted'}")
+            return
+        out.write(json.dumps(result_record(request_id, output), ensure_ascii=False) + "\n")
+        out.flush()
+        self.summary.written += 1
+        self.summary.generated_tokens += output.metrics.generated_tokens
+        self.progress.advance(output.metrics.generated_tokens)
+
+    def _report(self, number: int, reason: str) -> None:
+        self.summary.failed += 1
+        self.progress.note(f"{self.in_path}:{number}: {reason}")
+        self.progress.advance()
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity parse in Python but are not JSON, and would not survive into OUT."""
+    raise BadLine(f"not valid JSON ({name} is not a JSON number)")
