@@ -26,6 +26,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
+from kernels_cpu.fast_exp import exp_parts
+
 LANES = 8
 # Keys per online-softmax step, a multiple of LANES. The running max, sum and output are
 # rescaled once per tile, so the rescale is amortised over TILE keys whatever the block size.
@@ -186,24 +188,14 @@ def _hsum8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
 def _exp_shifted(x, n, shift, bits):
     """x[:n] = exp(x[:n] - shift) for x <= shift; returns their sum.
 
-    numba calls expf once per element, which costs more than the dot products around it; this
-    Cody-Waite reduction plus a degree-6 polynomial (Cephes expf, ~1 ulp) vectorises. 2**k is
-    assembled in the exponent bits of an int32 scratch read back as float32. Arguments below
-    -87 are clamped: exp(-87) ~ 1.6e-38 is negligible next to the max term, which is 1.
+    numba calls expf once per element, which costs more than the dot products around it;
+    `exp_parts` vectorises. Arguments below -87 are clamped: exp(-87) ~ 1.6e-38 is negligible
+    next to the max term, which is 1.
     """
     pow2 = bits.view(np.float32)
     for j in range(n):
-        t = max(x[j] - shift, np.float32(-87.0))
-        k = np.floor(t * np.float32(1.44269504) + np.float32(0.5))
-        r = t - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        x[j] = p * r * r + r + np.float32(1.0)
-        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+        x[j], k = exp_parts(max(x[j] - shift, np.float32(-87.0)))
+        bits[j] = (k + np.int32(127)) << np.int32(23)
     total = np.float32(0.0)
     for j in range(n):
         e = x[j] * pow2[j]
