@@ -208,21 +208,19 @@ class LLM:
         self, messages: Messages, params: SamplingParams | None = None, **template_kwargs
     ) -> TextStream:
         """Streaming form of `chat`."""
-        text = self.render_chat(messages, **template_kwargs)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        text, ids = self.encode_chat(messages, **template_kwargs)
         output, resolved = self._request(ids, params)
         output.prompt = text
         return TextStream(output, self._engine.start(output, resolved))
 
-    def render_chat(self, messages: Messages, **template_kwargs) -> str:
-        """A conversation rendered with the model's chat template, ready for the reply.
-
-        Encode it with `add_special_tokens=False`: the template writes BOS and other special
-        tokens itself, as transformers assumes.
-        """
-        return self.tokenizer.apply_chat_template(
+    def encode_chat(self, messages: Messages, **template_kwargs) -> tuple[str, list[int]]:
+        """A conversation rendered with the model's chat template, ready for the reply, and
+        its token ids (no added BOS: the template writes special tokens itself, as
+        transformers assumes)."""
+        text = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, **template_kwargs
         )
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     def _request(
         self, prompt: Prompt, params: SamplingParams | None, request_id: str | None = None

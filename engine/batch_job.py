@@ -194,10 +194,9 @@ def _chat_prompt(llm: LLM, messages: Any) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise BadLine('"messages" must be a non-empty list of {"role": ..., "content": ...}')
     try:
-        text = llm.render_chat(messages)
+        return llm.encode_chat(messages)[1]
     except LaminaError as exc:
         raise BadLine(str(exc)) from None
-    return llm.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _check_unknown(names: set[str]) -> None:

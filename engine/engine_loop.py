@@ -130,17 +130,15 @@ class EngineLoop:
                 for group in {id(owner[s.seq_id]): owner[s.seq_id] for s, _ in plan}.values():
                     self.scheduler.abort(group, f"the forward pass failed: {error!r}")
                 raise
-            ready: dict[int, list[tuple[Sequence, np.ndarray]]] = {}
-            groups = {}
+            ready: dict[int, tuple[SequenceGroup, list[tuple[Sequence, np.ndarray]]]] = {}
             for row, ((seq, n), (seq_id, tokens)) in enumerate(zip(plan, chunks, strict=True)):
                 self.cache.commit(seq_id, tokens)
                 seq.computed += n
                 if seq.uncomputed == 0:
-                    group = owner[seq.seq_id]
-                    groups[id(group)] = group
-                    ready.setdefault(id(group), []).append((seq, logits[row]))
-            for key, items in ready.items():
-                groups[key].process(items, self.cache)
+                    group = owner[seq_id]
+                    ready.setdefault(id(group), (group, []))[1].append((seq, logits[row]))
+            for group, items in ready.values():
+                group.process(items, self.cache)
             self.scheduler.remove_finished()
 
     def start(self, output: RequestOutput, params: SamplingParams) -> Iterator[str]:

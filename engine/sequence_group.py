@@ -86,10 +86,15 @@ class _Track:
     """One sampled completion: its sequence, sampler, detokenizer and stop-string matcher."""
 
     def __init__(
-        self, seq: Sequence, index: int, params: SamplingParams, ctx: GenerationContext
+        self,
+        seq: Sequence,
+        completion: CompletionOutput,
+        params: SamplingParams,
+        ctx: GenerationContext,
     ) -> None:
         self.seq = seq
-        self.completion = CompletionOutput(index)
+        self.completion = completion
+        index = completion.index
         if index and params.seed is not None:
             params = replace(params, seed=params.seed + index)  # distinct, reproducible draws
         self.sampler = Sampler(params, ctx.vocab_size)
@@ -128,12 +133,10 @@ class SamplingGroup(SequenceGroup):
     def _fork(self, first: Sequence, cache: PagedKVCache) -> None:
         """The prompt is computed; start the best_of sequences, sharing its blocks."""
         self.live = [first] + [first.fork(cache) for _ in range(self.params.best_of - 1)]
-        for index, seq in enumerate(self.live):
-            track = _Track(seq, index, self.params, self.ctx)
-            track.completion = self.output.outputs[index]
+        for seq, completion in zip(self.live, self.output.outputs, strict=True):
             if self._wants_logprob:
-                track.completion.cumulative_logprob = 0.0
-            self._tracks[seq.seq_id] = track
+                completion.cumulative_logprob = 0.0
+            self._tracks[seq.seq_id] = _Track(seq, completion, self.params, self.ctx)
 
     def _take(self, track: _Track, logits: np.ndarray, cache: PagedKVCache) -> None:
         """Sample one token for a sequence, stream its text, and end it if it stops."""
