@@ -27,13 +27,21 @@ JOB_PROMPT_RANGE = (16, 384)
 JOB_GEN_RANGE = (16, 96)
 
 
-def run_batch_bench(path: Path, quant: str | None, runs: int, peers: list[str]) -> dict:
+def run_batch_bench(
+    path: Path, quant: str | None, runs: int, peers: list[str], kv_cache_dtype: str = "float32"
+) -> dict:
     from engine import LLM
 
-    llm = LLM(path, quant=quant, max_model_len=1024, max_num_seqs=max(BATCH_SIZES))
+    llm = LLM(
+        path,
+        quant=quant,
+        max_model_len=1024,
+        max_num_seqs=max(BATCH_SIZES),
+        kv_cache_dtype=kv_cache_dtype,
+    )
     vocab = llm.tokenizer.vocab_size
     rng = np.random.default_rng(0)
-    result: dict = {"quant": quant or "f32", "runs": runs}
+    result: dict = {"quant": quant or "f32", "kv_cache_dtype": kv_cache_dtype, "runs": runs}
     _warm_up(llm)
     curve = {b: statistics.median(_decode_tok_s(llm, b, rng, vocab) for _ in range(runs))
              for b in BATCH_SIZES}  # fmt: skip

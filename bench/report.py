@@ -15,7 +15,7 @@ def results_dir() -> Path:
 
 _TABLE_KEYS = (
     "kernel", "shape", "gbps", "vs_bandwidth",
-    "quant", "decode_tok_s", "prefill_tok_s", "ttft_s", "tpot_s", "load_s", "warm_start_s",
+    "quant", "kv_cache_dtype", "decode_tok_s", "prefill_tok_s", "ttft_s", "tpot_s", "load_s", "warm_start_s",
     "cold_start_s", "peak_rss_mb", "bandwidth_gbps", "decode_vs_bandwidth_limit",
     "overhead_per_token_s", "batch16_vs_single", "prefix_ttft_speedup", "job_gen_tok_s",
     "kv_waste",

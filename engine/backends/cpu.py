@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
@@ -117,4 +119,19 @@ class CPUBackend:
         return x
 
     def allocate_kv(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        return np.zeros(shape, dtype=np.dtype(dtype))
+        return zeroed_huge_pages(shape, np.dtype(dtype))
+
+
+def zeroed_huge_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zero array in anonymous memory backed by transparent huge pages where the OS has them.
+
+    Like np.zeros, memory is only taken when first written. But the KV cache's first writes
+    land in the middle of decode steps, and faulting in 4 KB pages cost 6 us each on the
+    test machine (a 16-sequence decode step spent 3 ms in them); 2 MB pages fault 25x
+    faster per byte.
+    """
+    nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+    buffer = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
