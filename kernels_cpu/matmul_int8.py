@@ -188,7 +188,7 @@ def gemm_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, act_max: int) -> np
     Activations are quantized per token to [-act_max, act_max]: 127 is W8A8, 32767 keeps
     float32-like activations at the same speed on the pmaddwd/vpdpwssd paths. Each parallel
     job covers GEMM_JOB_ROWS rows so its tile scratch is allocated once, not per row block.
-    While a 4-row block is multiplied by each pair of tokens, the next block is prefetched a
+    While a 4-row block is multiplied by each pair of tokens, a block ahead is prefetched a
     slice per pair: weights stream from memory (a model is bigger than the caches) and
     short rows read four at a time defeat the hardware prefetcher (see gemv_w8).
     """
@@ -196,13 +196,15 @@ def gemm_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, act_max: int) -> np
     n, k = w.shape
     tokens = x.shape[0]
     pairs = tokens // 2
+    # With few tokens a block is done before the next one arrives from memory: look further.
+    blocks_ahead = max(1, 4 // max(pairs, 1))
     out = np.empty((tokens, n), dtype=np.float32)
     for job in prange((n + GEMM_JOB_ROWS - 1) // GEMM_JOB_ROWS):
         quad_pair = np.empty((4, 2), dtype=np.int64)
         r = job * GEMM_JOB_ROWS
         end = min(r + GEMM_JOB_ROWS, n)
         for block in range(r, end - 3, 4):
-            ahead = (block + 4) * k
+            ahead = (block + 4 * blocks_ahead) * k
             for p in range(pairs):
                 for off in range(p * 4 * k // pairs // 64 * 64, (p + 1) * 4 * k // pairs, 64):
                     prefetch(w, ahead + off)
