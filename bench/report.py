@@ -18,7 +18,10 @@ _TABLE_KEYS = (
     "quant", "kv_cache_dtype", "decode_tok_s", "prefill_tok_s", "ttft_s", "tpot_s", "load_s", "warm_start_s",
     "cold_start_s", "peak_rss_mb", "bandwidth_gbps", "decode_vs_bandwidth_limit",
     "overhead_per_token_s", "batch16_vs_single", "prefix_ttft_speedup", "job_gen_tok_s",
-    "kv_waste",
+    "kv_waste", "vs_dense_int8",
+    "kind", "sparsity", "perplexity", "perplexity_vs_dense", "decode_vs_dense", "weights_mb",
+    "dense_int8_decode_tok_s", "weight_sparse_50_decode_tok_s", "weight_sparse_50_vs_dense",
+    "activation_sparse_40_decode_tok_s", "activation_sparse_40_vs_dense",
 )  # fmt: skip
 
 
@@ -65,6 +68,18 @@ def _chart(path: Path, name: str, rows: list[dict]) -> None:
         ax.axhline(rows[0]["bandwidth_gbps"], color="red", linestyle="--", label="bandwidth")
         ax.set_ylabel("GB/s")
         ax.tick_params(axis="x", labelsize=6)
+    elif "perplexity" in rows[0]:
+        for kind in dict.fromkeys(r["kind"] for r in rows[1:]):
+            points = [rows[0]] + [r for r in rows if r["kind"] == kind]
+            ax.plot([r["sparsity"] for r in points], [r["perplexity"] for r in points], "o-",
+                    label=kind)  # fmt: skip
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("perplexity")
+        ax.legend()
+    elif "dense_int8_decode_tok_s" in rows[0]:
+        names = ("dense_int8", "weight_sparse_50", "activation_sparse_40")
+        ax.bar(names, [rows[0][f"{n}_decode_tok_s"] for n in names])
+        ax.set_ylabel("decode tok/s")
     elif "batch_curve_decode_tok_s" in rows[0]:
         curve = rows[0]["batch_curve_decode_tok_s"]
         ax.plot([int(b) for b in curve], list(curve.values()), marker="o")

@@ -155,6 +155,16 @@ def main(args) -> int:
             print(json.dumps(row) if args.json else _kernel_line(row))
         write_report("kernels", rows)
         return 0
+    if args.what == "sparsity":
+        from bench.sparsity import quality_table, speed_table
+
+        rows = quality_table(args.runs)
+        write_report("sparsity-quality", rows)
+        speed = speed_table(args.runs)
+        write_report("sparsity-speed", [speed])
+        for row in [*rows, speed]:
+            print(json.dumps(row) if args.json else json.dumps(row, indent=2))
+        return 0
     peers = [p for p in (args.peers or "").split(",") if p]
     if args.batch:
         from bench.batch import run_batch_bench

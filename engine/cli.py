@@ -39,6 +39,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--max-model-len", type=_positive_int, help="cap the context window")
@@ -115,9 +122,36 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("src", metavar="SRC", help='HF folder, .gguf file, or "default"')
     quant.add_argument("out", metavar="OUT", help="output folder (must not exist)")
     quant.add_argument("--weights", choices=["int8", "f32"], default="int8", help="precision")
+    sparse = quant.add_argument_group("sparsity (int8 only)")
+    sparse.add_argument(
+        "--sparsity", type=_fraction, default=0.0, help="share of each linear's weights pruned"
+    )
+    sparse.add_argument("--method", choices=["wanda", "magnitude"], default="wanda")
+    sparse.add_argument(
+        "--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8"
+    )
+    sparse.add_argument(
+        "--layer-sparsity",
+        action="append",
+        default=[],
+        metavar="KEY=S",
+        help="per-layer override; KEY is down, 3 or 3.down (repeatable)",
+    )
+    sparse.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="SparseGPT-style update of the kept weights (slower to quantize)",
+    )
+    sparse.add_argument(
+        "--activation-sparsity",
+        type=_fraction,
+        default=0.0,
+        help="share of each linear's inputs zeroed at run time (TEAL thresholds)",
+    )
+    sparse.add_argument("--calibration", metavar="FILE", help="calibration text (default: pydoc)")
 
     bench = sub.add_parser("bench", help="measure speed against bandwidth and peer engines")
-    bench.add_argument("what", nargs="?", choices=["e2e", "kernels"], default="e2e")
+    bench.add_argument("what", nargs="?", choices=["e2e", "kernels", "sparsity"], default="e2e")
     bench.add_argument(
         "--model", "-m", help="model path, or random:llama-1b (default model if absent)"
     )
@@ -251,11 +285,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose a new folder")
-    loaded = load_model(None if args.src == "default" else args.src, args.weights)
-    save_checkpoint(loaded, out)
+    plan = _sparsity_plan(args)
+    src = None if args.src == "default" else args.src
+    if plan.active:
+        from engine.quant.sparsify import sparsify
+
+        if args.weights != "int8":
+            raise ValueError("sparse checkpoints are int8: use --weights int8")
+        loaded = load_model(src, None)
+        sparsify(loaded, plan)
+    else:
+        loaded = load_model(src, args.weights)
+    save_checkpoint(loaded, out, plan.describe() if plan.active else None)
     size = (out / "model.safetensors").stat().st_size / 2**20
     print(f"wrote {args.weights} checkpoint to {out} ({size:.1f} MiB of weights)")
     return 0
+
+
+def _sparsity_plan(args: argparse.Namespace):
+    from engine.quant.sparsify import SparsityPlan
+
+    overrides = {}
+    for item in args.layer_sparsity:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--layer-sparsity takes KEY=S, got {item!r}")
+        try:
+            overrides[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--layer-sparsity {item!r}: {value!r} is not a number") from None
+    return SparsityPlan(
+        sparsity=args.sparsity,
+        method=args.method,
+        pattern=args.pattern,
+        activation_sparsity=args.activation_sparsity,
+        reconstruct=args.reconstruct,
+        overrides=overrides,
+        calibration=args.calibration,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -55,7 +55,65 @@ class Int8Weight(_Matrix):
         return self.data.nbytes + self.scale.nbytes + extra
 
 
-Weight = DenseWeight | Int8Weight
+@dataclass
+class SparseInt8Weight:
+    """A pruned int8 matrix in bitmask form: only the nonzero int8 values are stored.
+
+    mask (out, ceil16(in) / 8) uint8 says which columns of a row are nonzero (bit c % 8 of
+    byte c // 8, LSB first); values holds those int8 values row after row, row_ptr (out + 1)
+    where each row's start. At 50% sparsity that is 5/8 of the dense bytes, which is what a
+    memory-bound decode GEMV pays for. scale is per output row, as in Int8Weight.
+    """
+
+    mask: np.ndarray
+    values: np.ndarray
+    row_ptr: np.ndarray
+    scale: np.ndarray
+    in_features: int
+    bias: np.ndarray | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.mask, self.values, self.row_ptr, self.scale, self.bias)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass
+class ColskipInt8Weight:
+    """An int8 matrix stored input-major for activation sparsity (TEAL).
+
+    data_t (in, out) is the transpose of Int8Weight.data, so that the weights of one input
+    feature are contiguous: inputs with |x| <= threshold are treated as zero, and their rows of
+    data_t are never read. threshold was calibrated to zero a chosen share of this layer's
+    inputs; scale is per output feature.
+    """
+
+    data_t: np.ndarray
+    scale: np.ndarray
+    threshold: float
+    bias: np.ndarray | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.data_t.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.data_t.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.bias is None else self.bias.nbytes
+        return self.data_t.nbytes + self.scale.nbytes + extra
+
+
+Weight = DenseWeight | Int8Weight | SparseInt8Weight | ColskipInt8Weight
+# The linear layers of a decoder block, by their LayerWeights field names.
+LAYER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
 
 
 @dataclass

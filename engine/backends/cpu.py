@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import mmap
+import statistics
+import time
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 import kernels_cpu
 from engine.kv_cache import ForwardBatch
-from engine.weights import DenseWeight, Int8Weight, Weight
+from engine.weights import (
+    LAYER_LINEARS,
+    ColskipInt8Weight,
+    DenseWeight,
+    Int8Weight,
+    ModelWeights,
+    SparseInt8Weight,
+    Weight,
+)
+from kernels_cpu.colskip_int8 import colskip_matmul_w8
 from kernels_cpu.gemv_f32 import matmul_f32
 from kernels_cpu.matmul_int8 import INT16_MAX, embed_rows_w8, gemm_w8, gemv_w8
 from kernels_cpu.paged_attention import (
@@ -18,6 +29,7 @@ from kernels_cpu.paged_attention import (
     write_kv,
     write_kv_int8,
 )
+from kernels_cpu.sparse_int8 import sparse_matmul_w8, unpack_bitmask
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
 SMALL_BATCH = 4
@@ -51,6 +63,11 @@ class CPUBackend:
             out = self._linear_f32(x, weight)
         elif isinstance(weight, Int8Weight):
             out = self._linear_int8(x, weight)
+        elif isinstance(weight, SparseInt8Weight):
+            w = weight
+            out = sparse_matmul_w8(x, w.mask, w.values, w.row_ptr, w.scale, w.in_features)
+        elif isinstance(weight, ColskipInt8Weight):
+            out = colskip_matmul_w8(x, weight.data_t, weight.scale, weight.threshold)
         else:
             raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
         if weight.bias is not None:
@@ -68,6 +85,28 @@ class CPUBackend:
         if x.shape[0] <= INT8_GEMV_TOKENS:
             return gemv_w8(x, weight.data, weight.scale)
         return gemm_w8(x, weight.data, weight.scale, INT16_MAX)
+
+    def prepare_weights(self, weights: ModelWeights) -> dict[str, str]:
+        """Pick dense or sparse per sparse linear by timing both on one token, as decode runs.
+
+        A bitmask only pays when the kernel can expand it faster than memory delivers the
+        dense bytes, which depends on the sparsity, the shape and the CPU. Linears of the same
+        shape and sparsity (to 5%) share one measurement; losers are unpacked to dense int8.
+        Returns {"OUTxIN@SPARSITY": "sparse" | "dense"} for --verbose output.
+        """
+        choices: dict[str, str] = {}
+        for layer in weights.layers:
+            for name in LAYER_LINEARS:
+                weight = getattr(layer, name)
+                if not isinstance(weight, SparseInt8Weight):
+                    continue
+                sparsity = 1 - weight.values.size / (weight.out_features * weight.in_features)
+                key = f"{weight.out_features}x{weight.in_features}@{round(sparsity * 20) / 20:g}"
+                if key not in choices:
+                    choices[key] = _faster_format(weight)
+                if choices[key] == "dense":
+                    setattr(layer, name, _unpacked(weight))
+        return choices
 
     def split_qkv(
         self, qkv: np.ndarray, heads: int, kv_heads: int, head_dim: int
@@ -123,6 +162,29 @@ class CPUBackend:
 
     def allocate_kv(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         return zeroed_huge_pages(shape, np.dtype(dtype))
+
+
+def _unpacked(w: SparseInt8Weight) -> Int8Weight:
+    return Int8Weight(unpack_bitmask(w.mask, w.values, w.row_ptr, w.in_features), w.scale, w.bias)
+
+
+def _faster_format(w: SparseInt8Weight, repeats: int = 7) -> str:
+    x = np.random.default_rng(0).standard_normal((1, w.in_features)).astype(np.float32)
+    dense = _unpacked(w)
+
+    def sparse_call():
+        sparse_matmul_w8(x, w.mask, w.values, w.row_ptr, w.scale, w.in_features)
+
+    def dense_call():
+        gemv_w8(x, dense.data, dense.scale)
+
+    times = {"sparse": [], "dense": []}
+    for _ in range(repeats):  # interleaved, so both see the same machine load
+        for name, call in (("sparse", sparse_call), ("dense", dense_call)):
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: statistics.median(times[name]))
 
 
 def zeroed_huge_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

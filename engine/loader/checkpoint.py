@@ -20,19 +20,27 @@ from safetensors.numpy import save_file
 
 from engine.errors import ModelLoadError
 from engine.loader.tensor_source import read_safetensors_header
-from engine.weights import DenseWeight, Int8Weight, LayerWeights, ModelWeights, Weight
+from engine.weights import (
+    LAYER_LINEARS,
+    ColskipInt8Weight,
+    DenseWeight,
+    Int8Weight,
+    LayerWeights,
+    ModelWeights,
+    SparseInt8Weight,
+    Weight,
+)
 
 FORMAT_VERSION = 1
-_DTYPES = {"F32": np.float32, "I8": np.int8}
-_LAYER_MATRICES = ("qkv", "o_proj", "gate_up", "down")
+_DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "I64": np.int64}
 
 
 def weights_format(weights: ModelWeights) -> str:
-    return "int8" if isinstance(weights.layers[0].qkv, Int8Weight) else "f32"
+    return "f32" if isinstance(weights.layers[0].qkv, DenseWeight) else "int8"
 
 
-def save_checkpoint(loaded, out: Path) -> None:
-    """Write `loaded` (a LoadedModel) to folder `out`."""
+def save_checkpoint(loaded, out: Path, sparsity: dict | None = None) -> None:
+    """Write `loaded` (a LoadedModel) to folder `out`; `sparsity` records how it was pruned."""
     out.mkdir(parents=True, exist_ok=True)
     w = loaded.weights
     fmt = weights_format(w)
@@ -44,7 +52,7 @@ def save_checkpoint(loaded, out: Path) -> None:
     for i, layer in enumerate(w.layers):
         tensors[f"layers.{i}.attn_norm"] = layer.attn_norm
         tensors[f"layers.{i}.ffn_norm"] = layer.ffn_norm
-        for name in _LAYER_MATRICES:
+        for name in LAYER_LINEARS:
             _put(tensors, f"layers.{i}.{name}", getattr(layer, name))
     meta = {
         "lamina.format": str(FORMAT_VERSION),
@@ -57,6 +65,8 @@ def save_checkpoint(loaded, out: Path) -> None:
     config = loaded.config.to_hf()
     config["tie_word_embeddings"] = tied
     config["lamina"] = {"format": FORMAT_VERSION, "weights": fmt}
+    if sparsity:
+        config["lamina"]["sparsity"] = sparsity
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"eos_token_id": list(loaded.config.eos_token_ids), **loaded.sampling_defaults}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -64,8 +74,18 @@ def save_checkpoint(loaded, out: Path) -> None:
 
 
 def _put(tensors: dict[str, np.ndarray], name: str, weight: Weight) -> None:
-    tensors[name + ".data"] = weight.data
-    if isinstance(weight, Int8Weight):
+    """Store a weight under name.<part>; the parts present tell the loader its type."""
+    if isinstance(weight, SparseInt8Weight):
+        tensors[name + ".mask"] = weight.mask
+        tensors[name + ".values"] = weight.values
+        tensors[name + ".row_ptr"] = weight.row_ptr
+        tensors[name + ".in_features"] = np.array([weight.in_features], dtype=np.int64)
+    elif isinstance(weight, ColskipInt8Weight):
+        tensors[name + ".data_t"] = weight.data_t
+        tensors[name + ".act_threshold"] = np.array([weight.threshold], dtype=np.float32)
+    else:
+        tensors[name + ".data"] = weight.data
+    if not isinstance(weight, DenseWeight):
         tensors[name + ".scale"] = weight.scale
     if weight.bias is not None:
         tensors[name + ".bias"] = weight.bias
@@ -89,12 +109,22 @@ def load_checkpoint_weights(folder: Path, num_layers: int) -> ModelWeights:
     arrays = {name: _view(mapped, data_start, name, info, path) for name, info in header.items()}
 
     def weight(name: str) -> Weight:
+        def part(suffix: str) -> np.ndarray:
+            return arrays[name + suffix]
+
         try:
-            data = arrays[name + ".data"]
             bias = arrays.get(name + ".bias")
+            if name + ".mask" in arrays:
+                k = int(part(".in_features")[0])
+                return SparseInt8Weight(
+                    part(".mask"), part(".values"), part(".row_ptr"), part(".scale"), k, bias
+                )
+            if name + ".data_t" in arrays:
+                threshold = float(part(".act_threshold")[0])
+                return ColskipInt8Weight(part(".data_t"), part(".scale"), threshold, bias)
             if name + ".scale" in arrays:
-                return Int8Weight(data, arrays[name + ".scale"], bias)
-            return DenseWeight(data, bias)
+                return Int8Weight(part(".data"), part(".scale"), bias)
+            return DenseWeight(part(".data"), bias)
         except KeyError as exc:
             raise ModelLoadError(f"{path} has no tensor {exc.args[0]!r}") from None
 

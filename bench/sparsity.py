@@ -1,0 +1,113 @@
+"""`lamina bench sparsity`: what weight and activation sparsity cost in quality and buy in speed.
+
+- quality: perplexity of the default model on held-out text (the end of pydoc's topics; the
+  calibration text is their beginning) with int8 weights pruned by Wanda and by magnitude,
+  and with activation sparsity, at 0, 25, 40 and 50%, with the decode speed at each point;
+- speed: decode tok/s of the random 1.1B model (bandwidth-bound), dense int8 against 50%
+  weight-sparse and 40% activation-sparse int8, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from bench.run import resolve_model
+
+LEVELS = (0.25, 0.4, 0.5)
+EVAL_CHARS = 16000  # about 4000 tokens
+EVAL_CONTEXT = 1024
+SPEED_MODEL = "random:llama-1b"
+GEN_TOKENS = 32
+
+
+def held_out_text() -> str:
+    """The end of pydoc's topics: calibration reads (far less than) their beginning."""
+    from engine.quant.calibration import default_calibration_text
+
+    return default_calibration_text()[-EVAL_CHARS:]
+
+
+def decode_tok_s(llm, runs: int) -> float:
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=GEN_TOKENS, temperature=0, ignore_eos=True)
+    prompt = list(range(100, 116))
+    llm.generate(prompt, SamplingParams(max_tokens=2))  # warm-up
+    speeds = []
+    for _ in range(runs):
+        m = llm.generate(prompt, params)[0].metrics
+        speeds.append((m.generated_tokens - 1) / (m.total_s - m.ttft_s))
+    return statistics.median(speeds)
+
+
+def _variant(path, plan, calibration_tokens: int = 4096):
+    """An LLM with the float model at `path` pruned and quantized by `plan` (None: dense int8)."""
+    from engine import LLM
+    from engine.quant.sparsify import sparsify
+
+    if plan is None:
+        return LLM(path, quant="int8")
+    llm = LLM(path)
+    plan.calibration_tokens = calibration_tokens
+    start = time.perf_counter()
+    sparsify(llm.loaded, plan)
+    llm.sparsify_s = time.perf_counter() - start
+    return llm
+
+
+def _plans():
+    from engine.quant.sparsify import SparsityPlan
+
+    yield "dense", 0.0, None
+    for level in LEVELS:
+        yield "wanda", level, SparsityPlan(sparsity=level, method="wanda")
+        yield "magnitude", level, SparsityPlan(sparsity=level, method="magnitude")
+        yield "activation", level, SparsityPlan(activation_sparsity=level)
+    yield "wanda-2:4", 0.5, SparsityPlan(sparsity=0.5, method="wanda", pattern="2:4")
+    yield "wanda+reconstruct", 0.5, SparsityPlan(sparsity=0.5, method="wanda", reconstruct=True)
+
+
+def quality_table(runs: int) -> list[dict]:
+    path = resolve_model(None)
+    rows = []
+    text = held_out_text()
+    for kind, level, plan in _plans():
+        llm = _variant(path, plan)
+        ppl = llm.perplexity(text, context=EVAL_CONTEXT, stride=EVAL_CONTEXT // 2)
+        rows.append(
+            {
+                "kind": kind,
+                "sparsity": level,
+                "perplexity": ppl.perplexity,
+                "decode_tok_s": decode_tok_s(llm, runs),
+                "weights_mb": llm.loaded.weights.nbytes / 2**20,
+            }
+        )
+    dense = rows[0]
+    for row in rows:
+        row["perplexity_vs_dense"] = row["perplexity"] / dense["perplexity"]
+        row["decode_vs_dense"] = row["decode_tok_s"] / dense["decode_tok_s"]
+    return rows
+
+
+def speed_table(runs: int) -> dict:
+    from engine.quant.sparsify import SparsityPlan
+
+    path = resolve_model(SPEED_MODEL)
+    variants = {
+        "dense_int8": None,
+        "weight_sparse_50": SparsityPlan(sparsity=0.5, method="magnitude"),
+        "activation_sparse_40": SparsityPlan(activation_sparsity=0.4),
+    }
+    result = {"model": SPEED_MODEL}
+    for name, plan in variants.items():
+        llm = _variant(path, plan, calibration_tokens=512)
+        result[f"{name}_decode_tok_s"] = decode_tok_s(llm, runs)
+        result[f"{name}_weights_mb"] = llm.loaded.weights.nbytes / 2**20
+        del llm
+    for name in ("weight_sparse_50", "activation_sparse_40"):
+        result[f"{name}_vs_dense"] = (
+            result[f"{name}_decode_tok_s"] / result["dense_int8_decode_tok_s"]
+        )
+    return result

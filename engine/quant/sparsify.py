@@ -1,0 +1,150 @@
+"""Turn a float model into a sparse int8 one: prune, quantize, and store in a sparse format.
+
+Weight sparsity prunes each decoder linear (magnitude or Wanda, unstructured or N:M, with
+optional SparseGPT-style reconstruction), quantizes it to per-row int8 (zeros stay exactly
+zero) and stores it in the bitmask format of `SparseInt8Weight`. Activation sparsity
+calibrates, for each linear, the |x| threshold below which the chosen share of its inputs
+fall, and stores the weight input-major (`ColskipInt8Weight`) so that decode skips the rows
+of zeroed inputs. Embeddings and the output head stay dense int8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from kernels_cpu.sparse_int8 import pack_bitmask
+
+from engine.quant.calibration import InputStats, calibration_text, collect_input_stats
+from engine.quant.int8 import quantize_int8
+from engine.quant.prune import PRUNE_METHODS, keep_mask, parse_pattern, prune_scores, reconstruct
+from engine.weights import (
+    LAYER_LINEARS,
+    ColskipInt8Weight,
+    DenseWeight,
+    Int8Weight,
+    SparseInt8Weight,
+    Weight,
+)
+from kernels_cpu.colskip_int8 import to_input_major
+
+
+@dataclass
+class SparsityPlan:
+    """What to prune and how. `overrides` maps "down", "3" or "3.down" to a layer's sparsity
+    (the most specific key wins) so that sensitive layers can be pruned less."""
+
+    sparsity: float = 0.0
+    method: str = "wanda"
+    pattern: str = "unstructured"
+    activation_sparsity: float = 0.0
+    reconstruct: bool = False
+    overrides: dict[str, float] = field(default_factory=dict)
+    calibration: str | None = None  # a text file; None: pydoc's topics
+    calibration_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.method not in PRUNE_METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose from {PRUNE_METHODS}")
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            implied = 1 - nm[0] / nm[1]
+            for value in (self.sparsity, *self.overrides.values()):
+                if value and abs(value - implied) > 1e-9:
+                    raise ValueError(
+                        f"pattern {self.pattern} means sparsity {implied:g}, not {value:g}"
+                    )
+        for value in (self.sparsity, *self.overrides.values()):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"weight sparsity must be in [0, 1), got {value}")
+        if not 0.0 <= self.activation_sparsity < 1.0:
+            raise ValueError(
+                f"activation sparsity must be in [0, 1), got {self.activation_sparsity}"
+            )
+        unknown = [k for k in self.overrides if not _valid_override(k)]
+        if unknown:
+            raise ValueError(
+                f"layer sparsity key {unknown[0]!r} is not a linear name "
+                f"({', '.join(LAYER_LINEARS)}), a layer index, or INDEX.NAME"
+            )
+
+    def sparsity_for(self, layer: int, name: str) -> float:
+        for key in (f"{layer}.{name}", str(layer), name):
+            if key in self.overrides:
+                return self.overrides[key]
+        return self.sparsity
+
+    def describe(self) -> dict:
+        """What a checkpoint records about how it was made."""
+        return {
+            "sparsity": self.sparsity,
+            "method": self.method,
+            "pattern": self.pattern,
+            "layer_sparsity": self.overrides,
+            "reconstruct": self.reconstruct,
+            "activation_sparsity": self.activation_sparsity,
+            "calibration": self.calibration or "pydoc_data.topics",
+            "calibration_tokens": self.calibration_tokens,
+        }
+
+    @property
+    def active(self) -> bool:
+        return self.sparsity > 0 or self.activation_sparsity > 0 or any(self.overrides.values())
+
+
+def _valid_override(key: str) -> bool:
+    index, _, name = key.partition(".")
+    if not name:
+        return key in LAYER_LINEARS or key.isdigit()
+    return index.isdigit() and name in LAYER_LINEARS
+
+
+def sparsify(loaded, plan: SparsityPlan) -> None:
+    """Replace the float decoder linears of `loaded` by pruned int8 ones, in place.
+
+    `loaded` must hold float32 weights (pruning and calibration read the float model); the
+    embedding table and output head become dense int8.
+    """
+    weights = loaded.weights
+    if not isinstance(weights.layers[0].qkv, DenseWeight):
+        raise TypeError("sparsify needs the float32 model; load it without --quant")
+    needs_stats = plan.method == "wanda" or plan.reconstruct or plan.activation_sparsity > 0
+    stats: dict = {}
+    if needs_stats and plan.active:
+        text = calibration_text(plan.calibration)
+        stats = collect_input_stats(loaded, text, plan.calibration_tokens, gram=plan.reconstruct)
+    for i, layer in enumerate(weights.layers):
+        for name in LAYER_LINEARS:
+            weight = getattr(layer, name)
+            setattr(layer, name, _sparse_linear(weight, plan, i, name, stats.get((i, name))))
+    tied = weights.lm_head is weights.embed
+    weights.embed = quantize_int8(weights.embed)
+    weights.lm_head = weights.embed if tied else quantize_int8(weights.lm_head)
+
+
+def _sparse_linear(
+    weight: DenseWeight, plan: SparsityPlan, layer: int, name: str, stats: InputStats | None
+) -> Weight:
+    sparsity = plan.sparsity_for(layer, name)
+    data = weight.data
+    if sparsity > 0:
+        nm = parse_pattern(plan.pattern)
+        target = 1 - nm[0] / nm[1] if nm else sparsity
+        norm = stats.norm if stats is not None else None
+        mask = keep_mask(prune_scores(data, plan.method, norm), target, plan.pattern)
+        if plan.reconstruct:
+            data = reconstruct(data, mask, stats.gram)
+        else:
+            data = np.where(mask, data, np.float32(0.0)).astype(np.float32)
+    q = quantize_int8(DenseWeight(data, weight.bias))
+    if plan.activation_sparsity > 0:
+        threshold = stats.threshold(plan.activation_sparsity)
+        return ColskipInt8Weight(to_input_major(q.data), q.scale, threshold, q.bias)
+    if sparsity > 0:
+        return to_sparse(q)
+    return q
+
+
+def to_sparse(weight: Int8Weight) -> SparseInt8Weight:
+    mask, values, row_ptr = pack_bitmask(weight.data)
+    return SparseInt8Weight(mask, values, row_ptr, weight.scale, weight.in_features, weight.bias)

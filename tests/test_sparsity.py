@@ -1,0 +1,128 @@
+"""Sparse checkpoints end to end: pruning through `lamina quantize`, formats, round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import LLM
+from engine.cli import main
+from engine.loader.model_loader import load_model
+from engine.quant.sparsify import SparsityPlan, sparsify, to_sparse
+from engine.weights import LAYER_LINEARS, ColskipInt8Weight, Int8Weight, SparseInt8Weight
+from kernels_cpu.sparse_int8 import unpack_bitmask
+from tests.tiny_models import build_tiny_model
+
+TEXT = "Sparse weights must not change what the checkpoint computes: 1, 2, 3."
+
+
+def linears(model):
+    """The decoder linears of an LLM or of a LoadedModel."""
+    loaded = getattr(model, "loaded", model)
+    for layer in loaded.weights.layers:
+        for name in LAYER_LINEARS:
+            yield getattr(layer, name)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, hf_tokenizer):
+    folder = tmp_path_factory.mktemp("sparse") / "hf"
+    build_tiny_model("llama-all-biases", folder, hf_tokenizer)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("flags", "plan"),
+    [
+        (["--sparsity", "0.5"], SparsityPlan(sparsity=0.5)),
+        (
+            ["--sparsity", "0.5", "--method", "magnitude", "--pattern", "2:4"],
+            SparsityPlan(sparsity=0.5, method="magnitude", pattern="2:4"),
+        ),
+    ],
+)
+def test_pruned_checkpoint_round_trips_with_identical_logits(tiny, tmp_path, flags, plan):
+    assert main(["quantize", str(tiny), str(tmp_path / "ck"), *flags]) == 0
+    from_disk = LLM(tmp_path / "ck")
+    in_memory = LLM(tiny)
+    sparsify(in_memory.loaded, plan)
+    assert np.array_equal(from_disk.prompt_logits(TEXT), in_memory.prompt_logits(TEXT))
+    # the checkpoint as stored (an engine may unpack layers where dense int8 is faster)
+    for weight in linears(load_model(tmp_path / "ck")):
+        assert isinstance(weight, SparseInt8Weight)
+        dense = unpack_bitmask(weight.mask, weight.values, weight.row_ptr, weight.in_features)
+        zeros = (dense == 0).sum(axis=1)
+        assert (zeros >= weight.in_features // 2).all()  # int8 rounding may add zeros
+        if plan.pattern == "2:4":
+            groups = dense[:, : weight.in_features // 4 * 4].reshape(dense.shape[0], -1, 4)
+            assert ((groups == 0).sum(axis=2) >= 2).all()
+
+
+def test_sparse_format_at_zero_sparsity_gives_the_dense_logits(tiny):
+    dense = LLM(tiny, quant="int8")
+    expected = dense.prompt_logits(TEXT)
+    for layer in dense.loaded.weights.layers:
+        for name in LAYER_LINEARS:
+            weight = getattr(layer, name)
+            assert isinstance(weight, Int8Weight)
+            setattr(layer, name, to_sparse(weight))
+    assert np.array_equal(dense.prompt_logits(TEXT), expected)
+
+
+def test_activation_sparse_checkpoint_zeroes_about_the_asked_share(tiny, tmp_path):
+    out = tmp_path / "ck"
+    assert main(["quantize", str(tiny), str(out), "--activation-sparsity", "0.4"]) == 0
+    llm = LLM(out)
+    weights = list(linears(llm))
+    assert all(isinstance(w, ColskipInt8Weight) and w.threshold > 0 for w in weights)
+    # independent check: the share of inputs at or under each threshold, on other text
+    seen: dict[int, list[np.ndarray]] = {}
+    backend = llm.backend
+    linear = backend.linear
+
+    def record(x, weight):
+        seen.setdefault(id(weight), []).append(np.abs(x).reshape(-1))
+        return linear(x, weight)
+
+    backend.linear = record
+    llm.prompt_logits("def f(x):\n    return x * 2  # the return statement, in Python. " * 8)
+    shares = [np.mean(np.concatenate(seen[id(w)]) <= w.threshold) for w in weights]
+    assert 0.2 < np.median(shares) < 0.6
+
+
+def test_activation_sparsity_at_zero_threshold_matches_dense_int8(tiny):
+    llm = LLM(tiny, quant="int8")
+    expected = llm.prompt_logits(TEXT)
+    from kernels_cpu.colskip_int8 import to_input_major
+
+    for layer in llm.loaded.weights.layers:
+        for name in LAYER_LINEARS:
+            w = getattr(layer, name)
+            setattr(layer, name, ColskipInt8Weight(to_input_major(w.data), w.scale, 0.0, w.bias))
+    got = llm.prompt_logits(TEXT)
+    np.testing.assert_allclose(got, expected, atol=2e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sparsity", "0.5", "--weights", "f32"], "int8"),
+        (["--sparsity", "0.5", "--pattern", "3-4"], "pattern"),
+        (["--sparsity", "0.7", "--pattern", "2:4"], "means sparsity 0.5"),
+        (["--sparsity", "0.5", "--layer-sparsity", "mlp=0.2"], "not a linear name"),
+    ],
+)
+def test_bad_sparsity_options_are_refused(tiny, tmp_path, capsys, flags, message):
+    assert main(["quantize", str(tiny), str(tmp_path / "ck"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_layer_overrides_prune_less(tiny, tmp_path):
+    flags = ["--sparsity", "0.5", "--layer-sparsity", "down=0", "--layer-sparsity", "0.qkv=0.25"]
+    assert main(["quantize", str(tiny), str(tmp_path / "ck"), *flags]) == 0
+    layers = load_model(tmp_path / "ck").weights.layers
+    assert isinstance(layers[0].down, Int8Weight)
+    qkv = layers[0].qkv
+    dense = unpack_bitmask(qkv.mask, qkv.values, qkv.row_ptr, qkv.in_features)
+    assert np.median((dense == 0).mean(axis=1)) < 0.4
