@@ -18,21 +18,34 @@ partials are summed and scaled by `scale` at the end. Splitting the kept rows ra
 the outputs keeps each stream a whole row long: with the outputs split, every row is cut
 into short pieces whose starts the hardware prefetcher misses.
 
+With several tokens an input is skipped only if every token drops it, so the savings shrink
+with the batch (at 40% independent zeros per token, 4 tokens skip 3% of the rows) and the
+FMAs, four per 8 weights, make T = 4 compute-bound and slower than matmul_int8.gemv_w8: this
+kernel is for decode, T = 1 or a few tokens with correlated sparsity.
+
 Two measured details (Zen 3, 2 cores, weights streaming from DRAM):
-- The hardware prefetcher stops at 4 KiB pages and restarts slowly on each new row, which
-  costs most when rows are one page long (N = 4096). The tile loop prefetches PREFETCH bytes
-  ahead in each row and, near its end, the same distance into the next block's rows: up to
-  15% faster at 40% zeros.
-- `to_input_major` returns page-aligned rows when N is a multiple of the page size; numpy's
-  usual 16-byte offset puts the last bytes of each row on the next row's page, which then has
-  to be mapped and (when that row is skipped) fetched for one line: about 5% at 40% zeros.
+- The hardware prefetcher stops at 4 KiB pages and restarts on each new row, which costs
+  most when rows are one page long (N = 4096). The tile loop prefetches PREFETCH bytes
+  ahead in each row and, near its end, the same distance into the next block's rows: 5-10%
+  at 40% zeros. Prefetching whole blocks ahead, or in row order, was slower.
+- `to_input_major` starts the array on a page; with numpy's usual 16-byte offset and
+  N = 4096 the last bytes of each row lie on the next row's page, which then has to be
+  mapped and (when that row is skipped) fetched for one line: about 5% at 40% zeros.
+Even so, skipping 40% of 4 KiB rows at random reads memory at about 75% of the rate of a
+sequential pass here (a kernel that only XORs the kept rows does no better), so the gain on
+N = 4096 layers is smaller than on wide ones.
 
 Arithmetic is float32 FMA on int8 weights converted to float (sign-extending load, convert,
-fused multiply-add: three instructions per 8 weights), not int16 pmaddwd. The kernel is
-memory-bound either way: replacing most of the arithmetic with XORs of the loaded bytes did
-not change its time, and the float path needs no activation quantization, so the result is
-exact up to float32 summation. The vector IR is plain LLVM (sext, sitofp, fmuladd, prefetch),
-which any target lowers, so there is no separate portable path.
+fused multiply-add: three instructions per 8 weights), not int16 pmaddwd on pairs of rows
+(about 20% fewer instructions per weight). At T = 1 the kernel waits on memory: a variant
+with most of the arithmetic replaced by XORs of the loaded bytes ran within 5% of it. The
+float path needs no activation quantization, so the result is exact up to float32
+summation, and its vector IR is plain LLVM (sext, sitofp, fmuladd, prefetch), which any
+target lowers, so there is no separate portable path.
+
+Rounding: each core sums its rows in order, then the partials are added, so the float32
+rounding (not the exact value) depends on the thread count and, with several tokens, on
+which rows the other tokens keep.
 """
 
 import numpy as np
@@ -72,10 +85,10 @@ def _strip_intrinsic(rows: int, tokens: int, vectors: int, prefetch: bool):
     """An intrinsic strip(out, wt, idx, xv, i0, t0, c0, c1) for one block of kept rows.
 
     For g < tokens and c in [c0, c1), a multiple of vectors * WIDTH columns:
-    out[t0 + g, c] += sum over r < rows of xv[i0 + r, t0 + g] * wt[idx[i0 + r], c],
+    out[t0 + g, c] += sum over r < rows of xv[t0 + g, i0 + r] * wt[idx[i0 + r], c],
     summed in r order with fused multiply-adds where the target has them. With `prefetch`,
-    each row asks for the line PREFETCH bytes ahead, or past its end the matching line of
-    row idx[i0 + rows + r] (the next block), so idx must hold rows more entries.
+    each row asks for the line min(PREFETCH, N) bytes ahead, or past its end the matching
+    line of row idx[i0 + rows + r] (the next block), so idx must hold rows more entries.
     """
     f32 = ir.FloatType()
     f32v = ir.VectorType(f32, WIDTH)
@@ -108,7 +121,9 @@ def _strip_intrinsic(rows: int, tokens: int, vectors: int, prefetch: bool):
             def f32_row(array, row):
                 base = builder.bitcast(array.data, i8p)
                 stride = cgutils.unpack_tuple(builder, array.strides)[0]
-                return builder.bitcast(builder.gep(base, [builder.mul(row, stride)]), f32.as_pointer())
+                return builder.bitcast(
+                    builder.gep(base, [builder.mul(row, stride)]), f32.as_pointer()
+                )
 
             module = builder.module
             fmuladd = cgutils.get_or_insert_function(
@@ -126,54 +141,75 @@ def _strip_intrinsic(rows: int, tokens: int, vectors: int, prefetch: bool):
                 w_rows.append(row_of(i))
                 if prefetch:
                     next_rows.append(row_of(builder.add(i, const(rows))))
-                x_row = f32_row(xv_a, i)
                 x_bcast.append([])
                 for g in range(tokens):
-                    xg = builder.load(builder.gep(x_row, [builder.add(tok, const(g))]))
+                    x_row = f32_row(xv_a, builder.add(tok, const(g)))
+                    xg = builder.load(builder.gep(x_row, [i]))
                     xg = builder.insert_element(ir.Constant(f32v, None), xg, i32(0))
                     x_bcast[r].append(builder.shuffle_vector(xg, xg, splat))
             out_rows = [f32_row(out_a, builder.add(tok, const(g))) for g in range(tokens)]
 
-            entry = builder.block
-            loop = builder.append_basic_block("strip.loop")
-            done = builder.append_basic_block("strip.done")
-            builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
-            builder.position_at_end(loop)
-            c = builder.phi(intp)
-            acc_ptrs = [
-                [
-                    builder.bitcast(
-                        builder.gep(out_rows[g], [builder.add(c, const(v * WIDTH))]),
-                        f32v.as_pointer(),
-                    )
-                    for v in range(vectors)
+            width = vectors * WIDTH
+
+            def sweep(start, stop, ahead):
+                """Tiles at columns [start, stop); row r prefetches ahead[r] + column."""
+                entry = builder.block
+                loop = builder.append_basic_block("strip.loop")
+                done = builder.append_basic_block("strip.done")
+                builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+                builder.position_at_end(loop)
+                c = builder.phi(intp)
+                acc_ptrs = [
+                    [
+                        builder.bitcast(
+                            builder.gep(out_rows[g], [builder.add(c, const(v * WIDTH))]),
+                            f32v.as_pointer(),
+                        )
+                        for v in range(vectors)
+                    ]
+                    for g in range(tokens)
                 ]
-                for g in range(tokens)
-            ]
-            accs = [[builder.load(p, align=4) for p in ptrs] for ptrs in acc_ptrs]
-            for r in range(rows):
-                if prefetch:
-                    ahead = builder.add(c, const(PREFETCH))
-                    here = builder.gep(w_rows[r], [ahead])
-                    there = builder.gep(next_rows[r], [builder.sub(ahead, n)])
-                    target = builder.select(builder.icmp_signed("<", ahead, n), here, there)
-                    # Read access, locality 2 (keep in L2), data cache.
-                    builder.call(prefetch_fn, [target, i32(0), i32(2), i32(1)])
-                for v in range(vectors):
-                    ptr = builder.gep(w_rows[r], [builder.add(c, const(v * WIDTH))])
-                    raw = builder.load(builder.bitcast(ptr, i8v.as_pointer()), align=1)
-                    w = builder.sitofp(raw, f32v)
-                    for g in range(tokens):
-                        accs[g][v] = builder.call(fmuladd, [w, x_bcast[r][g], accs[g][v]])
-            for g in range(tokens):
-                for v in range(vectors):
-                    builder.store(accs[g][v], acc_ptrs[g][v], align=4)
-            step = builder.add(c, const(vectors * WIDTH))
-            body_end = builder.block
-            builder.cbranch(builder.icmp_signed("<", step, hi), loop, done)
-            c.add_incoming(lo, entry)
-            c.add_incoming(step, body_end)
-            builder.position_at_end(done)
+                accs = [[builder.load(p, align=4) for p in ptrs] for ptrs in acc_ptrs]
+                for r in range(rows):
+                    if ahead:
+                        # Read access, locality 2 (keep in L2), data cache.
+                        target = builder.gep(ahead[r], [c])
+                        builder.call(prefetch_fn, [target, i32(0), i32(2), i32(1)])
+                    for v in range(vectors):
+                        ptr = builder.gep(w_rows[r], [builder.add(c, const(v * WIDTH))])
+                        raw = builder.load(builder.bitcast(ptr, i8v.as_pointer()), align=1)
+                        w = builder.sitofp(raw, f32v)
+                        for g in range(tokens):
+                            accs[g][v] = builder.call(fmuladd, [w, x_bcast[r][g], accs[g][v]])
+                for g in range(tokens):
+                    for v in range(vectors):
+                        builder.store(accs[g][v], acc_ptrs[g][v], align=4)
+                step = builder.add(c, const(width))
+                body_end = builder.block
+                builder.cbranch(builder.icmp_signed("<", step, stop), loop, done)
+                c.add_incoming(start, entry)
+                c.add_incoming(step, body_end)
+                builder.position_at_end(done)
+
+            if not prefetch:
+                sweep(lo, hi, None)
+            else:
+                # Rows shorter than PREFETCH prefetch the next block's line at the same column.
+                dist = builder.select(
+                    builder.icmp_signed("<", n, const(PREFETCH)), n, const(PREFETCH)
+                )
+                # Split where the prefetch passes the row's end, on a tile boundary, so that
+                # neither loop chooses its prefetch address per row and tile.
+                split = builder.sub(n, dist)
+                split = builder.select(builder.icmp_signed("<", split, lo), lo, split)
+                split = builder.select(builder.icmp_signed(">", split, hi), hi, split)
+                tiles = builder.sdiv(
+                    builder.add(builder.sub(split, lo), const(width - 1)), const(width)
+                )
+                split = builder.add(lo, builder.mul(tiles, const(width)))
+                sweep(lo, split, [builder.gep(p, [dist]) for p in w_rows])
+                past = builder.sub(dist, n)
+                sweep(split, hi, [builder.gep(p, [past]) for p in next_rows])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -192,29 +228,32 @@ _narrow1, _narrow2, _narrow3, _narrow4 = _narrow
 def _compact(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
     """Indices of the inputs some token keeps and their values, padded for whole blocks.
 
-    xv[i, t] is x[t, idx[i]], or 0 where token t drops it. Past `count` the index repeats
+    xv[t, i] is x[t, idx[i]], or 0 where token t drops it. Past `count` the index repeats
     the last kept row and the values are 0, so a partial last block adds exact zeros and
     the prefetch of "the next block" reads a row already fetched. `not (|x| <= threshold)`
     keeps NaN inputs, so they propagate as they would through the dense product.
+    Three branch-free passes (mask, indices, values), each with the token loop outside:
+    one pass with the token loop inside and data-dependent branches took twice as long
+    (35 us at K = 11008, 3% of a 40%-sparse 11008 x 4096 GEMV, with one core idle).
     """
     tokens, k = x.shape
     size = ((k + ROW_BLOCK - 1) // ROW_BLOCK + 1) * ROW_BLOCK
-    idx = np.zeros(size, dtype=np.intp)
-    xv = np.zeros((size, tokens), dtype=np.float32)
-    count = 0
     thr = np.float32(threshold)
+    keep = np.zeros(k, dtype=np.uint8)
+    for t in range(tokens):
+        for col in range(k):
+            keep[col] |= not (abs(x[t, col]) <= thr)
+    idx = np.empty(size, dtype=np.intp)
+    count = 0
     for col in range(k):
-        keep = False
-        for t in range(tokens):
-            v = x[t, col]
-            if not (abs(v) <= thr):
-                xv[count, t] = v
-                keep = True
-        if keep:
-            idx[count] = col
-            count += 1
-    if count > 0:
-        idx[count:] = idx[count - 1]
+        idx[count] = col
+        count += keep[col]
+    idx[count:] = idx[count - 1] if count > 0 else 0
+    xv = np.zeros((tokens, size), dtype=np.float32)
+    for t in range(tokens):
+        for i in range(count):
+            v = x[t, idx[i]]
+            xv[t, i] = v if not (abs(v) <= thr) else np.float32(0.0)
     return idx, xv, count
 
 
@@ -240,12 +279,13 @@ def _block(part, wt, idx, xv, i0, t0, group) -> None:
         for t in range(t0, t0 + group):
             acc = part[t, col]
             for i in range(i0, i0 + ROW_BLOCK):
-                acc += xv[i, t] * np.float32(wt[idx[i], col])
+                acc += xv[t, i] * np.float32(wt[idx[i], col])
             part[t, col] = acc
 
 
 @njit(cache=True, parallel=True)
 def _colskip(x, wt, scale, threshold, threads):
+    """colskip_matmul_w8 with the kept rows split into `threads` jobs, one partial each."""
     tokens = x.shape[0]
     n = wt.shape[1]
     idx, xv, count = _compact(x, threshold)
@@ -277,6 +317,12 @@ def colskip_matmul_w8(
     the float32 scale of each output. xs is x with every entry |x[t, k]| <= threshold set to
     0 (threshold 0.0 skips exact zeros only); row k of `wt` is read only if some token keeps
     input k. A Python wrapper because the row split needs numba's thread count, which a
-    cached njit function cannot read.
+    cached njit function cannot read; it also checks the layout the SIMD loop relies on.
     """
+    if wt.dtype != np.int8 or wt.ndim != 2 or wt.strides[1] != 1:
+        raise ValueError("wt must be a 2-D int8 array with contiguous rows (see to_input_major)")
+    if x.ndim != 2 or x.shape[1] != wt.shape[0] or scale.shape != (wt.shape[1],):
+        raise ValueError(
+            f"shapes do not match: x {x.shape}, wt {wt.shape} (K, N), scale {scale.shape}"
+        )
     return _colskip(x, wt, scale, threshold, get_num_threads())

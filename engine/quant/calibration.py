@@ -89,7 +89,7 @@ class _RecordingBackend(CPUBackend):
             stats.gram += x64.T @ x64
         flat = np.abs(x).reshape(-1)
         take = min(flat.size, max(1, MAX_SAMPLES * x.shape[0] // 4096))
-        stats.samples.append(self._rng.choice(flat, size=take, replace=False))
+        stats.samples.append(flat[self._rng.integers(0, flat.size, size=take)])
 
 
 def linear_names(weights: ModelWeights) -> dict[int, LinearKey]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from kernels_cpu.sparse_int8 import pack_bitmask
 
 from engine.quant.calibration import InputStats, calibration_text, collect_input_stats
 from engine.quant.int8 import quantize_int8
@@ -27,6 +26,7 @@ from engine.weights import (
     Weight,
 )
 from kernels_cpu.colskip_int8 import to_input_major
+from kernels_cpu.sparse_int8 import pack_bitmask
 
 
 @dataclass
@@ -99,24 +99,25 @@ def _valid_override(key: str) -> bool:
     return index.isdigit() and name in LAYER_LINEARS
 
 
-def sparsify(loaded, plan: SparsityPlan) -> None:
+def sparsify(loaded, plan: SparsityPlan, stats: dict | None = None) -> None:
     """Replace the float decoder linears of `loaded` by pruned int8 ones, in place.
 
     `loaded` must hold float32 weights (pruning and calibration read the float model); the
-    embedding table and output head become dense int8.
+    embedding table and output head become dense int8. `stats` (from collect_input_stats on
+    the same float model) skips the calibration pass, for trying several plans.
     """
     weights = loaded.weights
     if not isinstance(weights.layers[0].qkv, DenseWeight):
         raise TypeError("sparsify needs the float32 model; load it without --quant")
     needs_stats = plan.method == "wanda" or plan.reconstruct or plan.activation_sparsity > 0
-    stats: dict = {}
-    if needs_stats and plan.active:
+    if stats is None and needs_stats and plan.active:
         text = calibration_text(plan.calibration)
         stats = collect_input_stats(loaded, text, plan.calibration_tokens, gram=plan.reconstruct)
     for i, layer in enumerate(weights.layers):
         for name in LAYER_LINEARS:
             weight = getattr(layer, name)
-            setattr(layer, name, _sparse_linear(weight, plan, i, name, stats.get((i, name))))
+            layer_stats = stats.get((i, name)) if stats else None
+            setattr(layer, name, _sparse_linear(weight, plan, i, name, layer_stats))
     tied = weights.lm_head is weights.embed
     weights.embed = quantize_int8(weights.embed)
     weights.lm_head = weights.embed if tied else quantize_int8(weights.lm_head)
