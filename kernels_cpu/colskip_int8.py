@@ -20,8 +20,11 @@ into short pieces whose starts the hardware prefetcher misses.
 
 With several tokens an input is skipped only if every token drops it, so the savings shrink
 with the batch (at 40% independent zeros per token, 4 tokens skip 3% of the rows) and the
-FMAs, four per 8 weights, make T = 4 compute-bound and slower than matmul_int8.gemv_w8: this
-kernel is for decode, T = 1 or a few tokens with correlated sparsity.
+FMAs, four per 8 weights, make T = 4 compute-bound: 0.75-0.95x the speed of
+matmul_int8.gemv_w8. This kernel is for decode, T = 1 (or a few tokens with correlated
+sparsity), on layers with thousands of outputs: below that, its fixed cost per call (about
+10 us: compaction, partials, two parallel regions) outweighs the bytes saved (N = 576:
+0.55-0.7x of gemv_w8 at 0-50% zeros).
 
 Two measured details (Zen 3, 2 cores, weights streaming from DRAM):
 - The hardware prefetcher stops at 4 KiB pages and restarts on each new row, which costs
@@ -233,8 +236,9 @@ def _compact(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, i
     the prefetch of "the next block" reads a row already fetched. `not (|x| <= threshold)`
     keeps NaN inputs, so they propagate as they would through the dense product.
     Three branch-free passes (mask, indices, values), each with the token loop outside:
-    one pass with the token loop inside and data-dependent branches took twice as long
-    (35 us at K = 11008, 3% of a 40%-sparse 11008 x 4096 GEMV, with one core idle).
+    one pass with the token loop inside and data-dependent branches took 3.5x as long at
+    T = 1 (33 us at K = 11008, 3% of a 40%-sparse 11008 x 4096 GEMV, one core idle) and 5x
+    at T = 4.
     """
     tokens, k = x.shape
     size = ((k + ROW_BLOCK - 1) // ROW_BLOCK + 1) * ROW_BLOCK
