@@ -42,10 +42,10 @@ def decode_tok_s(llm, runs: int) -> float:
 
 def _calibrate(path, tokens: int, gram: bool) -> dict:
     """Calibration statistics of the float model, shared by every plan tried on it."""
-    from engine import LLM
+    from engine.loader.model_loader import load_model
     from engine.quant.calibration import collect_input_stats, default_calibration_text
 
-    return collect_input_stats(LLM(path).loaded, default_calibration_text(), tokens, gram=gram)
+    return collect_input_stats(load_model(path), default_calibration_text(), tokens, gram=gram)
 
 
 def _variant(path, plan, stats: dict):

@@ -52,7 +52,7 @@ class EngineLoop:
     ):
         self.loaded = loaded
         self.backend = backend
-        self.format_choices = backend.prepare_weights(loaded.weights)
+        backend.prepare_weights(loaded.weights)
         self.model = Transformer(loaded.config, loaded.weights, backend)
         limit = loaded.config.max_position_embeddings
         if max_model_len is not None and max_model_len < 2:

@@ -10,6 +10,7 @@ from engine.cli import main
 from engine.loader.model_loader import load_model
 from engine.quant.sparsify import SparsityPlan, sparsify, to_sparse
 from engine.weights import LAYER_LINEARS, ColskipInt8Weight, Int8Weight, SparseInt8Weight
+from kernels_cpu.colskip_int8 import to_input_major
 from kernels_cpu.sparse_int8 import unpack_bitmask
 from tests.tiny_models import build_tiny_model
 
@@ -22,6 +23,15 @@ def linears(model):
     for layer in loaded.weights.layers:
         for name in LAYER_LINEARS:
             yield getattr(layer, name)
+
+
+def convert_linears(llm: LLM, convert) -> None:
+    """Replace every dense int8 decoder linear of `llm` by convert(weight), in place."""
+    for layer in llm.loaded.weights.layers:
+        for name in LAYER_LINEARS:
+            weight = getattr(layer, name)
+            assert isinstance(weight, Int8Weight)
+            setattr(layer, name, convert(weight))
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +71,7 @@ def test_pruned_checkpoint_round_trips_with_identical_logits(tiny, tmp_path, fla
 def test_sparse_format_at_zero_sparsity_gives_the_dense_logits(tiny):
     dense = LLM(tiny, quant="int8")
     expected = dense.prompt_logits(TEXT)
-    for layer in dense.loaded.weights.layers:
-        for name in LAYER_LINEARS:
-            weight = getattr(layer, name)
-            assert isinstance(weight, Int8Weight)
-            setattr(layer, name, to_sparse(weight))
+    convert_linears(dense, to_sparse)
     assert np.array_equal(dense.prompt_logits(TEXT), expected)
 
 
@@ -93,12 +99,7 @@ def test_activation_sparse_checkpoint_zeroes_about_the_asked_share(tiny, tmp_pat
 def test_activation_sparsity_at_zero_threshold_matches_dense_int8(tiny):
     llm = LLM(tiny, quant="int8")
     expected = llm.prompt_logits(TEXT)
-    from kernels_cpu.colskip_int8 import to_input_major
-
-    for layer in llm.loaded.weights.layers:
-        for name in LAYER_LINEARS:
-            w = getattr(layer, name)
-            setattr(layer, name, ColskipInt8Weight(to_input_major(w.data), w.scale, 0.0, w.bias))
+    convert_linears(llm, lambda w: ColskipInt8Weight(to_input_major(w.data), w.scale, 0.0, w.bias))
     got = llm.prompt_logits(TEXT)
     np.testing.assert_allclose(got, expected, atol=2e-3 * np.abs(expected).max())
 

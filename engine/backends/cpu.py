@@ -86,13 +86,12 @@ class CPUBackend:
             return gemv_w8(x, weight.data, weight.scale)
         return gemm_w8(x, weight.data, weight.scale, INT16_MAX)
 
-    def prepare_weights(self, weights: ModelWeights) -> dict[str, str]:
+    def prepare_weights(self, weights: ModelWeights) -> None:
         """Pick dense or sparse per sparse linear by timing both on one token, as decode runs.
 
         A bitmask only pays when the kernel can expand it faster than memory delivers the
         dense bytes, which depends on the sparsity, the shape and the CPU. Linears of the same
         shape and sparsity (to 5%) share one measurement; losers are unpacked to dense int8.
-        Returns {"OUTxIN@SPARSITY": "sparse" | "dense"} for --verbose output.
         """
         choices: dict[str, str] = {}
         for layer in weights.layers:
@@ -106,7 +105,6 @@ class CPUBackend:
                     choices[key] = _faster_format(weight)
                 if choices[key] == "dense":
                     setattr(layer, name, _unpacked(weight))
-        return choices
 
     def split_qkv(
         self, qkv: np.ndarray, heads: int, kv_heads: int, head_dim: int

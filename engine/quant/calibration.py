@@ -42,7 +42,6 @@ class InputStats:
     """What one linear layer's inputs looked like over the calibration tokens."""
 
     sum_sq: np.ndarray  # (in,) float64: sum over tokens of x_j^2
-    tokens: int = 0
     gram: np.ndarray | None = None  # (in, in) float64 X^T X, when asked for
     samples: list[np.ndarray] = field(default_factory=list)  # |x| subsample, float32
 
@@ -84,7 +83,6 @@ class _RecordingBackend(CPUBackend):
                 stats.gram = np.zeros((x.shape[1], x.shape[1]))
         x64 = x.astype(np.float64)
         stats.sum_sq += (x64 * x64).sum(axis=0)
-        stats.tokens += x.shape[0]
         if stats.gram is not None:
             stats.gram += x64.T @ x64
         flat = np.abs(x).reshape(-1)
