@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-
 from engine.backends.cpu import CPUBackend
 from engine.engine_loop import EngineLoop
 from engine.loader.model_loader import LoadedModel, load_model
@@ -129,6 +128,11 @@ class LLM:
         return self._engine.backend
 
     @property
+    def engine_loop(self) -> EngineLoop:
+        """The engine loop every request of this model goes through (the server drives it)."""
+        return self._engine
+
+    @property
     def max_model_len(self) -> int:
         return self._engine.max_model_len
 
@@ -167,7 +171,7 @@ class LLM:
             prompts = [prompts]
         prompt_list = list(prompts)
         param_list = self._params_per_prompt(params, len(prompt_list))
-        requests = [self._request(p, sp) for p, sp in zip(prompt_list, param_list)]
+        requests = [self.new_request(p, sp) for p, sp in zip(prompt_list, param_list)]
         for output, _ in requests:
             self._engine.check_prompt(output.prompt_token_ids)
         progress = _progress(len(requests)) if use_tqdm else None
@@ -187,7 +191,7 @@ class LLM:
         Outputs come in completion order; `request_id` is the pair's position in the
         iterable. A pair that cannot run comes back aborted with the reason in `error`.
         """
-        made = (self._request(p, sp, str(i)) for i, (p, sp) in enumerate(requests))
+        made = (self.new_request(p, sp, str(i)) for i, (p, sp) in enumerate(requests))
         return self._engine.run(made)
 
     def chat(
@@ -201,7 +205,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> TextStream:
         """Start generating for a text prompt (or token ids); iterate for text pieces."""
-        output, resolved = self._request(prompt, params)
+        output, resolved = self.new_request(prompt, params)
         return TextStream(output, self._engine.start(output, resolved))
 
     def stream_chat(
@@ -209,7 +213,7 @@ class LLM:
     ) -> TextStream:
         """Streaming form of `chat`."""
         text, ids = self.encode_chat(messages, **template_kwargs)
-        output, resolved = self._request(ids, params)
+        output, resolved = self.new_request(ids, params)
         output.prompt = text
         return TextStream(output, self._engine.start(output, resolved))
 
@@ -222,7 +226,7 @@ class LLM:
         )
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _request(
+    def new_request(
         self, prompt: Prompt, params: SamplingParams | None, request_id: str | None = None
     ) -> tuple[RequestOutput, SamplingParams]:
         """A fresh output for a prompt, and its parameters with the model's defaults filled."""

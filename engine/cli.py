@@ -1,4 +1,4 @@
-"""The `lamina` command line: generate and chat (more subcommands arrive with later issues).
+"""The `lamina` command line: generate, chat, batch, serve, quantize, bench and perplexity.
 
 Bad arguments and bad inputs (a missing model, a prompt longer than the context) print one
 line and exit with status 2; a stack trace means a bug in lamina.
@@ -36,6 +36,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {value}")
     return value
 
 
@@ -118,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     batch.add_argument("input", metavar="IN", help="JSONL requests")
     batch.add_argument("output", metavar="OUT", help="JSONL results (appended to)")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: file stem)")
+
     quant = sub.add_parser("quantize", help="write a quantized checkpoint that loads mmapped")
     quant.add_argument("src", metavar="SRC", help='HF folder, .gguf file, or "default"')
     quant.add_argument("out", metavar="OUT", help="output folder (must not exist)")
@@ -276,6 +290,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from engine.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    llm = _load(args)
+    serve(llm, args.host, args.port, args.api_key, args.served_model_name)
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -366,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "chat": cmd_chat,
         "batch": cmd_batch,
+        "serve": cmd_serve,
         "quantize": cmd_quantize,
         "bench": cmd_bench,
         "perplexity": cmd_perplexity,

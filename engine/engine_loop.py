@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-
 from engine.beam_search import BeamSearchGroup
 from engine.errors import ContextLengthError, LaminaError
 from engine.kv_cache import (
@@ -35,6 +34,9 @@ from engine.scheduler import (
     Sequence,
 )
 from engine.sequence_group import GenerationContext, SamplingGroup, SequenceGroup
+
+# How a request aborted by a failed forward pass is told apart (a bug, not bad input).
+FORWARD_FAILED = "the forward pass failed"
 
 
 class EngineLoop:
@@ -97,17 +99,22 @@ class EngineLoop:
 
     def submit(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
         """Queue a request (checked first, so a bad prompt raises here)."""
-        group = self._new_group(output, params)
-        with self._lock:
-            self.scheduler.add(group)
+        group = self.new_group(output, params)
+        self.add(group)
         return group
 
-    def _new_group(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
+    def new_group(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
+        """Check a request and build its group, without queueing it (no lock needed)."""
         self.check_prompt(output.prompt_token_ids)
         kind = BeamSearchGroup if params.use_beam_search else SamplingGroup
         group = kind(output, params, self.ctx)
         group.check_fits(self.scheduler.max_num_seqs)
         return group
+
+    def add(self, group: SequenceGroup) -> None:
+        """Queue a group made by `new_group`."""
+        with self._lock:
+            self.scheduler.add(group)
 
     def abort(self, group: SequenceGroup) -> None:
         """Stop a request; its sequences and KV blocks are freed at once."""
@@ -129,7 +136,7 @@ class EngineLoop:
             except BaseException as error:
                 # A failed pass leaves reserved slots half-written: drop the requests in it.
                 for group in {id(owner[s.seq_id]): owner[s.seq_id] for s, _ in plan}.values():
-                    self.scheduler.abort(group, f"the forward pass failed: {error!r}")
+                    self.scheduler.abort(group, f"{FORWARD_FAILED}: {error!r}")
                 raise
             ready: dict[int, tuple[SequenceGroup, list[tuple[Sequence, np.ndarray]]]] = {}
             for row, ((seq, n), (seq_id, tokens)) in enumerate(zip(plan, chunks, strict=True)):
@@ -150,11 +157,10 @@ class EngineLoop:
         dropped unstarted never queues anything. With best_of > n the best completion is
         only known at the end, so its text comes at once.
         """
-        return self._stream(self._new_group(output, params))
+        return self._stream(self.new_group(output, params))
 
     def _stream(self, group: SequenceGroup) -> Iterator[str]:
-        with self._lock:
-            self.scheduler.add(group)
+        self.add(group)
         sent = 0
         streaming = group.params.best_of == group.params.n
         try:

@@ -40,6 +40,15 @@ class RequestMetrics:
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
 @dataclass
 class CompletionOutput:
     """One generated continuation of a prompt (a request with n > 1 has several).
@@ -47,7 +56,8 @@ class CompletionOutput:
     finish_reason is "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
     context window) or "abort" (the caller stopped a stream, or the request could not run).
     cumulative_logprob is the sum of the model's log-probabilities of the generated tokens;
-    it is computed only where it is needed (best_of > n, beam search).
+    it is computed only where it is needed (best_of > n, beam search, logprobs).
+    logprobs holds one entry per generated token when SamplingParams.logprobs was set.
     """
 
     index: int
@@ -55,6 +65,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cumulative_logprob: float | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

@@ -27,6 +27,8 @@ _BLOCK = 1024
 _SMALL = 4 * _BLOCK
 # OpenAI's documented range for presence and frequency penalties.
 _PENALTY_RANGE = 2.0
+# Most alternatives per token that `logprobs` may ask for (OpenAI's limit for chat).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -42,6 +44,9 @@ class SamplingParams:
     log-probability are returned. use_beam_search keeps the best_of most likely sequences at
     each step instead of sampling (deterministic; temperature and penalties do not apply), and
     ranks finished beams by cumulative log-probability / length ** length_penalty.
+
+    logprobs (0 to 20) returns, for every generated token, the model's log-probability of it
+    and of the `logprobs` most likely tokens at that step (raw logits, as in vLLM).
     """
 
     max_tokens: int = 256
@@ -62,6 +67,7 @@ class SamplingParams:
     best_of: int | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.max_tokens = _as_int("max_tokens", self.max_tokens)
@@ -73,6 +79,13 @@ class SamplingParams:
         self.stop = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_token_ids(self.stop_token_ids)
         self._check_parallel()
+        if self.logprobs is not None:
+            self.logprobs = _as_int("logprobs", self.logprobs)
+            _require(
+                0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            )
+            _require(not self.use_beam_search, "logprobs are not supported with beam search")
 
     def _check_parallel(self) -> None:
         self.n = _as_int("n", self.n)
@@ -267,6 +280,18 @@ def token_logprob(logits: np.ndarray, token: int, vocab_size: int) -> float:
     x = _logits_row(logits, vocab_size)
     top = float(x.max())
     return float(x[token]) - top - math.log(float(np.exp(x - top, dtype=np.float64).sum()))
+
+
+def top_logprobs(
+    logits: np.ndarray, token: int, k: int, vocab_size: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` and the k most likely (id, logprob), most likely first."""
+    x = log_softmax(logits, vocab_size)
+    if k == 0:
+        return float(x[token]), []
+    top = np.argpartition(x, -k)[-k:] if k < x.size else np.arange(x.size)
+    top = top[np.argsort(-x[top], kind="stable")]
+    return float(x[token]), [(int(i), float(x[i])) for i in top]
 
 
 def _logits_row(logits: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -17,8 +17,8 @@ from tokenizers import Tokenizer
 
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from engine.kv_cache import PagedKVCache
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling import Sampler, SamplingParams, token_logprob
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.sampling import Sampler, SamplingParams, token_logprob, top_logprobs
 from engine.scheduler import Sequence
 
 
@@ -112,7 +112,7 @@ class SamplingGroup(SequenceGroup):
     ) -> None:
         super().__init__(output, params, ctx)
         self._tracks: dict[int, _Track] = {}
-        self._wants_logprob = params.best_of > params.n
+        self._wants_logprob = params.best_of > params.n or params.logprobs is not None
         output.outputs = [CompletionOutput(i) for i in range(params.best_of)]
 
     def process(self, ready: list[tuple[Sequence, np.ndarray]], cache: PagedKVCache) -> None:
@@ -136,13 +136,19 @@ class SamplingGroup(SequenceGroup):
         for seq, completion in zip(self.live, self.output.outputs, strict=True):
             if self._wants_logprob:
                 completion.cumulative_logprob = 0.0
+            if self.params.logprobs is not None:
+                completion.logprobs = []
             self._tracks[seq.seq_id] = _Track(seq, completion, self.params, self.ctx)
 
     def _take(self, track: _Track, logits: np.ndarray, cache: PagedKVCache) -> None:
         """Sample one token for a sequence, stream its text, and end it if it stops."""
         seq, c = track.seq, track.completion
         token = track.sampler.sample(logits, self.output.prompt_token_ids, c.token_ids)
-        if self._wants_logprob:
+        if self.params.logprobs is not None:
+            chosen, top = top_logprobs(logits, token, self.params.logprobs, self.ctx.vocab_size)
+            c.logprobs.append(TokenLogprob(token, chosen, top))
+            c.cumulative_logprob += chosen
+        elif self._wants_logprob:
             c.cumulative_logprob += token_logprob(logits, token, self.ctx.vocab_size)
         seq.tokens.append(token)
         c.token_ids.append(token)

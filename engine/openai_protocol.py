@@ -1,0 +1,239 @@
+"""OpenAI API request bodies and the response objects built from engine outputs.
+
+Requests are pydantic models that forbid unknown fields, so a misspelt parameter is a 400
+rather than silently ignored. Fields OpenAI documents but lamina cannot honour (tools, logit
+bias, a JSON response format, a suffix) are refused with a message that says so. Extensions
+that vLLM and llama.cpp's server also accept (top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids) are allowed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.async_engine import CompletionDelta
+from engine.outputs import TokenLogprob
+from engine.sampling import SamplingParams
+
+
+class OpenAIError(Exception):
+    """An error the client caused, sent as OpenAI's error object with an HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, best_of: int | None = None
+    ) -> SamplingParams:
+        """The request as SamplingParams; ValueError (-> 400) for values out of range."""
+        if self.logit_bias:
+            raise OpenAIError("logit_bias is not supported by lamina", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError("stream_options is only allowed with stream: true")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            n=self.n,
+            best_of=best_of,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    best_of: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise OpenAIError("prompt is empty", param="prompt")
+        if all(isinstance(i, int) for i in p):
+            return [list(p)]
+        return list(p)
+
+    def params(self, context_window: int) -> SamplingParams:
+        if self.suffix:
+            raise OpenAIError("suffix (insertion) is not supported by lamina", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise OpenAIError(
+                "echo with logprobs (prompt log-probabilities) is not supported", param="echo"
+            )
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise OpenAIError("best_of > n cannot be streamed", param="best_of")
+        max_tokens = context_window if self.max_tokens is None else self.max_tokens
+        return self.sampling_params(max_tokens, self.logprobs, self.best_of)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        # Chat templates know "system", not OpenAI's newer "developer".
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+    def params(self, context_window: int) -> SamplingParams:
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise OpenAIError("tool calling is not supported by lamina", param="tools")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise OpenAIError(
+                f"response_format {self.response_format.type!r} is not supported; only 'text'",
+                param="response_format",
+            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        limit = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(limit or context_window, logprobs)
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.as_template_message() for m in self.messages]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class LogprobFormatter:
+    """Turns TokenLogprobs into OpenAI's two logprobs shapes, decoding each token's text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def _text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def completion(self, items: list[TokenLogprob], offset: int) -> dict[str, list]:
+        """The legacy completions shape; offset is where the first token's text starts."""
+        tokens = [self._text(t.token_id) for t in items]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in items],
+            "text_offset": offsets,
+        }
+
+    def chat(self, items: list[TokenLogprob]) -> dict[str, list]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self._text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                for t in items
+            ]
+        }
+
+
+def finish_reason(delta: CompletionDelta) -> str | None:
+    """OpenAI's finish reasons are "stop" and "length"; lamina's "abort" has no equivalent
+    and only reaches a client together with an error."""
+    return delta.finish_reason if delta.finish_reason in ("stop", "length") else None

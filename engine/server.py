@@ -1,0 +1,399 @@
+"""`lamina serve`: an OpenAI-compatible HTTP server on the continuous-batching engine.
+
+Starlette routes the requests and uvicorn serves them; every request becomes one or more
+requests of the single engine loop (engine/async_engine.py), so concurrent clients are batched
+together rather than served one after another. Streams are server-sent events that end with
+`data: [DONE]`; a client that disconnects is aborted before the next engine step, which frees
+its KV blocks.
+
+Errors follow OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
+status for anything the client can fix; the server keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.api import LLM
+from engine.async_engine import AsyncEngine, RequestHandle, Update, updates
+from engine.engine_loop import FORWARD_FAILED
+from engine.errors import ContextLengthError, LaminaError
+from engine.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LogprobFormatter,
+    OpenAIError,
+    finish_reason,
+    new_id,
+    now,
+    usage,
+)
+from engine.outputs import RequestOutput
+
+log = logging.getLogger("lamina.server")
+
+
+class OpenAIServer:
+    """The routes, bound to one loaded model and its engine thread."""
+
+    def __init__(self, llm: LLM, model_name: str, api_key: str | None = None) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.api_key = api_key
+        self.engine = AsyncEngine(llm.engine_loop)
+        self.logprobs = LogprobFormatter(llm.tokenizer)
+        self.created = now()
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", self._guarded(self.models), methods=["GET"]),
+            Route("/v1/completions", self._guarded(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
+        ]
+        handlers = {OpenAIError: _error_response, HTTPException: _http_error, 500: _server_error}
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            yield
+            self.engine.shutdown()
+
+        return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+
+    def _guarded(self, handler: Callable) -> Callable:
+        """Check the bearer key, and turn bad input into OpenAI-style 4xx errors."""
+
+        async def endpoint(request: Request) -> Response:
+            self._authorize(request)
+            try:
+                return await handler(request)
+            except ValidationError as error:
+                raise OpenAIError(_validation_message(error)) from None
+            except ContextLengthError as error:
+                raise OpenAIError(str(error), code="context_length_exceeded") from None
+            except (ValueError, LaminaError) as error:
+                raise OpenAIError(str(error)) from None
+
+        return endpoint
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), self.api_key.encode()):
+            raise OpenAIError(
+                "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                status=401,
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "running_requests": self.engine.num_active})
+
+    async def models(self, request: Request) -> Response:
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lamina",
+            "max_model_len": self.llm.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise OpenAIError(
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    async def completions(self, request: Request) -> Response:
+        body = CompletionRequest.model_validate(await _json_body(request))
+        self._check_model(body.model)
+        # Without max_tokens, generate up to the context window (the engine caps it there).
+        params = body.params(self.llm.max_model_len)
+        requests = [self.llm.new_request(prompt, params) for prompt in body.prompts()]
+        run = _Run(self.engine, requests)
+        if body.stream:
+            return _sse(self._completion_chunks(body, run), run)
+        outputs = await run.finish(request)
+        choices = []
+        for i, output in enumerate(outputs):
+            echo = (output.prompt or "") if body.echo else ""
+            for c in output.outputs:
+                logprobs = None
+                if c.logprobs is not None:
+                    logprobs = self.logprobs.completion(c.logprobs, 0)
+                choices.append(
+                    {
+                        "index": i * body.n + c.index,
+                        "text": echo + c.text,
+                        "logprobs": logprobs,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+        result = {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage(outputs),
+        }
+        return JSONResponse(result)
+
+    async def _completion_chunks(
+        self, body: CompletionRequest, run: _Run
+    ) -> AsyncIterator[dict[str, Any]]:
+        rid, created = new_id("cmpl"), now()
+        offsets: dict[int, int] = {}
+        echoed: set[int] = set()
+        async for update in run.updates():
+            output = run.outputs[update.tag]
+            for d in update.deltas:
+                index = update.tag * body.n + d.index
+                text = d.text
+                if body.echo and index not in echoed:
+                    echoed.add(index)
+                    text = (output.prompt or "") + text
+                logprobs = None
+                if d.logprobs is not None:
+                    logprobs = self.logprobs.completion(d.logprobs, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(d.text)
+                choice = {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason(d),
+                }
+                yield _chunk(rid, "text_completion", created, self.model_name, [choice])
+        if body.include_usage:
+            yield _chunk(rid, "text_completion", created, self.model_name, [], _usage(run.outputs))
+
+    async def chat(self, request: Request) -> Response:
+        body = ChatCompletionRequest.model_validate(await _json_body(request))
+        self._check_model(body.model)
+        text, ids = self.llm.encode_chat(body.template_messages())
+        output, params = self.llm.new_request(ids, body.params(self.llm.max_model_len))
+        output.prompt = text
+        run = _Run(self.engine, [(output, params)])
+        if body.stream:
+            return _sse(self._chat_chunks(body, run), run)
+        (output,) = await run.finish(request)
+        choices = []
+        for c in output.outputs:
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None if c.logprobs is None else self.logprobs.chat(c.logprobs),
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        result = {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage([output]),
+        }
+        return JSONResponse(result)
+
+    async def _chat_chunks(
+        self, body: ChatCompletionRequest, run: _Run
+    ) -> AsyncIterator[dict[str, Any]]:
+        rid, created, kind = new_id("chatcmpl"), now(), "chat.completion.chunk"
+        started: set[int] = set()
+        async for update in run.updates():
+            for d in update.deltas:
+                delta: dict[str, str] = {}
+                if d.index not in started:
+                    started.add(d.index)
+                    delta["role"] = "assistant"
+                if d.text or "role" in delta:
+                    delta["content"] = d.text
+                choice = {
+                    "index": d.index,
+                    "delta": delta,
+                    "logprobs": None if d.logprobs is None else self.logprobs.chat(d.logprobs),
+                    "finish_reason": finish_reason(d),
+                }
+                yield _chunk(rid, kind, created, self.model_name, [choice])
+        if body.include_usage:
+            yield _chunk(rid, kind, created, self.model_name, [], _usage(run.outputs))
+
+
+class _Run:
+    """The engine requests behind one HTTP request, and their shared update queue."""
+
+    def __init__(self, engine: AsyncEngine, requests: list[tuple[RequestOutput, Any]]) -> None:
+        self.engine = engine
+        self.outputs = [output for output, _ in requests]
+        self.sink: asyncio.Queue[Update] = asyncio.Queue()
+        self.handles: list[RequestHandle] = []
+        try:
+            for tag, (output, params) in enumerate(requests):
+                self.handles.append(engine.submit(output, params, self.sink, tag))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for handle in self.handles:
+            self.engine.abort(handle)
+
+    async def updates(self) -> AsyncIterator[Update]:
+        """Every update until all requests finish; raises OpenAIError if the engine aborted
+        one. Leaving early (a client that went away) aborts the rest."""
+        try:
+            async for update in updates(self.sink, len(self.handles)):
+                if update.error is not None:
+                    raise _engine_error(update.error)
+                yield update
+        finally:
+            self.abort()
+
+    async def finish(self, request: Request) -> list[RequestOutput]:
+        """Wait for every request to finish, aborting them if the client disconnects."""
+
+        async def drain() -> None:
+            async for _ in self.updates():
+                pass
+
+        work = asyncio.ensure_future(drain())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                self.abort()
+        if work.cancelled():
+            raise OpenAIError("the client disconnected", status=499)
+        work.result()
+        return self.outputs
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]], run: _Run) -> StreamingResponse:
+    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`. An engine error
+    after the headers went out is sent as an error event before [DONE]."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except OpenAIError as error:
+            yield f"data: {json.dumps(error.body)}\n\n"
+        finally:
+            run.abort()  # a no-op for finished requests; frees a disconnected client's blocks
+        yield "data: [DONE]\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _chunk(
+    rid: str,
+    kind: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    chunk = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if usage_ is not None:
+        chunk["usage"] = usage_
+    return chunk
+
+
+def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(o.metrics.generated_tokens for o in outputs)
+    return usage(prompt, generated)
+
+
+def _engine_error(message: str) -> OpenAIError:
+    if message.startswith(FORWARD_FAILED):
+        return OpenAIError(message, status=500, kind="server_error")
+    return OpenAIError(message)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OpenAIError(f"the request body is not valid JSON: {error}") from None
+
+
+def _validation_message(error: ValidationError) -> str:
+    """pydantic's first complaint, phrased for an API user."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if first["type"] == "missing":
+        return f"missing required field {where!r}"
+    more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+async def _error_response(request: Request, error: Exception) -> Response:
+    assert isinstance(error, OpenAIError)
+    return JSONResponse(error.body, status_code=error.status)
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    return await _error_response(request, OpenAIError(str(error.detail), status=error.status_code))
+
+
+async def _server_error(request: Request, error: Exception) -> Response:
+    log.exception("request failed", exc_info=error)
+    body = OpenAIError(f"internal server error: {error!r}", 500, "server_error")
+    return await _error_response(request, body)
+
+
+def default_model_name(llm: LLM) -> str:
+    """The name clients pass as `model`: the file's stem or the folder's name."""
+    path = llm.loaded.path
+    return path.stem if path.is_file() else path.name
+
+
+def serve(
+    llm: LLM,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+) -> None:
+    """Serve until interrupted (Ctrl-C stops uvicorn, then the engine thread)."""
+    import uvicorn
+
+    server = OpenAIServer(llm, model_name or default_model_name(llm), api_key)
+    log.info("serving %s on http://%s:%d/v1", server.model_name, host, port)
+    uvicorn.run(server.app(), host=host, port=port, log_level="info")
