@@ -106,6 +106,9 @@ class EngineLoop:
     def new_group(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
         """Check a request and build its group, without queueing it (no lock needed)."""
         self.check_prompt(output.prompt_token_ids)
+        too_big = [t for t in params.logit_bias or () if t >= self.ctx.vocab_size]
+        if too_big:
+            raise ValueError(f"logit_bias token id {too_big[0]} is outside the vocabulary")
         kind = BeamSearchGroup if params.use_beam_search else SamplingGroup
         group = kind(output, params, self.ctx)
         group.check_fits(self.scheduler.max_num_seqs)

@@ -1,8 +1,8 @@
 """OpenAI API request bodies and the response objects built from engine outputs.
 
 Requests are pydantic models that forbid unknown fields, so a misspelt parameter is a 400
-rather than silently ignored. Fields OpenAI documents but lamina cannot honour (tools, logit
-bias, a JSON response format, a suffix) are refused with a message that says so. Extensions
+rather than silently ignored. Fields OpenAI documents but lamina cannot honour (tools, a
+JSON response format, a suffix) are refused with a message that says so. Extensions
 that vLLM and llama.cpp's server also accept (top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids) are allowed.
 """
@@ -69,8 +69,6 @@ class _SamplingFields(BaseModel):
         self, max_tokens: int, logprobs: int | None, best_of: int | None = None
     ) -> SamplingParams:
         """The request as SamplingParams; ValueError (-> 400) for values out of range."""
-        if self.logit_bias:
-            raise OpenAIError("logit_bias is not supported by lamina", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed with stream: true")
         return SamplingParams(
@@ -89,6 +87,7 @@ class _SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            logit_bias=self.logit_bias,
         )
 
     @property

@@ -47,6 +47,8 @@ class SamplingParams:
 
     logprobs (0 to 20) returns, for every generated token, the model's log-probability of it
     and of the `logprobs` most likely tokens at that step (raw logits, as in vLLM).
+    logit_bias maps token ids to values in [-100, 100] added to their logits before sampling
+    (OpenAI's field: -100 bans a token, 100 all but forces it).
     """
 
     max_tokens: int = 256
@@ -68,6 +70,7 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.max_tokens = _as_int("max_tokens", self.max_tokens)
@@ -86,6 +89,7 @@ class SamplingParams:
                 f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
             )
             _require(not self.use_beam_search, "logprobs are not supported with beam search")
+        self.logit_bias = _normalize_bias(self.logit_bias)
 
     def _check_parallel(self) -> None:
         self.n = _as_int("n", self.n)
@@ -181,6 +185,9 @@ class Sampler:
             or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0
         )
+        bias = params.logit_bias or {}
+        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
         seed = None if params.seed is None else params.seed % 2**64
         self._rng = np.random.default_rng(seed)
         self._prompt_source: object = None
@@ -192,6 +199,9 @@ class Sampler:
     ) -> int:
         """Return the next token id, always < vocab_size (padded head columns are ignored)."""
         x = _logits_row(logits, self.vocab_size)
+        if self._bias_ids.size:
+            x = x.copy()
+            x[self._bias_ids] += self._bias_values
         if self._penalized:
             x = apply_penalties(x, self._unique_prompt(prompt_ids, len(x)), output_ids, self.params)
         if self.is_greedy:
@@ -438,6 +448,24 @@ def _normalize_stop(stop: list[str] | str | None) -> list[str]:
     for s in stop:
         _require(isinstance(s, str) and bool(s), f"stop strings must be non-empty, got {s!r}")
     return list(stop)
+
+
+def _normalize_bias(bias: Mapping[Any, Any] | None) -> dict[int, float] | None:
+    """Token id -> bias, with ids as ints (JSON object keys arrive as strings)."""
+    if not bias:
+        return None
+    _require(isinstance(bias, Mapping), "logit_bias must map token ids to numbers")
+    result = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias key {key!r} is not a token id") from None
+        _require(token >= 0, f"logit_bias key {key!r} is not a token id")
+        value = _as_float(f"logit_bias[{key}]", value)
+        _require(-100 <= value <= 100, f"logit_bias values must be in [-100, 100], got {value}")
+        result[token] = value
+    return result
 
 
 def _normalize_token_ids(ids: Sequence[int] | None) -> list[int]:

@@ -143,7 +143,7 @@ def test_sse_wire_format_ends_with_done(server: OpenAIServer):
 
 
 def test_sampling_fields_n_seed_stop_logprobs(llm: LLM, client: OpenAI):
-    fields = dict(model="smollm2", prompt="My favourite fruit is", max_tokens=10)
+    fields = {"model": "smollm2", "prompt": "My favourite fruit is", "max_tokens": 10}
     extensions = {"top_k": 40, "min_p": 0.05}  # vLLM's extra fields
     a = client.completions.create(**fields, n=3, temperature=1.0, seed=7, extra_body=extensions)
     b = client.completions.create(**fields, n=3, temperature=1.0, seed=7, extra_body=extensions)
@@ -163,6 +163,20 @@ def test_sampling_fields_n_seed_stop_logprobs(llm: LLM, client: OpenAI):
         assert len(top) == 3
         assert chosen == pytest.approx(max(top.values()))  # greedy picks the most likely
         assert chosen <= 0
+
+
+def test_logit_bias_bans_a_token(llm: LLM, client: OpenAI):
+    prompt = "The capital of France is"
+    greedy = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    banned = {str(greedy[0]): -100, str(greedy[1]): -100}
+    reply = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=6, temperature=0, logit_bias=banned, logprobs=0
+    )
+    ids = [
+        llm.tokenizer.encode(t, add_special_tokens=False) for t in reply.choices[0].logprobs.tokens
+    ]
+    assert reply.choices[0].text != llm.tokenizer.decode(greedy)
+    assert not {greedy[0], greedy[1]} & {i for piece in ids for i in piece}
 
 
 def test_32_concurrent_streams_are_batched_and_correct(llm: LLM, server: OpenAIServer):
@@ -233,6 +247,9 @@ BAD_REQUESTS = [
     ({"model": "smollm2", "prompt": "Hi", "stop": 3}, 400, None),
     ({"model": "smollm2", "prompt": ""}, 400, None),
     ({"model": "smollm2", "prompt": [99999999]}, 400, None),
+    ({"model": "smollm2", "prompt": "Hi", "logit_bias": {"abc": 1}}, 400, None),
+    ({"model": "smollm2", "prompt": "Hi", "logit_bias": {"5": 500}}, 400, None),
+    ({"model": "smollm2", "prompt": "Hi", "logit_bias": {"99999999": 1}}, 400, None),
     ({"prompt": "Hi"}, 400, None),
 ]
 
