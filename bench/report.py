@@ -22,6 +22,8 @@ _TABLE_KEYS = (
     "kind", "sparsity", "perplexity", "perplexity_vs_dense", "decode_vs_dense", "weights_mb",
     "dense_int8_decode_tok_s", "weight_sparse_50_decode_tok_s", "weight_sparse_50_vs_dense",
     "activation_sparse_40_decode_tok_s", "activation_sparse_40_vs_dense",
+    "clients", "single_tok_s", "aggregate_tok_s", "aggregate_vs_single", "ttft_p50_s",
+    "ttft_p99_s", "failures",
 )  # fmt: skip
 
 
@@ -86,6 +88,14 @@ def _chart(path: Path, name: str, rows: list[dict]) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequences decoding together")
         ax.set_ylabel("aggregate decode tok/s")
+    elif "aggregate_tok_s" in rows[0]:
+        engines = {"lamina": rows[0], **rows[0].get("peers", {})}
+        for i, key in enumerate(("single_tok_s", "aggregate_tok_s")):
+            ax.bar([j + 0.4 * i for j in range(len(engines))],
+                   [f[key] for f in engines.values()], width=0.4, label=key)  # fmt: skip
+        ax.set_xticks([j + 0.2 for j in range(len(engines))], list(engines))
+        ax.set_ylabel("generated tok/s")
+        ax.legend()
     else:
         row = rows[0]
         engines = {"lamina": row, **row.get("peers", {})}

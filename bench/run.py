@@ -166,6 +166,22 @@ def main(args) -> int:
             print(json.dumps(row) if args.json else json.dumps(row, indent=2))
         return 0
     peers = [p for p in (args.peers or "").split(",") if p]
+    if args.what == "serve":
+        from bench.server import run_serve_bench
+
+        result = run_serve_bench(
+            resolve_model(args.model),
+            args.quant,
+            args.runs,
+            peers,
+            args.clients,
+            args.gen_tokens,
+            args.kv_cache_dtype,
+        )
+        kv = "" if args.kv_cache_dtype == "float32" else f"-kv{args.kv_cache_dtype}"
+        write_report(f"serve-{_slug(args.model)}-{result['quant']}{kv}", [result])
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
     if args.batch:
         from bench.batch import run_batch_bench
 

@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     sparse.add_argument("--calibration", metavar="FILE", help="calibration text (default: pydoc)")
 
     bench = sub.add_parser("bench", help="measure speed against bandwidth and peer engines")
-    bench.add_argument("what", nargs="?", choices=["e2e", "kernels", "sparsity"], default="e2e")
+    bench.add_argument(
+        "what", nargs="?", choices=["e2e", "kernels", "sparsity", "serve"], default="e2e"
+    )
+    bench.add_argument(
+        "--clients", type=_positive_int, default=32, help="concurrent streams (bench serve)"
+    )
     bench.add_argument(
         "--model", "-m", help="model path, or random:llama-1b (default model if absent)"
     )
