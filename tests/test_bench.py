@@ -57,3 +57,15 @@ def test_bench_batch_reports_curve_prefix_and_job(tmp_path, monkeypatch, capsys)
     assert result["batch16_vs_single"] > 0 and result["prefix_ttft_speedup"] > 0
     assert 0 <= result["kv_waste"] < 1
     assert result["job_requests"] == 4 and result["job_generated_tokens"] > 0
+
+
+def test_bench_serve_reports_aggregate_and_ttft(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LAMINA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAMINA_BENCH_RESULTS", str(tmp_path / "results"))
+    argv = ["bench", "serve", "--model", "random:llama-tiny", "--quant", "int8", "--runs", "1"]
+    assert main([*argv, "--clients", "3", "--gen-tokens", "3", "--peers", "", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["failures"] == 0 and result["min_tokens_per_client"] == 3
+    for key in ("single_tok_s", "aggregate_tok_s", "ttft_p50_s", "ttft_p99_s"):
+        assert result[key] > 0, key
+    assert result["ttft_p50_s"] <= result["ttft_p99_s"]
