@@ -72,6 +72,8 @@ def run_serve_bench(
         gguf = llama_cpp_gguf(path, quant, cache_dir())
         peer = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
         peer += ["--model_alias", MODEL_NAME, "--n_ctx", "2048", "--verbose", "false"]
+        # By default a new request interrupts the one streaming; queue them instead.
+        peer += ["--interrupt_requests", "false"]
         peer += ["--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())]
         figures = _measure(peer, prompts, body, runs)
         figures["aggregate_vs_single"] = figures["aggregate_tok_s"] / figures["single_tok_s"]
