@@ -1,1 +1,33 @@
-"""numba.cuda kernels for the op set of kernels_cpu; filled in by the CUDA backend issue."""
+"""numba.cuda twins of the kernels_cpu op set, for the CUDA backend.
+
+Every op is a `cuda.jit` kernel plus a small host-side wrapper in the same module. Wrappers
+take device arrays (numba DeviceNDArray), allocate their result on the device unless `out` is
+given, and launch on `stream`; nothing is copied back to the host. Passing numpy arrays also
+works but makes numba copy them in and out around every launch.
+
+The kernels are plain CUDA: shared-memory tiles and reductions, no warp shuffles, because
+numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which runs them in CI on machines without a
+GPU, has none. Modules: matmul_f32 and matmul_int8 (GEMV/GEMM), norms, rope, activations,
+elementwise (residual add, bias, QKV split), embedding (row gathers), paged_attention, and
+launch (launch geometry, result buffers, and the conventions the kernels follow and why).
+"""
+
+from __future__ import annotations
+
+
+def available() -> bool:
+    """Whether numba finds a usable CUDA GPU (the simulator counts as one); never raises."""
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken driver or toolkit means "no GPU"
+        return False
+
+
+def simulated() -> bool:
+    """Whether numba.cuda is the CUDA simulator (NUMBA_ENABLE_CUDASIM=1): correct, but every
+    thread is a Python thread, so it is for tests, never a device to choose for speed."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before numba.cuda is first imported: without a GPU, kernels_gpu runs on numba's CUDA
+# simulator (only numba.cuda reads this). LAMINA_REAL_GPU=1 tests on the real device.
+if os.environ.get("LAMINA_REAL_GPU") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import pytest
 

@@ -1,0 +1,34 @@
+"""Gated activations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid, result
+
+
+@cuda.jit(cache=True)
+def _silu_mul(gate_up, out):
+    """Thread per output; -gate is clamped to [-87, 88] as on the CPU (silu is already gate or
+    0 there to float32 precision), which also keeps expf finite."""
+    rows, half = out.shape
+    for idx in range(cuda.grid(1), rows * half, cuda.gridsize(1)):
+        t = idx // half
+        i = idx - t * half
+        g = gate_up[t, i]
+        m = -g if -g > float32(-87.0) else float32(-87.0)
+        e = math.exp(m if m < float32(88.0) else float32(88.0))
+        out[t, i] = g / (float32(1.0) + e) * gate_up[t, half + i]
+
+
+def silu_mul(gate_up, out=None, stream=0):
+    """gate_up (T, 2F) float32 holding [gate | up] -> silu(gate) * up, shape (T, F)."""
+    rows, width = gate_up.shape
+    out = result(out, (rows, width // 2), np.float32, stream)
+    n = rows * (width // 2)
+    if n:
+        _silu_mul[elementwise_grid(n), ELEMENTWISE_THREADS, stream](gate_up, out)
+    return out

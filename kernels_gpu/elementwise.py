@@ -1,0 +1,69 @@
+"""Small elementwise ops the forward pass needs between the big kernels: residual adds, bias
+adds, and splitting the fused QKV projection into contiguous q, k, v."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid
+
+
+@cuda.jit(cache=True)
+def _add_rows(x, y):
+    """x (T, N) += y (T, N)."""
+    rows, n = x.shape
+    for idx in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
+        t = idx // n
+        x[t, idx - t * n] += y[t, idx - t * n]
+
+
+@cuda.jit(cache=True)
+def _add_bias(x, bias):
+    """x (T, N) += bias (N,) on every row."""
+    rows, n = x.shape
+    for idx in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
+        t = idx // n
+        x[t, idx - t * n] += bias[idx - t * n]
+
+
+@cuda.jit(cache=True)
+def _split(qkv, q, k, v):
+    """Copy the column ranges [q | k | v] of qkv (T, W) into the (T, *) arrays q, k, v."""
+    rows, width = qkv.shape
+    q_end = q.shape[1]
+    k_end = q_end + k.shape[1]
+    for idx in range(cuda.grid(1), rows * width, cuda.gridsize(1)):
+        t = idx // width
+        c = idx - t * width
+        if c < q_end:
+            q[t, c] = qkv[t, c]
+        elif c < k_end:
+            k[t, c - q_end] = qkv[t, c]
+        else:
+            v[t, c - k_end] = qkv[t, c]
+
+
+def add_inplace(x, y, stream=0):
+    """x (T, N) += y, where y is (T, N) or a bias (N,) added to every row; returns x."""
+    n = x.shape[0] * x.shape[1]
+    if n:
+        kernel = _add_bias if y.ndim == 1 else _add_rows
+        kernel[elementwise_grid(n), ELEMENTWISE_THREADS, stream](x, y)
+    return x
+
+
+def split_qkv(qkv, heads: int, kv_heads: int, head_dim: int, stream=0):
+    """Fused (T, (H + 2 Hkv) D) projections -> new contiguous q (T, H, D), k and v (T, Hkv, D)."""
+    tokens = qkv.shape[0]
+    q = cuda.device_array((tokens, heads * head_dim), dtype=np.float32, stream=stream)
+    k = cuda.device_array((tokens, kv_heads * head_dim), dtype=np.float32, stream=stream)
+    v = cuda.device_array((tokens, kv_heads * head_dim), dtype=np.float32, stream=stream)
+    n = tokens * qkv.shape[1]
+    if n:
+        _split[elementwise_grid(n), ELEMENTWISE_THREADS, stream](qkv, q, k, v)
+    return (
+        q.reshape(tokens, heads, head_dim),
+        k.reshape(tokens, kv_heads, head_dim),
+        v.reshape(tokens, kv_heads, head_dim),
+    )
