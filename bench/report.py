@@ -22,6 +22,9 @@ _TABLE_KEYS = (
     "kind", "sparsity", "perplexity", "perplexity_vs_dense", "decode_vs_dense", "weights_mb",
     "dense_int8_decode_tok_s", "weight_sparse_50_decode_tok_s", "weight_sparse_50_vs_dense",
     "activation_sparse_40_decode_tok_s", "activation_sparse_40_vs_dense",
+    "cpu_memory_mb", "checkpoint_mb", "resident_decode_tok_s", "streamed_decode_tok_s",
+    "streamed_vs_resident", "streamed_cached_decode_tok_s", "disk_read_gbps", "raw_disk_read_gbps",
+    "overlap", "disk_busy_share", "rss_growth_mb",
     "clients", "single_tok_s", "aggregate_tok_s", "aggregate_vs_single", "ttft_p50_s",
     "ttft_p99_s", "failures",
 )  # fmt: skip
@@ -80,6 +83,10 @@ def _chart(path: Path, name: str, rows: list[dict]) -> None:
         ax.legend()
     elif "dense_int8_decode_tok_s" in rows[0]:
         names = ("dense_int8", "weight_sparse_50", "activation_sparse_40")
+        ax.bar(names, [rows[0][f"{n}_decode_tok_s"] for n in names])
+        ax.set_ylabel("decode tok/s")
+    elif "streamed_decode_tok_s" in rows[0]:
+        names = ("resident", "streamed_cached", "streamed")
         ax.bar(names, [rows[0][f"{n}_decode_tok_s"] for n in names])
         ax.set_ylabel("decode tok/s")
     elif "batch_curve_decode_tok_s" in rows[0]:

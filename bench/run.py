@@ -165,6 +165,20 @@ def main(args) -> int:
         for row in [*rows, speed]:
             print(json.dumps(row) if args.json else json.dumps(row, indent=2))
         return 0
+    if args.cpu_memory is not None:
+        from bench.streaming import run_streaming_bench
+
+        result = run_streaming_bench(
+            resolve_model(args.model),
+            args.quant,
+            args.cpu_memory,
+            args.prompt_tokens,
+            args.gen_tokens,
+            args.runs,
+        )
+        write_report(f"stream-{_slug(args.model)}-{result['quant']}", [result])
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
     peers = [p for p in (args.peers or "").split(",") if p]
     if args.what == "serve":
         from bench.server import run_serve_bench

@@ -12,16 +12,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
-from engine.backends.cpu import CPUBackend
+
+from engine.backends.device import DeviceChoice, make_backend, select_device
 from engine.engine_loop import EngineLoop
 from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.perplexity import PerplexityResult, sliding_window_nll
 from engine.sampling import SamplingParams
 from engine.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
+from offload.placement import PlacementPlan, parse_memory_size
+from offload.streaming import StreamStats
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations are never evaluated
 
 __all__ = ["LLM", "RequestMetrics", "RequestOutput", "SamplingParams", "TextStream"]
 
@@ -82,13 +88,22 @@ class LLM:
     processes share the machine, since every parallel kernel waits for its slowest thread.
     quant: None (float32) or "int8" (per-row int8 weights, quantized while loading).
     kv_cache_mb / kv_cache_fraction: the paged KV cache's size, in MB or as a share of the
-    available RAM (default 0.2); it must hold at least one max_model_len context.
+    memory free on the device (RAM, or GPU memory after the weights; default 0.2); it must
+    hold at least one max_model_len context.
     enable_prefix_caching: reuse the cached keys and values of a repeated prompt prefix
     (benchmarks turn it off to time prefill).
     max_num_seqs: sequences decoded together (continuous batching); max_num_batched_tokens:
     tokens per forward pass, which is also the prefill chunk size.
     kv_cache_dtype: "float32" or "int8" (per-row scales; about a quarter of the memory, so
     about four times the tokens in the same budget, at a small cost in accuracy).
+    cpu_memory: host RAM budget for weights, KV cache and activations: "512M", "2G", "700"
+    (MiB) or an int of bytes. Layers that do not fit are streamed from disk while earlier
+    ones compute (lamina checkpoints only); the KV cache then defaults to one max_model_len
+    context. Default: available RAM less a margin, for checkpoints. drop_page_cache: drop
+    streamed ranges from the OS page cache after reading them, so each pass reads the disk.
+    close() (or a with block) releases the file and thread streaming uses.
+    device: "auto" (default: CUDA when numba finds a real GPU, else CPU), "cpu" or "cuda";
+    `device` then holds the one chosen and `device_choice` why.
     """
 
     def __init__(
@@ -104,15 +119,24 @@ class LLM:
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         kv_cache_dtype: str = "float32",
+        cpu_memory: int | str | None = None,
+        drop_page_cache: bool = False,
+        device: str = "auto",
     ):
+        if isinstance(cpu_memory, str):
+            cpu_memory = parse_memory_size(cpu_memory)
+        elif cpu_memory is not None and cpu_memory < 1:
+            raise ValueError(f"cpu_memory must be a positive number of bytes, got {cpu_memory}")
         if threads is not None:
             _set_threads(threads)
+        self.device_choice: DeviceChoice = select_device(device)
+        self.device: str = self.device_choice.name
         self.loaded: LoadedModel = load_model(model, quant)
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
         self._engine = EngineLoop(
             self.loaded,
-            CPUBackend(),
+            make_backend(self.device),
             max_model_len,
             kv_cache_mb,
             kv_cache_fraction,
@@ -120,6 +144,8 @@ class LLM:
             max_num_seqs,
             max_num_batched_tokens,
             kv_cache_dtype,
+            cpu_memory,
+            drop_page_cache,
         )
 
     @property
@@ -131,6 +157,28 @@ class LLM:
     def engine_loop(self) -> EngineLoop:
         """The engine loop every request of this model goes through (the server drives it)."""
         return self._engine
+
+    @property
+    def placement(self) -> PlacementPlan | None:
+        """Where the layers live (None: weights loaded into RAM with no budget to plan)."""
+        return self._engine.placement
+
+    @property
+    def stream_stats(self) -> StreamStats | None:
+        """Counters of disk streaming, when some layers stream."""
+        stream = self._engine.layer_stream
+        return None if stream is None else stream.stats
+
+    def close(self) -> None:
+        """Release the layer stream's file and thread, if any; a streaming LLM cannot run
+        after this."""
+        self._engine.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def max_model_len(self) -> int:

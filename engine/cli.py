@@ -46,6 +46,15 @@ def _port(text: str) -> int:
     return value
 
 
+def _memory_size(text: str) -> int:
+    from offload.placement import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -58,12 +67,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=_positive_int, help="cap the context window")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
     p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: a CUDA GPU when numba finds one, else the CPU",
+    )
+    p.add_argument(
         "--quant", choices=["f32", "int8"], default=None, help="weight precision (default: f32)"
     )
     p.add_argument(
-        "--kv-cache-mb", type=_positive_float, help="KV cache size (default: 20%% of free RAM)"
+        "--kv-cache-mb",
+        type=_positive_float,
+        help="KV cache size (default: 20%% of free RAM or GPU memory)",
     )
     _add_kv_dtype_arg(p)
+    p.add_argument(
+        "--cpu-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="RAM budget (MiB, or 512M, 2G); layers beyond it stream from disk "
+        "(lamina checkpoints)",
+    )
     p.add_argument("--max-num-seqs", type=_positive_int, help="sequences decoded together")
     p.add_argument(
         "--max-num-batched-tokens",
@@ -105,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen, max_tokens=128)
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
     gen.add_argument("--json", action="store_true", help="print one JSON object with metrics")
+    gen.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="print the device, layer placement and streaming on stderr",
+    )
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read stdin")
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat with streaming replies")
@@ -185,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", action="store_true", help="continuous batching: batch curve, prefix, job"
     )
     _add_kv_dtype_arg(bench)
+    bench.add_argument(
+        "--cpu-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="bench disk streaming under this RAM budget against fully resident (int8)",
+    )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
 
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
@@ -227,15 +263,22 @@ def _load(args: argparse.Namespace):
         for name in ("max_num_seqs", "max_num_batched_tokens")
         if getattr(args, name) is not None
     }
-    return LLM(
+    llm = LLM(
         args.model,
         max_model_len=args.max_model_len,
         threads=args.threads,
         quant=args.quant,
         kv_cache_mb=args.kv_cache_mb,
         kv_cache_dtype=args.kv_cache_dtype,
+        cpu_memory=args.cpu_memory,
+        device=args.device,
         **scheduler,
     )
+    # Said where a person watches (or asked with --verbose), not into captured stderr,
+    # where a bad input's error must stay the only line.
+    if sys.stderr.isatty() or getattr(args, "verbose", False):
+        print(f"lamina: {llm.device_choice.describe()}", file=sys.stderr)
+    return llm
 
 
 def _read_stdin() -> str:
@@ -250,22 +293,30 @@ def _read_stdin() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     params = _sampling_params(args)
-    llm = _load(args)
-    if args.chat:
-        stream = llm.stream_chat([{"role": "user", "content": prompt}], params)
-    else:
-        stream = llm.stream(prompt, params)
-    if args.json:
-        for _ in stream:
-            pass
-        result = stream.output.to_dict()
-        del result["id"]
-        result["load_s"] = llm.loaded.load_s
-        print(json.dumps(result, ensure_ascii=False))
-        return 0
-    stream.write_to(sys.stdout)
-    sys.stdout.write("\n")
+    with _load(args) as llm:
+        if args.verbose:
+            plan = llm.placement
+            print(plan.describe() if plan else _UNPLANNED, file=sys.stderr)
+        if args.chat:
+            stream = llm.stream_chat([{"role": "user", "content": prompt}], params)
+        else:
+            stream = llm.stream(prompt, params)
+        if args.json:
+            for _ in stream:
+                pass
+            result = stream.output.to_dict()
+            del result["id"]
+            result["load_s"] = llm.loaded.load_s
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            stream.write_to(sys.stdout)
+            sys.stdout.write("\n")
+        if args.verbose and llm.stream_stats is not None:
+            print(llm.stream_stats.describe(), file=sys.stderr)
     return 0
+
+
+_UNPLANNED = "placement: every layer resident in RAM (weights loaded into memory; no budget set)"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -301,8 +352,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    llm = _load(args)
-    serve(llm, args.host, args.port, args.api_key, args.served_model_name)
+    with _load(args) as llm:
+        serve(llm, args.host, args.port, args.api_key, args.served_model_name)
     return 0
 
 

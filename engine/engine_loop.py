@@ -14,7 +14,9 @@ import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+
 from engine.beam_search import BeamSearchGroup
+from engine.config import ModelConfig
 from engine.errors import ContextLengthError, LaminaError
 from engine.kv_cache import (
     BLOCK_SIZE,
@@ -23,6 +25,7 @@ from engine.kv_cache import (
     budget_blocks,
     kv_bytes_per_token,
 )
+from engine.loader.checkpoint import checkpoint_layer_tensors, open_layer_stream
 from engine.loader.model_loader import LoadedModel
 from engine.model import Transformer
 from engine.outputs import RequestOutput
@@ -34,6 +37,8 @@ from engine.scheduler import (
     Sequence,
 )
 from engine.sequence_group import GenerationContext, SamplingGroup, SequenceGroup
+from offload.placement import PlacementPlan, Tier, default_cpu_budget, plan_placement
+from offload.streaming import LayerLayout, LayerStream
 
 # How a request aborted by a failed forward pass is told apart (a bug, not bad input).
 FORWARD_FAILED = "the forward pass failed"
@@ -51,10 +56,16 @@ class EngineLoop:
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         kv_cache_dtype: str = "float32",
+        cpu_memory: int | None = None,
+        drop_page_cache: bool = False,
     ):
+        """cpu_memory: host RAM budget in bytes for weights, KV cache and activations
+        (default: derived from available RAM for memory-mapped checkpoints; unplanned for
+        weights already loaded into RAM). Layers that do not fit stream from disk, each
+        range dropped from the page cache after reading when drop_page_cache."""
         self.loaded = loaded
         self.backend = backend
-        backend.prepare_weights(loaded.weights)
+        backend.prepare_weights(loaded.weights)  # before streaming: it walks every layer
         self.model = Transformer(loaded.config, loaded.weights, backend)
         limit = loaded.config.max_position_embeddings
         if max_model_len is not None and max_model_len < 2:
@@ -69,18 +80,29 @@ class EngineLoop:
             vocab_size=min(loaded.tokenizer.vocab_size, loaded.config.vocab_size),
             max_model_len=self.max_model_len,
         )
-        self.cache = self._make_cache(kv_cache_mb, kv_cache_fraction, kv_cache_dtype)
+        self.cache = self._make_cache(kv_cache_mb, kv_cache_fraction, kv_cache_dtype, cpu_memory)
+        reserve = self.kv_cache_bytes + activation_bytes(
+            loaded.config, max_num_batched_tokens, max_num_seqs
+        )
+        self.placement: PlacementPlan | None = None
+        self.layer_stream: LayerStream | None = None
+        self._place_layers(cpu_memory, reserve, drop_page_cache)
         self.scheduler = Scheduler(
             self.cache, max_num_seqs, max_num_batched_tokens, enable_prefix_caching
         )
 
     def _make_cache(
-        self, memory_mb: float | None, fraction: float | None, dtype: str
+        self, memory_mb: float | None, fraction: float | None, dtype: str, cpu_memory: int | None
     ) -> PagedKVCache:
         cfg = self.loaded.config
         token_bytes = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-        blocks = budget_blocks(token_bytes * BLOCK_SIZE, memory_mb, fraction)
         needed = -(-self.max_model_len // BLOCK_SIZE)
+        if cpu_memory is not None and memory_mb is None and fraction is None:
+            blocks = needed  # under a RAM budget the cache defaults to one full context
+        else:
+            free = self.backend.free_memory()  # RAM, or GPU memory left after the weights
+            blocks = budget_blocks(token_bytes * BLOCK_SIZE, memory_mb, fraction, free)
+        self.kv_cache_bytes = blocks * BLOCK_SIZE * token_bytes
         if blocks < needed:
             raise LaminaError(
                 f"the KV cache budget holds {blocks * BLOCK_SIZE} tokens, less than one "
@@ -96,6 +118,44 @@ class EngineLoop:
             BLOCK_SIZE,
             dtype,
         )
+
+    def _place_layers(self, cpu_memory: int | None, reserve: int, drop_page_cache: bool) -> None:
+        """Plan where the layers live under the host budget; stream from disk what does not
+        fit. Weights already loaded into RAM without a budget have nothing left to plan."""
+        folder, weights = self.loaded.checkpoint, self.loaded.weights
+        if cpu_memory is None and folder is None:
+            return
+        budget = default_cpu_budget() if cpu_memory is None else cpu_memory
+        tensors = None if folder is None else checkpoint_layer_tensors(folder, len(weights.layers))
+        if tensors is None:
+            sizes = [layer.nbytes for layer in weights.layers]
+        else:  # exactly what a streaming buffer holds (tensors keep their file alignment)
+            sizes = [LayerLayout.of(specs).nbytes for specs in tensors]
+        non_layer = weights.nbytes - sum(layer.nbytes for layer in weights.layers)
+        self.placement = plan_placement(sizes, non_layer, budget, reserve_bytes=reserve)
+        if self.placement.fully_resident:
+            return
+        if tensors is None:
+            raise LaminaError(
+                f"the model does not fit in the {budget / 2**20:.0f} MiB RAM budget, and only a "
+                "lamina checkpoint can stream layers from disk: run `lamina quantize SRC OUT "
+                "--weights int8` and load OUT"
+            )
+        self.layer_stream = open_layer_stream(
+            folder,
+            weights,
+            self.placement.layers(Tier.DISK),
+            tensors,
+            self.placement.host_buffers.count,
+            drop_page_cache,
+        )
+        weights.layers = self.layer_stream
+
+    def close(self) -> None:
+        """Release what the loop holds open: the layer stream's file and reader thread."""
+        with self._lock:
+            if self.layer_stream is not None:
+                self.layer_stream.close()
 
     def submit(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
         """Queue a request (checked first, so a bad prompt raises here)."""
@@ -244,3 +304,12 @@ class EngineLoop:
                 f"the prompt has {len(prompt)} tokens but the context window is "
                 f"{self.max_model_len}; shorten it to at most {longest} tokens"
             )
+
+
+def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
+    """An estimate of the float32 activations of one forward pass of `tokens` tokens: the
+    residual stream, norms, fused QKV, attention output and the fused MLP's intermediates,
+    plus decode logits (and their sampling copies) for `seqs` sequences."""
+    c = config
+    per_token = 5 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size + 3 * c.intermediate_size
+    return 4 * (tokens * per_token + 2 * seqs * c.vocab_size)

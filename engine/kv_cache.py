@@ -267,8 +267,14 @@ class PagedKVCache:
         seq.blocks[-1] = new
 
 
-def budget_blocks(block_bytes: int, memory_mb: float | None, fraction: float | None) -> int:
-    """Blocks that fit a KV budget given in MB, or as a fraction of available RAM."""
+def budget_blocks(
+    block_bytes: int,
+    memory_mb: float | None,
+    fraction: float | None,
+    free_bytes: int | None = None,
+) -> int:
+    """Blocks that fit a KV budget given in MB, or as a fraction of `free_bytes`: the memory
+    free where the backend allocates the cache (default: the RAM psutil reports available)."""
     if memory_mb is not None:
         if memory_mb <= 0:
             raise ValueError(f"the KV cache budget must be positive, got {memory_mb} MB")
@@ -277,7 +283,9 @@ def budget_blocks(block_bytes: int, memory_mb: float | None, fraction: float | N
         fraction = DEFAULT_KV_FRACTION if fraction is None else fraction
         if not 0 < fraction <= 1:
             raise ValueError(f"the KV cache fraction must be in (0, 1], got {fraction}")
-        budget = psutil.virtual_memory().available * fraction
+        if free_bytes is None:
+            free_bytes = psutil.virtual_memory().available
+        budget = free_bytes * fraction
     return int(budget // block_bytes)
 
 

@@ -93,7 +93,9 @@ class OpenAIServer:
         if self.api_key is None:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), self.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            key.encode(), self.api_key.encode()
+        ):
             raise OpenAIError(
                 "missing or wrong API key (send 'Authorization: Bearer KEY')",
                 status=401,

@@ -7,6 +7,7 @@ sparse) are further classes next to `DenseWeight`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,11 +128,16 @@ class LayerWeights:
     gate_up: Weight
     down: Weight
 
+    @property
+    def nbytes(self) -> int:
+        linears = sum(getattr(self, name).nbytes for name in LAYER_LINEARS)
+        return self.attn_norm.nbytes + self.ffn_norm.nbytes + linears
+
 
 @dataclass
 class ModelWeights:
     embed: Weight  # (vocab, hidden), looked up by row
-    layers: list[LayerWeights]
+    layers: Sequence[LayerWeights]  # a list, or an offload.LayerStream when streaming
     final_norm: np.ndarray
     lm_head: Weight  # the same object as `embed` when embeddings are tied
 
@@ -140,7 +146,4 @@ class ModelWeights:
         total = self.embed.nbytes + self.final_norm.nbytes
         if self.lm_head is not self.embed:
             total += self.lm_head.nbytes
-        for layer in self.layers:
-            total += layer.attn_norm.nbytes + layer.ffn_norm.nbytes
-            total += sum(w.nbytes for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
-        return total
+        return total + sum(layer.nbytes for layer in self.layers)

@@ -7,6 +7,7 @@ import statistics
 import time
 
 import numpy as np
+import psutil
 from threadpoolctl import ThreadpoolController
 
 import kernels_cpu
@@ -160,6 +161,10 @@ class CPUBackend:
 
     def allocate_kv(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         return zeroed_huge_pages(shape, np.dtype(dtype))
+
+    def free_memory(self) -> int:
+        """Bytes free where `allocate_kv` allocates: available RAM (sizes the KV cache)."""
+        return psutil.virtual_memory().available
 
 
 def _unpacked(w: SparseInt8Weight) -> Int8Weight:

@@ -13,12 +13,13 @@ no quantization, and the outputs are bit-identical to quantizing on load.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.tensor_source import read_safetensors_header
 from engine.weights import (
     LAYER_LINEARS,
@@ -30,8 +31,11 @@ from engine.weights import (
     SparseInt8Weight,
     Weight,
 )
+from offload.streaming import LayerStream, TensorSpec
 
 FORMAT_VERSION = 1
+# The tensor name endings of int8 and f32 layers (Int8Weight, DenseWeight and the norms).
+_STREAMABLE_PARTS = {"data", "scale", "bias", "attn_norm", "ffn_norm"}
 _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "I64": np.int64}
 
 
@@ -107,47 +111,106 @@ def load_checkpoint_weights(folder: Path, num_layers: int) -> ModelWeights:
     # stays alive through .base for as long as any weight references it.
     mapped = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
     arrays = {name: _view(mapped, data_start, name, info, path) for name, info in header.items()}
-
-    def weight(name: str) -> Weight:
-        def part(suffix: str) -> np.ndarray:
-            return arrays[name + suffix]
-
-        try:
-            bias = arrays.get(name + ".bias")
-            if name + ".mask" in arrays:
-                k = int(part(".in_features")[0])
-                return SparseInt8Weight(
-                    part(".mask"), part(".values"), part(".row_ptr"), part(".scale"), k, bias
-                )
-            if name + ".data_t" in arrays:
-                threshold = float(part(".act_threshold")[0])
-                return ColskipInt8Weight(part(".data_t"), part(".scale"), threshold, bias)
-            if name + ".scale" in arrays:
-                return Int8Weight(part(".data"), part(".scale"), bias)
-            return DenseWeight(part(".data"), bias)
-        except KeyError as exc:
-            raise ModelLoadError(f"{path} has no tensor {exc.args[0]!r}") from None
-
-    def vector(name: str) -> np.ndarray:
-        if name not in arrays:
-            raise ModelLoadError(f"{path} has no tensor {name!r}")
-        return arrays[name]
-
-    embed = weight("embed")
-    layers = [
-        LayerWeights(
-            attn_norm=vector(f"layers.{i}.attn_norm"),
-            qkv=weight(f"layers.{i}.qkv"),
-            o_proj=weight(f"layers.{i}.o_proj"),
-            ffn_norm=vector(f"layers.{i}.ffn_norm"),
-            gate_up=weight(f"layers.{i}.gate_up"),
-            down=weight(f"layers.{i}.down"),
-        )
-        for i in range(num_layers)
-    ]
-    lm_head = embed if meta.get("lamina.tied") == "1" else weight("lm_head")
+    embed = _weight(arrays, "embed", path)
+    layers = [_layer(arrays, i, path) for i in range(num_layers)]
+    lm_head = embed if meta.get("lamina.tied") == "1" else _weight(arrays, "lm_head", path)
     return ModelWeights(
-        embed=embed, layers=layers, final_norm=vector("final_norm"), lm_head=lm_head
+        embed=embed, layers=layers, final_norm=_vector(arrays, "final_norm", path), lm_head=lm_head
+    )
+
+
+def _weight(arrays: dict[str, np.ndarray], name: str, path: Path) -> Weight:
+    """The weight stored under name.<part>; the parts present tell its type."""
+
+    def part(suffix: str) -> np.ndarray:
+        return arrays[name + suffix]
+
+    try:
+        bias = arrays.get(name + ".bias")
+        if name + ".mask" in arrays:
+            k = int(part(".in_features")[0])
+            return SparseInt8Weight(
+                part(".mask"), part(".values"), part(".row_ptr"), part(".scale"), k, bias
+            )
+        if name + ".data_t" in arrays:
+            threshold = float(part(".act_threshold")[0])
+            return ColskipInt8Weight(part(".data_t"), part(".scale"), threshold, bias)
+        if name + ".scale" in arrays:
+            return Int8Weight(part(".data"), part(".scale"), bias)
+        return DenseWeight(part(".data"), bias)
+    except KeyError as exc:
+        raise ModelLoadError(f"{path} has no tensor {exc.args[0]!r}") from None
+
+
+def _vector(arrays: dict[str, np.ndarray], name: str, path: Path) -> np.ndarray:
+    if name not in arrays:
+        raise ModelLoadError(f"{path} has no tensor {name!r}")
+    return arrays[name]
+
+
+def _layer(arrays: dict[str, np.ndarray], i: int, path: Path) -> LayerWeights:
+    """Decoder layer i from arrays named as in the checkpoint (layers.i.qkv.data, ...)."""
+    p = f"layers.{i}."
+    return LayerWeights(
+        attn_norm=_vector(arrays, p + "attn_norm", path),
+        qkv=_weight(arrays, p + "qkv", path),
+        o_proj=_weight(arrays, p + "o_proj", path),
+        ffn_norm=_vector(arrays, p + "ffn_norm", path),
+        gate_up=_weight(arrays, p + "gate_up", path),
+        down=_weight(arrays, p + "down", path),
+    )
+
+
+def checkpoint_layer_tensors(folder: Path, num_layers: int) -> list[list[TensorSpec]]:
+    """Each decoder layer's tensors in the checkpoint file: names, byte offsets, dtypes."""
+    path = folder / "model.safetensors"
+    header, data_start = read_safetensors_header(path)
+    header.pop("__metadata__", None)
+    specs: list[list[TensorSpec]] = [[] for _ in range(num_layers)]
+    for name, info in header.items():
+        if not name.startswith("layers."):
+            continue
+        i = int(name.split(".", 2)[1])
+        if i >= num_layers or info["dtype"] not in _DTYPES:
+            raise ModelLoadError(f"tensor {name!r} in {path} does not fit the model's config")
+        offset = data_start + info["data_offsets"][0]
+        specs[i].append(
+            TensorSpec(name, offset, np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"]))
+        )
+    return specs
+
+
+def open_layer_stream(
+    folder: Path,
+    weights: ModelWeights,
+    streamed: Sequence[int],
+    tensors: list[list[TensorSpec]],
+    buffers: int,
+    drop_page_cache: bool,
+) -> LayerStream:
+    """Serve layers `streamed` of a checkpoint's memory-mapped `weights` from disk through
+    `buffers` host buffers (the other layers stay mapped); `tensors` from
+    checkpoint_layer_tensors. Streamed layers are rebuilt from the bytes read, so only
+    formats that need no preparation by the backend are supported: int8 and f32 (the file
+    is checked, since the backend may already have repacked the mapped weights)."""
+    path = folder / "model.safetensors"
+    for i in streamed:
+        for spec in tensors[i]:
+            if spec.name.rsplit(".", 1)[1] not in _STREAMABLE_PARTS:
+                raise UnsupportedModelError(
+                    f"streaming layers from disk supports int8 and f32 checkpoints, but tensor "
+                    f"{spec.name!r} of {path} belongs to a sparse format: raise --cpu-memory so "
+                    "every layer fits, or quantize without sparsity"
+                )
+    wanted = set(streamed)
+    return LayerStream(
+        path,
+        len(weights.layers),
+        {i: layer for i, layer in enumerate(weights.layers) if i not in wanted},
+        {i: tensors[i] for i in streamed},
+        lambda i, arrays: _layer(arrays, i, path),
+        buffers=buffers,
+        drop_page_cache=drop_page_cache,
     )
 
 

@@ -34,6 +34,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     load_s: float = 0.0
+    # The lamina checkpoint folder the weights are memory-mapped from (None: loaded into RAM)
+    checkpoint: Path | None = None
 
 
 def load_model(model: str | Path | None = None, quant: str | None = None) -> LoadedModel:
@@ -97,7 +99,8 @@ def _load_hf_folder(folder: Path, quant: str | None, quantize: Quantizer | None)
     else:
         weights = build_weights(config, SafetensorsSource(folder), str(folder), quantize)
     defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
-    return LoadedModel(folder, config, weights, tokenizer, defaults)
+    mapped_from = folder if checkpoint is not None else None
+    return LoadedModel(folder, config, weights, tokenizer, defaults, checkpoint=mapped_from)
 
 
 def _load_gguf(path: Path, quantize: Quantizer | None) -> LoadedModel:

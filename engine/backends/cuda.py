@@ -1,0 +1,235 @@
+"""CUDA Backend: the CPU backend's interface over the numba.cuda kernels of kernels_gpu.
+
+Everything a forward pass touches lives on the GPU: the weights (moved once by
+`prepare_weights`), the paged KV cache (`allocate_kv`), the activations between calls, and
+the pass's small integer arrays (token ids, positions, slots, block tables...), which are
+uploaded once per pass however many layers read them. Kernels are queued on one stream and
+nothing comes back to the host except the logits (`to_numpy`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psutil
+from numba import cuda
+
+import kernels_gpu
+from engine.errors import LaminaError
+from engine.kv_cache import ForwardBatch
+from engine.weights import (
+    LAYER_LINEARS,
+    ColskipInt8Weight,
+    DenseWeight,
+    Int8Weight,
+    ModelWeights,
+    SparseInt8Weight,
+    Weight,
+)
+from kernels_gpu import activations, elementwise, embedding, norms, rope
+from kernels_gpu.matmul_f32 import matmul_f32
+from kernels_gpu.matmul_int8 import gemm_w8
+from kernels_gpu.paged_attention import (
+    attention_splits,
+    paged_attention,
+    paged_attention_int8,
+    write_kv,
+    write_kv_int8,
+)
+
+# A numba DeviceNDArray (the simulator's FakeCUDAArray in tests): numba ships no type stubs.
+DeviceArray = Any
+# Activations are quantised to int16 as on the CPU, so int8 linears give the CPU's bits.
+INT16_MAX = 32767
+# Weight formats with no CUDA kernel yet, by how users know them.
+_NO_KERNEL = {
+    SparseInt8Weight: "sparse int8 (bitmask, from `lamina quantize --sparsity`)",
+    ColskipInt8Weight: "activation-sparse int8 (from `lamina quantize --activation-sparsity`)",
+}
+
+
+class _Uploads:
+    """Device copies of host arrays, made on first request and kept until `clear`.
+
+    Keyed by the host array's id, and the host array is kept alive with its copy, so an id
+    cannot be reused by another array while its entry exists.
+    """
+
+    def __init__(self, stream: Any) -> None:  # a numba Stream
+        self._stream = stream
+        self._copies: dict[int, tuple[np.ndarray, DeviceArray]] = {}
+
+    def get(self, host: np.ndarray) -> DeviceArray:
+        entry = self._copies.get(id(host))
+        if entry is None:
+            entry = (host, cuda.to_device(np.ascontiguousarray(host), stream=self._stream))
+            self._copies[id(host)] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        self._copies.clear()
+
+
+class CUDABackend:
+    """Runs the model on one CUDA GPU (or numba's CUDA simulator, for tests).
+
+    Int8 linears use the GPU twin of the CPU's int8 GEMM (int16 activations, exact integer
+    sums), so int8 models give the CPU's logits bit for bit up to attention, norms and
+    activations, whose float rounding differs slightly between the devices.
+    """
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        if not kernels_gpu.available():
+            raise LaminaError("numba finds no usable CUDA GPU")
+        self.stream = cuda.stream()
+        # None under the simulator: one attention block per (token, kv head) is correct
+        # everywhere, and splitting keys over more blocks only pays on real SMs.
+        self._sm_count = (
+            None if kernels_gpu.simulated() else cuda.get_current_device().MULTIPROCESSOR_COUNT
+        )
+        self._constants = _Uploads(self.stream)  # host arrays the model keeps (rope freqs)
+        self._pass = _Uploads(self.stream)  # this forward pass's batch arrays
+
+    def prepare_weights(self, weights: ModelWeights) -> None:
+        """Move every weight to the GPU once, in place.
+
+        The typed weights stay what they are (an Int8Weight is still an Int8Weight); only
+        their arrays become device arrays. So the model, and anything else that walks
+        `weights`, sees the same structure on both devices, `linear` dispatches on the type
+        as the CPU backend does, and the host copies are released instead of being held
+        twice. A weight shared by two fields (tied embedding and output head) is moved once.
+        """
+        moved: dict[int, Weight] = {}
+
+        def move(weight: Weight) -> Weight:
+            if id(weight) not in moved:
+                moved[id(weight)] = self._to_device_weight(weight)
+            return moved[id(weight)]
+
+        weights.embed = move(weights.embed)
+        weights.lm_head = move(weights.lm_head)
+        weights.final_norm = self._to_device(weights.final_norm)
+        for layer in weights.layers:
+            layer.attn_norm = self._to_device(layer.attn_norm)
+            layer.ffn_norm = self._to_device(layer.ffn_norm)
+            for name in LAYER_LINEARS:
+                setattr(layer, name, move(getattr(layer, name)))
+        self.stream.synchronize()
+
+    def _to_device(self, host: np.ndarray) -> DeviceArray:
+        return cuda.to_device(np.ascontiguousarray(host), stream=self.stream)
+
+    def _to_device_weight(self, weight: Weight) -> Weight:
+        bias = None if weight.bias is None else self._to_device(weight.bias)
+        if isinstance(weight, DenseWeight):
+            return DenseWeight(self._to_device(weight.data), bias)
+        if isinstance(weight, Int8Weight):
+            return Int8Weight(self._to_device(weight.data), self._to_device(weight.scale), bias)
+        what = _NO_KERNEL.get(type(weight), type(weight).__name__)
+        raise LaminaError(
+            f"the CUDA backend has no kernel for {what} weights; run this model with "
+            "--device cpu, or quantize it without sparsity"
+        )
+
+    def embed(self, table: Weight, token_ids: np.ndarray) -> DeviceArray:
+        """Rows of the embedding table. model.forward calls this first in every pass, so it
+        also drops the previous pass's uploaded batch arrays."""
+        self._pass.clear()
+        ids = self._pass.get(token_ids)
+        if isinstance(table, Int8Weight):
+            return embedding.embed_rows_w8(table.data, table.scale, ids, stream=self.stream)
+        if isinstance(table, DenseWeight):
+            return embedding.gather_rows(table.data, ids, stream=self.stream)
+        raise TypeError(f"CUDABackend cannot embed with {type(table).__name__}")
+
+    def rmsnorm(self, x: DeviceArray, weight: DeviceArray, eps: float) -> DeviceArray:
+        return norms.rmsnorm(x, weight, eps, stream=self.stream)
+
+    def linear(self, x: DeviceArray, weight: Weight) -> DeviceArray:
+        if not isinstance(weight, DenseWeight | Int8Weight):
+            raise TypeError(f"CUDABackend has no kernel for {type(weight).__name__}")
+        if isinstance(weight.data, np.ndarray):
+            raise LaminaError(
+                "the CUDA backend was handed a weight in host memory: it runs only weights "
+                "that prepare_weights moved to the GPU (streaming layers from host RAM or "
+                "disk to the GPU is not implemented; drop --cpu-memory or use --device cpu)"
+            )
+        if isinstance(weight, Int8Weight):
+            out = gemm_w8(x, weight.data, weight.scale, INT16_MAX, stream=self.stream)
+        else:
+            out = matmul_f32(x, weight.data, stream=self.stream)
+        if weight.bias is not None:
+            elementwise.add_inplace(out, weight.bias, stream=self.stream)
+        return out
+
+    def split_qkv(
+        self, qkv: DeviceArray, heads: int, kv_heads: int, head_dim: int
+    ) -> tuple[DeviceArray, DeviceArray, DeviceArray]:
+        """Fused (T, (H + 2*Hkv) * D) projections -> contiguous q (T,H,D), k and v (T,Hkv,D)."""
+        return elementwise.split_qkv(qkv, heads, kv_heads, head_dim, stream=self.stream)
+
+    def rope(self, x: DeviceArray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
+        rope.rope_inplace(
+            x, self._pass.get(positions), self._constants.get(inv_freq), stream=self.stream
+        )
+
+    def attention(
+        self,
+        layer: int,
+        q: DeviceArray,
+        k: DeviceArray,
+        v: DeviceArray,
+        batch: ForwardBatch,
+        scale: float,
+        window: int,
+    ) -> DeviceArray:
+        """Write this pass's k, v (T, Hkv, D) into the paged cache, then attend q (T, H, D)
+        of every sequence in the batch over its own blocks."""
+        cache, up, s = batch.cache, self._pass.get, self.stream
+        slots = up(batch.slots)
+        where = (up(batch.block_tables), up(batch.query_start), up(batch.context_lens))
+        splits = 1
+        if self._sm_count is not None:
+            longest = int(batch.context_lens.max())
+            splits = attention_splits(q.shape[0], k.shape[1], longest, self._sm_count)
+        kc, vc = cache.k[layer], cache.v[layer]
+        if cache.k_scale is None:
+            write_kv(kc, vc, k, v, slots, stream=s)
+            out = paged_attention(q, kc, vc, *where, scale, window, splits, stream=s)
+        else:
+            ks, vs = cache.k_scale[layer], cache.v_scale[layer]
+            write_kv_int8(kc, vc, ks, vs, k, v, slots, stream=s)
+            out = paged_attention_int8(q, kc, vc, ks, vs, *where, scale, window, splits, stream=s)
+        return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
+
+    def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
+        return activations.silu_mul(gate_up, stream=self.stream)
+
+    def add_(self, x: DeviceArray, y: DeviceArray) -> DeviceArray:
+        return elementwise.add_inplace(x, y, stream=self.stream)
+
+    def take_rows(self, x: DeviceArray, rows: np.ndarray) -> DeviceArray:
+        return embedding.gather_rows(x, self._pass.get(rows), stream=self.stream)
+
+    def to_numpy(self, x: DeviceArray) -> np.ndarray:
+        """Copy a device array to the host, waiting for the work queued before it."""
+        host = x.copy_to_host(stream=self.stream)
+        self.stream.synchronize()
+        return host
+
+    def free_memory(self) -> int:
+        """Bytes free on the GPU (sizes the KV cache). The simulator's arrays live in RAM,
+        and it reports infinite device memory, so there it is the RAM psutil sees."""
+        if kernels_gpu.simulated():
+            return psutil.virtual_memory().available
+        return int(cuda.current_context().get_memory_info().free)
+
+    def allocate_kv(self, shape: tuple[int, ...], dtype: str) -> DeviceArray:
+        """Uninitialised device memory: attention reads only slots this pass or an earlier
+        one wrote. Tied to the backend's stream, so the KV cache's copy-on-write block
+        copies (`storage[:, new] = storage[:, old]`, a numba device copy) queue in order
+        with the kernels instead of synchronising."""
+        return cuda.device_array(shape, dtype=np.dtype(dtype), stream=self.stream)

@@ -1,0 +1,290 @@
+"""Disk -> host RAM layer streaming: run a model larger than the RAM budget.
+
+`LayerStream` stands in for the list of decoder layers. Model code keeps writing
+`for i, layer in enumerate(weights.layers)`; resident layers come back as they are, and a
+streamed layer comes back as a layer object whose arrays are views into one of a few
+reusable host buffers. Asking for streamed layer i waits until its bytes are in, then starts
+reading the next streamed layer (wrapping around to the first for the next forward pass)
+into another buffer on a background thread, so the read overlaps layer i's compute.
+
+Reads use os.preadv into the buffers, not a memory map: mapped pages would stay resident
+(and count against the budget) after use, whereas the page cache that preadv goes through is
+not charged to the process. Optionally each range is dropped from the page cache after it
+is read (posix_fadvise DONTNEED), so that every pass really reads the disk.
+
+The contract that makes two buffers enough: a consumer is done with a streamed layer when it
+asks for another one. The CPU backend computes synchronously, so that holds; an asynchronous
+device backend must finish (or wait on an event for) its use of layer i before asking for
+i + 1. A layer object kept beyond that sees its buffer refilled with another layer.
+
+This module knows byte ranges and dtypes, not weight formats: the caller describes each
+streamed layer's tensors (`TensorSpec`) and passes a `build` function turning a dict of
+arrays into its layer object.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations are never evaluated
+
+# Buffers start on a cache-line boundary; each run keeps its file offset's alignment modulo
+# this, so views have the same alignment as views into a memory map of the file.
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a streamed layer: `nbytes` at absolute file `offset`."""
+
+    name: str
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """How one layer's tensors are read: adjacent tensors are merged into runs, one read
+    each, and every tensor becomes a view at a fixed place in a buffer."""
+
+    runs: tuple[tuple[int, int, int], ...]  # (file offset, buffer offset, length)
+    views: tuple[tuple[str, slice, np.dtype, tuple[int, ...]], ...]  # name, bytes, dtype, shape
+    nbytes: int  # buffer bytes it needs
+
+    @classmethod
+    def of(cls, specs: Sequence[TensorSpec]) -> LayerLayout:
+        runs: list[list[int]] = []  # [file start, file end, buffer start]
+        views = []
+        end = 0
+        for spec in sorted(specs, key=lambda s: s.offset):
+            if runs and spec.offset == runs[-1][1]:
+                runs[-1][1] += spec.nbytes
+            elif runs and spec.offset < runs[-1][1]:
+                raise ValueError(f"tensor {spec.name!r} overlaps another in the file")
+            else:
+                end += (spec.offset - end) % _ALIGN
+                runs.append([spec.offset, spec.offset + spec.nbytes, end])
+            run_start, run_end, buf_start = runs[-1]
+            at = buf_start + spec.offset - run_start
+            views.append((spec.name, slice(at, at + spec.nbytes), spec.dtype, spec.shape))
+            end = buf_start + run_end - run_start
+        return cls(tuple((s, b, e - s) for s, e, b in runs), tuple(views), end)
+
+
+@dataclass
+class StreamStats:
+    """Counters of a LayerStream. read_s is time the reader spent in reads; wait_s is time
+    the consumer spent blocked on them, so 1 - wait_s / read_s is the share of reading that
+    was hidden behind compute."""
+
+    drop_page_cache: bool
+    reads: int = 0  # layer loads
+    sync_reads: int = 0  # loads that were not prefetched (random access, or one buffer)
+    bytes_read: int = 0
+    read_s: float = 0.0
+    wait_s: float = 0.0
+
+    @property
+    def overlap(self) -> float:
+        return 1.0 - self.wait_s / self.read_s if self.read_s > 0 else 0.0
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes_read / self.read_s / 1e9 if self.read_s > 0 else 0.0
+
+    def describe(self) -> str:
+        cache = "dropped after each read" if self.drop_page_cache else "kept"
+        return (
+            f"streamed {self.reads} layer loads, {self.bytes_read / 1e9:.2f} GB in "
+            f"{self.read_s:.2f} s ({self.read_gbps:.2f} GB/s, page cache {cache}); compute "
+            f"waited {self.wait_s:.2f} s: overlap {self.overlap:.0%}; "
+            f"{self.sync_reads} unprefetched loads"
+        )
+
+
+@dataclass
+class _Slot:
+    buffer: np.ndarray
+    layer: int | None = None
+    future: Future | None = None
+    built: Any = None  # the layer object over this buffer, once its read is done
+
+
+@dataclass
+class _Reader:
+    """The file side, shared with the background thread (never with the LayerStream
+    itself, so that an unclosed stream can still be garbage-collected and finalized)."""
+
+    fd: int
+    drop_page_cache: bool
+    stats: StreamStats
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(self, layout: LayerLayout, buffer: np.ndarray) -> None:
+        start = time.perf_counter()
+        total = 0
+        for file_offset, buffer_offset, length in layout.runs:
+            view = memoryview(buffer)[buffer_offset : buffer_offset + length]
+            done = 0
+            while done < length:
+                got = os.preadv(self.fd, [view[done:]], file_offset + done)
+                if got == 0:
+                    raise OSError(f"unexpected end of file at byte {file_offset + done}")
+                done += got
+            if self.drop_page_cache:
+                os.posix_fadvise(self.fd, file_offset, length, os.POSIX_FADV_DONTNEED)
+            total += length
+        seconds = time.perf_counter() - start
+        with self.lock:
+            self.stats.reads += 1
+            self.stats.bytes_read += total
+            self.stats.read_s += seconds
+
+
+class LayerStream(Sequence):
+    """The layers of a model, some resident and some read from `path` on demand.
+
+    resident: layer index -> layer object, returned as is. streamed: layer index -> its
+    tensors in the file; build(i, arrays) makes layer i's object from {name: array}.
+    buffers: how many host buffers streamed layers rotate through (two: compute one while
+    the next is read). Use as a context manager or call close(): it stops the reader
+    thread and closes the file.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        num_layers: int,
+        resident: Mapping[int, Any],
+        streamed: Mapping[int, Sequence[TensorSpec]],
+        build: Callable[[int, dict[str, np.ndarray]], Any],
+        *,
+        buffers: int = 2,
+        drop_page_cache: bool = False,
+    ) -> None:
+        if sorted([*resident, *streamed]) != list(range(num_layers)):
+            raise ValueError(f"every layer 0..{num_layers - 1} must be resident xor streamed")
+        if streamed and buffers < 1:
+            raise ValueError(f"streaming needs at least one buffer, got {buffers}")
+        if drop_page_cache and not hasattr(os, "posix_fadvise"):
+            raise ValueError("dropping the page cache needs posix_fadvise, which this OS lacks")
+        self._num_layers = num_layers
+        self._resident = dict(resident)
+        self._order = sorted(streamed)  # streamed layers in the order a forward pass uses them
+        self._next = {i: self._order[(k + 1) % len(self._order)] for k, i in enumerate(self._order)}
+        self._layouts = {i: LayerLayout.of(specs) for i, specs in streamed.items()}
+        self._build = build
+        buffer_bytes = max((lay.nbytes for lay in self._layouts.values()), default=0)
+        self.stats = StreamStats(drop_page_cache)
+        self._slots = [
+            _Slot(_aligned_empty(buffer_bytes)) for _ in range(min(buffers, len(self._order)))
+        ]
+        self._current: _Slot | None = None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._reader = _Reader(fd, drop_page_cache, self.stats)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lamina-stream")
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _shut, self._executor, fd)
+        for slot, layer in zip(self._slots, self._order):  # the first pass's first layers
+            self._load(slot, layer)
+
+    def __len__(self) -> int:
+        return self._num_layers
+
+    def __getitem__(self, index: int) -> Any:
+        i = operator.index(index)
+        if i < 0:
+            i += self._num_layers
+        if not 0 <= i < self._num_layers:
+            raise IndexError(f"layer {index} out of range for {self._num_layers} layers")
+        if i in self._resident:
+            return self._resident[i]
+        if self._closed:
+            raise ValueError("the layer stream is closed")
+        slot = next((s for s in self._slots if s.layer == i), None)
+        if slot is None:  # not prefetched: read it now into a buffer nobody is using
+            slot = next(s for s in self._slots if s is not self._current or len(self._slots) == 1)
+            self._load(slot, i)
+            with self._reader.lock:
+                self.stats.sync_reads += 1
+        self._wait(slot)
+        self._current = slot
+        self._prefetch_after(i)
+        return slot.built
+
+    def _load(self, slot: _Slot, layer: int) -> None:
+        """Queue a read of `layer` into `slot`. The single reader thread runs reads in order,
+        so a read already queued for this slot's buffer finishes before this one starts."""
+        slot.layer, slot.built = layer, None
+        slot.future = self._executor.submit(self._reader.read, self._layouts[layer], slot.buffer)
+
+    def _wait(self, slot: _Slot) -> None:
+        """Block until the slot's read is done (counting the wait); build its layer once."""
+        start, pending = time.perf_counter(), not slot.future.done()
+        slot.future.result()  # re-raises a failed read
+        if pending:
+            with self._reader.lock:
+                self.stats.wait_s += time.perf_counter() - start
+        if slot.built is None:
+            arrays = {}
+            for name, where, dtype, shape in self._layouts[slot.layer].views:
+                array = slot.buffer[where].view(dtype).reshape(shape)
+                # read-only like a memory map's views: kernels then run the very same compiled
+                # specialization for resident and streamed layers
+                array.flags.writeable = False
+                arrays[name] = array
+            slot.built = self._build(slot.layer, arrays)
+
+    def _prefetch_after(self, i: int) -> None:
+        """Start reading the streamed layers after i into every buffer but the current one."""
+        wanted, j = [], i
+        for _ in range(len(self._slots) - 1):
+            j = self._next[j]
+            wanted.append(j)
+        held = {s.layer for s in self._slots}
+        free = [s for s in self._slots if s is not self._current and s.layer not in wanted]
+        for j in (j for j in wanted if j not in held):
+            self._load(free.pop(0), j)
+
+    def close(self) -> None:
+        """Stop the reader (after its current read), close the file, free the buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+        self._slots = []
+        self._current = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shut(executor: ThreadPoolExecutor, fd: int) -> None:
+    executor.shutdown(wait=True, cancel_futures=True)
+    os.close(fd)
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes]

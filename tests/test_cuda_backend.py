@@ -1,0 +1,265 @@
+"""The CUDA backend against the CPU backend on a toy model, and device selection.
+
+Runs on numba's CUDA simulator (conftest.py), which makes every CUDA thread a Python thread:
+the model is as small as a real one can be in shape (2 layers, hidden 16, GQA, attention
+biases, vocabulary 32) and passes are few. `cudasim.pooled_blocks` makes the simulator
+several times faster without changing what it computes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from numba import cuda
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import kernels_gpu
+from engine import LLM, SamplingParams
+from engine.backends.cpu import CPUBackend
+from engine.backends.cuda import CUDABackend
+from engine.backends.device import select_device
+from engine.cli import main
+from engine.errors import LaminaError
+from engine.kv_cache import ForwardBatch, PagedKVCache
+from engine.loader.model_loader import load_model
+from engine.model import Transformer
+from engine.weights import ColskipInt8Weight, Int8Weight, ModelWeights, SparseInt8Weight
+from tests.cudasim import pooled_blocks
+
+pytestmark = pytest.mark.skipif(not kernels_gpu.available(), reason="no CUDA GPU or simulator")
+
+VOCAB = 32
+PROMPTS = [[3, 5, 7, 9, 11], [4, 6, 8]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_simulator():
+    with pooled_blocks():
+        yield
+
+
+def build_toy_llama(folder, tied: bool, seed: int = 0) -> None:
+    """A random Llama (hidden 16, 2 query heads on 1 kv head, ffn 32, attention biases)
+    with a word-level tokenizer `w0 .. w31`, saved as a Hugging Face folder."""
+    hidden, ffn, heads, kv_heads, head_dim = 16, 32, 2, 1, 8
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int) -> np.ndarray:  # large enough that greedy picks are clear
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": rand(VOCAB, hidden)}
+    tensors["model.norm.weight"] = 1 + rand(hidden)
+    if not tied:
+        tensors["lm_head.weight"] = rand(VOCAB, hidden)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for name, rows, cols in [
+            ("self_attn.q_proj", heads * head_dim, hidden),
+            ("self_attn.k_proj", kv_heads * head_dim, hidden),
+            ("self_attn.v_proj", kv_heads * head_dim, hidden),
+            ("self_attn.o_proj", hidden, heads * head_dim),
+        ]:
+            tensors[p + name + ".weight"] = rand(rows, cols)
+            tensors[p + name + ".bias"] = rand(rows)
+        tensors[p + "mlp.gate_proj.weight"] = rand(ffn, hidden)
+        tensors[p + "mlp.up_proj.weight"] = rand(ffn, hidden)
+        tensors[p + "mlp.down_proj.weight"] = rand(hidden, ffn)
+        tensors[p + "input_layernorm.weight"] = 1 + rand(hidden)
+        tensors[p + "post_attention_layernorm.weight"] = 1 + rand(hidden)
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "attention_bias": True,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cuda") / "untied"
+    build_toy_llama(folder, tied=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cuda") / "tied"
+    build_toy_llama(folder, tied=True, seed=1)
+    return folder
+
+
+def on_both(folder, **kwargs) -> tuple[LLM, LLM]:
+    return tuple(LLM(folder, device=d, kv_cache_mb=1, **kwargs) for d in ("cpu", "cuda"))
+
+
+def assert_logits_close(ours: np.ndarray, ref: np.ndarray, share: float) -> None:
+    """max |ours - ref| at most `share` of the reference logits' range."""
+    assert ours.shape == ref.shape
+    worst, spread = float(np.abs(ours - ref).max()), float(np.ptp(ref))
+    assert worst <= share * spread, f"max |diff| {worst:.2e} > {share:g} of range {spread:.2f}"
+
+
+def test_int8_linear_is_bit_identical_to_cpu():
+    """Decode (CPU GEMV) and prefill (CPU GEMM) shapes, with a bias."""
+    rng = np.random.default_rng(0)
+    weight = Int8Weight(
+        rng.integers(-127, 128, (20, 12), dtype=np.int8),
+        rng.random(20, dtype=np.float32),
+        rng.standard_normal(20).astype(np.float32),
+    )
+    cpu, gpu = CPUBackend(), CUDABackend()
+    moved = ModelWeights(weight, [], np.ones(12, np.float32), weight)
+    gpu.prepare_weights(moved)
+    assert moved.lm_head is moved.embed  # a shared weight stays shared
+    for tokens in (1, 3):
+        x = rng.standard_normal((tokens, 12)).astype(np.float32)
+        ours = gpu.to_numpy(gpu.linear(cuda.to_device(x), moved.lm_head))
+        np.testing.assert_array_equal(ours, cpu.linear(x, weight))
+
+
+def test_int8_prompt_logits_match_cpu(untied):
+    cpu, gpu = on_both(untied, quant="int8")
+    assert gpu.device == "cuda" and isinstance(gpu.backend, CUDABackend)
+    # Integer matmuls are exact on both; attention, norms and activations round differently
+    # in the last bit, which can move an int16 activation by one step (3e-5 of a row's
+    # peak). Measured: 5e-6 of the range.
+    assert_logits_close(gpu.prompt_logits(PROMPTS[0]), cpu.prompt_logits(PROMPTS[0]), 5e-5)
+
+
+def test_f32_tied_prompt_logits_match_cpu(tied):
+    cpu, gpu = on_both(tied)
+    assert gpu.loaded.weights.lm_head is gpu.loaded.weights.embed
+    # Float32 all the way: summation orders and libm differ (measured: 3e-7 of the range).
+    assert_logits_close(gpu.prompt_logits(PROMPTS[0]), cpu.prompt_logits(PROMPTS[0]), 3e-6)
+
+
+def test_engine_greedy_tokens_match_cpu_with_int8_kv_cache(untied):
+    """Two sequences prefill together, then decode together, through the scheduler."""
+    cpu, gpu = on_both(untied, quant="int8", kv_cache_dtype="int8")
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    expected = [out.token_ids for out in cpu.generate(PROMPTS, params)]
+    assert [out.token_ids for out in gpu.generate(PROMPTS, params)] == expected
+
+
+def paged_logits(backend, folder) -> list[np.ndarray]:
+    """Three passes over an int8 paged cache of 2-token blocks: a 3-token prefill; a fork,
+    whose shared, half-full last block is copied on write (keys, values and their scales)
+    as one sequence decodes while the other takes a 2-token chunk; a decode step of both."""
+    loaded = load_model(folder, "int8")
+    backend.prepare_weights(loaded.weights)
+    model = Transformer(loaded.config, loaded.weights, backend)
+    c = loaded.config
+    cache = PagedKVCache(backend, c.num_layers, c.num_kv_heads, c.head_dim, 12, 2, "int8")
+    cache.add_sequence("a", [])
+    steps = [[("a", [3, 5, 7])], [("a", [9]), ("b", [11, 13])], [("a", [15]), ("b", [17])]]
+    logits = []
+    for step, chunks in enumerate(steps):
+        if step == 1:
+            cache.fork("a", "b")
+        logits.append(model.forward(ForwardBatch.build(cache, chunks)))
+        for seq_id, tokens in chunks:
+            cache.commit(seq_id, tokens)
+    a, b = cache.block_table("a"), cache.block_table("b")
+    assert a[0] == b[0] and a[1] != b[1]  # the full block stays shared, the partial one not
+    return logits
+
+
+def test_paged_int8_cache_with_copy_on_write_matches_cpu(untied):
+    """The int8 cache adds its own rounding steps to the int8 weights' (measured: 2e-5)."""
+    for ours, ref in zip(paged_logits(CUDABackend(), untied), paged_logits(CPUBackend(), untied)):
+        assert_logits_close(ours, ref, 1e-4)
+
+
+# Weight formats with no CUDA kernel, by the words their error must use.
+UNRUNNABLE = {
+    "sparse int8": lambda: SparseInt8Weight(
+        np.zeros((2, 2), np.uint8),
+        np.zeros(0, np.int8),
+        np.zeros(3, np.int64),
+        np.ones(2, np.float32),
+        16,
+    ),
+    "activation-sparse int8": lambda: ColskipInt8Weight(
+        np.zeros((16, 2), np.int8), np.ones(2, np.float32), 0.1
+    ),
+}
+
+
+@pytest.mark.parametrize("named", list(UNRUNNABLE))
+def test_formats_without_a_kernel_are_refused_by_name(named):
+    weight = UNRUNNABLE[named]()
+    weights = ModelWeights(weight, [], np.ones(16, np.float32), weight)
+    with pytest.raises(LaminaError, match=named):
+        CUDABackend().prepare_weights(weights)
+
+
+def test_a_weight_left_in_host_memory_is_refused():
+    weight = Int8Weight(np.ones((4, 4), np.int8), np.ones(4, np.float32))
+    gpu = CUDABackend()
+    with pytest.raises(LaminaError, match="host memory"):
+        gpu.linear(cuda.to_device(np.ones((1, 4), np.float32)), weight)
+
+
+def test_auto_picks_the_cpu_under_the_simulator_and_cuda_runs_on_it():
+    assert kernels_gpu.simulated()
+    assert select_device("auto").name == "cpu"
+    assert select_device().name == "cpu"
+    assert select_device("cuda").name == "cuda"
+    assert select_device("cpu").reason == "requested"
+
+
+def test_auto_picks_a_real_gpu(monkeypatch):
+    monkeypatch.setattr(kernels_gpu, "simulated", lambda: False)
+    monkeypatch.setattr(kernels_gpu, "available", lambda: True)
+    monkeypatch.setattr("engine.backends.device._gpu_name", lambda: "Test GPU")
+    choice = select_device("auto")
+    assert (choice.name, choice.describe()) == ("cuda", "device cuda (auto: Test GPU)")
+
+
+def test_cuda_without_a_gpu_is_an_error_and_auto_falls_to_cpu(monkeypatch):
+    monkeypatch.setattr(kernels_gpu, "simulated", lambda: False)
+    monkeypatch.setattr(kernels_gpu, "available", lambda: False)
+    with pytest.raises(LaminaError, match="no usable CUDA GPU"):
+        select_device("cuda")
+    assert select_device("auto").name == "cpu"
+
+
+@pytest.mark.parametrize("bad", ["gpu", "CUDA", ""])
+def test_unknown_devices_are_refused(bad, untied):
+    with pytest.raises(LaminaError, match="auto, cpu, cuda"):
+        LLM(untied, device=bad)
+
+
+def test_cli_device_flag(untied, capsys, monkeypatch):
+    argv = ["generate", "-m", str(untied), "--max-tokens", "2", "--temperature", "0"]
+    assert main([*argv, "--device", "cpu", "--verbose", "w3 w5"]) == 0
+    assert "lamina: device cpu (requested)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--device", "gpu", "w3"])
+    assert exc.value.code == 2
+    monkeypatch.setattr(kernels_gpu, "simulated", lambda: False)
+    monkeypatch.setattr(kernels_gpu, "available", lambda: False)
+    capsys.readouterr()
+    assert main([*argv, "--device", "cuda", "w3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no usable CUDA GPU" in err
