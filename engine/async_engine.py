@@ -54,8 +54,8 @@ class RequestHandle:
     ) -> None:
         self.group = group
         self.tag = tag
+        self.loop = loop
         self._sink = sink
-        self._loop = loop
         self._sent_text: dict[int, int] = {}
         self._sent_tokens: dict[int, int] = {}
         # With best_of > n the winners are only known at the end.
@@ -65,8 +65,8 @@ class RequestHandle:
     def output(self) -> RequestOutput:
         return self.group.output
 
-    def publish(self) -> bool:
-        """Post what changed (engine thread only); True once the request is finished."""
+    def publish(self, outbox: list[tuple[asyncio.Queue, Update]]) -> bool:
+        """Add what changed to `outbox` (engine thread only); True once the request is finished."""
         output = self.group.output
         done = output.finished
         deltas = []
@@ -89,8 +89,7 @@ class RequestHandle:
                     )
                 )
         if deltas or done:
-            update = Update(self.tag, deltas, done, output.error)
-            self._loop.call_soon_threadsafe(self._sink.put_nowait, update)
+            outbox.append((self._sink, Update(self.tag, deltas, done, output.error)))
         return done
 
 
@@ -142,12 +141,21 @@ class AsyncEngine:
                 self.engine.step()
             except Exception:  # the step already aborted the requests of the failed pass
                 log.exception("forward pass failed")
-            for key, handle in list(self._active.items()):
-                if handle.publish():
-                    del self._active[key]
+            self._publish(list(self._active.values()))
         for handle in self._active.values():
             self.engine.abort(handle.group)
-            handle.publish()
+        self._publish(list(self._active.values()))
+
+    def _publish(self, handles: list[RequestHandle]) -> None:
+        """Send the handles' news, one wake-up per event loop rather than one per request:
+        on 2 cores every wake-up of the server's thread slows the next step's kernels."""
+        outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Update]]] = {}
+        for handle in handles:
+            if handle.publish(outboxes.setdefault(handle.loop, [])):
+                self._active.pop(id(handle), None)
+        for loop, outbox in outboxes.items():
+            if outbox:
+                loop.call_soon_threadsafe(_deliver, outbox)
 
     def _handle_inbox(self, block: bool) -> bool:
         """Apply queued adds and aborts; False when asked to stop."""
@@ -164,12 +172,16 @@ class AsyncEngine:
                 self._active[id(handle)] = handle
             elif id(handle) in self._active:
                 self.engine.abort(handle.group)
-                handle.publish()
-                del self._active[id(handle)]
+                self._publish([handle])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+
+def _deliver(outbox: list[tuple[asyncio.Queue, Update]]) -> None:
+    for sink, update in outbox:
+        sink.put_nowait(update)
 
 
 async def updates(sink: asyncio.Queue, count: int) -> AsyncIterator[Update]:
