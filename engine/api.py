@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.backends.device import DeviceChoice, make_backend, select_device
 from engine.engine_loop import EngineLoop
+from engine.errors import LaminaError
 from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.perplexity import PerplexityResult, sliding_window_nll
@@ -29,11 +30,22 @@ from offload.streaming import StreamStats
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations are never evaluated
 
+    from offload.device_stream import DeviceStreamStats  # imports numba.cuda
+
 __all__ = ["LLM", "RequestMetrics", "RequestOutput", "SamplingParams", "TextStream"]
 
 Messages = Sequence[dict]
 Prompt = str | Sequence[int]  # text, or token ids
 _request_ids = itertools.count()
+
+
+def _memory_budget(name: str, value: int | str | None) -> int | None:
+    """A budget given as a size string ("512M", "2G", "700" MiB) or a positive int of bytes."""
+    if isinstance(value, str):
+        return parse_memory_size(value)
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be a positive number of bytes, got {value}")
+    return value
 
 
 def _set_threads(threads: int) -> None:
@@ -104,6 +116,10 @@ class LLM:
     close() (or a with block) releases the file and thread streaming uses.
     device: "auto" (default: CUDA when numba finds a real GPU, else CPU), "cpu" or "cuda";
     `device` then holds the one chosen and `device_choice` why.
+    gpu_memory: with CUDA, the GPU budget for weights, KV cache and activations, in the same
+    forms as cpu_memory (default: the GPU's free memory less a margin). Layers that do not
+    fit stay in pinned host RAM (or on disk, past cpu_memory) and are copied in on a
+    second CUDA stream while earlier layers compute. An error when the CPU runs the model.
     """
 
     def __init__(
@@ -122,15 +138,19 @@ class LLM:
         cpu_memory: int | str | None = None,
         drop_page_cache: bool = False,
         device: str = "auto",
+        gpu_memory: int | str | None = None,
     ):
-        if isinstance(cpu_memory, str):
-            cpu_memory = parse_memory_size(cpu_memory)
-        elif cpu_memory is not None and cpu_memory < 1:
-            raise ValueError(f"cpu_memory must be a positive number of bytes, got {cpu_memory}")
+        cpu_memory = _memory_budget("cpu_memory", cpu_memory)
+        gpu_memory = _memory_budget("gpu_memory", gpu_memory)
         if threads is not None:
             _set_threads(threads)
         self.device_choice: DeviceChoice = select_device(device)
         self.device: str = self.device_choice.name
+        if gpu_memory is not None and self.device != "cuda":  # before the slow load
+            raise LaminaError(
+                f"a GPU memory budget applies to device cuda, but {self.device_choice.describe()}"
+                " runs this model; drop gpu_memory (--gpu-memory), or use device cuda"
+            )
         self.loaded: LoadedModel = load_model(model, quant)
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
@@ -146,6 +166,7 @@ class LLM:
             kv_cache_dtype,
             cpu_memory,
             drop_page_cache,
+            gpu_memory,
         )
 
     @property
@@ -165,13 +186,19 @@ class LLM:
 
     @property
     def stream_stats(self) -> StreamStats | None:
-        """Counters of disk streaming, when some layers stream."""
+        """Counters of disk streaming, when some layers stream from disk."""
         stream = self._engine.layer_stream
         return None if stream is None else stream.stats
 
+    @property
+    def device_stream_stats(self) -> DeviceStreamStats | None:
+        """Counters of host -> GPU streaming, when some layers are copied in."""
+        stream = self._engine.device_stream
+        return None if stream is None else stream.stats
+
     def close(self) -> None:
-        """Release the layer stream's file and thread, if any; a streaming LLM cannot run
-        after this."""
+        """Release the layer streams' file, thread, device buffers and pinned memory, if
+        any; a streaming LLM cannot run after this."""
         self._engine.close()
 
     def __enter__(self) -> Self:

@@ -88,6 +88,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="RAM budget (MiB, or 512M, 2G); layers beyond it stream from disk "
         "(lamina checkpoints)",
     )
+    p.add_argument(
+        "--gpu-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="GPU budget with --device cuda (default: free GPU memory less a margin); "
+        "layers beyond it are copied in from RAM while others compute",
+    )
     p.add_argument("--max-num-seqs", type=_positive_int, help="sequences decoded together")
     p.add_argument(
         "--max-num-batched-tokens",
@@ -271,6 +278,7 @@ def _load(args: argparse.Namespace):
         kv_cache_mb=args.kv_cache_mb,
         kv_cache_dtype=args.kv_cache_dtype,
         cpu_memory=args.cpu_memory,
+        gpu_memory=args.gpu_memory,
         device=args.device,
         **scheduler,
     )
@@ -311,8 +319,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             stream.write_to(sys.stdout)
             sys.stdout.write("\n")
-        if args.verbose and llm.stream_stats is not None:
-            print(llm.stream_stats.describe(), file=sys.stderr)
+        if args.verbose:
+            for stats in (llm.stream_stats, llm.device_stream_stats):
+                if stats is not None:
+                    print(stats.describe(), file=sys.stderr)
     return 0
 
 

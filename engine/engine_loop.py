@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,8 +38,17 @@ from engine.scheduler import (
     Sequence,
 )
 from engine.sequence_group import GenerationContext, SamplingGroup, SequenceGroup
-from offload.placement import PlacementPlan, Tier, default_cpu_budget, plan_placement
+from offload.placement import (
+    PlacementPlan,
+    Tier,
+    default_cpu_budget,
+    default_gpu_budget,
+    plan_placement,
+)
 from offload.streaming import LayerLayout, LayerStream
+
+if TYPE_CHECKING:
+    from offload.device_stream import DeviceLayerStream
 
 # How a request aborted by a failed forward pass is told apart (a bug, not bad input).
 FORWARD_FAILED = "the forward pass failed"
@@ -58,14 +68,36 @@ class EngineLoop:
         kv_cache_dtype: str = "float32",
         cpu_memory: int | None = None,
         drop_page_cache: bool = False,
+        gpu_memory: int | None = None,
     ):
         """cpu_memory: host RAM budget in bytes for weights, KV cache and activations
         (default: derived from available RAM for memory-mapped checkpoints; unplanned for
         weights already loaded into RAM). Layers that do not fit stream from disk, each
-        range dropped from the page cache after reading when drop_page_cache."""
+        range dropped from the page cache after reading when drop_page_cache.
+
+        gpu_memory: with the CUDA backend, the device budget in bytes for weights, KV cache
+        and activations (default: the GPU's free memory less a margin). Layers beyond it
+        stay in pinned host RAM, under cpu_memory, or on disk, and are copied in while
+        earlier layers compute. Under either budget, or when the weights do not fit the
+        GPU, the KV cache defaults to one max_model_len context."""
         self.loaded = loaded
         self.backend = backend
-        backend.prepare_weights(loaded.weights)  # before streaming: it walks every layer
+        on_gpu = backend.name == "cuda"
+        if gpu_memory is not None and not on_gpu:
+            raise LaminaError(
+                f"a GPU memory budget applies to the CUDA backend, but this model runs on the "
+                f"{backend.name}; drop --gpu-memory, or use --device cuda"
+            )
+        if on_gpu:  # placement moves the weights that fit
+            free = backend.free_memory()  # before any weight is on the device
+            gpu_budget = default_gpu_budget(free) if gpu_memory is None else gpu_memory
+            weight_bytes = loaded.weights.nbytes
+            budgeted = cpu_memory is not None or gpu_memory is not None
+            budgeted = budgeted or weight_bytes > gpu_budget
+            free = max(0, free - weight_bytes)
+        else:
+            backend.prepare_weights(loaded.weights)  # before streaming: it walks every layer
+            budgeted, free = cpu_memory is not None, backend.free_memory()
         self.model = Transformer(loaded.config, loaded.weights, backend)
         limit = loaded.config.max_position_embeddings
         if max_model_len is not None and max_model_len < 2:
@@ -80,27 +112,45 @@ class EngineLoop:
             vocab_size=min(loaded.tokenizer.vocab_size, loaded.config.vocab_size),
             max_model_len=self.max_model_len,
         )
-        self.cache = self._make_cache(kv_cache_mb, kv_cache_fraction, kv_cache_dtype, cpu_memory)
+        self.cache = self._make_cache(
+            kv_cache_mb, kv_cache_fraction, kv_cache_dtype, budgeted, free
+        )
         reserve = self.kv_cache_bytes + activation_bytes(
             loaded.config, max_num_batched_tokens, max_num_seqs
         )
         self.placement: PlacementPlan | None = None
-        self.layer_stream: LayerStream | None = None
-        self._place_layers(cpu_memory, reserve, drop_page_cache)
+        self.layer_stream: LayerStream | None = None  # disk -> host, on either device
+        self.device_stream: DeviceLayerStream | None = None  # host -> GPU
+        if on_gpu:
+            from engine.device_placement import place_on_device  # imports numba.cuda
+
+            cpu_budget = default_cpu_budget() if cpu_memory is None else cpu_memory
+            placed = place_on_device(
+                loaded, backend, cpu_budget, gpu_budget, reserve, drop_page_cache
+            )
+            self.placement = placed.plan
+            self.device_stream, self.layer_stream = placed.device_stream, placed.disk_stream
+        else:
+            self._place_layers(cpu_memory, reserve, drop_page_cache)
         self.scheduler = Scheduler(
             self.cache, max_num_seqs, max_num_batched_tokens, enable_prefix_caching
         )
 
     def _make_cache(
-        self, memory_mb: float | None, fraction: float | None, dtype: str, cpu_memory: int | None
+        self,
+        memory_mb: float | None,
+        fraction: float | None,
+        dtype: str,
+        budgeted: bool,
+        free: int,
     ) -> PagedKVCache:
+        """free: RAM, or GPU memory left after the weights, which `fraction` shares."""
         cfg = self.loaded.config
         token_bytes = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
         needed = -(-self.max_model_len // BLOCK_SIZE)
-        if cpu_memory is not None and memory_mb is None and fraction is None:
-            blocks = needed  # under a RAM budget the cache defaults to one full context
+        if budgeted and memory_mb is None and fraction is None:
+            blocks = needed  # under a memory budget the cache defaults to one full context
         else:
-            free = self.backend.free_memory()  # RAM, or GPU memory left after the weights
             blocks = budget_blocks(token_bytes * BLOCK_SIZE, memory_mb, fraction, free)
         self.kv_cache_bytes = blocks * BLOCK_SIZE * token_bytes
         if blocks < needed:
@@ -120,8 +170,9 @@ class EngineLoop:
         )
 
     def _place_layers(self, cpu_memory: int | None, reserve: int, drop_page_cache: bool) -> None:
-        """Plan where the layers live under the host budget; stream from disk what does not
-        fit. Weights already loaded into RAM without a budget have nothing left to plan."""
+        """CPU backend: plan where the layers live under the host budget; stream from disk
+        what does not fit. Weights already loaded into RAM without a budget have nothing left
+        to plan. (With the CUDA backend, device_placement.place_on_device plans.)"""
         folder, weights = self.loaded.checkpoint, self.loaded.weights
         if cpu_memory is None and folder is None:
             return
@@ -141,10 +192,11 @@ class EngineLoop:
                 "lamina checkpoint can stream layers from disk: run `lamina quantize SRC OUT "
                 "--weights int8` and load OUT"
             )
+        on_disk = self.placement.layers(Tier.DISK)
         self.layer_stream = open_layer_stream(
             folder,
-            weights,
-            self.placement.layers(Tier.DISK),
+            {i: layer for i, layer in enumerate(weights.layers) if i not in on_disk},
+            on_disk,
             tensors,
             self.placement.host_buffers.count,
             drop_page_cache,
@@ -152,8 +204,12 @@ class EngineLoop:
         weights.layers = self.layer_stream
 
     def close(self) -> None:
-        """Release what the loop holds open: the layer stream's file and reader thread."""
+        """Release what the loop holds open: the device stream's copies, buffers and pinned
+        memory (first: its copies may read the disk stream's buffers), then the disk
+        stream's file and reader thread."""
         with self._lock:
+            if self.device_stream is not None:
+                self.device_stream.close()
             if self.layer_stream is not None:
                 self.layer_stream.close()
 

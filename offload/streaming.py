@@ -14,8 +14,10 @@ is read (posix_fadvise DONTNEED), so that every pass really reads the disk.
 
 The contract that makes two buffers enough: a consumer is done with a streamed layer when it
 asks for another one. The CPU backend computes synchronously, so that holds; an asynchronous
-device backend must finish (or wait on an event for) its use of layer i before asking for
-i + 1. A layer object kept beyond that sees its buffer refilled with another layer.
+consumer must finish (or wait on an event for) its use of layer i before asking for i + 1.
+A layer object kept beyond that sees its buffer refilled with another layer. The device
+stream (device_stream.py) is such a consumer: it takes a layer's raw bytes (`read_bytes`),
+copies them on to the GPU, and waits for that copy before asking for the next layer.
 
 This module knows byte ranges and dtypes, not weight formats: the caller describes each
 streamed layer's tensors (`TensorSpec`) and passes a `build` function turning a dict of
@@ -86,6 +88,28 @@ class LayerLayout:
             views.append((spec.name, slice(at, at + spec.nbytes), spec.dtype, spec.shape))
             end = buf_start + run_end - run_start
         return cls(tuple((s, b, e - s) for s, e, b in runs), tuple(views), end)
+
+    @classmethod
+    def packed(cls, arrays: Mapping[str, np.ndarray]) -> LayerLayout:
+        """A layout for arrays held in memory rather than read from a file: one after
+        another, each on an _ALIGN boundary (their "file offsets" are these places)."""
+        specs, offset = [], 0
+        for name, array in arrays.items():
+            offset += -offset % _ALIGN
+            specs.append(TensorSpec(name, offset, array.dtype, tuple(array.shape)))
+            offset += array.nbytes
+        return cls.of(specs)
+
+    def pack(self, arrays: Mapping[str, np.ndarray], out: np.ndarray) -> None:
+        """Write each array's bytes where this layout puts its tensor, into uint8 `out`:
+        the image a read of the file would leave in a buffer."""
+        for name, where, dtype, shape in self.views:
+            array = arrays[name]
+            if array.dtype != dtype or tuple(array.shape) != tuple(shape):
+                raise ValueError(
+                    f"{name} is {array.dtype}{array.shape}, the layout says {dtype}{shape}"
+                )
+            out[where] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 @dataclass
@@ -163,9 +187,12 @@ class LayerStream(Sequence):
 
     resident: layer index -> layer object, returned as is. streamed: layer index -> its
     tensors in the file; build(i, arrays) makes layer i's object from {name: array}.
+    A layer may be neither: a consumer that serves some layers itself (the device stream
+    keeps its resident and pinned layers) asks this stream only for the others.
     buffers: how many host buffers streamed layers rotate through (two: compute one while
-    the next is read). Use as a context manager or call close(): it stops the reader
-    thread and closes the file.
+    the next is read); allocate(nbytes) makes each one (default: aligned pageable memory;
+    pinned memory when a GPU copies from them). Use as a context manager or call close():
+    it stops the reader thread and closes the file.
     """
 
     def __init__(
@@ -178,9 +205,11 @@ class LayerStream(Sequence):
         *,
         buffers: int = 2,
         drop_page_cache: bool = False,
+        allocate: Callable[[int], np.ndarray] | None = None,
     ) -> None:
-        if sorted([*resident, *streamed]) != list(range(num_layers)):
-            raise ValueError(f"every layer 0..{num_layers - 1} must be resident xor streamed")
+        served = sorted([*resident, *streamed])
+        if len(set(served)) != len(served) or not set(served) <= set(range(num_layers)):
+            raise ValueError(f"layers must be in 0..{num_layers - 1}, resident or streamed")
         if streamed and buffers < 1:
             raise ValueError(f"streaming needs at least one buffer, got {buffers}")
         if drop_page_cache and not hasattr(os, "posix_fadvise"):
@@ -193,9 +222,8 @@ class LayerStream(Sequence):
         self._build = build
         buffer_bytes = max((lay.nbytes for lay in self._layouts.values()), default=0)
         self.stats = StreamStats(drop_page_cache)
-        self._slots = [
-            _Slot(_aligned_empty(buffer_bytes)) for _ in range(min(buffers, len(self._order)))
-        ]
+        allocate = allocate or _aligned_empty
+        self._slots = [_Slot(allocate(buffer_bytes)) for _ in range(min(buffers, len(self._order)))]
         self._current: _Slot | None = None
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._reader = _Reader(fd, drop_page_cache, self.stats)
@@ -208,6 +236,15 @@ class LayerStream(Sequence):
     def __len__(self) -> int:
         return self._num_layers
 
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        """The streamed layers, in the order a forward pass uses them."""
+        return tuple(self._order)
+
+    def layout(self, index: int) -> LayerLayout:
+        """Where streamed layer `index`'s tensors lie in the bytes `read_bytes` returns."""
+        return self._layouts[index]
+
     def __getitem__(self, index: int) -> Any:
         i = operator.index(index)
         if i < 0:
@@ -216,6 +253,29 @@ class LayerStream(Sequence):
             raise IndexError(f"layer {index} out of range for {self._num_layers} layers")
         if i in self._resident:
             return self._resident[i]
+        slot = self._acquire(i)
+        if slot.built is None:
+            arrays = {}
+            for name, where, dtype, shape in self._layouts[i].views:
+                array = slot.buffer[where].view(dtype).reshape(shape)
+                # read-only like a memory map's views: kernels then run the very same compiled
+                # specialization for resident and streamed layers
+                array.flags.writeable = False
+                arrays[name] = array
+            slot.built = self._build(i, arrays)
+        return slot.built
+
+    def read_bytes(self, index: int) -> np.ndarray:
+        """Streamed layer `index` as raw bytes laid out by `layout(index)`, for a consumer
+        that copies them on whole (to a GPU). Same contract as indexing: the bytes stay
+        valid until another streamed layer is asked for."""
+        slot = self._acquire(index)
+        return slot.buffer[: self._layouts[index].nbytes]
+
+    def _acquire(self, i: int) -> _Slot:
+        """The slot holding streamed layer i once its read is done; prefetch what follows."""
+        if i not in self._layouts:
+            raise KeyError(f"layer {i} is not streamed by this stream")
         if self._closed:
             raise ValueError("the layer stream is closed")
         slot = next((s for s in self._slots if s.layer == i), None)
@@ -227,7 +287,7 @@ class LayerStream(Sequence):
         self._wait(slot)
         self._current = slot
         self._prefetch_after(i)
-        return slot.built
+        return slot
 
     def _load(self, slot: _Slot, layer: int) -> None:
         """Queue a read of `layer` into `slot`. The single reader thread runs reads in order,
@@ -236,21 +296,12 @@ class LayerStream(Sequence):
         slot.future = self._executor.submit(self._reader.read, self._layouts[layer], slot.buffer)
 
     def _wait(self, slot: _Slot) -> None:
-        """Block until the slot's read is done (counting the wait); build its layer once."""
+        """Block until the slot's read is done, counting the wait."""
         start, pending = time.perf_counter(), not slot.future.done()
         slot.future.result()  # re-raises a failed read
         if pending:
             with self._reader.lock:
                 self.stats.wait_s += time.perf_counter() - start
-        if slot.built is None:
-            arrays = {}
-            for name, where, dtype, shape in self._layouts[slot.layer].views:
-                array = slot.buffer[where].view(dtype).reshape(shape)
-                # read-only like a memory map's views: kernels then run the very same compiled
-                # specialization for resident and streamed layers
-                array.flags.writeable = False
-                arrays[name] = array
-            slot.built = self._build(slot.layer, arrays)
 
     def _prefetch_after(self, i: int) -> None:
         """Start reading the streamed layers after i into every buffer but the current one."""

@@ -41,9 +41,10 @@ def fast_simulator():
         yield
 
 
-def build_toy_llama(folder, tied: bool, seed: int = 0) -> None:
-    """A random Llama (hidden 16, 2 query heads on 1 kv head, ffn 32, attention biases)
-    with a word-level tokenizer `w0 .. w31`, saved as a Hugging Face folder."""
+def build_toy_llama(folder, tied: bool, seed: int = 0, layers: int = 2) -> None:
+    """A random Llama (`layers` layers, hidden 16, 2 query heads on 1 kv head, ffn 32,
+    attention biases) with a word-level tokenizer `w0 .. w31`, saved as a Hugging Face
+    folder."""
     hidden, ffn, heads, kv_heads, head_dim = 16, 32, 2, 1, 8
     rng = np.random.default_rng(seed)
 
@@ -54,7 +55,7 @@ def build_toy_llama(folder, tied: bool, seed: int = 0) -> None:
     tensors["model.norm.weight"] = 1 + rand(hidden)
     if not tied:
         tensors["lm_head.weight"] = rand(VOCAB, hidden)
-    for i in range(2):
+    for i in range(layers):
         p = f"model.layers.{i}."
         for name, rows, cols in [
             ("self_attn.q_proj", heads * head_dim, hidden),
@@ -77,7 +78,7 @@ def build_toy_llama(folder, tied: bool, seed: int = 0) -> None:
         "vocab_size": VOCAB,
         "hidden_size": hidden,
         "intermediate_size": ffn,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "attention_bias": True,

@@ -1,14 +1,17 @@
 """CUDA Backend: the CPU backend's interface over the numba.cuda kernels of kernels_gpu.
 
 Everything a forward pass touches lives on the GPU: the weights (moved once by
-`prepare_weights`), the paged KV cache (`allocate_kv`), the activations between calls, and
-the pass's small integer arrays (token ids, positions, slots, block tables...), which are
-uploaded once per pass however many layers read them. Kernels are queued on one stream and
-nothing comes back to the host except the logits (`to_numpy`).
+`prepare_weights`, or, for layers that do not fit the GPU budget, copied into streaming
+buffers by offload.device_stream on a second stream), the paged KV cache (`allocate_kv`),
+the activations between calls, and the pass's small integer arrays (token ids, positions,
+slots, block tables...), which are uploaded once per pass however many layers read them.
+Kernels are queued on one stream and nothing comes back to the host except the logits
+(`to_numpy`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -92,16 +95,25 @@ class CUDABackend:
         )
         self._constants = _Uploads(self.stream)  # host arrays the model keeps (rope freqs)
         self._pass = _Uploads(self.stream)  # this forward pass's batch arrays
+        # Bytes of the long-lived device arrays allocated so far (weights, KV cache,
+        # streaming buffers), which the placement plan budgets; never decreases.
+        self.allocated_bytes = 0
 
-    def prepare_weights(self, weights: ModelWeights) -> None:
-        """Move every weight to the GPU once, in place.
+    def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
+        """Move the non-layer weights and decoder `layers` (default: all) to the GPU once,
+        in place; the other layers stay in host memory for a device stream to copy in.
 
         The typed weights stay what they are (an Int8Weight is still an Int8Weight); only
         their arrays become device arrays. So the model, and anything else that walks
         `weights`, sees the same structure on both devices, `linear` dispatches on the type
         as the CPU backend does, and the host copies are released instead of being held
         twice. A weight shared by two fields (tied embedding and output head) is moved once.
+        Every layer's formats are checked, moved or not, so a format without a kernel is
+        refused here rather than halfway through a streamed pass.
         """
+        for layer in weights.layers:
+            for name in LAYER_LINEARS:
+                _check_kernel(getattr(layer, name))
         moved: dict[int, Weight] = {}
 
         def move(weight: Weight) -> Weight:
@@ -112,7 +124,8 @@ class CUDABackend:
         weights.embed = move(weights.embed)
         weights.lm_head = move(weights.lm_head)
         weights.final_norm = self._to_device(weights.final_norm)
-        for layer in weights.layers:
+        chosen = range(len(weights.layers)) if layers is None else layers
+        for layer in (weights.layers[i] for i in chosen):
             layer.attn_norm = self._to_device(layer.attn_norm)
             layer.ffn_norm = self._to_device(layer.ffn_norm)
             for name in LAYER_LINEARS:
@@ -120,19 +133,25 @@ class CUDABackend:
         self.stream.synchronize()
 
     def _to_device(self, host: np.ndarray) -> DeviceArray:
+        self.allocated_bytes += host.nbytes
         return cuda.to_device(np.ascontiguousarray(host), stream=self.stream)
 
     def _to_device_weight(self, weight: Weight) -> Weight:
+        _check_kernel(weight)
         bias = None if weight.bias is None else self._to_device(weight.bias)
         if isinstance(weight, DenseWeight):
             return DenseWeight(self._to_device(weight.data), bias)
-        if isinstance(weight, Int8Weight):
-            return Int8Weight(self._to_device(weight.data), self._to_device(weight.scale), bias)
-        what = _NO_KERNEL.get(type(weight), type(weight).__name__)
-        raise LaminaError(
-            f"the CUDA backend has no kernel for {what} weights; run this model with "
-            "--device cpu, or quantize it without sparsity"
-        )
+        return Int8Weight(self._to_device(weight.data), self._to_device(weight.scale), bias)
+
+    def device_empty(self, nbytes: int) -> DeviceArray:
+        """Uninitialised device bytes: a streaming buffer for layers copied in."""
+        self.allocated_bytes += nbytes
+        return cuda.device_array(nbytes, dtype=np.uint8, stream=self.stream)
+
+    def pinned_empty(self, nbytes: int) -> np.ndarray:
+        """Uninitialised page-locked host bytes, which the GPU copies from asynchronously and
+        at full bandwidth (pageable memory is staged through a driver buffer first)."""
+        return cuda.pinned_array(nbytes, dtype=np.uint8)
 
     def embed(self, table: Weight, token_ids: np.ndarray) -> DeviceArray:
         """Rows of the embedding table. model.forward calls this first in every pass, so it
@@ -153,9 +172,8 @@ class CUDABackend:
             raise TypeError(f"CUDABackend has no kernel for {type(weight).__name__}")
         if isinstance(weight.data, np.ndarray):
             raise LaminaError(
-                "the CUDA backend was handed a weight in host memory: it runs only weights "
-                "that prepare_weights moved to the GPU (streaming layers from host RAM or "
-                "disk to the GPU is not implemented; drop --cpu-memory or use --device cpu)"
+                "the CUDA backend was handed a weight in host memory: weights reach the GPU "
+                "through prepare_weights, or a device layer stream's buffers"
             )
         if isinstance(weight, Int8Weight):
             out = gemm_w8(x, weight.data, weight.scale, INT16_MAX, stream=self.stream)
@@ -232,4 +250,17 @@ class CUDABackend:
         one wrote. Tied to the backend's stream, so the KV cache's copy-on-write block
         copies (`storage[:, new] = storage[:, old]`, a numba device copy) queue in order
         with the kernels instead of synchronising."""
-        return cuda.device_array(shape, dtype=np.dtype(dtype), stream=self.stream)
+        array = cuda.device_array(shape, dtype=np.dtype(dtype), stream=self.stream)
+        self.allocated_bytes += array.nbytes
+        return array
+
+
+def _check_kernel(weight: Weight) -> None:
+    """Refuse a weight format with no CUDA kernel, by the name users know it by."""
+    if isinstance(weight, DenseWeight | Int8Weight):
+        return
+    what = _NO_KERNEL.get(type(weight), type(weight).__name__)
+    raise LaminaError(
+        f"the CUDA backend has no kernel for {what} weights; run this model with "
+        "--device cpu, or quantize it without sparsity"
+    )

@@ -13,8 +13,9 @@ no quantization, and the outputs are bit-identical to quantizing on load.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -54,10 +55,7 @@ def save_checkpoint(loaded, out: Path, sparsity: dict | None = None) -> None:
     if not tied:
         _put(tensors, "lm_head", w.lm_head)
     for i, layer in enumerate(w.layers):
-        tensors[f"layers.{i}.attn_norm"] = layer.attn_norm
-        tensors[f"layers.{i}.ffn_norm"] = layer.ffn_norm
-        for name in LAYER_LINEARS:
-            _put(tensors, f"layers.{i}.{name}", getattr(layer, name))
+        tensors.update(layer_arrays(layer, i))
     meta = {
         "lamina.format": str(FORMAT_VERSION),
         "lamina.weights": fmt,
@@ -75,6 +73,15 @@ def save_checkpoint(loaded, out: Path, sparsity: dict | None = None) -> None:
     generation = {"eos_token_id": list(loaded.config.eos_token_ids), **loaded.sampling_defaults}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     loaded.tokenizer.save(out)
+
+
+def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
+    """Decoder layer i's arrays under their checkpoint names (layers.i.qkv.data, ...):
+    what `build_layer` turns back into the layer."""
+    tensors = {f"layers.{i}.attn_norm": layer.attn_norm, f"layers.{i}.ffn_norm": layer.ffn_norm}
+    for name in LAYER_LINEARS:
+        _put(tensors, f"layers.{i}.{name}", getattr(layer, name))
+    return tensors
 
 
 def _put(tensors: dict[str, np.ndarray], name: str, weight: Weight) -> None:
@@ -112,14 +119,14 @@ def load_checkpoint_weights(folder: Path, num_layers: int) -> ModelWeights:
     mapped = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
     arrays = {name: _view(mapped, data_start, name, info, path) for name, info in header.items()}
     embed = _weight(arrays, "embed", path)
-    layers = [_layer(arrays, i, path) for i in range(num_layers)]
+    layers = [build_layer(arrays, i, path) for i in range(num_layers)]
     lm_head = embed if meta.get("lamina.tied") == "1" else _weight(arrays, "lm_head", path)
     return ModelWeights(
         embed=embed, layers=layers, final_norm=_vector(arrays, "final_norm", path), lm_head=lm_head
     )
 
 
-def _weight(arrays: dict[str, np.ndarray], name: str, path: Path) -> Weight:
+def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
     """The weight stored under name.<part>; the parts present tell its type."""
 
     def part(suffix: str) -> np.ndarray:
@@ -142,14 +149,15 @@ def _weight(arrays: dict[str, np.ndarray], name: str, path: Path) -> Weight:
         raise ModelLoadError(f"{path} has no tensor {exc.args[0]!r}") from None
 
 
-def _vector(arrays: dict[str, np.ndarray], name: str, path: Path) -> np.ndarray:
+def _vector(arrays: dict[str, Any], name: str, path: Path | str) -> np.ndarray:
     if name not in arrays:
         raise ModelLoadError(f"{path} has no tensor {name!r}")
     return arrays[name]
 
 
-def _layer(arrays: dict[str, np.ndarray], i: int, path: Path) -> LayerWeights:
-    """Decoder layer i from arrays named as in the checkpoint (layers.i.qkv.data, ...)."""
+def build_layer(arrays: dict[str, Any], i: int, path: Path | str) -> LayerWeights:
+    """Decoder layer i from arrays named as in the checkpoint (layers.i.qkv.data, ...): numpy
+    arrays, or device arrays of a streamed layer; `path` names their source in errors."""
     p = f"layers.{i}."
     return LayerWeights(
         attn_norm=_vector(arrays, p + "attn_norm", path),
@@ -182,15 +190,17 @@ def checkpoint_layer_tensors(folder: Path, num_layers: int) -> list[list[TensorS
 
 def open_layer_stream(
     folder: Path,
-    weights: ModelWeights,
+    resident: Mapping[int, Any],
     streamed: Sequence[int],
     tensors: list[list[TensorSpec]],
     buffers: int,
     drop_page_cache: bool,
+    allocate: Callable[[int], np.ndarray] | None = None,
 ) -> LayerStream:
-    """Serve layers `streamed` of a checkpoint's memory-mapped `weights` from disk through
-    `buffers` host buffers (the other layers stay mapped); `tensors` from
-    checkpoint_layer_tensors. Streamed layers are rebuilt from the bytes read, so only
+    """Serve layers `streamed` of a checkpoint from disk through `buffers` host buffers
+    (made by `allocate`: pinned ones when a GPU copies from them); `resident` are the
+    layers served as they are (none, when the caller serves the others itself); `tensors`
+    from checkpoint_layer_tensors. Streamed layers are rebuilt from the bytes read, so only
     formats that need no preparation by the backend are supported: int8 and f32 (the file
     is checked, since the backend may already have repacked the mapped weights)."""
     path = folder / "model.safetensors"
@@ -202,15 +212,15 @@ def open_layer_stream(
                     f"{spec.name!r} of {path} belongs to a sparse format: raise --cpu-memory so "
                     "every layer fits, or quantize without sparsity"
                 )
-    wanted = set(streamed)
     return LayerStream(
         path,
-        len(weights.layers),
-        {i: layer for i, layer in enumerate(weights.layers) if i not in wanted},
+        len(tensors),
+        resident,
         {i: tensors[i] for i in streamed},
-        lambda i, arrays: _layer(arrays, i, path),
+        lambda i, arrays: build_layer(arrays, i, path),
         buffers=buffers,
         drop_page_cache=drop_page_cache,
+        allocate=allocate,
     )
 
 
