@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numba import config, cuda
 
-from offload.streaming import LayerLayout, LayerStream
+from offload.streaming import LayerLayout, LayerStream, gbps, hidden_share
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations are never evaluated
@@ -74,11 +74,11 @@ class DeviceStreamStats:
 
     @property
     def overlap(self) -> float:
-        return 1.0 - self.wait_s / self.copy_s if self.copy_s > 0 else 0.0
+        return hidden_share(self.wait_s, self.copy_s)
 
     @property
     def h2d_gbps(self) -> float:
-        return self.bytes_copied / self.copy_s / 1e9 if self.copy_s > 0 else 0.0
+        return gbps(self.bytes_copied, self.copy_s)
 
     def describe(self) -> str:
         return (

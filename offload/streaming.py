@@ -112,6 +112,15 @@ class LayerLayout:
             out[where] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
+def hidden_share(wait_s: float, busy_s: float) -> float:
+    """The share of `busy_s` spent by a transfer that compute did not wait for."""
+    return 1.0 - wait_s / busy_s if busy_s > 0 else 0.0
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else 0.0
+
+
 @dataclass
 class StreamStats:
     """Counters of a LayerStream. read_s is time the reader spent in reads; wait_s is time
@@ -127,11 +136,11 @@ class StreamStats:
 
     @property
     def overlap(self) -> float:
-        return 1.0 - self.wait_s / self.read_s if self.read_s > 0 else 0.0
+        return hidden_share(self.wait_s, self.read_s)
 
     @property
     def read_gbps(self) -> float:
-        return self.bytes_read / self.read_s / 1e9 if self.read_s > 0 else 0.0
+        return gbps(self.bytes_read, self.read_s)
 
     def describe(self) -> str:
         cache = "dropped after each read" if self.drop_page_cache else "kept"
