@@ -50,7 +50,12 @@ class RequestHandle:
     """A request in flight: the engine thread publishes its updates to an asyncio queue."""
 
     def __init__(
-        self, group: SequenceGroup, sink: asyncio.Queue, loop: asyncio.AbstractEventLoop, tag: int
+        self,
+        group: SequenceGroup,
+        sink: asyncio.Queue,
+        loop: asyncio.AbstractEventLoop,
+        tag: int,
+        incremental: bool,
     ) -> None:
         self.group = group
         self.tag = tag
@@ -58,8 +63,9 @@ class RequestHandle:
         self._sink = sink
         self._sent_text: dict[int, int] = {}
         self._sent_tokens: dict[int, int] = {}
-        # With best_of > n the winners are only known at the end.
-        self._streams = group.params.best_of == group.params.n
+        # A reply sent whole needs only the end; with best_of > n the winners are only
+        # known at the end.
+        self._streams = incremental and group.params.best_of == group.params.n
 
     @property
     def output(self) -> RequestOutput:
@@ -109,11 +115,13 @@ class AsyncEngine:
         params: SamplingParams,
         sink: asyncio.Queue,
         tag: int = 0,
+        incremental: bool = True,
     ) -> RequestHandle:
         """Check a request (raises ValueError/LaminaError on bad input) and queue it; its
-        updates arrive on `sink` as `Update`s carrying `tag`."""
+        updates arrive on `sink` as `Update`s carrying `tag`, after every step that adds
+        text when `incremental`, else once when it finishes."""
         group = self.engine.new_group(output, params)
-        handle = RequestHandle(group, sink, asyncio.get_running_loop(), tag)
+        handle = RequestHandle(group, sink, asyncio.get_running_loop(), tag, incremental)
         self._inbox.put(("add", handle))
         return handle
 

@@ -172,9 +172,11 @@ class ChatCompletionRequest(_SamplingFields):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        limit = self.max_completion_tokens or self.max_tokens
+        limit = (
+            self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(limit or context_window, logprobs)
+        return self.sampling_params(context_window if limit is None else limit, logprobs)
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.as_template_message() for m in self.messages]

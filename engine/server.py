@@ -131,13 +131,13 @@ class OpenAIServer:
         # Without max_tokens, generate up to the context window (the engine caps it there).
         params = body.params(self.llm.max_model_len)
         requests = [self.llm.new_request(prompt, params) for prompt in body.prompts()]
-        run = _Run(self.engine, requests)
+        run = _Run(self.engine, requests, body.stream)
         if body.stream:
             return _sse(self._completion_chunks(body, run), run)
         outputs = await run.finish(request)
         choices = []
         for i, output in enumerate(outputs):
-            echo = (output.prompt or "") if body.echo else ""
+            echo = self._prompt_text(output) if body.echo else ""
             for c in output.outputs:
                 logprobs = None
                 if c.logprobs is not None:
@@ -160,6 +160,12 @@ class OpenAIServer:
         }
         return JSONResponse(result)
 
+    def _prompt_text(self, output: RequestOutput) -> str:
+        """What `echo` repeats: the prompt as sent, or its token ids decoded."""
+        if output.prompt is not None:
+            return output.prompt
+        return self.llm.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
+
     async def _completion_chunks(
         self, body: CompletionRequest, run: _Run
     ) -> AsyncIterator[dict[str, Any]]:
@@ -173,7 +179,7 @@ class OpenAIServer:
                 text = d.text
                 if body.echo and index not in echoed:
                     echoed.add(index)
-                    text = (output.prompt or "") + text
+                    text = self._prompt_text(output) + text
                 logprobs = None
                 if d.logprobs is not None:
                     logprobs = self.logprobs.completion(d.logprobs, offsets.get(index, 0))
@@ -194,7 +200,7 @@ class OpenAIServer:
         text, ids = self.llm.encode_chat(body.template_messages())
         output, params = self.llm.new_request(ids, body.params(self.llm.max_model_len))
         output.prompt = text
-        run = _Run(self.engine, [(output, params)])
+        run = _Run(self.engine, [(output, params)], body.stream)
         if body.stream:
             return _sse(self._chat_chunks(body, run), run)
         (output,) = await run.finish(request)
@@ -245,14 +251,16 @@ class OpenAIServer:
 class _Run:
     """The engine requests behind one HTTP request, and their shared update queue."""
 
-    def __init__(self, engine: AsyncEngine, requests: list[tuple[RequestOutput, Any]]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, requests: list[tuple[RequestOutput, Any]], stream: bool
+    ) -> None:
         self.engine = engine
         self.outputs = [output for output, _ in requests]
         self.sink: asyncio.Queue[Update] = asyncio.Queue()
         self.handles: list[RequestHandle] = []
         try:
             for tag, (output, params) in enumerate(requests):
-                self.handles.append(engine.submit(output, params, self.sink, tag))
+                self.handles.append(engine.submit(output, params, self.sink, tag, stream))
         except BaseException:
             self.abort()
             raise

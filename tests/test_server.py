@@ -165,6 +165,19 @@ def test_sampling_fields_n_seed_stop_logprobs(llm: LLM, client: OpenAI):
         assert chosen <= 0
 
 
+def test_echo_repeats_text_and_token_id_prompts(llm: LLM, client: OpenAI):
+    ids = llm.tokenizer.encode("The capital of France is")
+    expected = llm.tokenizer.decode(ids, skip_special_tokens=False) + _greedy(llm, ids, 4)[0]
+    reply = client.completions.create(
+        model="smollm2", prompt=ids, max_tokens=4, temperature=0, echo=True
+    )
+    assert reply.choices[0].text == expected
+    stream = client.completions.create(
+        model="smollm2", prompt=ids, max_tokens=4, temperature=0, echo=True, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected
+
+
 def test_logit_bias_bans_a_token(llm: LLM, client: OpenAI):
     prompt = "The capital of France is"
     greedy = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0))[0].token_ids
@@ -280,6 +293,8 @@ def test_chat_refuses_what_it_cannot_do(client: OpenAI):
         )
     with pytest.raises(BadRequestError):
         client.chat.completions.create(model="smollm2", messages=[])
+    with pytest.raises(BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="smollm2", messages=messages, max_tokens=0)
     with pytest.raises(NotFoundError):
         client.chat.completions.create(model="other", messages=messages)
 
