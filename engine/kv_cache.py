@@ -7,10 +7,15 @@ order. Everything else here is plain Python bookkeeping, as in vLLM's PagedAtten
 
 - Blocks are reference-counted. `fork` lets a child share its parent's blocks; the first
   write into a shared, partly filled block copies it (copy-on-write).
-- Full blocks are keyed by (key of the previous block, their token ids), so a sequence whose
-  prompt starts with blocks already computed (a system prompt, a chat history) reuses them
-  instead of recomputing. Freed blocks keep their contents and key until they are needed
-  again; the least recently freed is reused first.
+- Full blocks are keyed by an integer chained per block, hash(key of the previous block,
+  their token ids), as in vLLM's block pool: a lookup costs the same at any depth, and keys
+  never nest. The block also keeps its parent key and tokens, and a lookup compares them, so
+  a hash collision cannot hand out the wrong block. A sequence whose prompt starts with
+  blocks already computed (a system prompt, a chat history) reuses them instead of
+  recomputing. Freed blocks keep their contents and key until they are needed again; the
+  least recently freed is reused first.
+- `reserve` takes the slots of one forward pass and `rollback` gives them back, so the
+  blocks of a step are taken whole or not at all.
 
 model.py only hands a ForwardBatch to `Backend.attention`.
 """
@@ -20,12 +25,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
 
-from engine.errors import LaminaError
+from engine.errors import InvalidInputError, LaminaError
+
+if TYPE_CHECKING:
+    from engine.backends import Backend
 
 BLOCK_SIZE = 16
 # Share of the RAM psutil reports available that the KV cache may take by default. The
@@ -39,7 +47,9 @@ KV_DTYPES = ("float32", "int8")
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> int:
     """Bytes of keys and values (and their scales) that one token takes in every layer."""
     if dtype not in KV_DTYPES:
-        raise ValueError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+        raise InvalidInputError(
+            f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}"
+        )
     row = head_dim + 4 if dtype == "int8" else 4 * head_dim
     return 2 * num_layers * num_kv_heads * row
 
@@ -48,8 +58,24 @@ class NoFreeBlocksError(LaminaError):
     """The KV cache has no free block left; the scheduler preempts a sequence and retries."""
 
 
-# A full block's identity: (key of the previous block or None, its token ids).
-BlockKey = tuple[Any, tuple[int, ...]]
+class ReservationError(Exception):
+    """Reserving the slots of one sequence of a step failed; every reservation of the step
+    was rolled back. `seq_id` names the sequence, and the cause is chained."""
+
+    def __init__(self, seq_id: Hashable) -> None:
+        super().__init__(f"reserving KV slots for sequence {seq_id!r} failed")
+        self.seq_id = seq_id
+
+
+# A full block's identity: hash of (the previous block's key or None, its token ids).
+BlockKey = int
+# What a key stands for, compared on lookup: (the previous block's key, its token ids).
+BlockContent = tuple[BlockKey | None, tuple[int, ...]]
+
+
+def block_key(parent: BlockKey | None, tokens: tuple[int, ...]) -> BlockKey:
+    """The prefix-cache key of a full block: fixed-size, whatever its depth."""
+    return hash((parent, tokens))
 
 
 class BlockAllocator:
@@ -57,7 +83,7 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
-            raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
+            raise InvalidInputError(f"a KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.refcount = np.zeros(num_blocks, dtype=np.int32)
         # A stack, lowest block on top: the block freed last (still in cache, its pages
@@ -67,6 +93,7 @@ class BlockAllocator:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; LRU first
         self._key_of: dict[int, BlockKey] = {}
         self._block_of: dict[BlockKey, int] = {}
+        self._content_of: dict[int, BlockContent] = {}
 
     @property
     def num_free(self) -> int:
@@ -79,6 +106,7 @@ class BlockAllocator:
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)
             del self._block_of[self._key_of.pop(block)]
+            del self._content_of[block]
         else:
             raise NoFreeBlocksError(f"all {self.num_blocks} KV cache blocks are in use")
         self.refcount[block] = 1
@@ -99,21 +127,23 @@ class BlockAllocator:
             else:
                 self._never_cached.append(block)
 
-    def lookup(self, key: BlockKey) -> int | None:
-        """The cached block holding `key`, now taken by the caller; None if not cached."""
+    def lookup(self, key: BlockKey, content: BlockContent) -> int | None:
+        """The cached block holding `key`, now taken by the caller; None if not cached (or
+        if another content collided with this key)."""
         block = self._block_of.get(key)
-        if block is None:
+        if block is None or self._content_of[block] != content:
             return None
         if self.refcount[block] == 0:
             del self._evictable[block]
         self.refcount[block] += 1
         return block
 
-    def register(self, block: int, key: BlockKey) -> None:
-        """Record that full block `block` holds `key` (first writer wins)."""
+    def register(self, block: int, key: BlockKey, content: BlockContent) -> None:
+        """Record that full block `block` holds `content`, under `key` (first writer wins)."""
         if key not in self._block_of and block not in self._key_of:
             self._block_of[key] = block
             self._key_of[block] = key
+            self._content_of[block] = content
 
 
 @dataclass
@@ -122,6 +152,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are written
     keys: list[BlockKey] = field(default_factory=list)  # keys of the full blocks
     reserved: int = 0  # token slots reserved by the forward pass in flight
+    blocks_before_reserve: int = 0  # len(blocks) before that reservation (for rollback)
 
 
 class PagedKVCache:
@@ -129,7 +160,7 @@ class PagedKVCache:
 
     def __init__(
         self,
-        backend: Any,
+        backend: Backend,
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
@@ -154,6 +185,10 @@ class PagedKVCache:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def sequence_ids(self) -> list[Hashable]:
+        """The sequences holding blocks now."""
+        return list(self._seqs)
 
     def length(self, seq_id: Hashable) -> int:
         return len(self._seqs[seq_id].tokens)
@@ -187,13 +222,14 @@ class PagedKVCache:
         parent = None
         reusable = (len(prompt) - 1) // self.block_size
         for i in range(reusable):
-            key = (parent, tuple(prompt[i * self.block_size : (i + 1) * self.block_size]))
-            block = self.allocator.lookup(key)
+            tokens = tuple(prompt[i * self.block_size : (i + 1) * self.block_size])
+            key = block_key(parent, tokens)
+            block = self.allocator.lookup(key, (parent, tokens))
             if block is None:
                 break
             seq.blocks.append(block)
             seq.keys.append(key)
-            seq.tokens.extend(key[1])
+            seq.tokens.extend(tokens)
             parent = key
         return len(seq.tokens)
 
@@ -223,11 +259,18 @@ class PagedKVCache:
         needed = self.blocks_needed(seq_id, num_tokens)
         if needed > self.allocator.num_free:
             raise NoFreeBlocksError(f"{needed} KV blocks needed, {self.allocator.num_free} free")
-        if self._needs_copy(seq):
-            self._copy_last_block(seq)
-        while len(seq.blocks) < self.blocks_for(len(seq.tokens) + num_tokens):
-            seq.blocks.append(self.allocator.allocate())
+        before = len(seq.blocks)
+        try:
+            if self._needs_copy(seq):
+                self._copy_last_block(seq)
+            while len(seq.blocks) < self.blocks_for(len(seq.tokens) + num_tokens):
+                seq.blocks.append(self.allocator.allocate())
+        except BaseException:
+            while len(seq.blocks) > before:
+                self.allocator.release(seq.blocks.pop())
+            raise
         seq.reserved = num_tokens
+        seq.blocks_before_reserve = before
         positions = np.arange(len(seq.tokens), len(seq.tokens) + num_tokens)
         blocks = np.asarray(seq.blocks, dtype=np.int64)[positions // self.block_size]
         return blocks * self.block_size + positions % self.block_size
@@ -236,15 +279,28 @@ class PagedKVCache:
         """Mark the reserved tokens as written; index the blocks that became full."""
         seq = self._seqs[seq_id]
         if len(token_ids) != seq.reserved:
-            raise ValueError(f"committing {len(token_ids)} tokens, {seq.reserved} reserved")
+            raise RuntimeError(f"committing {len(token_ids)} tokens, {seq.reserved} reserved")
         seq.tokens.extend(int(t) for t in token_ids)
         seq.reserved = 0
         while len(seq.keys) < len(seq.tokens) // self.block_size:
             i = len(seq.keys)
             parent = seq.keys[-1] if seq.keys else None
-            key = (parent, tuple(seq.tokens[i * self.block_size : (i + 1) * self.block_size]))
-            self.allocator.register(seq.blocks[i], key)
+            tokens = tuple(seq.tokens[i * self.block_size : (i + 1) * self.block_size])
+            key = block_key(parent, tokens)
+            self.allocator.register(seq.blocks[i], key, (parent, tokens))
             seq.keys.append(key)
+
+    def rollback(self, seq_id: Hashable) -> None:
+        """Undo `reserve`: the reserved slots are not written; blocks it added go back.
+
+        A block copied on write stays: it holds the same tokens as the one it replaced.
+        """
+        seq = self._seqs[seq_id]
+        if not seq.reserved:
+            return
+        while len(seq.blocks) > max(seq.blocks_before_reserve, self.blocks_for(len(seq.tokens))):
+            self.allocator.release(seq.blocks.pop())
+        seq.reserved = 0
 
     def free(self, seq_id: Hashable) -> None:
         """Release a sequence's blocks, its last block first so prefixes stay cached longer."""
@@ -260,9 +316,13 @@ class PagedKVCache:
     def _copy_last_block(self, seq: _Sequence) -> None:
         old = seq.blocks[-1]
         new = self.allocator.allocate()
-        for storage in (self.k, self.v, self.k_scale, self.v_scale):
-            if storage is not None:
-                storage[:, new] = storage[:, old]
+        try:
+            for storage in (self.k, self.v, self.k_scale, self.v_scale):
+                if storage is not None:
+                    storage[:, new] = storage[:, old]
+        except BaseException:
+            self.allocator.release(new)
+            raise
         self.allocator.release(old)
         seq.blocks[-1] = new
 
@@ -277,12 +337,12 @@ def budget_blocks(
     free where the backend allocates the cache (default: the RAM psutil reports available)."""
     if memory_mb is not None:
         if memory_mb <= 0:
-            raise ValueError(f"the KV cache budget must be positive, got {memory_mb} MB")
+            raise InvalidInputError(f"the KV cache budget must be positive, got {memory_mb} MB")
         budget = memory_mb * 2**20
     else:
         fraction = DEFAULT_KV_FRACTION if fraction is None else fraction
         if not 0 < fraction <= 1:
-            raise ValueError(f"the KV cache fraction must be in (0, 1], got {fraction}")
+            raise InvalidInputError(f"the KV cache fraction must be in (0, 1], got {fraction}")
         if free_bytes is None:
             free_bytes = psutil.virtual_memory().available
         budget = free_bytes * fraction
@@ -311,12 +371,19 @@ class ForwardBatch:
     ) -> ForwardBatch:
         """Reserve slots for each (sequence, new tokens) chunk and describe the pass.
 
-        Logits are wanted for the last token of each chunk, or for every token.
+        Logits are wanted for the last token of each chunk, or for every token. All or
+        nothing: if one reservation fails, the others are rolled back and ReservationError
+        names the sequence.
         """
         slots, positions, starts, lens, tables = [], [], [0], [], []
-        for seq_id, tokens in chunks:
+        for k, (seq_id, tokens) in enumerate(chunks):
             first = cache.length(seq_id)
-            slots.append(cache.reserve(seq_id, len(tokens)))
+            try:
+                slots.append(cache.reserve(seq_id, len(tokens)))
+            except Exception as error:
+                for done, _ in chunks[:k]:
+                    cache.rollback(done)
+                raise ReservationError(seq_id) from error
             positions.append(np.arange(first, first + len(tokens)))
             starts.append(starts[-1] + len(tokens))
             lens.append(first + len(tokens))

@@ -54,7 +54,9 @@ class CompletionOutput:
     """One generated continuation of a prompt (a request with n > 1 has several).
 
     finish_reason is "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
-    context window) or "abort" (the caller stopped a stream, or the request could not run).
+    context window), "abort" (the caller stopped a stream, or the request could not run) or
+    "error" (it failed inside the engine; RequestOutput.error says why, the log has the
+    traceback).
     cumulative_logprob is the sum of the model's log-probabilities of the generated tokens;
     it is computed only where it is needed (best_of > n, beam search, logprobs).
     logprobs holds one entry per generated token when SamplingParams.logprobs was set.
@@ -106,6 +108,14 @@ class RequestOutput:
                 c.finish_reason = "abort"
         if error is not None:
             self.error = error
+
+    def fail(self, error: str) -> None:
+        """End every unfinished completion with finish reason "error": the request failed
+        inside the engine (a bug, logged with its traceback); the others went on."""
+        for c in self.outputs:
+            if c.finish_reason is None:
+                c.finish_reason = "error"
+        self.error = error
 
     def to_dict(self) -> dict:
         m = self.metrics

@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.engine_config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 from engine.kv_cache import PagedKVCache
 
 if TYPE_CHECKING:
     from engine.sequence_group import SequenceGroup
 
-DEFAULT_MAX_NUM_SEQS = 64
-# Tokens per forward pass. Prefill throughput on 2-8 cores is flat beyond a few hundred tokens,
-# and a bounded step keeps the decode latency of the other sequences bounded too.
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 # Share of the blocks kept free at admission, so newly admitted prompts don't force an
 # immediate preemption when the running sequences grow by one block.
 WATERMARK = 0.01
@@ -72,6 +70,22 @@ class Sequence:
         return child
 
 
+@dataclass
+class StepPlan:
+    """One step's work: (sequence, number of new tokens) chunks, and the request of each
+    sequence. Blocks are not taken yet: the runner reserves them all at once."""
+
+    chunks: list[tuple[Sequence, int]]
+    owner: dict[int, SequenceGroup]
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+    def groups(self) -> list[SequenceGroup]:
+        """The requests with a chunk in this step, each once, in plan order."""
+        return list({id(g): g for g in (self.owner[s.seq_id] for s, _ in self.chunks)}.values())
+
+
 class Scheduler:
     """Waiting and running requests, and the plan of each forward pass."""
 
@@ -82,13 +96,7 @@ class Scheduler:
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         enable_prefix_caching: bool = True,
     ) -> None:
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
-                f"max_num_seqs ({max_num_seqs}), so every running sequence can decode each step"
-            )
+        """The sizes come checked from EngineConfig."""
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -106,25 +114,34 @@ class Scheduler:
 
     def abort(self, group: SequenceGroup, error: str | None = None) -> None:
         """Drop a request wherever it is and free its blocks at once."""
+        self._drop(group)
+        group.output.abort(error)
+
+    def fail(self, group: SequenceGroup, error: str) -> None:
+        """End a request that failed inside the engine (finish reason "error")."""
+        self._drop(group)
+        group.output.fail(error)
+
+    def _drop(self, group: SequenceGroup) -> None:
         if group in self.running:
             self.running.remove(group)
             self._release(group)
         elif group in self.waiting:
             self.waiting.remove(group)
-        group.output.abort(error)
 
     def remove_finished(self) -> None:
         self.running = [g for g in self.running if not g.finished]
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """The (sequence, number of new tokens) chunks of the next forward pass."""
+    def schedule(self) -> StepPlan:
+        """The chunks of the next forward pass."""
         plan = self._plan_running()
         while self._blocks_needed(plan) > self.cache.allocator.num_free:
             victim = self.running[-1]
             plan = [(s, n) for s, n in plan if s not in victim.live]
             self._preempt(victim)
         self._admit(plan)
-        return plan
+        owner = {seq.seq_id: g for g in self.running for seq in g.live}
+        return StepPlan(plan, owner)
 
     def _plan_running(self) -> list[tuple[Sequence, int]]:
         budget = self.max_num_batched_tokens

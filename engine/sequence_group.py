@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tokenizers import Tokenizer
 
+from engine.errors import InvalidInputError
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from engine.kv_cache import PagedKVCache
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -62,7 +63,7 @@ class SequenceGroup:
 
     def check_fits(self, max_num_seqs: int) -> None:
         if self.width > max_num_seqs:
-            raise ValueError(
+            raise InvalidInputError(
                 f"best_of / n of {self.width} is more than max_num_seqs ({max_num_seqs})"
             )
 
@@ -132,7 +133,8 @@ class SamplingGroup(SequenceGroup):
 
     def _fork(self, first: Sequence, cache: PagedKVCache) -> None:
         """The prompt is computed; start the best_of sequences, sharing its blocks."""
-        self.live = [first] + [first.fork(cache) for _ in range(self.params.best_of - 1)]
+        for _ in range(self.params.best_of - 1):
+            self.live.append(first.fork(cache))
         for seq, completion in zip(self.live, self.output.outputs, strict=True):
             if self._wants_logprob:
                 completion.cumulative_logprob = 0.0

@@ -1,8 +1,8 @@
 """Host -> device layer streaming: run a model larger than the GPU budget.
 
-`DeviceLayerStream` stands in for the list of decoder layers, as `LayerStream` does on the
-CPU: model code keeps writing `for i, layer in enumerate(weights.layers)`. Layers resident on
-the device come back as they are; a streamed layer comes back as a layer object whose arrays
+`DeviceLayerStream` serves the decoder layers by explicit residency, as `LayerStream` does on
+the CPU: `fetch(i)` returns layer i and `release(i)` says every kernel using it is queued.
+Layers resident on the device come back as they are; a streamed layer comes back as a layer object whose arrays
 are views into one of a few reusable device buffers, filled by one host -> device copy of
 the layer's bytes. Those bytes come from a pinned host image made once (HOST_TO_DEVICE
 layers), or from a LayerStream's host staging buffer that the disk read just filled (DISK
@@ -12,9 +12,9 @@ Copies run on their own CUDA stream, so the copy of the next streamed layer over
 kernels of the current one. Two events per device buffer order the two streams without the
 host ever waiting: the compute stream waits for "this buffer's layer is copied" before the
 layer's kernels, and the copy stream waits for "compute with this buffer's previous layer
-is done" before overwriting it. The second event is recorded when the consumer asks for the
-next layer, which is when it has queued every kernel of the previous one (the CPU stream's
-contract, made asynchronous).
+is done" before overwriting it. The second event is recorded when the consumer releases
+the layer, which is when it has queued every kernel of it (the CPU stream's contract, made
+asynchronous).
 
 Only a disk layer makes the host wait: its staging buffer belongs to the LayerStream, which
 refills it once the next disk layer is asked for, so the copy out of it must be finished
@@ -35,10 +35,9 @@ the asynchrony of the copies are written for a real GPU but were not run on one.
 
 from __future__ import annotations
 
-import operator
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -138,7 +137,7 @@ class _Slot:
     built: Any = None  # the layer object over this buffer
 
 
-class DeviceLayerStream(Sequence):
+class DeviceLayerStream:
     """The layers of a model, some resident on the device and some copied in on demand.
 
     resident: layer index -> layer object already on the device, returned as is.
@@ -214,15 +213,10 @@ class DeviceLayerStream(Sequence):
         """Bytes of the pinned host images held (0 once closed)."""
         return sum(image.nbytes for image, _ in self._pinned.values())
 
-    def __getitem__(self, index: int) -> Any:
-        i = operator.index(index)
-        if i < 0:
-            i += self._num_layers
+    def fetch(self, i: int) -> Any:
+        """Layer i on the device: valid for kernels queued before `release(i)`."""
         if not 0 <= i < self._num_layers:
-            raise IndexError(f"layer {index} out of range for {self._num_layers} layers")
-        if self._current is not None:  # every kernel of the previous streamed layer is queued
-            self._current.released.record(self._compute)
-            self._current = None
+            raise IndexError(f"layer {i} out of range for {self._num_layers} layers")
         if i in self._resident:
             return self._resident[i]
         if self._closed:
@@ -238,12 +232,14 @@ class DeviceLayerStream(Sequence):
         self._current = slot
         self._prefetch_after(i)
         if slot.built is None:
-            arrays = {
-                name: slot.buffer[where].view(dtype).reshape(shape)
-                for name, where, dtype, shape in self._layouts[i].views
-            }
-            slot.built = self._build(i, arrays)
+            slot.built = self._build(i, self._layouts[i].unpack(slot.buffer))
         return slot.built
+
+    def release(self, i: int) -> None:
+        """Every kernel reading layer i is queued: its buffer may be refilled after them."""
+        if self._current is not None and self._current.layer == i:
+            self._current.released.record(self._compute)
+            self._current = None
 
     def _upcoming(self, i: int) -> list[int]:
         """The streamed layers after i that the other buffers should hold."""

@@ -1,21 +1,22 @@
 """Disk -> host RAM layer streaming: run a model larger than the RAM budget.
 
-`LayerStream` stands in for the list of decoder layers. Model code keeps writing
-`for i, layer in enumerate(weights.layers)`; resident layers come back as they are, and a
-streamed layer comes back as a layer object whose arrays are views into one of a few
-reusable host buffers. Asking for streamed layer i waits until its bytes are in, then starts
-reading the next streamed layer (wrapping around to the first for the next forward pass)
-into another buffer on a background thread, so the read overlaps layer i's compute.
+`LayerStream` serves the decoder layers by explicit residency: `fetch(i)` returns layer i
+and `release(i)` says the caller is done with it. Nothing else (reading sizes, walking the
+model's weights) moves data. Resident layers come back as they are, and a streamed layer
+comes back as a layer object whose arrays are views into one of a few reusable host
+buffers. Fetching streamed layer i waits until its bytes are in, then starts reading the
+next streamed layer (wrapping around to the first for the next forward pass) into another
+buffer on a background thread, so the read overlaps layer i's compute.
 
 Reads use os.preadv into the buffers, not a memory map: mapped pages would stay resident
 (and count against the budget) after use, whereas the page cache that preadv goes through is
 not charged to the process. Optionally each range is dropped from the page cache after it
 is read (posix_fadvise DONTNEED), so that every pass really reads the disk.
 
-The contract that makes two buffers enough: a consumer is done with a streamed layer when it
-asks for another one. The CPU backend computes synchronously, so that holds; an asynchronous
-consumer must finish (or wait on an event for) its use of layer i before asking for i + 1.
-A layer object kept beyond that sees its buffer refilled with another layer. The device
+The contract that makes two buffers enough: a consumer releases a streamed layer before it
+fetches another one. The CPU backend computes synchronously, so that holds; an asynchronous
+consumer must finish (or wait on an event for) its use of layer i before fetching i + 1.
+A layer object kept beyond its release sees its buffer refilled with another layer. The device
 stream (device_stream.py) is such a consumer: it takes a layer's raw bytes (`read_bytes`),
 copies them on to the GPU, and waits for that copy before asking for the next layer.
 
@@ -26,7 +27,6 @@ arrays into its layer object.
 
 from __future__ import annotations
 
-import operator
 import os
 import threading
 import time
@@ -111,6 +111,13 @@ class LayerLayout:
                 )
             out[where] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
+    def unpack(self, buffer: Any) -> dict[str, Any]:
+        """{name: array} viewing the image in `buffer` (host or device bytes), no copy."""
+        return {
+            name: buffer[where].view(dtype).reshape(shape)
+            for name, where, dtype, shape in self.views
+        }
+
 
 def hidden_share(wait_s: float, busy_s: float) -> float:
     """The share of `busy_s` spent by a transfer that compute did not wait for."""
@@ -191,7 +198,7 @@ class _Reader:
             self.stats.read_s += seconds
 
 
-class LayerStream(Sequence):
+class LayerStream:
     """The layers of a model, some resident and some read from `path` on demand.
 
     resident: layer index -> layer object, returned as is. streamed: layer index -> its
@@ -254,25 +261,26 @@ class LayerStream(Sequence):
         """Where streamed layer `index`'s tensors lie in the bytes `read_bytes` returns."""
         return self._layouts[index]
 
-    def __getitem__(self, index: int) -> Any:
-        i = operator.index(index)
-        if i < 0:
-            i += self._num_layers
+    def fetch(self, i: int) -> Any:
+        """Layer i, its bytes read in: valid until `release(i)` and another fetch."""
         if not 0 <= i < self._num_layers:
-            raise IndexError(f"layer {index} out of range for {self._num_layers} layers")
+            raise IndexError(f"layer {i} out of range for {self._num_layers} layers")
         if i in self._resident:
             return self._resident[i]
         slot = self._acquire(i)
         if slot.built is None:
-            arrays = {}
-            for name, where, dtype, shape in self._layouts[i].views:
-                array = slot.buffer[where].view(dtype).reshape(shape)
+            arrays = self._layouts[i].unpack(slot.buffer)
+            for array in arrays.values():
                 # read-only like a memory map's views: kernels then run the very same compiled
                 # specialization for resident and streamed layers
                 array.flags.writeable = False
-                arrays[name] = array
             slot.built = self._build(i, arrays)
         return slot.built
+
+    def release(self, i: int) -> None:
+        """The caller is done with layer i: its buffer may be refilled."""
+        if self._current is not None and self._current.layer == i:
+            self._current = None
 
     def read_bytes(self, index: int) -> np.ndarray:
         """Streamed layer `index` as raw bytes laid out by `layout(index)`, for a consumer

@@ -1,0 +1,78 @@
+"""The Backend protocol: the few ops model.py calls, implemented by cpu.py and cuda.py.
+
+A backend owns where arrays live (numpy on the CPU, numba device arrays on a GPU) and picks a
+kernel by weight format. Every op that produces an activation takes `out=`: the runner's
+workspace passes preallocated views, so a warm decode step allocates nothing per layer;
+without it the op allocates (tests, one-off calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from engine.kv_cache import ForwardBatch
+    from engine.weights import ModelWeights, Weight
+
+Array = Any  # np.ndarray on the CPU, a numba DeviceNDArray on a GPU
+
+
+class Backend(Protocol):
+    name: str
+    # True when the backend computes in memory of its own (a GPU): weights are placed there
+    # under a device budget, and layers that do not fit are copied in while others compute.
+    separate_memory: bool
+
+    def prepare_weights(
+        self, weights: ModelWeights, layers: Collection[int] | None = None
+    ) -> None: ...
+
+    def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> Array: ...
+
+    def allocate_kv(self, shape: tuple[int, ...], dtype: str) -> Array: ...
+
+    def free_memory(self) -> int: ...
+
+    def embed(self, table: Weight, token_ids: np.ndarray, *, out: Array | None = None) -> Array: ...
+
+    def rmsnorm(
+        self, x: Array, weight: Array, eps: float, *, out: Array | None = None
+    ) -> Array: ...
+
+    def linear(self, x: Array, weight: Weight, *, out: Array | None = None) -> Array: ...
+
+    def split_qkv(
+        self,
+        qkv: Array,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        out: tuple[Array, Array] | None = None,
+    ) -> tuple[Array, Array, Array]: ...
+
+    def rope(self, x: Array, positions: np.ndarray, inv_freq: np.ndarray) -> None: ...
+
+    def attention(
+        self,
+        layer: int,
+        q: Array,
+        k: Array,
+        v: Array,
+        batch: ForwardBatch,
+        scale: float,
+        window: int,
+        *,
+        out: Array | None = None,
+    ) -> Array: ...
+
+    def silu_mul(self, gate_up: Array, *, out: Array | None = None) -> Array: ...
+
+    def add_(self, x: Array, y: Array) -> Array: ...
+
+    def take_rows(self, x: Array, rows: np.ndarray, *, out: Array | None = None) -> Array: ...
+
+    def to_numpy(self, x: Array) -> np.ndarray: ...

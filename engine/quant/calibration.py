@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.backends.cpu import CPUBackend
+from engine.errors import InvalidInputError
 from engine.weights import LAYER_LINEARS, ModelWeights
 
 # |x| values kept per linear for threshold quantiles: a uniform subsample bounds memory.
@@ -69,11 +70,11 @@ class _RecordingBackend(CPUBackend):
         self._rng = rng
         self.stats: dict[LinearKey, InputStats] = {}
 
-    def linear(self, x: np.ndarray, weight):
+    def linear(self, x: np.ndarray, weight, *, out: np.ndarray | None = None):
         key = self._names.get(id(weight))
         if key is not None:
             self._record(key, x)
-        return super().linear(x, weight)
+        return super().linear(x, weight, out=out)
 
     def _record(self, key: LinearKey, x: np.ndarray) -> None:
         stats = self.stats.get(key)
@@ -106,18 +107,19 @@ def collect_input_stats(
 
     The model should be the float one about to be pruned: statistics are of its own inputs.
     """
+    from engine.engine_config import EngineConfig
     from engine.engine_loop import EngineLoop
     from engine.kv_cache import kv_bytes_per_token
 
     cfg = loaded.config
     ids = loaded.tokenizer.encode(text)[:tokens]
     if len(ids) < 2:
-        raise ValueError("the calibration text is too short: it needs at least 2 tokens")
+        raise InvalidInputError("the calibration text is too short: it needs at least 2 tokens")
     window = min(window, cfg.max_position_embeddings)
     backend = _RecordingBackend(linear_names(loaded.weights), gram, np.random.default_rng(0))
     token_bytes = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, "float32")
     kv_mb = 2 * token_bytes * window / 2**20 + 1
-    engine = EngineLoop(loaded, backend, max_model_len=window, kv_cache_mb=kv_mb)
+    engine = EngineLoop(loaded, backend, EngineConfig(max_model_len=window, kv_cache_mb=kv_mb))
     for start in range(0, len(ids), window):
         chunk = ids[start : start + window]
         if len(chunk) >= 2:

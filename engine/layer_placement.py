@@ -1,0 +1,236 @@
+"""Where each decoder layer lives, and the LayerSource that serves them to the model.
+
+One module for both devices. The planner (offload.placement) is format-blind; this is where
+the checkpoint's tensor names (how a layer becomes bytes and back) meet it:
+- CPU: layers that fit the RAM budget stay resident; the rest stream from a lamina
+  checkpoint on disk through two host buffers (offload.streaming).
+- GPU (a backend with `separate_memory`): the layers that fit the GPU budget move to the
+  device once; the others stay in pinned host RAM (or, past the RAM budget, on disk) and are
+  copied into device buffers while earlier layers compute (offload.device_stream).
+
+Residency is explicit: the model calls `fetch(i)` and `release(i)` on a LayerSource.
+`ModelWeights.layers` stays the plain list the loader made, so reading it (sizes, the bench)
+never moves data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from engine.errors import LaminaError
+from engine.loader.checkpoint import (
+    build_layer,
+    checkpoint_layer_tensors,
+    layer_arrays,
+    open_layer_stream,
+)
+from engine.loader.model_loader import LoadedModel
+from engine.weights import LayerWeights
+from offload.placement import (
+    PlacementPlan,
+    Tier,
+    default_cpu_budget,
+    default_gpu_budget,
+    plan_placement,
+)
+from offload.streaming import LayerLayout, LayerStream
+
+if TYPE_CHECKING:
+    from engine.backends import Backend
+    from engine.engine_config import EngineConfig
+    from offload.device_stream import DeviceLayerStream
+
+
+class LayerSource(Protocol):
+    """Decoder layers by explicit residency: a layer fetched is valid until released."""
+
+    def fetch(self, i: int) -> LayerWeights: ...
+
+    def release(self, i: int) -> None: ...
+
+
+class ResidentLayers:
+    """Every layer already in the memory the backend computes in."""
+
+    def __init__(self, layers: list[LayerWeights]) -> None:
+        self._layers = layers
+
+    def fetch(self, i: int) -> LayerWeights:
+        return self._layers[i]
+
+    def release(self, i: int) -> None:
+        """Nothing to do: resident layers stay."""
+
+
+@dataclass
+class Placement:
+    """The plan (None: weights already in RAM, no budget to plan), the layer source the
+    model reads, and the streams behind it (None when not streaming)."""
+
+    plan: PlacementPlan | None
+    layers: LayerSource
+    disk_stream: LayerStream | None = None
+    device_stream: DeviceLayerStream | None = None
+
+    def close(self) -> None:
+        """The device stream first: its copies may read the disk stream's buffers."""
+        if self.device_stream is not None:
+            self.device_stream.close()
+        if self.disk_stream is not None:
+            self.disk_stream.close()
+
+
+@dataclass(frozen=True)
+class CacheMemory:
+    """What sizes the KV cache: the memory free where it lives (RAM, or GPU memory left
+    after the weights), and whether a memory budget applies (then it defaults to one
+    context)."""
+
+    free: int
+    budgeted: bool
+    gpu_budget: int | None = None
+
+
+def cache_memory(loaded: LoadedModel, backend: Backend, config: EngineConfig) -> CacheMemory:
+    """Measured before any weight moves: on a GPU, the weights are placed after the cache
+    is sized, within what is left."""
+    free = backend.free_memory()
+    if not backend.separate_memory:
+        return CacheMemory(free, budgeted=config.cpu_memory is not None)
+    gpu_budget = default_gpu_budget(free) if config.gpu_memory is None else config.gpu_memory
+    weight_bytes = loaded.weights.nbytes
+    budgeted = config.cpu_memory is not None or config.gpu_memory is not None
+    budgeted = budgeted or weight_bytes > gpu_budget
+    return CacheMemory(max(0, free - weight_bytes), budgeted, gpu_budget)
+
+
+def place_layers(
+    loaded: LoadedModel,
+    backend: Backend,
+    config: EngineConfig,
+    memory: CacheMemory,
+    reserve_bytes: int,
+) -> Placement:
+    """Plan and set up where the layers live. reserve_bytes: the KV cache and activations,
+    which the budget must also hold."""
+    if backend.separate_memory:
+        return _place_on_device(loaded, backend, config, memory, reserve_bytes)
+    backend.prepare_weights(loaded.weights)  # before streaming: it walks every layer
+    return _place_in_ram(loaded, config, reserve_bytes)
+
+
+def _place_in_ram(loaded: LoadedModel, config: EngineConfig, reserve: int) -> Placement:
+    """Weights already loaded into RAM without a budget have nothing to plan."""
+    folder, weights = loaded.checkpoint, loaded.weights
+    resident = ResidentLayers(weights.layers)
+    if config.cpu_memory is None and folder is None:
+        return Placement(None, resident)
+    budget = default_cpu_budget() if config.cpu_memory is None else config.cpu_memory
+    tensors = None if folder is None else checkpoint_layer_tensors(folder, len(weights.layers))
+    if tensors is None:
+        sizes = [layer.nbytes for layer in weights.layers]
+    else:  # exactly what a streaming buffer holds (tensors keep their file alignment)
+        sizes = [LayerLayout.of(specs).nbytes for specs in tensors]
+    non_layer = weights.nbytes - sum(layer.nbytes for layer in weights.layers)
+    plan = plan_placement(sizes, non_layer, budget, reserve_bytes=reserve)
+    if plan.fully_resident:
+        return Placement(plan, resident)
+    if tensors is None:
+        raise LaminaError(
+            f"the model does not fit in the {budget / 2**20:.0f} MiB RAM budget, and only a "
+            "lamina checkpoint can stream layers from disk: run `lamina quantize SRC OUT "
+            "--weights int8` and load OUT"
+        )
+    on_disk = plan.layers(Tier.DISK)
+    stream = open_layer_stream(
+        folder,
+        {i: layer for i, layer in enumerate(weights.layers) if i not in on_disk},
+        on_disk,
+        tensors,
+        plan.host_buffers.count,
+        config.drop_page_cache,
+    )
+    return Placement(plan, stream, disk_stream=stream)
+
+
+def _place_on_device(
+    loaded: LoadedModel,
+    backend: Backend,
+    config: EngineConfig,
+    memory: CacheMemory,
+    reserve: int,
+) -> Placement:
+    """Plan the layers under both budgets, move the resident ones and the non-layer weights
+    to the GPU, and stream the others when some do not fit.
+
+    A layer is sized as the streaming buffers hold it: its checkpoint byte ranges (with the
+    file's alignment) for a lamina checkpoint, which is also what a disk read fills, else
+    its arrays packed on 64-byte boundaries.
+    """
+    from offload.device_stream import DeviceLayerStream  # imports numba.cuda
+
+    cpu_budget = default_cpu_budget() if config.cpu_memory is None else config.cpu_memory
+    gpu_budget = memory.gpu_budget
+    weights, folder = loaded.weights, loaded.checkpoint
+    n = len(weights.layers)
+    tensors = None if folder is None else checkpoint_layer_tensors(folder, n)
+    if tensors is None:
+        layouts = [LayerLayout.packed(layer_arrays(lay, i)) for i, lay in enumerate(weights.layers)]
+    else:
+        layouts = [LayerLayout.of(specs) for specs in tensors]
+    non_layer = weights.nbytes - sum(layer.nbytes for layer in weights.layers)
+    plan = plan_placement(
+        [layout.nbytes for layout in layouts],
+        non_layer,
+        cpu_budget,
+        gpu_budget=gpu_budget,
+        reserve_bytes=reserve,
+    )
+    on_disk = plan.layers(Tier.DISK)
+    if on_disk and tensors is None:
+        raise LaminaError(
+            f"the model fits neither the {gpu_budget / 2**20:.0f} MiB GPU budget nor, for the "
+            f"layers streamed to the GPU, the {cpu_budget / 2**20:.0f} MiB RAM budget, and "
+            "only a lamina checkpoint can stream layers from disk: run `lamina quantize SRC "
+            "OUT --weights int8` and load OUT, or raise --gpu-memory / --cpu-memory"
+        )
+    resident = plan.layers(Tier.DEVICE)
+    backend.prepare_weights(weights, resident)
+    if plan.fully_resident:
+        return Placement(plan, ResidentLayers(weights.layers))
+    source = str(folder or loaded.path)
+    pinned = {}
+    for i in plan.layers(Tier.HOST_TO_DEVICE):
+        image = backend.pinned_empty(layouts[i].nbytes)
+        layouts[i].pack(layer_arrays(weights.layers[i], i), image)
+        pinned[i] = (image, layouts[i])
+        # The layer's host copy is now its pinned image: drop the arrays it was packed from.
+        weights.layers[i] = build_layer(layouts[i].unpack(image), i, source)
+    disk = None
+    if on_disk:
+        disk = open_layer_stream(
+            folder,
+            {},
+            on_disk,
+            tensors,
+            plan.host_buffers.count,
+            config.drop_page_cache,
+            allocate=backend.pinned_empty,
+        )
+    try:
+        stream = DeviceLayerStream(
+            n,
+            {i: weights.layers[i] for i in resident},
+            pinned,
+            disk,
+            lambda i, arrays: build_layer(arrays, i, source),
+            backend.stream,
+            backend.device_empty,
+            buffers=plan.device_buffers.count,
+        )
+    except BaseException:
+        if disk is not None:
+            disk.close()
+        raise
+    return Placement(plan, stream, disk_stream=disk, device_stream=stream)

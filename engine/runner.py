@@ -1,0 +1,111 @@
+"""ModelRunner: runs the chunks of a step through the model, on whichever device.
+
+It owns what a forward pass needs besides the weights: the paged KV cache storage, the
+placement of the layers (and the streams serving those not resident), and the activation
+workspace, allocated once for `max_num_batched_tokens` tokens so a warm step allocates nothing
+per layer. The engine loop owns the requests; the runner never sees them, only
+(sequence id, new tokens) chunks.
+
+A run is all or nothing for the KV cache: the slots of every chunk are reserved together, and
+if the reservation or the pass fails they are rolled back before the error propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from engine.backends import Backend
+from engine.config import ModelConfig
+from engine.engine_config import EngineConfig
+from engine.errors import LaminaError
+from engine.kv_cache import (
+    BLOCK_SIZE,
+    ForwardBatch,
+    PagedKVCache,
+    budget_blocks,
+    kv_bytes_per_token,
+)
+from engine.layer_placement import CacheMemory, Placement, cache_memory, place_layers
+from engine.loader.model_loader import LoadedModel
+from engine.model import Transformer, Workspace
+
+Chunk = tuple[Hashable, Sequence[int]]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, backend: Backend, config: EngineConfig) -> None:
+        self.backend = backend
+        model_config = loaded.config
+        limit = model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        memory = cache_memory(loaded, backend, config)
+        self.cache = self._make_cache(model_config, config, memory)
+        tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
+        reserve = self.kv_cache_bytes + activation_bytes(model_config, tokens, seqs)
+        self.placement: Placement = place_layers(loaded, backend, config, memory, reserve)
+        self.model = Transformer(model_config, loaded.weights, self.placement.layers, backend)
+        self.workspace = Workspace(backend, model_config, tokens, seqs)
+
+    def _make_cache(
+        self, model: ModelConfig, config: EngineConfig, memory: CacheMemory
+    ) -> PagedKVCache:
+        dtype = config.kv_cache_dtype
+        token_bytes = kv_bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
+        needed = -(-self.max_model_len // BLOCK_SIZE)
+        mb, fraction = config.kv_cache_mb, config.kv_cache_fraction
+        if memory.budgeted and mb is None and fraction is None:
+            blocks = needed  # under a memory budget the cache defaults to one full context
+        else:
+            blocks = budget_blocks(token_bytes * BLOCK_SIZE, mb, fraction, memory.free)
+        self.kv_cache_bytes = blocks * BLOCK_SIZE * token_bytes
+        if blocks < needed:
+            raise LaminaError(
+                f"the KV cache budget holds {blocks * BLOCK_SIZE} tokens, less than one "
+                f"{self.max_model_len}-token context ({token_bytes * self.max_model_len / 2**20:.0f}"
+                " MB); raise the budget or lower max_model_len"
+            )
+        return PagedKVCache(
+            self.backend, model.num_layers, model.num_kv_heads, model.head_dim, blocks, BLOCK_SIZE, dtype
+        )
+
+    def run(self, chunks: Sequence[Chunk]) -> np.ndarray:
+        """Logits of each chunk's last token, (len(chunks), vocab): a workspace view, valid
+        until the next run. The chunks' slots stay reserved for the caller to commit.
+
+        Raises ReservationError (nothing reserved) if a chunk's slots cannot be reserved;
+        any error of the pass rolls every reservation back before it propagates.
+        """
+        batch = ForwardBatch.build(self.cache, chunks)
+        try:
+            return self.model.forward(batch, self.workspace)
+        except BaseException:
+            for seq_id, _ in chunks:
+                self.cache.rollback(seq_id)
+            raise
+
+    def score(self, token_ids: Sequence[int], seq_id: Hashable) -> np.ndarray:
+        """Logits at every position of `token_ids` (T, vocab), from one uncached prefill
+        pass of a temporary sequence: a copy the caller keeps."""
+        self.cache.add_sequence(seq_id, [])
+        try:
+            batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)], all_logits=True)
+            return np.array(self.model.forward(batch, self.workspace))
+        finally:
+            self.cache.free(seq_id)
+
+    def close(self) -> None:
+        """Release the layer streams' copies, buffers, pinned memory, file and thread."""
+        self.placement.close()
+
+
+def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
+    """The float32 activations of one forward pass of `tokens` tokens: the workspace
+    (residual stream, norms, fused QKV, q and k copies, attention output, the fused MLP's
+    intermediates; logits, normed last rows for `seqs` sequences), plus the sampling copies
+    of the logits."""
+    c = config
+    per_token = 2 * c.hidden_size + 2 * c.q_size + 3 * c.kv_size + 3 * c.intermediate_size
+    per_seq = 2 * c.hidden_size + 2 * c.vocab_size
+    return 4 * (tokens * per_token + seqs * per_seq)
