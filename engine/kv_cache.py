@@ -377,8 +377,8 @@ class ForwardBatch:
         """
         slots, positions, starts, lens, tables = [], [], [0], [], []
         for k, (seq_id, tokens) in enumerate(chunks):
-            first = cache.length(seq_id)
             try:
+                first = cache.length(seq_id)
                 slots.append(cache.reserve(seq_id, len(tokens)))
             except Exception as error:
                 for done, _ in chunks[:k]:

@@ -73,7 +73,7 @@ def test_streamed_logits_equal_resident_and_cpu_within_the_budget(toy, resident)
     with LLM(toy, device="cuda", kv_cache_mb=1, gpu_memory=budget) as streamed:
         plan, loop = streamed.placement, streamed.engine_loop
         assert plan.tiers == STREAMED
-        stream, size = loop.device_stream, plan.layer_bytes[1]
+        stream, size = loop.runner.placement.device_stream, plan.layer_bytes[1]
         # Weights, KV cache and streaming buffers: all the backend put on the device.
         allocated = streamed.backend.allocated_bytes
         assert plan.gpu.non_layer + plan.gpu.buffers + loop.kv_cache_bytes < allocated
@@ -140,7 +140,7 @@ def test_disk_layers_reach_the_gpu_through_pinned_staging(toy_int8_checkpoint):
     assert readers() == before + 1
     streamed.close()
     assert readers() == before
-    assert streamed.engine_loop.device_stream.device_bytes == 0
+    assert streamed.engine_loop.runner.placement.device_stream.device_bytes == 0
 
 
 def readers() -> int:

@@ -18,7 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.kv_cache import BlockAllocator, ForwardBatch, NoFreeBlocksError, PagedKVCache
+from engine.kv_cache import (
+    BlockAllocator,
+    ForwardBatch,
+    NoFreeBlocksError,
+    PagedKVCache,
+    ReservationError,
+)
 
 
 class NumpyBackend:
@@ -66,7 +72,7 @@ def check_invariants(cache: PagedKVCache, model: dict[str, list[int]]) -> None:
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["add", "fork", "append", "free"]),
+        st.sampled_from(["add", "fork", "append", "free", "rollback", "failed_step"]),
         st.integers(0, 10**6),
         st.integers(1, 40),
     ),
@@ -109,6 +115,31 @@ def test_random_operations_keep_the_cache_consistent(ops, block_size, num_blocks
                 assert cache.allocator.num_free == free_before  # all or nothing
                 continue
             model[name] = model[name] + new
+        elif op == "rollback":  # a pass that reserved slots and then failed
+            name = names[pick % len(names)]
+            table, free = cache.block_table(name), cache.allocator.num_free
+            try:
+                cache.reserve(name, n)
+            except NoFreeBlocksError:
+                continue
+            cache.rollback(name)
+            after = cache.block_table(name)
+            assert cache.length(name) == len(model[name])
+            assert len(after) == len(table) and after[:-1] == table[:-1]
+            copied = after != table  # a shared partial block was copied on write: it stays
+            assert cache.allocator.num_free == free - int(copied)
+        elif op == "failed_step":  # the last chunk's reservation fails: all roll back
+            chosen = names[: 1 + pick % len(names)]
+            before = {m: (cache.length(m), len(cache.block_table(m))) for m in chosen}
+            free_before = cache.allocator.num_free
+            chunks = [(m, [1] * n) for m in chosen] + [("missing", [1])]
+            with pytest.raises(ReservationError) as caught:
+                ForwardBatch.build(cache, chunks)
+            failed = caught.value.seq_id  # "missing", unless blocks ran out before it
+            assert failed == "missing" or isinstance(caught.value.__cause__, NoFreeBlocksError)
+            after = {m: (cache.length(m), len(cache.block_table(m))) for m in chosen}
+            assert after == before
+            assert cache.allocator.num_free <= free_before  # only copy-on-write copies stay
         else:
             name = names[pick % len(names)]
             cache.free(name)
@@ -190,3 +221,32 @@ def test_usage_counts_shared_blocks_once():
     cache.reserve("b", 1)  # copy-on-write of the shared partial block
     cache.commit("b", [7])
     assert cache.usage() == (6 + 3, 12)
+
+
+def test_a_64k_token_prefix_is_reused_with_fixed_size_keys():
+    """Keys chained per block stay one integer at any depth (nested tuples made hashing grow
+    with depth and comparing them recurse until a ~16k-token prefix raised RecursionError)."""
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, 50_000, 65_536 + 1)]
+    cache = PagedKVCache(NumpyBackend(), 1, 1, 1, 65_536 // 16 + 2, 16)
+    cache.add_sequence("first", tokens)
+    cache.reserve("first", len(tokens))
+    cache.commit("first", tokens)
+    keys = cache._seqs["first"].keys
+    assert len(keys) == 4096 and all(type(k) is int for k in keys)
+    cache.free("first")
+    assert cache.add_sequence("again", tokens) == 65_536
+    assert cache.block_table("again") == list(range(4096))  # the very same blocks
+    changed = tokens[:-2] + [tokens[-2] + 1, tokens[-1]]  # differs in the last full block
+    assert cache.add_sequence("other", changed) == 65_536 - 16
+
+
+def test_a_key_collision_cannot_hand_out_another_prefix(monkeypatch):
+    """Lookups compare the block's tokens and parent, not only the hash."""
+    import engine.kv_cache as kv
+
+    monkeypatch.setattr(kv, "block_key", lambda parent, tokens: 42)  # every block collides
+    cache = make_cache(8, 4)
+    cache.add_sequence("a", [1, 2, 3, 4, 5])
+    write(cache, "a", [], [1, 2, 3, 4, 5])
+    assert cache.add_sequence("b", [9, 9, 9, 9, 5]) == 0
+    assert cache.add_sequence("c", [1, 2, 3, 4, 7]) == 4

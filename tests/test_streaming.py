@@ -254,19 +254,20 @@ def test_layer_stream_in_order_and_random_access(tmp_path):
     resident = {0: "resident zero"}
     streamed = {i: specs[i] for i in range(1, 6)}
     with LayerStream(tmp_path / "blob", 6, resident, streamed, lambda i, a: (i, a)) as stream:
-        assert len(stream) == 6 and stream[0] == "resident zero"
+        assert stream.fetch(0) == "resident zero"
         for _ in range(3):  # passes wrap around
-            for i, layer in enumerate(stream):
-                if i:
-                    assert layer[0] == i
-                    for j, want in enumerate(layers[i]):
-                        assert np.array_equal(layer[1][f"t{j}"], want)
-        assert stream.stats.sync_reads == 0
-        for i in (4, 2, -1, 3):  # random access reads what it must, never stale data
-            got = stream[i][1]
-            assert all(np.array_equal(got[f"t{j}"], w) for j, w in enumerate(layers[i % 6]))
+            for i in range(1, 6):
+                layer = stream.fetch(i)
+                assert layer[0] == i
+                for j, want in enumerate(layers[i]):
+                    assert np.array_equal(layer[1][f"t{j}"], want)
+                stream.release(i)
+        for i in (4, 2, 5, 3):  # random access reads what it must, never stale data
+            got = stream.fetch(i)[1]
+            assert all(np.array_equal(got[f"t{j}"], w) for j, w in enumerate(layers[i]))
+            stream.release(i)
         with pytest.raises(IndexError):
-            stream[6]
+            stream.fetch(6)
 
 
 def test_layer_layout_merges_adjacent_tensors_and_keeps_alignment():
