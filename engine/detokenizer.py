@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from engine.errors import InvalidInputError
+
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded as left context for the first generated tokens (vLLM uses 5).
 _CONTEXT_TOKENS = 5
@@ -121,7 +123,7 @@ class StopStringMatcher:
         if isinstance(stops, str):
             stops = [stops]
         if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
+            raise InvalidInputError("stop strings must be non-empty")
         self._stops = list(dict.fromkeys(stops))
         self._include = include_stop
         self._longest = max((len(s) for s in self._stops), default=0)

@@ -158,7 +158,9 @@ class EngineConfig:
                 )
         for name in ("enable_prefix_caching", "drop_page_cache"):
             if not isinstance(getattr(self, name), bool):
-                raise InvalidInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InvalidInputError(
+                    f"{name} must be true or false, got {getattr(self, name)!r}"
+                )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise InvalidInputError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "

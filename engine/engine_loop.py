@@ -110,7 +110,7 @@ class EngineLoop:
                     raise  # the scheduler counted the blocks: a bug in lamina
                 self._fail(plan.owner[error.seq_id], error.__cause__)
                 return
-            except Exception as error:  # the pass ran for all of them: no one to single out
+            except Exception as error:  # noqa: BLE001 - the pass ran for all: no one to single out
                 for group in plan.groups():
                     self._fail(group, error)
                 return
@@ -120,7 +120,7 @@ class EngineLoop:
                     continue
                 try:
                     group.process(items, self.cache)
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001 - any bug ends only its request
                     self._fail(group, error)
             self.scheduler.remove_finished()
 
@@ -136,7 +136,7 @@ class EngineLoop:
                 continue
             try:
                 self.cache.commit(seq_id, tokens)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - any bug ends only its request
                 self._fail(group, error)
                 continue
             seq.computed += n
@@ -241,4 +241,3 @@ class EngineLoop:
                 f"the prompt has {len(prompt)} tokens but the context window is "
                 f"{self.max_model_len}; shorten it to at most {longest} tokens"
             )
-

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import InvalidInputError
+
 
 @dataclass
 class PerplexityResult:
@@ -38,9 +40,9 @@ def sliding_window_nll(
 ) -> PerplexityResult:
     """Score `ids` with `logits_fn` (token ids -> logits at every position)."""
     if len(ids) < 2:
-        raise ValueError("perplexity needs a text of at least 2 tokens")
+        raise InvalidInputError("perplexity needs a text of at least 2 tokens")
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be between 1 and the context ({context}), got {stride}")
+        raise InvalidInputError(f"stride must be between 1 and the context ({context}), got {stride}")
     total = 0.0
     count = 0
     windows = 0

@@ -52,7 +52,9 @@ class ModelRunner:
         self, model: ModelConfig, config: EngineConfig, memory: CacheMemory
     ) -> PagedKVCache:
         dtype = config.kv_cache_dtype
-        token_bytes = kv_bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
+        token_bytes = kv_bytes_per_token(
+            model.num_layers, model.num_kv_heads, model.head_dim, dtype
+        )
         needed = -(-self.max_model_len // BLOCK_SIZE)
         mb, fraction = config.kv_cache_mb, config.kv_cache_fraction
         if memory.budgeted and mb is None and fraction is None:
@@ -67,7 +69,13 @@ class ModelRunner:
                 " MB); raise the budget or lower max_model_len"
             )
         return PagedKVCache(
-            self.backend, model.num_layers, model.num_kv_heads, model.head_dim, blocks, BLOCK_SIZE, dtype
+            self.backend,
+            model.num_layers,
+            model.num_kv_heads,
+            model.head_dim,
+            blocks,
+            BLOCK_SIZE,
+            dtype,
         )
 
     def run(self, chunks: Sequence[Chunk]) -> np.ndarray:

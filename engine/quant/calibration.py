@@ -35,7 +35,7 @@ def calibration_text(path: str | Path | None) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read calibration text {path}: {exc}") from None
+        raise InvalidInputError(f"cannot read calibration text {path}: {exc}") from None
 
 
 @dataclass
@@ -54,7 +54,7 @@ class InputStats:
     def threshold(self, sparsity: float) -> float:
         """The |x| below which a `sparsity` share of this layer's inputs fall."""
         if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"activation sparsity must be in [0, 1), got {sparsity}")
+            raise InvalidInputError(f"activation sparsity must be in [0, 1), got {sparsity}")
         if sparsity == 0.0:
             return 0.0
         return float(np.quantile(np.concatenate(self.samples), sparsity))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.errors import InvalidInputError
 from engine.weights import DenseWeight, Int8Weight
 
 QUANT_METHODS = ("int8",)
@@ -26,4 +27,4 @@ def quantizer_for(quant: str | None):
         return None
     if quant == "int8":
         return quantize_int8
-    raise ValueError(f"unknown quantization {quant!r}; choose from f32, {', '.join(QUANT_METHODS)}")
+    raise InvalidInputError(f"unknown quantization {quant!r}; choose from f32, {', '.join(QUANT_METHODS)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.errors import InvalidInputError
 from engine.quant.calibration import InputStats, calibration_text, collect_input_stats
 from engine.quant.int8 import quantize_int8
 from engine.quant.prune import PRUNE_METHODS, keep_mask, parse_pattern, prune_scores, reconstruct
@@ -45,25 +46,25 @@ class SparsityPlan:
 
     def __post_init__(self) -> None:
         if self.method not in PRUNE_METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; choose from {PRUNE_METHODS}")
+            raise InvalidInputError(f"unknown pruning method {self.method!r}; choose from {PRUNE_METHODS}")
         nm = parse_pattern(self.pattern)
         if nm is not None:
             implied = 1 - nm[0] / nm[1]
             for value in (self.sparsity, *self.overrides.values()):
                 if value and abs(value - implied) > 1e-9:
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"pattern {self.pattern} means sparsity {implied:g}, not {value:g}"
                     )
         for value in (self.sparsity, *self.overrides.values()):
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"weight sparsity must be in [0, 1), got {value}")
+                raise InvalidInputError(f"weight sparsity must be in [0, 1), got {value}")
         if not 0.0 <= self.activation_sparsity < 1.0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"activation sparsity must be in [0, 1), got {self.activation_sparsity}"
             )
         unknown = [k for k in self.overrides if not _valid_override(k)]
         if unknown:
-            raise ValueError(
+            raise InvalidInputError(
                 f"layer sparsity key {unknown[0]!r} is not a linear name "
                 f"({', '.join(LAYER_LINEARS)}), a layer index, or INDEX.NAME"
             )
