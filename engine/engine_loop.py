@@ -23,7 +23,12 @@ import numpy as np
 from engine.backends import Backend
 from engine.beam_search import BeamSearchGroup
 from engine.engine_config import EngineConfig
-from engine.errors import ContextLengthError, InvalidInputError, LaminaError
+from engine.errors import (
+    ContextLengthError,
+    EngineClosedError,
+    InvalidInputError,
+    LaminaError,
+)
 from engine.kv_cache import NoFreeBlocksError, ReservationError
 from engine.loader.model_loader import LoadedModel
 from engine.outputs import RequestOutput
@@ -46,6 +51,7 @@ class EngineLoop:
         self.max_model_len = self.runner.max_model_len
         # numba's workqueue threading layer aborts the process on concurrent parallel calls.
         self._lock = threading.RLock()
+        self.closed = False
         self._score_ids = itertools.count()
         self.ctx = GenerationContext(
             tokenizer=loaded.tokenizer,
@@ -61,8 +67,10 @@ class EngineLoop:
         )
 
     def close(self) -> None:
-        """Release what the runner holds open (layer streams: copies, buffers, file, thread)."""
+        """Release what the runner holds open (layer streams: copies, buffers, file, thread);
+        later requests are refused with EngineClosedError."""
         with self._lock:
+            self.closed = True
             self.runner.close()
 
     def submit(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
@@ -227,6 +235,8 @@ class EngineLoop:
     def check_prompt(self, prompt: list[int], room_to_generate: int = 1) -> None:
         """Refuse empty prompts, unknown token ids, and prompts that leave fewer than
         `room_to_generate` free positions in the context window (0 when only scoring)."""
+        if self.closed:
+            raise EngineClosedError("this model was closed; load it again to run requests")
         if not prompt:
             raise InvalidInputError("the prompt is empty: there is no token to start from")
         bad = [i for i in prompt if not 0 <= i < self.loaded.config.vocab_size]

@@ -31,3 +31,7 @@ class UnsupportedModelError(LaminaError):
 
 class ContextLengthError(InvalidInputError):
     """A prompt does not fit in the model's context window."""
+
+
+class EngineClosedError(LaminaError):
+    """A request reached an engine after `close()` released what it runs with."""

@@ -25,7 +25,8 @@ from engine.cli import main
 from engine.errors import LaminaError
 from engine.kv_cache import ForwardBatch, PagedKVCache
 from engine.loader.model_loader import load_model
-from engine.model import Transformer
+from engine.layer_placement import ResidentLayers
+from engine.model import Transformer, Workspace
 from engine.weights import ColskipInt8Weight, Int8Weight, ModelWeights, SparseInt8Weight
 from tests.cudasim import pooled_blocks
 
@@ -168,8 +169,9 @@ def paged_logits(backend, folder) -> list[np.ndarray]:
     as one sequence decodes while the other takes a 2-token chunk; a decode step of both."""
     loaded = load_model(folder, "int8")
     backend.prepare_weights(loaded.weights)
-    model = Transformer(loaded.config, loaded.weights, backend)
     c = loaded.config
+    model = Transformer(c, loaded.weights, ResidentLayers(loaded.weights.layers), backend)
+    workspace = Workspace(backend, c, tokens=4, logit_rows=2)
     cache = PagedKVCache(backend, c.num_layers, c.num_kv_heads, c.head_dim, 12, 2, "int8")
     cache.add_sequence("a", [])
     steps = [[("a", [3, 5, 7])], [("a", [9]), ("b", [11, 13])], [("a", [15]), ("b", [17])]]
@@ -177,7 +179,7 @@ def paged_logits(backend, folder) -> list[np.ndarray]:
     for step, chunks in enumerate(steps):
         if step == 1:
             cache.fork("a", "b")
-        logits.append(model.forward(ForwardBatch.build(cache, chunks)))
+        logits.append(np.array(model.forward(ForwardBatch.build(cache, chunks), workspace)))
         for seq_id, tokens in chunks:
             cache.commit(seq_id, tokens)
     a, b = cache.block_table("a"), cache.block_table("b")

@@ -25,7 +25,7 @@ import kernels_gpu
 from engine import LLM
 from engine.backends.cuda import CUDABackend
 from engine.cli import main
-from engine.errors import LaminaError
+from engine.errors import EngineClosedError, LaminaError
 from engine.loader.checkpoint import save_checkpoint
 from engine.loader.model_loader import load_model
 from offload.device_stream import DeviceLayerStream
@@ -94,7 +94,7 @@ def test_streamed_logits_equal_resident_and_cpu_within_the_budget(toy, resident)
     assert stream.device_bytes == stream.pinned_bytes == 0
     gc.collect()
     assert buffer() is None
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(EngineClosedError, match="closed"):
         streamed.prompt_logits(PROMPT)
 
 

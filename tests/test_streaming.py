@@ -15,7 +15,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig
-from engine.errors import LaminaError, UnsupportedModelError
+from engine.errors import EngineClosedError, LaminaError, UnsupportedModelError
 from engine.loader.checkpoint import save_checkpoint
 from engine.loader.model_loader import LoadedModel
 from engine.loader.tokenizer import Tokenizer
@@ -165,7 +165,7 @@ def test_close_leaks_no_file_or_thread(small_int8):
     assert threading.active_count() == threads + 1  # the reader
     llm.close()
     assert threading.active_count() == threads
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(EngineClosedError, match="closed"):
         llm.generate(PROMPT, GREEDY)
     del llm
     gc.collect()  # drops the memory map of the resident weights too
