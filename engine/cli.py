@@ -359,11 +359,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from engine.server import serve
+    from engine.server import listen, serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    with _load(args) as llm:
-        serve(llm, args.host, args.port, args.api_key, args.served_model_name)
+    # The port first: one in use is an error in a second, not after the model has loaded.
+    with listen(args.host, args.port) as sock, _load(args) as llm:
+        serve(llm, sock, args.api_key, args.served_model_name)
     return 0
 
 

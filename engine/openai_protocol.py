@@ -1,8 +1,12 @@
 """OpenAI API request bodies and the response objects built from engine outputs.
 
 Requests are pydantic models that forbid unknown fields, so a misspelt parameter is a 400
-rather than silently ignored. Fields OpenAI documents but lamina cannot honour (tools, a
-JSON response format, a suffix) are refused with a message that says so. Extensions
+rather than silently ignored. Fields OpenAI documents fall in three groups: those lamina
+honours; those that cannot change its answer (bookkeeping such as `store` and `metadata`,
+caching and latency hints, tool options when no tool is called), accepted and ignored as
+vLLM does, so that OpenAI's SDKs and the frameworks on them work unchanged (`_IgnoredFields`);
+and those that would change the answer but that lamina cannot honour (tool calls, a JSON
+response format, audio, web search, a suffix), refused with a 400 that says so. Extensions
 that vLLM and llama.cpp's server also accept (top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids) are allowed.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +44,25 @@ class OpenAIError(Exception):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored: lamina's chunks carry no padding
+
+
+class _IgnoredFields(BaseModel):
+    """Fields OpenAI's SDKs may send that cannot change lamina's answer: accepted, ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str | None = None
+    store: bool | None = None  # lamina stores nothing
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # the prefix cache needs no key
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # no tool is ever called
+    prediction: dict[str, Any] | None = None  # a latency hint: the answer stays the same
+    reasoning_effort: str | None = None  # lamina's models answer without a reasoning phase
 
 
 class _SamplingFields(BaseModel):
@@ -62,7 +86,6 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     logit_bias: dict[str, float] | None = None
 
     def sampling_params(
@@ -95,7 +118,7 @@ class _SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_SamplingFields, _IgnoredFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     best_of: int | None = None
@@ -107,12 +130,14 @@ class CompletionRequest(_SamplingFields):
         """The prompt field as a list of prompts (text or token ids)."""
         p = self.prompt
         if isinstance(p, str):
-            return [p]
-        if not p:
-            raise OpenAIError("prompt is empty", param="prompt")
-        if all(isinstance(i, int) for i in p):
-            return [list(p)]
-        return list(p)
+            prompts = [p]
+        elif p and all(isinstance(i, int) for i in p):
+            prompts = [list(p)]
+        else:
+            prompts = list(p)
+        if not prompts or not all(prompts):
+            raise OpenAIError("prompt is empty: there is no token to start from", param="prompt")
+        return prompts
 
     def params(self, context_window: int) -> SamplingParams:
         if self.suffix:
@@ -124,7 +149,7 @@ class CompletionRequest(_SamplingFields):
         if self.stream and self.best_of is not None and self.best_of > self.n:
             raise OpenAIError("best_of > n cannot be streamed", param="best_of")
         max_tokens = context_window if self.max_tokens is None else self.max_tokens
-        return self.sampling_params(max_tokens, self.logprobs, self.best_of)
+        return _checked(lambda: self.sampling_params(max_tokens, self.logprobs, self.best_of))
 
 
 class TextPart(BaseModel):
@@ -153,18 +178,51 @@ class ResponseFormat(BaseModel):
     type: str
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    # Refused by `_refuse_unsupported` when they ask for what lamina cannot do.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+
+    def _refuse_unsupported(self) -> None:
+        for tools, choice, kind, choice_field in (
+            (self.tools, self.tool_choice, "tools", "tool_choice"),
+            (self.functions, self.function_call, "functions", "function_call"),
+        ):
+            # Tools the model may not call change nothing (OpenAI's "none").
+            if choice != "none" and (tools or choice not in (None, "auto")):
+                raise OpenAIError(
+                    f"calling {kind} is not supported by lamina; {kind} are accepted with "
+                    f'{choice_field}: "none"',
+                    param=kind if tools else choice_field,
+                )
+        if self.modalities is not None and set(self.modalities) != {"text"}:
+            raise OpenAIError(
+                "output modalities other than text are not supported", param="modalities"
+            )
+        refused = {
+            "audio": self.audio is not None,
+            "verbosity": self.verbosity not in (None, "medium"),
+            "web_search_options": self.web_search_options is not None,
+            "moderation": self.moderation is not None,
+        }
+        for field, asked in refused.items():
+            if asked:
+                raise OpenAIError(f"{field} is not supported by lamina", param=field)
 
     def params(self, context_window: int) -> SamplingParams:
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise OpenAIError("tool calling is not supported by lamina", param="tools")
+        self._refuse_unsupported()
         if self.response_format is not None and self.response_format.type != "text":
             raise OpenAIError(
                 f"response_format {self.response_format.type!r} is not supported; only 'text'",
@@ -176,10 +234,20 @@ class ChatCompletionRequest(_SamplingFields):
             self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
         )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(context_window if limit is None else limit, logprobs)
+        max_tokens = context_window if limit is None else limit
+        return _checked(lambda: self.sampling_params(max_tokens, logprobs))
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.as_template_message() for m in self.messages]
+
+
+def _checked(build: Callable[[], SamplingParams]) -> SamplingParams:
+    """SamplingParams from a request's fields; their out-of-range values are the client's
+    to fix (a 400), whether SamplingParams says so with InvalidInputError or ValueError."""
+    try:
+        return build()
+    except ValueError as error:
+        raise OpenAIError(str(error)) from None
 
 
 def new_id(prefix: str) -> str:

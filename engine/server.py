@@ -6,20 +6,33 @@ together rather than served one after another. Streams are server-sent events th
 `data: [DONE]`; a client that disconnects is aborted before the next engine step, which frees
 its KV blocks.
 
-Errors follow OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
-status for anything the client can fix; the server keeps serving everyone else.
+Errors follow OpenAI's shape, {"error": {"message", "type", "param", "code"}}: a 4xx status
+for what the client can fix (its body, a `LaminaError` from the engine's checks), a 500
+"server_error" with the traceback in the log for anything else (a bug), whether it is raised
+by a handler or the engine ends the request with an internal error; after the headers of a
+stream went out, the error is an SSE event before `data: [DONE]`. The server keeps serving
+everyone else.
+
+Lifecycle: `lamina serve` binds its port before loading the model (`listen`), so a port in
+use fails at once. SIGINT or SIGTERM ends the requests in flight with an error (streams get
+their error event and [DONE]), frees their KV blocks, stops the engine thread and exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,8 +41,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine.api import LLM
-from engine.async_engine import AsyncEngine, RequestHandle, Update, updates
-from engine.engine_loop import FORWARD_FAILED
+from engine.async_engine import AsyncEngine, EngineStopped, RequestHandle, Update, updates
 from engine.errors import ContextLengthError, LaminaError
 from engine.openai_protocol import (
     ChatCompletionRequest,
@@ -44,6 +56,11 @@ from engine.openai_protocol import (
 from engine.outputs import RequestOutput
 
 log = logging.getLogger("lamina.server")
+
+SHUTTING_DOWN = "the server is shutting down"
+# After a shutdown signal, how long uvicorn waits for connections to close before it cancels
+# them; the requests in flight end at once, so only a stuck client reaches it.
+GRACEFUL_SHUTDOWN_S = 3
 
 
 class OpenAIServer:
@@ -61,6 +78,7 @@ class OpenAIServer:
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self._guarded(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._guarded(self.model), methods=["GET"]),
             Route("/v1/completions", self._guarded(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
         ]
@@ -74,18 +92,26 @@ class OpenAIServer:
         return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
 
     def _guarded(self, handler: Callable) -> Callable:
-        """Check the bearer key, and turn bad input into OpenAI-style 4xx errors."""
+        """Check the bearer key; turn bad input into OpenAI-style 4xx errors, and anything
+        else (a bug) into a 500 whose traceback goes to the log."""
 
         async def endpoint(request: Request) -> Response:
             self._authorize(request)
             try:
                 return await handler(request)
+            except OpenAIError:
+                raise
             except ValidationError as error:
                 raise OpenAIError(_validation_message(error)) from None
             except ContextLengthError as error:
                 raise OpenAIError(str(error), code="context_length_exceeded") from None
-            except (ValueError, LaminaError) as error:
+            except LaminaError as error:
                 raise OpenAIError(str(error)) from None
+            except EngineStopped:
+                raise OpenAIError(SHUTTING_DOWN, status=503, kind="server_error") from None
+            except Exception as error:
+                log.exception("%s %s failed", request.method, request.url.path)
+                raise _internal_error(error) from None
 
         return endpoint
 
@@ -107,14 +133,20 @@ class OpenAIServer:
         return JSONResponse({"status": "ok", "running_requests": self.engine.num_active})
 
     async def models(self, request: Request) -> Response:
-        card = {
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: Request) -> Response:
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self._card())
+
+    def _card(self) -> dict[str, Any]:
+        return {
             "id": self.model_name,
             "object": "model",
             "created": self.created,
             "owned_by": "lamina",
             "max_model_len": self.llm.max_model_len,
         }
-        return JSONResponse({"object": "list", "data": [card]})
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -270,12 +302,12 @@ class _Run:
             self.engine.abort(handle)
 
     async def updates(self) -> AsyncIterator[Update]:
-        """Every update until all requests finish; raises OpenAIError if the engine aborted
-        one. Leaving early (a client that went away) aborts the rest."""
+        """Every update until all requests finish; raises OpenAIError if the engine ended
+        one with an error. Leaving early (a client that went away) aborts the rest."""
         try:
             async for update in updates(self.sink, len(self.handles)):
                 if update.error is not None:
-                    raise _engine_error(update.error)
+                    raise _engine_error(update)
                 yield update
         finally:
             self.abort()
@@ -309,8 +341,8 @@ async def _disconnected(request: Request) -> None:
 
 
 def _sse(chunks: AsyncIterator[dict[str, Any]], run: _Run) -> StreamingResponse:
-    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`. An engine error
-    after the headers went out is sent as an error event before [DONE]."""
+    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`. An error after
+    the headers went out is sent as an error event before [DONE]."""
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -318,6 +350,9 @@ def _sse(chunks: AsyncIterator[dict[str, Any]], run: _Run) -> StreamingResponse:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except OpenAIError as error:
             yield f"data: {json.dumps(error.body)}\n\n"
+        except Exception as error:
+            log.exception("stream failed")
+            yield f"data: {json.dumps(_internal_error(error).body)}\n\n"
         finally:
             run.abort()  # a no-op for finished requests; frees a disconnected client's blocks
         yield "data: [DONE]\n\n"
@@ -346,18 +381,60 @@ def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
     return usage(prompt, generated)
 
 
-def _engine_error(message: str) -> OpenAIError:
-    if message.startswith(FORWARD_FAILED):
+def _engine_error(update: Update) -> OpenAIError:
+    """The error of a request the engine ended: the engine thread logged a failure's
+    traceback; a rejected request is the client's to fix (it does not fit the KV cache)."""
+    message = update.error or ""
+    if update.cause == "failed":
         return OpenAIError(message, status=500, kind="server_error")
+    if update.cause == "stopped":
+        return OpenAIError(message, status=503, kind="server_error")
     return OpenAIError(message)
+
+
+def _internal_error(error: Exception) -> OpenAIError:
+    return OpenAIError(f"internal server error: {error!r}", status=500, kind="server_error")
 
 
 async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise OpenAIError(f"the request body is not valid JSON: {error}") from None
+    where = _invalid_unicode(body)
+    if where is not None:
+        # JSON escapes can spell lone surrogates ("\ud800"), which no tokenizer can encode.
+        raise OpenAIError(
+            f"{where or 'the body'} is not valid Unicode: it contains a lone surrogate",
+            param=where or None,
+        )
+    return body
+
+
+def _invalid_unicode(value: Any, where: str = "") -> str | None:
+    """The path ("messages.0.content") of the first string in a parsed JSON value that is
+    not valid Unicode, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        path = f"{where}.{key}" if where else str(key)
+        bad = _invalid_unicode(key, path) if isinstance(key, str) else None
+        if bad is None:
+            bad = _invalid_unicode(item, path)
+        if bad is not None:
+            return bad
+    return None
 
 
 def _validation_message(error: ValidationError) -> str:
@@ -384,8 +461,7 @@ async def _http_error(request: Request, error: Exception) -> Response:
 
 async def _server_error(request: Request, error: Exception) -> Response:
     log.exception("request failed", exc_info=error)
-    body = OpenAIError(f"internal server error: {error!r}", 500, "server_error")
-    return await _error_response(request, body)
+    return await _error_response(request, _internal_error(error))
 
 
 def default_model_name(llm: LLM) -> str:
@@ -394,16 +470,84 @@ def default_model_name(llm: LLM) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, to be handed to `serve`: bound before the model
+    loads, so that a port in use fails at once, and kept, so that nothing takes the port in
+    between. Raises LaminaError when the address cannot be used."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError as error:
+        raise LaminaError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as error:
+        sock.close()
+        in_use = error.errno == errno.EADDRINUSE
+        hint = "; is another server running? choose another port" if in_use else ""
+        raise LaminaError(f"cannot listen on {host}:{port}: {error.strerror}{hint}") from None
+    return sock
+
+
+class ShutdownServer(uvicorn.Server):
+    """uvicorn, where SIGINT or SIGTERM also ends the requests in flight: uvicorn alone
+    waits for every open stream to finish (forever, for a long one) before it stops."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+        super().__init__(config)
+        self._engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            # The requests are ending already; uvicorn's "force quit" of a second Ctrl-C
+            # would only skip the engine's cleanup and cancel the app mid-shutdown.
+            return
+        super().handle_exit(sig, frame)
+        if self._loop is not None:
+            # A signal handler may interrupt the event loop anywhere: stop from the loop.
+            self._loop.call_soon_threadsafe(self._engine.stop, SHUTTING_DOWN)
+
+
+def uvicorn_server(app: OpenAIServer, log_level: str = "info") -> ShutdownServer:
+    """The HTTP server for `app`, to be run on a socket from `listen`."""
+    config = uvicorn.Config(
+        app.app(), log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
+    return ShutdownServer(config, app.engine)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """uvicorn raises the signal that stopped it again once it has shut down (to exit with
+    the signal's status, or KeyboardInterrupt); a clean shutdown here exits 0 instead."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(
     llm: LLM,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    sock: socket.socket,
     api_key: str | None = None,
     model_name: str | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C stops uvicorn, then the engine thread)."""
-    import uvicorn
-
-    server = OpenAIServer(llm, model_name or default_model_name(llm), api_key)
-    log.info("serving %s on http://%s:%d/v1", server.model_name, host, port)
-    uvicorn.run(server.app(), host=host, port=port, log_level="info")
+    """Serve on `sock` (from `listen`) until SIGINT or SIGTERM, then end the requests in
+    flight, stop the engine thread and return."""
+    app = OpenAIServer(llm, model_name or default_model_name(llm), api_key)
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    log.info("serving %s on http://%s:%d/v1 (Ctrl-C to stop)", app.model_name, host, port)
+    with _signals_ignored():
+        uvicorn_server(app).run(sockets=[sock])
