@@ -7,36 +7,45 @@ batches them all; each result is appended to OUT and flushed the moment it finis
 OUT doubles as the checkpoint: a rerun skips ids already there, so an interrupted job
 (Ctrl-C, kill -9, a crash) resumes without losing or repeating work. A kill -9 can leave a
 half-written last line; it is cut off before anything is appended, keeping OUT valid JSONL.
-Lines that cannot run are reported on the log and left out of OUT, so fixing them and
+A line that cannot run (bad JSON or text, a bad field, a failure in the engine) costs only
+itself: it gets an error line in OUT (`error_record`) and on the log, and every other line
+runs. A rerun drops the earlier error lines and tries those lines again, so fixing them and
 rerunning completes the job.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
-from engine.errors import LaminaError
+from engine.errors import InvalidInputError, LaminaError, OutputPathError
 from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
+from engine.sampling import SAMPLING_FIELDS, SamplingParams, sampling_kwargs
 
 if TYPE_CHECKING:
     from engine.api import LLM
 
-_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
-# SamplingParams stores these flags as given; a JSON string like "no" would read as True.
-_FLAG_FIELDS = frozenset(f.name for f in fields(SamplingParams) if isinstance(f.default, bool))
-_ALLOWED_FIELDS = _SAMPLING_FIELDS | {"id", "prompt", "messages"}
+_ALLOWED_FIELDS = frozenset(SAMPLING_FIELDS) | {"id", "prompt", "messages"}
+# How a request ends when it produced no result: could not run, or failed in the engine.
+_FAILED = ("abort", "error")
 _TIMING_DIGITS = 4
 
 
-class BadLine(ValueError):
-    """An input line that cannot become a request; the message says why."""
+class BadLine(InvalidInputError):
+    """An input line that cannot become a request; the message says why. request_id is the
+    line's id when it has a usable one."""
+
+    def __init__(self, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 @dataclass
@@ -45,7 +54,7 @@ class BatchSummary:
 
     written: int = 0
     skipped: int = 0  # already in OUT from an earlier run
-    failed: int = 0  # reported on the log, not written
+    failed: int = 0  # error lines written to OUT (and the log)
     generated_tokens: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
@@ -59,7 +68,7 @@ class BatchSummary:
 
     def line(self) -> str:
         rate = self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
-        failed = f"{self.failed} failed (reported above)" if self.failed else "0 failed"
+        failed = f"{self.failed} failed (reported above and in OUT)" if self.failed else "0 failed"
         return (
             f"{self.written} written, {self.skipped} already done, {failed} "
             f"in {self.elapsed_s:.1f}s ({rate:.1f} generated tok/s)"
@@ -78,68 +87,123 @@ def run_batch(
     """Generate for every line of IN not yet in OUT, appending each result as it finishes.
 
     defaults: SamplingParams fields every line starts from (a line's own fields override
-    them); checked here, so bad defaults raise ValueError before anything runs.
+    them); checked here, so bad defaults raise InvalidInputError before anything runs.
     progress: True shows a bar on the log, None shows it only when the log is a terminal.
     Ctrl-C stops cleanly: finished results stay in OUT and the summary says `interrupted`.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     defaults = dict(defaults or {})
-    check_job(in_path, out_path, defaults)
     log = log or sys.stderr
-    done = load_done_ids(out_path, log)
+    done = check_job(in_path, out_path, defaults, log)
     return _BatchJob(llm, in_path, out_path, defaults, done, log, progress).run()
 
 
-def check_job(in_path: str | Path, out_path: str | Path, defaults: Mapping[str, Any]) -> None:
-    """Raise ValueError for a job that cannot start, before anyone waits for a model load."""
+def check_job(
+    in_path: str | Path,
+    out_path: str | Path,
+    defaults: Mapping[str, Any],
+    log: TextIO | None = None,
+) -> set[str]:
+    """Check that a job can start, before anyone waits for a model load; return the ids OUT
+    already holds (`load_done_ids`, which also repairs OUT, so checking twice is harmless).
+
+    A missing IN or bad defaults raise InvalidInputError; an OUT that cannot be written or is
+    not a results file raises OutputPathError.
+    """
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
-        raise ValueError(f"cannot read {in_path}: no such file")
+        raise InvalidInputError(f"cannot read {in_path}: no such file")
     if in_path.resolve() == out_path.resolve():
-        raise ValueError("IN and OUT must be different files")
-    if out_path.is_dir() or not out_path.parent.is_dir():
-        raise ValueError(f"cannot write {out_path}: not a file in an existing folder")
-    _check_unknown(defaults.keys() - _SAMPLING_FIELDS)
+        raise InvalidInputError("IN and OUT must be different files")
+    _check_writable(out_path)
+    _check_unknown(defaults.keys() - set(SAMPLING_FIELDS))
     SamplingParams(**defaults)
+    return load_done_ids(out_path, log or sys.stderr)
+
+
+def _check_writable(out_path: Path) -> None:
+    """OUT must be a file that can be appended to, or created, in an existing folder."""
+    if out_path.is_dir():
+        raise OutputPathError(f"cannot write {out_path}: it is a folder")
+    if not out_path.parent.is_dir():
+        raise OutputPathError(f"cannot write {out_path}: {out_path.parent} is not a folder")
+    try:
+        if out_path.exists():
+            out_path.open("ab").close()
+        else:
+            with tempfile.TemporaryFile(dir=out_path.parent):
+                pass
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {out_path}: {exc.strerror}") from None
 
 
 def load_done_ids(out_path: Path, log: TextIO) -> set[str]:
-    """Keys (see `_id_key`) of the ids OUT already holds, after repairing a cut-off tail.
+    """Keys (see `_id_key`) of the ids OUT holds a result for, after repairing a cut-off tail
+    and dropping the error lines of earlier runs (their lines run again).
 
-    Any other unreadable line raises ValueError: appending to a file that is not ours
+    Any other unreadable line raises OutputPathError: appending to a file that is not ours
     could bury someone's data under results.
     """
     if not out_path.exists():
         return set()
     done: set[str] = set()
+    errors = 0
     end = 0  # offset just past the last complete line
     with out_path.open("rb+") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
-                _repair_tail(f, end, raw, done, log)
-                break
-            end += len(raw)
-            if not raw.strip():
-                continue
-            record = _result(raw)
-            if record is None:
-                raise ValueError(
-                    f"{out_path}:{number}: not a batch result line; refusing to append to this file"
-                )
-            done.add(_id_key(record["id"]))
+                record = _repair_tail(f, end, raw, log)
+                if record is None:
+                    break
+            else:
+                end += len(raw)
+                if not raw.strip():
+                    continue
+                record = _result(raw)
+                if record is None:
+                    raise OutputPathError(
+                        f"{out_path}:{number}: not a batch result line; "
+                        "refusing to append to this file"
+                    )
+            if "error" in record:
+                errors += 1
+            else:
+                done.add(_id_key(record["id"]))
+    if errors:
+        _drop_error_lines(out_path)
+        print(f"{out_path}: retrying the {errors} line(s) that failed last time", file=log)
     return done
 
 
-def _repair_tail(f: BinaryIO, end: int, tail: bytes, done: set[str], log: TextIO) -> None:
-    """A last line without a newline is a complete record missing only that newline (kept),
-    or what a killed run managed to write (cut off; its request simply runs again)."""
+def _repair_tail(f: BinaryIO, end: int, tail: bytes, log: TextIO) -> dict | None:
+    """A last line without a newline is a complete record missing only that newline (kept,
+    and returned), or what a killed run managed to write (cut off; its request simply runs
+    again)."""
     record = _result(tail)
     if record is not None:
-        done.add(_id_key(record["id"]))
         f.write(b"\n")
-        return
+        return record
     f.truncate(end)
     print(f"{f.name}: cut off a truncated last line ({len(tail)} bytes)", file=log)
+    return None
+
+
+def _drop_error_lines(out_path: Path) -> None:
+    """Rewrite OUT without its error lines; atomically, so a crash leaves one or the other."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
+    except OSError as exc:
+        raise OutputPathError(f"cannot rewrite {out_path}: {exc.strerror}") from None
+    try:
+        with open(fd, "wb") as new, out_path.open("rb") as old:
+            for raw in old:
+                if not raw.strip() or "error" not in _result(raw):
+                    new.write(raw)
+        shutil.copymode(out_path, tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _result(raw: bytes) -> dict | None:
@@ -156,6 +220,18 @@ def _id_key(request_id: Any) -> str:
     return json.dumps(request_id, ensure_ascii=False)
 
 
+def _decode(raw: bytes) -> Any:
+    """The JSON value of an input line."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise BadLine(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        # Some of json's messages end in "at" ("Invalid control character at").
+        reason = exc.msg.removesuffix(" at")
+        raise BadLine(f"not valid JSON ({reason} at column {exc.colno})") from None
+
+
 def _parse_id(obj: Any) -> Any:
     """The line's id: any JSON string, number or boolean."""
     if not isinstance(obj, dict):
@@ -164,23 +240,34 @@ def _parse_id(obj: Any) -> Any:
         raise BadLine('missing "id"')
     if not isinstance(obj["id"], (str, int, float)):
         raise BadLine(f'"id" must be a string, number or boolean, got {obj["id"]!r}')
+    _check_unicode("id", obj["id"])
     return obj["id"]
+
+
+def _check_unicode(name: str, value: Any) -> None:
+    """Refuse lone surrogates: "\\ud800" is valid JSON but not text, so the tokenizer cannot
+    take it and OUT, which is UTF-8, could not hold it."""
+    try:
+        json.dumps([name, value], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(exc.object[exc.start])
+        raise BadLine(
+            f"{json.dumps(name)} is not valid Unicode text (lone surrogate U+{char:04X})"
+        ) from None
 
 
 def _build_request(
     llm: LLM, obj: dict, defaults: Mapping[str, Any]
 ) -> tuple[str | list[int], SamplingParams]:
     """The (prompt, params) pair of a parsed line; BadLine says what is wrong with it."""
+    for name, value in obj.items():
+        _check_unicode(name, value)
     _check_unknown(obj.keys() - _ALLOWED_FIELDS)
     if ("prompt" in obj) == ("messages" in obj):
         raise BadLine('give exactly one of "prompt" and "messages"')
-    overrides = {k: v for k, v in obj.items() if k in _SAMPLING_FIELDS}
-    for name in _FLAG_FIELDS & overrides.keys():
-        if not isinstance(overrides[name], bool):
-            raise BadLine(f"{name} must be true or false, got {overrides[name]!r}")
     try:
-        params = SamplingParams(**{**defaults, **overrides})
-    except ValueError as exc:
+        params = SamplingParams(**{**defaults, **sampling_kwargs(obj)})
+    except InvalidInputError as exc:
         raise BadLine(str(exc)) from None
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str):
@@ -202,6 +289,12 @@ def _chat_prompt(llm: LLM, messages: Any) -> list[int]:
 def _check_unknown(names: set[str]) -> None:
     if names:
         raise BadLine(f"unknown field(s): {', '.join(sorted(names))}")
+
+
+def error_record(request_id: Any, line: int, message: str) -> dict:
+    """The OUT line of an input line that produced no result: id is null when the line has
+    no usable one, and `line` (1-based) points at it either way."""
+    return {"id": request_id, "line": line, "finish_reason": "error", "error": message}
 
 
 def result_record(request_id: Any, output: RequestOutput) -> dict:
@@ -242,7 +335,7 @@ def _count_pending(in_path: Path, done: set[str]) -> int:
             if raw.strip():
                 try:
                     known = _id_key(_parse_id(json.loads(raw))) in done
-                except ValueError:
+                except ValueError:  # BadLine, bad JSON or bad UTF-8: it will be reported
                     known = False
                 pending += not known
     return pending
@@ -292,6 +385,7 @@ class _BatchJob:
         self.done = done
         self.log = log
         self.summary = BatchSummary()
+        self.out: TextIO | None = None  # OUT, open while the job runs
         self.seen: dict[str, int] = {}  # id key -> line number, to name the first of a pair
         # generate_iter request id -> (line number, id) of requests pulled but not finished.
         self.pending: dict[str, tuple[int, Any]] = {}
@@ -304,9 +398,9 @@ class _BatchJob:
         start = time.perf_counter()
         outputs = self.llm.generate_iter(self._requests())
         try:
-            with self.out_path.open("a", encoding="utf-8") as out:
+            with self.out_path.open("a", encoding="utf-8") as self.out:
                 for output in outputs:
-                    self._finish(output, out)
+                    self._finish(output)
         except KeyboardInterrupt:
             self.summary.interrupted = True
         finally:
@@ -325,7 +419,7 @@ class _BatchJob:
                 try:
                     request = self._parse(raw, number)
                 except BadLine as exc:
-                    self._report(number, str(exc))
+                    self._fail(number, exc.request_id, str(exc))
                     continue
                 if request is None:
                     continue
@@ -336,38 +430,41 @@ class _BatchJob:
 
     def _parse(self, raw: bytes, number: int) -> tuple[Any, str | list[int], SamplingParams] | None:
         """(id, prompt, params) of a line, or None when OUT already has its result."""
-        try:
-            obj = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-        except UnicodeDecodeError as exc:
-            raise BadLine(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        except json.JSONDecodeError as exc:
-            raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        obj = _decode(raw)
         request_id = _parse_id(obj)
         key = _id_key(request_id)
         if key in self.seen:
-            raise BadLine(f"duplicate id {key} (first on line {self.seen[key]})")
+            raise BadLine(f"duplicate id {key} (first on line {self.seen[key]})", request_id)
         self.seen[key] = number
         if key in self.done:
             self.summary.skipped += 1
             return None
-        prompt, params = _build_request(self.llm, obj, self.defaults)
+        try:
+            prompt, params = _build_request(self.llm, obj, self.defaults)
+        except BadLine as exc:
+            raise BadLine(str(exc), request_id) from None
         return request_id, prompt, params
 
-    def _finish(self, output: RequestOutput, out: TextIO) -> None:
+    def _finish(self, output: RequestOutput) -> None:
         number, request_id = self.pending.pop(output.request_id)
-        if output.finish_reason == "abort":
-            self._report(number, f"id {_id_key(request_id)}: {output.error or 'aborted'}")
+        if output.error is not None or output.finish_reason in _FAILED:
+            self._fail(number, request_id, output.error or "aborted")
             return
-        out.write(json.dumps(result_record(request_id, output), ensure_ascii=False) + "\n")
-        out.flush()
+        self._write(result_record(request_id, output))
         self.summary.written += 1
         self.summary.generated_tokens += output.metrics.generated_tokens
         self.progress.advance(output.metrics.generated_tokens)
 
-    def _report(self, number: int, reason: str) -> None:
+    def _fail(self, number: int, request_id: Any, reason: str) -> None:
+        """One line produced no result: say so in OUT and on the log, and go on."""
+        self._write(error_record(request_id, number, reason))
         self.summary.failed += 1
         self.progress.note(f"{self.in_path}:{number}: {reason}")
         self.progress.advance()
+
+    def _write(self, record: dict) -> None:
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
 
 
 def _refuse_constant(name: str) -> Any:

@@ -1,46 +1,94 @@
 """The `lamina` command line: generate, chat, batch, serve, quantize, bench and perplexity.
 
-Bad arguments and bad inputs (a missing model, a prompt longer than the context) print one
-line and exit with status 2; a stack trace means a bug in lamina.
+Bad arguments and bad inputs (a missing model, a prompt longer than the context, text that is
+not UTF-8, an output path that cannot be written) are `LaminaError`s, checked before the model
+loads where they can be: they print one line and exit with status 2. Anything else is a bug in
+lamina and keeps its stack trace. A request the engine fails exits with 1, Ctrl-C with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
+import typing
 from collections.abc import Sequence
-from typing import NoReturn
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NoReturn
 
-from engine.errors import LaminaError
+from engine.errors import InvalidInputError, LaminaError, OutputPathError
+from engine.sampling import SamplingParams, cli_fields, sampling_kwargs
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless the help already says it or there
+    is none to show (unset, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        shown = action.option_strings or action.nargs == argparse.OPTIONAL
+        if not shown or unset or default == [] or "default" in help:
+            return action.help
+        return f"{help} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors in one line instead of usage plus message."""
+    """argparse that reports errors in one line instead of usage plus message, and shows
+    defaults in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+# Type functions raise ArgumentTypeError with their own message: for a plain ValueError,
+# argparse would name the function ("invalid _positive_int value").
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {value}")
     return value
@@ -56,7 +104,7 @@ def _memory_size(text: str) -> int:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -113,22 +161,42 @@ def _add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument(
-        "--max-tokens", type=_positive_int, default=max_tokens, help="tokens to generate"
-    )
-    p.add_argument("--temperature", type=float, help="0 means greedy (default: the model's)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top prob")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, help="same seed, same text")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    """A flag for each SamplingParams field marked `cli`, typed from its annotation.
+
+    Unset flags stay None and are not passed on, so SamplingParams' default (or the model's
+    generation config) applies; only max_tokens has a default of its own per command.
+    """
+    group = p.add_argument_group("sampling")
+    hints = typing.get_type_hints(SamplingParams)
+    for f in cli_fields():
+        kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        default = max_tokens if f.name == "max_tokens" else None
+        shown = default if default is not None else f.metadata["unset"] or f.default
+        help = f"{f.metadata['help']} (default: {shown})"
+        options: dict[str, Any] = {"default": default, "help": help}
+        if bool in kinds:
+            options.update(action="store_true", help=f.metadata["help"])
+        elif int in kinds:
+            options.update(type=_integer, metavar="N")
+        elif float in kinds:
+            options.update(type=_number, metavar="X")
+        elif str in kinds:
+            options.update(action="append", metavar="TEXT")
+        else:
+            raise TypeError(f"no flag type for SamplingParams.{f.name}: {hints[f.name]}")
+        group.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lamina")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lamina", description="CPU-first LLM inference engine.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="complete a prompt and print the text")
@@ -154,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate for every line of a JSONL file; rerun to resume",
         description='Each IN line is {"id": ..., "prompt": ...} or {"id": ..., '
         '"messages": [...]} with optional sampling fields overriding the flags. Results '
-        "are appended to OUT as they finish; ids already in OUT are skipped. Exit status: "
-        "0 all done, 1 some lines reported, 2 bad arguments, 130 interrupted.",
+        "are appended to OUT as they finish; ids already in OUT are skipped. A line that "
+        'fails gets {"id": ..., "line": N, "finish_reason": "error", "error": ...} in OUT '
+        "(retried by a rerun). Exit status: 0 all done, 1 some lines failed, 2 bad "
+        "arguments, 130 interrupted.",
     )
     _add_model_args(batch)
     _add_sampling_args(batch, max_tokens=256)
@@ -177,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     sparse.add_argument(
         "--sparsity", type=_fraction, default=0.0, help="share of each linear's weights pruned"
     )
-    sparse.add_argument("--method", choices=["wanda", "magnitude"], default="wanda")
+    sparse.add_argument(
+        "--method",
+        choices=["wanda", "magnitude"],
+        default="wanda",
+        help="wanda: |weight| x input norm on calibration text; magnitude: |weight|",
+    )
     sparse.add_argument(
         "--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8"
     )
@@ -203,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure speed against bandwidth and peer engines")
     bench.add_argument(
-        "what", nargs="?", choices=["e2e", "kernels", "sparsity", "serve"], default="e2e"
+        "what",
+        nargs="?",
+        choices=["e2e", "kernels", "sparsity", "serve"],
+        default="e2e",
+        help="what to measure",
     )
     bench.add_argument(
         "--clients", type=_positive_int, default=32, help="concurrent streams (bench serve)"
@@ -239,26 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sampling_fields(args: argparse.Namespace) -> dict:
-    """The sampling flags as SamplingParams keyword arguments."""
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "presence_penalty": args.presence_penalty,
-        "frequency_penalty": args.frequency_penalty,
-        "seed": args.seed,
-        "stop": args.stop,
-    }
-
-
-def _sampling_params(args: argparse.Namespace):
-    from engine.sampling import SamplingParams
-
-    return SamplingParams(**_sampling_fields(args))
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(**sampling_kwargs(args))
 
 
 def _load(args: argparse.Namespace):
@@ -289,11 +350,40 @@ def _load(args: argparse.Namespace):
     return llm
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode, where it enters.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (argv and, in the C locale,
+    stdin use surrogateescape; JSON allows "\\ud800"), which the tokenizer cannot take.
+    The message names the bad byte when the text came from bytes.
+    """
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError as exc:
+        problem = f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"{exc.reason} at byte {exc.start}"
+    except UnicodeEncodeError:
+        pass  # a surrogate that did not come from undecodable bytes
+    raise InvalidInputError(f"{what} is not valid UTF-8 text ({problem})")
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """The free-text arguments (prompt, system prompt, stop strings) must be valid text."""
+    for name, what in (("prompt", "PROMPT"), ("system", "--system"), ("stop", "--stop")):
+        value = getattr(args, name, None)
+        for text in [value] if isinstance(value, str) else value or []:
+            check_text(text, what)
+
+
 def _read_stdin() -> str:
     try:
         return sys.stdin.buffer.read().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(
+        raise InvalidInputError(
             f"standard input is not valid UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
 
@@ -312,13 +402,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             for _ in stream:
                 pass
-            result = stream.output.to_dict()
+        else:
+            interrupted = stream.write_to(sys.stdout)
+            sys.stdout.write("\n")
+            if interrupted:
+                return EXIT_INTERRUPTED
+        output = stream.output
+        if output.finish_reason == "error":
+            # The engine logged the traceback; this is the one line the user needs.
+            print(f"lamina generate: error: {output.error}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.json:
+            result = output.to_dict()
             del result["id"]
             result["load_s"] = llm.loaded.load_s
             print(json.dumps(result, ensure_ascii=False))
-        else:
-            stream.write_to(sys.stdout)
-            sys.stdout.write("\n")
         if args.verbose:
             for stats in (llm.stream_stats, llm.device_stream_stats):
                 if stats is not None:
@@ -341,7 +439,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from engine.batch_job import check_job, run_batch
 
-    defaults = _sampling_fields(args)
+    defaults = sampling_kwargs(args)
     check_job(args.input, args.output, defaults)
     llm = _load(args)
     progress = False if args.no_progress else None  # None: only when stderr is a terminal
@@ -369,21 +467,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from engine.loader.checkpoint import save_checkpoint
     from engine.loader.model_loader import load_model
 
     out = Path(args.out)
-    if out.exists():
-        raise ValueError(f"{out} already exists; choose a new folder")
+    _check_new_folder(out)
     plan = _sparsity_plan(args)
     src = None if args.src == "default" else args.src
     if plan.active:
         from engine.quant.sparsify import sparsify
 
         if args.weights != "int8":
-            raise ValueError("sparse checkpoints are int8: use --weights int8")
+            raise InvalidInputError("sparse checkpoints are int8: use --weights int8")
         loaded = load_model(src, None)
         sparsify(loaded, plan)
     else:
@@ -394,6 +489,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_new_folder(out: Path) -> None:
+    """OUT must not exist and must be creatable: checked before minutes of quantizing."""
+    if out.exists() or out.is_symlink():
+        raise OutputPathError(f"{out} already exists; choose a new folder")
+    base = next(p for p in out.absolute().parents if p.exists())  # created down from here
+    if not base.is_dir():
+        raise OutputPathError(f"cannot create {out}: {base} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise OutputPathError(
+            f"cannot create {out}: {base} is not writable ({exc.strerror})"
+        ) from None
+
+
 def _sparsity_plan(args: argparse.Namespace):
     from engine.quant.sparsify import SparsityPlan
 
@@ -401,20 +512,27 @@ def _sparsity_plan(args: argparse.Namespace):
     for item in args.layer_sparsity:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--layer-sparsity takes KEY=S, got {item!r}")
+            raise InvalidInputError(f"--layer-sparsity takes KEY=S, got {item!r}")
         try:
             overrides[key] = float(value)
         except ValueError:
-            raise ValueError(f"--layer-sparsity {item!r}: {value!r} is not a number") from None
-    return SparsityPlan(
-        sparsity=args.sparsity,
-        method=args.method,
-        pattern=args.pattern,
-        activation_sparsity=args.activation_sparsity,
-        reconstruct=args.reconstruct,
-        overrides=overrides,
-        calibration=args.calibration,
-    )
+            raise InvalidInputError(
+                f"--layer-sparsity {item!r}: {value!r} is not a number"
+            ) from None
+    if args.calibration is not None and not Path(args.calibration).is_file():
+        raise InvalidInputError(f"cannot read {args.calibration}: no such file")
+    try:
+        return SparsityPlan(
+            sparsity=args.sparsity,
+            method=args.method,
+            pattern=args.pattern,
+            activation_sparsity=args.activation_sparsity,
+            reconstruct=args.reconstruct,
+            overrides=overrides,
+            calibration=args.calibration,
+        )
+    except ValueError as exc:  # the plan checks nothing but these flags
+        raise InvalidInputError(str(exc)) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -424,6 +542,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
+    from engine.loader.checkpoint import weights_format
+
     if args.file == "-":
         text = _read_stdin()
     else:
@@ -431,15 +551,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             with open(args.file, "rb") as f:
                 text = f.read().decode("utf-8")
         except OSError as exc:
-            raise ValueError(f"cannot read {args.file}: {exc.strerror}") from None
+            raise InvalidInputError(f"cannot read {args.file}: {exc.strerror}") from None
         except UnicodeDecodeError as exc:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{args.file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
             ) from None
     llm = _load(args)
     result = llm.perplexity(text, args.context, args.stride)
     if args.json:
-        print(json.dumps({**result.to_dict(), "quant": args.quant or "f32"}))
+        # The weights as loaded: a checkpoint has its own precision, given --quant or not.
+        quant = weights_format(llm.loaded.weights)
+        print(json.dumps({**result.to_dict(), "quant": quant}))
     else:
         print(
             f"perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "
@@ -464,13 +586,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "perplexity": cmd_perplexity,
     }[args.command]
     try:
+        _check_text_args(args)
         return handler(args)
-    except (LaminaError, ValueError) as exc:
+    except LaminaError as exc:
         print(f"lamina {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader (e.g. `| head`) left; stop quietly instead of a traceback at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

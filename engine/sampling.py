@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
+
+from engine.errors import InvalidInputError
 
 # Temperatures below this are treated as greedy (as in vLLM): dividing logits by ~0 overflows.
 _GREEDY_EPS = 1e-5
@@ -29,11 +31,25 @@ _SMALL = 4 * _BLOCK
 _PENALTY_RANGE = 2.0
 # Most alternatives per token that `logprobs` may ask for (OpenAI's limit for chat).
 MAX_LOGPROBS = 20
+# How --help describes a None default that SamplingParams.with_defaults fills from the model.
+_MODEL = "the model's"
+
+
+def _doc(help: str, *, cli: bool = False, unset: str | None = None) -> dict[str, Any]:
+    """A SamplingParams field's metadata: what the CLI, batch files and server derive from it.
+
+    help: one line for --help and docs. cli: exposed as a `--name-with-dashes` flag.
+    unset: what a None default means, for --help.
+    """
+    return {"help": help, "cli": cli, "unset": unset}
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop, for one request.
+
+    This is the one list of sampling fields: `lamina` flags (fields marked `cli`), the fields a
+    batch line accepts and the server's request fields all come from it (`sampling_kwargs`).
 
     `temperature`, `top_p` and `top_k` default to None, meaning "use the model's generation
     config"; `with_defaults` resolves them before a `Sampler` is built. `top_k` of 0 or -1
@@ -51,28 +67,98 @@ class SamplingParams:
     (OpenAI's field: -100 bans a token, 100 all but forces it).
     """
 
-    max_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    n: int = 1
-    best_of: int | None = None
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
-    logprobs: int | None = None
-    logit_bias: dict[int, float] | None = None
+    max_tokens: int = field(
+        default=256, metadata=_doc("tokens to generate per completion", cli=True)
+    )
+    temperature: float | None = field(
+        default=None, metadata=_doc("0 means greedy", cli=True, unset=_MODEL)
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata=_doc(
+            "sample among the most likely tokens holding this probability mass",
+            cli=True,
+            unset=_MODEL,
+        ),
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata=_doc(
+            "sample among the k most likely tokens (0 or -1: all)", cli=True, unset=_MODEL
+        ),
+    )
+    min_p: float = field(
+        default=0.0,
+        metadata=_doc("drop tokens less likely than min_p times the likeliest", cli=True),
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata=_doc("above 1 makes tokens of the prompt and output less likely", cli=True),
+    )
+    presence_penalty: float = field(
+        default=0.0,
+        metadata=_doc(
+            "subtracted from the logit of every token already generated (-2 to 2)", cli=True
+        ),
+    )
+    frequency_penalty: float = field(
+        default=0.0,
+        metadata=_doc(
+            "subtracted per earlier occurrence of a token in the output (-2 to 2)", cli=True
+        ),
+    )
+    seed: int | None = field(
+        default=None, metadata=_doc("same seed, same text", cli=True, unset="random")
+    )
+    stop: list[str] | str | None = field(
+        default=None,
+        metadata=_doc(
+            "stop at this string, which is left out of the text (repeatable)",
+            cli=True,
+            unset="none",
+        ),
+    )
+    stop_token_ids: list[int] | None = field(
+        default=None, metadata=_doc("token ids that end generation")
+    )
+    ignore_eos: bool = field(
+        default=False, metadata=_doc("keep generating past the end-of-sequence token", cli=True)
+    )
+    skip_special_tokens: bool = field(
+        default=True, metadata=_doc("leave special tokens out of the text")
+    )
+    include_stop_str_in_output: bool = field(
+        default=False, metadata=_doc("keep the matched stop string in the text")
+    )
+    n: int = field(default=1, metadata=_doc("completions returned per prompt"))
+    best_of: int | None = field(
+        default=None, metadata=_doc("completions generated, the n likeliest returned", unset="n")
+    )
+    use_beam_search: bool = field(
+        default=False, metadata=_doc("beam search of width best_of instead of sampling")
+    )
+    length_penalty: float = field(
+        default=1.0, metadata=_doc("beam score = logprob / length ** length_penalty")
+    )
+    logprobs: int | None = field(
+        default=None,
+        metadata=_doc(
+            f"log-probabilities of the chosen and the k likeliest tokens (0-{MAX_LOGPROBS})",
+            unset="none",
+        ),
+    )
+    logit_bias: dict[int, float] | None = field(
+        default=None,
+        metadata=_doc("token id -> value in [-100, 100] added to its logit", unset="none"),
+    )
 
     def __post_init__(self) -> None:
+        for name in BOOL_FIELDS:
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (bool, np.bool_)), f"{name} must be true or false, got {value!r}"
+            )
+            setattr(self, name, bool(value))
         self.max_tokens = _as_int("max_tokens", self.max_tokens)
         _require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         self._check_sampling_knobs()
@@ -96,7 +182,6 @@ class SamplingParams:
         _require(self.n >= 1, f"n must be >= 1, got {self.n}")
         self.best_of = self.n if self.best_of is None else _as_int("best_of", self.best_of)
         _require(self.best_of >= self.n, f"best_of ({self.best_of}) must be >= n ({self.n})")
-        _require(isinstance(self.use_beam_search, bool), "use_beam_search must be a bool")
         self.length_penalty = _as_float("length_penalty", self.length_penalty)
         if self.use_beam_search:
             _require(not self.stop, "stop strings are not supported with beam search")
@@ -162,6 +247,31 @@ class SamplingParams:
         )
 
 
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
+BOOL_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(SamplingParams) if isinstance(f.default, bool)
+)
+
+
+def cli_fields() -> list[Any]:
+    """The SamplingParams fields that are `lamina` flags (dataclasses.Field objects)."""
+    return [f for f in fields(SamplingParams) if f.metadata["cli"]]
+
+
+def sampling_kwargs(source: Mapping[str, Any] | object) -> dict[str, Any]:
+    """The SamplingParams keyword arguments set in `source`: a mapping (a batch line, a JSON
+    body) or an object with attributes (parsed flags, a pydantic request).
+
+    Only SamplingParams field names are picked; None means "not given", so it is left out and
+    SamplingParams' own default (or the model's, through `with_defaults`) applies.
+    """
+    if isinstance(source, Mapping):
+        values = {name: source.get(name) for name in SAMPLING_FIELDS}
+    else:
+        values = {name: getattr(source, name, None) for name in SAMPLING_FIELDS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
 class Sampler:
     """Picks the next token of one request from its logits.
 
@@ -170,7 +280,8 @@ class Sampler:
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
-        _require(int(vocab_size) >= 1, f"vocab_size must be >= 1, got {vocab_size}")
+        if int(vocab_size) < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         if not params.is_resolved:
             params = params.with_defaults(None)
         self.params = params
@@ -312,7 +423,8 @@ def _logits_row(logits: np.ndarray, vocab_size: int) -> np.ndarray:
             x = x[0]
         else:
             raise ValueError(f"expected one row of logits, got shape {x.shape}")
-    _require(x.size > 0, "logits are empty")
+    if x.size == 0:
+        raise ValueError("logits are empty")
     return x[:vocab_size]
 
 
@@ -407,8 +519,9 @@ def _first_set(*values: Any) -> Any:
 
 
 def _require(condition: bool, message: str) -> None:
+    """Refuse a bad parameter value: the caller's input, so a one-line InvalidInputError."""
     if not condition:
-        raise ValueError(message)
+        raise InvalidInputError(message)
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -460,7 +573,7 @@ def _normalize_bias(bias: Mapping[Any, Any] | None) -> dict[int, float] | None:
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise ValueError(f"logit_bias key {key!r} is not a token id") from None
+            raise InvalidInputError(f"logit_bias key {key!r} is not a token id") from None
         _require(token >= 0, f"logit_bias key {key!r} is not a token id")
         value = _as_float(f"logit_bias[{key}]", value)
         _require(-100 <= value <= 100, f"logit_bias values must be in [-100, 100], got {value}")

@@ -11,6 +11,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.batch_job import load_done_ids, run_batch
 from engine.cli import main
+from engine.errors import OutputPathError
 
 GREEDY = {"max_tokens": 8, "temperature": 0}
 TIMINGS = ("ttft_s", "total_s", "tokens_per_s")
@@ -38,9 +39,18 @@ def llm():
 
 
 def write_lines(path: Path, *lines) -> Path:
-    """Objects are dumped as JSON; strings are written as they are (for malformed lines)."""
-    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    path.write_text(text, encoding="utf-8")
+    """Objects are dumped as JSON (ASCII, so lone surrogates become "\\ud800" escapes); strings
+    are written as they are and bytes as given (for malformed lines)."""
+    raw = b"".join(
+        (
+            line
+            if isinstance(line, bytes)
+            else str.encode(line if isinstance(line, str) else json.dumps(line))
+        )
+        + b"\n"
+        for line in lines
+    )
+    path.write_bytes(raw)
     return path
 
 
@@ -145,11 +155,27 @@ def test_out_file_repair(tmp_path):
     assert out.read_text(encoding="utf-8").endswith('"b"}\n') and log.getvalue() == ""
 
     out.write_text('{"id": 1, "text": "a"}\nnot a result\n{"id": 2}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"out.jsonl:2: not a batch result line"):
+    with pytest.raises(OutputPathError, match=r"out.jsonl:2: not a batch result line"):
         load_done_ids(out, log)
 
 
-def test_bad_lines_are_reported_and_skipped(llm, tmp_path):
+def test_out_error_lines_are_dropped_and_retried(tmp_path):
+    out = tmp_path / "out.jsonl"
+    lines = [
+        '{"id": 1, "text": "a"}',
+        '{"id": 2, "line": 2, "finish_reason": "error", "error": "boom"}',
+        '{"id": null, "line": 3, "finish_reason": "error", "error": "not valid JSON"}',
+        '{"id": 4, "text": "d"}',
+        '{"id": 5, "line": 5, "finish_reason": "error", "error": "cut"}',  # no final newline
+    ]
+    out.write_text("\n".join(lines), encoding="utf-8")
+    log = io.StringIO()
+    assert load_done_ids(out, log) == {"1", "4"}
+    assert out.read_text(encoding="utf-8") == f"{lines[0]}\n{lines[3]}\n"
+    assert "retrying the 3 line(s) that failed last time" in log.getvalue()
+
+
+def test_bad_lines_get_an_error_line_and_the_rest_runs(llm, tmp_path):
     lines = [
         {"id": "ok", "prompt": "Hello"},  # 1
         '{"id": "broken", "prompt": ',  # 2 bad JSON
@@ -165,6 +191,12 @@ def test_bad_lines_are_reported_and_skipped(llm, tmp_path):
         {"id": "nan", "prompt": "a", "seed": float("nan")},  # 12 NaN is not JSON
         {"id": "chat", "messages": "Hi"},  # 13 messages not a list
         {"id": "last", "messages": CHAT},  # 14
+        {"id": "sur", "prompt": "a \ud800 b"},  # 15 lone surrogate in the text
+        b'{"id": "bytes", "prompt": "\xff\xfe"}',  # 16 not UTF-8
+        {"id": "sur\udc00", "prompt": "a"},  # 17 lone surrogate in the id
+        {"id": "cs", "messages": [{"role": "user", "content": "\udfff"}]},  # 18
+        '{"id": "ctl", "prompt": "a\tb"}',  # 19 a raw control character in a string
+        {"id": "after", "prompt": "Goodbye"},  # 20
     ]
     src = write_lines(tmp_path / "in.jsonl", *lines)
     log = io.StringIO()
@@ -186,12 +218,70 @@ def test_bad_lines_are_reported_and_skipped(llm, tmp_path):
         11: "context window is 256",
         12: "NaN",
         13: '"messages" must be a non-empty list',
+        15: '"prompt" is not valid Unicode text (lone surrogate U+D800)',
+        16: "not valid UTF-8 (invalid start byte at byte 27)",
+        17: '"id" is not valid Unicode text (lone surrogate U+DC00)',
+        18: '"messages" is not valid Unicode text (lone surrogate U+DFFF)',
+        19: "not valid JSON (Invalid control character at column 27)",
     }
     assert set(reports) == set(expected), log.getvalue()
     for number, reason in expected.items():
         assert reason in reports[number]
-    assert sorted(r["id"] for r in read_records(tmp_path / "out.jsonl")) == ["last", "ok"]
-    assert (summary.written, summary.failed, summary.exit_code) == (2, len(expected), 1)
+    records = read_records(tmp_path / "out.jsonl")
+    results = [r for r in records if "error" not in r]
+    assert sorted(r["id"] for r in results) == ["after", "last", "ok"]
+    # One error line per bad line, with its id where it has a usable one.
+    errors = {r["line"]: r for r in records if "error" in r}
+    assert set(errors) == set(expected)
+    for number, record in errors.items():
+        assert record["finish_reason"] == "error" and expected[number] in record["error"]
+        assert reports[number].endswith(record["error"])
+    no_id = {2, 3, 4, 12, 16, 17, 19}
+    assert all(errors[n]["id"] is None for n in no_id)
+    with_id = {errors[n]["id"] for n in set(errors) - no_id}
+    assert with_id == {
+        "ok",
+        "neither",
+        "both",
+        "typo",
+        "top_p",
+        "flag",
+        "long",
+        "chat",
+        "sur",
+        "cs",
+    }
+    assert (summary.written, summary.failed, summary.exit_code) == (3, len(expected), 1)
+
+
+def test_an_engine_failure_costs_only_its_line(llm, tmp_path, five_prompts, monkeypatch):
+    """The engine ends a request that fails inside it with finish_reason "error"."""
+    original = llm.generate_iter
+
+    def generate_iter(requests):
+        outputs = original(requests)
+        try:
+            for output in outputs:
+                if output.request_id == "2":
+                    output.outputs[0].finish_reason = "error"
+                    output.error = "RuntimeError: boom"
+                yield output
+        finally:
+            outputs.close()
+
+    monkeypatch.setattr(llm, "generate_iter", generate_iter)
+    out = tmp_path / "out.jsonl"
+    summary = run_batch(llm, five_prompts, out, GREEDY, log=io.StringIO())
+    assert (summary.written, summary.failed, summary.exit_code) == (4, 1, 1)
+    failed = [r for r in read_records(out) if "error" in r]
+    assert failed == [{"id": 2, "line": 3, "finish_reason": "error", "error": "RuntimeError: boom"}]
+
+    monkeypatch.undo()  # the rerun retries only that line
+    again = run_batch(llm, five_prompts, out, GREEDY, log=io.StringIO())
+    assert (again.skipped, again.written, again.failed) == (4, 1, 0)
+    assert sorted(json.dumps(r["id"]) for r in read_records(out)) == sorted(
+        ["0", "1", "2", "3", '"chat"']
+    )
 
 
 def test_cli_batch_runs_and_reports(tmp_path, capsys):
@@ -210,8 +300,9 @@ def test_cli_batch_runs_and_reports(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert f"{src}:2: top_k must be an integer" in err
+    assert read_records(out)[0]["error"] == "top_k must be an integer, got 'many'"
     assert err.splitlines()[-1].startswith("lamina batch: 1 written, 0 already done, 1 failed")
-    assert [r["id"] for r in read_records(out)] == ["a"]
+    assert [r["id"] for r in read_records(out)] == ["b", "a"]
 
 
 def test_cli_ctrl_c_then_resume(llm, tmp_path, five_prompts, capsys, monkeypatch):
@@ -238,3 +329,20 @@ def test_cli_rejects_bad_arguments_before_loading(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["batch", str(src), str(src)]) == 2
     assert "must be different files" in capsys.readouterr().err
+
+
+def test_cli_checks_out_before_loading(tmp_path, capsys):
+    src = write_lines(tmp_path / "in.jsonl", {"id": 1, "prompt": "a"})
+    not_ours = tmp_path / "notes.txt"
+    not_ours.write_text("my notes\n")
+    # The model does not exist: had batch loaded it first, the error would be about it.
+    for out, reason in [
+        (tmp_path, "it is a folder"),
+        (src / "out.jsonl", "is not a folder"),
+        (Path("/proc/lamina-out.jsonl"), "cannot write /proc/lamina-out.jsonl"),
+        (not_ours, "not a batch result line"),
+    ]:
+        assert main(["batch", "-m", "/no/such/model", str(src), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and reason in err, err
+    assert not_ours.read_text() == "my notes\n"

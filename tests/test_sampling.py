@@ -6,12 +6,25 @@ distribution itself with a chi-square statistic over many seeded draws.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampling import Sampler, SamplingParams, apply_penalties
+from engine.cli import build_parser
+from engine.errors import InvalidInputError
+from engine.sampling import (
+    BOOL_FIELDS,
+    SAMPLING_FIELDS,
+    Sampler,
+    SamplingParams,
+    apply_penalties,
+    cli_fields,
+    sampling_kwargs,
+)
 
 VOCABS = [1, 2, 17, 4097]
 # Chi-square critical values at p = 1e-4: a correct sampler fails these about once in 10^4
@@ -312,10 +325,55 @@ def test_accepts_a_single_row_batch_and_never_returns_padded_ids():
         ({"stop_token_ids": 3}, "stop_token_ids"),
     ],
 )
-def test_invalid_params_raise_one_line_value_error(kwargs, match):
-    with pytest.raises(ValueError, match=match) as info:
+def test_invalid_params_raise_one_line_input_error(kwargs, match):
+    with pytest.raises(InvalidInputError, match=match) as info:
         SamplingParams(**kwargs)
     assert "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)  # as vLLM's callers expect
+
+
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+def test_flags_must_be_booleans(name):
+    """A JSON "no" must not read as true."""
+    with pytest.raises(InvalidInputError, match=f"{name} must be true or false"):
+        SamplingParams(**{name: "no"})
+    assert getattr(SamplingParams(**{name: np.bool_(True)}), name) is True
+
+
+def test_every_cli_field_is_a_flag_of_every_sampling_command():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    values = {"max_tokens": "7", "temperature": "0.5", "top_p": "0.9", "top_k": "5"}
+    values |= {"min_p": "0.1", "repetition_penalty": "1.1", "presence_penalty": "0.5"}
+    values |= {"frequency_penalty": "-0.5", "seed": "3", "stop": "###", "ignore_eos": None}
+    assert {f.name for f in cli_fields()} == set(values)
+    positionals = {"generate": ["hi"], "chat": [], "batch": ["in", "out"]}
+    for command, rest in positionals.items():
+        argv = [command]
+        for name, value in values.items():
+            argv += [f"--{name.replace('_', '-')}", *([value] if value else [])]
+        kwargs = sampling_kwargs(commands.choices[command].parse_args(argv[1:] + rest))
+        params = SamplingParams(**kwargs)
+        assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (7, 0.5, 5, 3)
+        assert (params.min_p, params.frequency_penalty, params.stop) == (0.1, -0.5, ["###"])
+        assert params.ignore_eos is True
+        # Unset flags are left out, so SamplingParams and the model decide.
+        assert sampling_kwargs(commands.choices[command].parse_args(rest)).keys() == {"max_tokens"}
+
+
+def test_sampling_kwargs_picks_sampling_fields():
+    line = {"id": 1, "prompt": "x", "temperature": 0.5, "seed": None, "stop": ["a"]}
+    assert sampling_kwargs(line) == {"temperature": 0.5, "stop": ["a"]}
+
+    class Request:  # a parsed request object, e.g. pydantic
+        model = "m"
+        top_p = 0.9
+        n = 2
+        logprobs = None
+
+    assert sampling_kwargs(Request()) == {"top_p": 0.9, "n": 2}
+    assert set(SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(SamplingParams)}
+    assert all(f.metadata["help"] for f in dataclasses.fields(SamplingParams))
 
 
 def test_params_normalisation():
