@@ -24,6 +24,7 @@ from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.perplexity import PerplexityResult, sliding_window_nll
 from engine.sampling import SamplingParams
+from engine.text_input import check_text
 from offload.placement import PlacementPlan
 from offload.streaming import StreamStats
 
@@ -233,6 +234,9 @@ class LLM:
         """A conversation rendered with the model's chat template, ready for the reply, and
         its token ids (no added BOS: the template writes special tokens itself, as
         transformers assumes)."""
+        for i, message in enumerate(messages):
+            if isinstance(message.get("content"), str):
+                check_text(message["content"], f"message {i}")
         text = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, **template_kwargs
         )
@@ -244,6 +248,7 @@ class LLM:
         """A fresh output for a prompt, and its parameters with the model's defaults filled."""
         resolved = (params or SamplingParams()).with_defaults(self.loaded.sampling_defaults)
         if isinstance(prompt, str):
+            check_text(prompt, "the prompt")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(i) for i in prompt]

@@ -7,10 +7,10 @@ import sys
 from typing import TextIO
 
 from engine.api import LLM, TextStream
-from engine.cli import check_text
 from engine.errors import ContextLengthError, LaminaError
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
+from engine.text_input import check_text
 
 COMMANDS = {
     "/help": "list these commands",

@@ -20,8 +20,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
+from engine.engine_config import EngineConfig
 from engine.errors import InvalidInputError, LaminaError, OutputPathError
 from engine.sampling import SamplingParams, cli_fields, sampling_kwargs
+from engine.text_input import check_text
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -80,13 +82,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def _port(text: str) -> int:
     value = _integer(text)
     if not 0 <= value <= 65535:
@@ -111,53 +106,7 @@ def _fraction(text: str) -> float:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--max-model-len", type=_positive_int, help="cap the context window")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="auto: a CUDA GPU when numba finds one, else the CPU",
-    )
-    p.add_argument(
-        "--quant", choices=["f32", "int8"], default=None, help="weight precision (default: f32)"
-    )
-    p.add_argument(
-        "--kv-cache-mb",
-        type=_positive_float,
-        help="KV cache size (default: 20%% of free RAM or GPU memory)",
-    )
-    _add_kv_dtype_arg(p)
-    p.add_argument(
-        "--cpu-memory",
-        type=_memory_size,
-        metavar="SIZE",
-        help="RAM budget (MiB, or 512M, 2G); layers beyond it stream from disk "
-        "(lamina checkpoints)",
-    )
-    p.add_argument(
-        "--gpu-memory",
-        type=_memory_size,
-        metavar="SIZE",
-        help="GPU budget with --device cuda (default: free GPU memory less a margin); "
-        "layers beyond it are copied in from RAM while others compute",
-    )
-    p.add_argument("--max-num-seqs", type=_positive_int, help="sequences decoded together")
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=_positive_int,
-        help="tokens per forward pass (also the prefill chunk size)",
-    )
-
-
-def _add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--kv-cache-dtype",
-        choices=["float32", "int8"],
-        default="float32",
-        help="int8 holds about 4x the tokens in the same memory",
-    )
+    EngineConfig.add_cli_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -300,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batch", action="store_true", help="continuous batching: batch curve, prefix, job"
     )
-    _add_kv_dtype_arg(bench)
+    EngineConfig.add_cli_args(bench, ("kv_cache_dtype",))
     bench.add_argument(
         "--cpu-memory",
         type=_memory_size,
@@ -323,52 +272,16 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def _load(args: argparse.Namespace):
+    import dataclasses
+
     from engine.api import LLM
 
-    # Unset scheduler flags keep LLM's own defaults.
-    scheduler = {
-        name: getattr(args, name)
-        for name in ("max_num_seqs", "max_num_batched_tokens")
-        if getattr(args, name) is not None
-    }
-    llm = LLM(
-        args.model,
-        max_model_len=args.max_model_len,
-        threads=args.threads,
-        quant=args.quant,
-        kv_cache_mb=args.kv_cache_mb,
-        kv_cache_dtype=args.kv_cache_dtype,
-        cpu_memory=args.cpu_memory,
-        gpu_memory=args.gpu_memory,
-        device=args.device,
-        **scheduler,
-    )
+    llm = LLM(**dataclasses.asdict(EngineConfig.from_cli(args)))
     # Said where a person watches (or asked with --verbose), not into captured stderr,
     # where a bad input's error must stay the only line.
     if sys.stderr.isatty() or getattr(args, "verbose", False):
         print(f"lamina: {llm.device_choice.describe()}", file=sys.stderr)
     return llm
-
-
-def check_text(text: str, what: str) -> None:
-    """Refuse text that is not valid Unicode, where it enters.
-
-    Bytes that are not UTF-8 reach Python as lone surrogates (argv and, in the C locale,
-    stdin use surrogateescape; JSON allows "\\ud800"), which the tokenizer cannot take.
-    The message names the bad byte when the text came from bytes.
-    """
-    try:
-        text.encode("utf-8")
-        return
-    except UnicodeEncodeError as exc:
-        problem = f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
-    try:
-        os.fsencode(text).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        problem = f"{exc.reason} at byte {exc.start}"
-    except UnicodeEncodeError:
-        pass  # a surrogate that did not come from undecodable bytes
-    raise InvalidInputError(f"{what} is not valid UTF-8 text ({problem})")
 
 
 def _check_text_args(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.async_engine import CompletionDelta
 from engine.outputs import TokenLogprob
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, sampling_kwargs
 
 
 class OpenAIError(Exception):
@@ -94,24 +94,9 @@ class _SamplingFields(BaseModel):
         """The request as SamplingParams; ValueError (-> 400) for values out of range."""
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed with stream: true")
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            seed=self.seed,
-            stop=self.stop,
-            stop_token_ids=self.stop_token_ids,
-            n=self.n,
-            best_of=best_of,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-            logit_bias=self.logit_bias,
-        )
+        # Fields named as in SamplingParams map by name; these three differ per endpoint.
+        given = {"max_tokens": max_tokens, "logprobs": logprobs, "best_of": best_of}
+        return SamplingParams(**{**sampling_kwargs(self), **given})
 
     @property
     def include_usage(self) -> bool:

@@ -1,0 +1,29 @@
+"""Text as it enters lamina (a CLI argument, stdin, a chat message, an API prompt).
+
+Bytes that are not UTF-8 reach Python as lone surrogates (argv and, in the C locale, stdin
+use surrogateescape; JSON allows "\\ud800"), which no tokenizer can encode: they are refused
+where they enter, with a message that names the place.
+"""
+
+from __future__ import annotations
+
+import os
+
+from engine.errors import InvalidInputError
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode; the message names the bad byte when the text
+    came from bytes."""
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError as exc:
+        problem = f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"{exc.reason} at byte {exc.start}"
+    except UnicodeEncodeError:
+        pass  # a surrogate that did not come from undecodable bytes
+    raise InvalidInputError(f"{what} is not valid UTF-8 text ({problem})")
