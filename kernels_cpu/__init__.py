@@ -1,7 +1,21 @@
-"""Numba-compiled CPU kernels: pure functions on numpy arrays, no engine imports."""
+"""Numba-compiled CPU kernels: pure functions on numpy arrays, no engine imports.
 
-from kernels_cpu.activations import silu_mul
-from kernels_cpu.norms import rmsnorm
+Ops that produce an array come in two forms: `op_into(..., out, [scratch])`, which writes
+a caller's buffers and allocates nothing (what a warm decode step runs), and `op(...)`,
+which allocates its result and scratch and calls the first (tests, one-off calls).
+"""
+
+from kernels_cpu.activations import silu_mul, silu_mul_into
+from kernels_cpu.norms import rmsnorm, rmsnorm_into
 from kernels_cpu.rope import rope_inplace
+from kernels_cpu.rows import add_bias_inplace, take_rows_into
 
-__all__ = ["rmsnorm", "rope_inplace", "silu_mul"]
+__all__ = [
+    "add_bias_inplace",
+    "rmsnorm",
+    "rmsnorm_into",
+    "rope_inplace",
+    "silu_mul",
+    "silu_mul_into",
+    "take_rows_into",
+]

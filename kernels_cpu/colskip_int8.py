@@ -51,6 +51,8 @@ rounding (not the exact value) depends on the thread count and, with several tok
 which rows the other tokens keep.
 """
 
+from collections.abc import Callable
+
 import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
@@ -68,6 +70,8 @@ PREFETCH = 1024
 MAX_TOKENS = 4
 VECTORS = (8, 4, 2, 2)
 PAGE = 4096
+# Hands out a kernel's working arrays by (name, shape, dtype); see colskip_matmul_w8.
+Scratch = Callable[[str, tuple[int, ...], type], np.ndarray]
 
 
 def to_input_major(w: np.ndarray) -> np.ndarray:
@@ -228,36 +232,57 @@ _narrow1, _narrow2, _narrow3, _narrow4 = _narrow
 
 
 @njit(cache=True)
-def _compact(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+def compact_size(k: int) -> int:
+    """Entries of `_compact`'s idx and of each xv row for K inputs: whole blocks, plus one
+    block for the prefetch of "the next block" past the last."""
+    return ((k + ROW_BLOCK - 1) // ROW_BLOCK + 1) * ROW_BLOCK
+
+
+@njit(cache=True)
+def _compact_into(x, threshold, keep, idx, xv) -> int:
     """Indices of the inputs some token keeps and their values, padded for whole blocks.
 
-    xv[t, i] is x[t, idx[i]], or 0 where token t drops it. Past `count` the index repeats
-    the last kept row and the values are 0, so a partial last block adds exact zeros and
-    the prefetch of "the next block" reads a row already fetched. `not (|x| <= threshold)`
-    keeps NaN inputs, so they propagate as they would through the dense product.
+    Fills idx (compact_size(K),) and xv (T, compact_size(K)), using keep (K,) uint8 as
+    scratch, and returns how many inputs are kept. xv[t, i] is x[t, idx[i]], or 0 where
+    token t drops it. Past `count` the index repeats the last kept row and the values are 0,
+    so a partial last block adds exact zeros and the prefetch of "the next block" reads a
+    row already fetched. `not (|x| <= threshold)` keeps NaN inputs, so they propagate as
+    they would through the dense product.
     Three branch-free passes (mask, indices, values), each with the token loop outside:
     one pass with the token loop inside and data-dependent branches took 3.5x as long at
     T = 1 (33 us at K = 11008, 3% of a 40%-sparse 11008 x 4096 GEMV, one core idle) and 5x
     at T = 4.
     """
     tokens, k = x.shape
-    size = ((k + ROW_BLOCK - 1) // ROW_BLOCK + 1) * ROW_BLOCK
+    size = compact_size(k)
+    if keep.shape[0] != k or idx.shape[0] != size or xv.shape != (tokens, size):
+        raise ValueError("keep, idx or xv does not fit x")
     thr = np.float32(threshold)
-    keep = np.zeros(k, dtype=np.uint8)
+    keep[:] = 0
     for t in range(tokens):
         for col in range(k):
             keep[col] |= not (abs(x[t, col]) <= thr)
-    idx = np.empty(size, dtype=np.intp)
     count = 0
     for col in range(k):
         idx[count] = col
         count += keep[col]
     idx[count:] = idx[count - 1] if count > 0 else 0
-    xv = np.zeros((tokens, size), dtype=np.float32)
     for t in range(tokens):
         for i in range(count):
             v = x[t, idx[i]]
             xv[t, i] = v if not (abs(v) <= thr) else np.float32(0.0)
+        xv[t, count:] = 0
+    return count
+
+
+@njit(cache=True)
+def _compact(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """`_compact_into` into new arrays: (idx, xv, count)."""
+    tokens, k = x.shape
+    size = compact_size(k)
+    idx = np.empty(size, dtype=np.intp)
+    xv = np.empty((tokens, size), dtype=np.float32)
+    count = _compact_into(x, threshold, np.empty(k, dtype=np.uint8), idx, xv)
     return idx, xv, count
 
 
@@ -288,19 +313,21 @@ def _block(part, wt, idx, xv, i0, t0, group) -> None:
 
 
 @njit(cache=True, parallel=True)
-def _colskip(x, wt, scale, threshold, threads):
-    """colskip_matmul_w8 with the kept rows split into `threads` jobs, one partial each."""
+def _colskip(x, wt, scale, threshold, out, keep, idx, xv, parts):
+    """colskip_matmul_w8 with the kept rows split into len(parts) jobs, one partial each."""
     tokens = x.shape[0]
     n = wt.shape[1]
-    idx, xv, count = _compact(x, threshold)
+    if parts.shape[0] < 1 or parts.shape[1:] != (tokens, n) or out.shape != (tokens, n):
+        raise ValueError("parts must be (jobs, T, N) and out (T, N)")
+    count = _compact_into(x, threshold, keep, idx, xv)
     blocks = (count + ROW_BLOCK - 1) // ROW_BLOCK
-    jobs = max(1, min(threads, blocks))
-    parts = np.zeros((jobs, tokens, n), dtype=np.float32)
+    jobs = max(1, min(parts.shape[0], blocks))
     for job in prange(jobs):
+        part = parts[job]
+        part[:] = 0
         for b in range(job * blocks // jobs, (job + 1) * blocks // jobs):
             for t0 in range(0, tokens, MAX_TOKENS):
-                _block(parts[job], wt, idx, xv, b * ROW_BLOCK, t0, min(MAX_TOKENS, tokens - t0))
-    out = np.empty((tokens, n), dtype=np.float32)
+                _block(part, wt, idx, xv, b * ROW_BLOCK, t0, min(MAX_TOKENS, tokens - t0))
     chunk = 1024
     for c in prange((n + chunk - 1) // chunk):
         for t in range(tokens):
@@ -309,18 +336,25 @@ def _colskip(x, wt, scale, threshold, threads):
                 for job in range(1, jobs):
                     acc += parts[job, t, col]
                 out[t, col] = acc * scale[col]
-    return out
 
 
 def colskip_matmul_w8(
-    x: np.ndarray, wt: np.ndarray, scale: np.ndarray, threshold: float
+    x: np.ndarray,
+    wt: np.ndarray,
+    scale: np.ndarray,
+    threshold: float,
+    *,
+    out: np.ndarray | None = None,
+    scratch: Scratch | None = None,
 ) -> np.ndarray:
     """xs (T, K) float32 @ (W * scale[:, None]).T -> (T, N) float32, skipping zero inputs.
 
     `wt` is the input-major int8 weight (K, N) = W.T (see to_input_major) and `scale` (N,)
     the float32 scale of each output. xs is x with every entry |x[t, k]| <= threshold set to
     0 (threshold 0.0 skips exact zeros only); row k of `wt` is read only if some token keeps
-    input k. A Python wrapper because the row split needs numba's thread count, which a
+    input k. The result goes into `out` (T, N) if given. `scratch(name, shape, dtype)` hands
+    out the working arrays (compacted inputs, one partial output per thread); by default
+    they are new. A Python wrapper because the row split needs numba's thread count, which a
     cached njit function cannot read; it also checks the layout the SIMD loop relies on.
     """
     if wt.dtype != np.int8 or wt.ndim != 2 or wt.strides[1] != 1:
@@ -329,4 +363,26 @@ def colskip_matmul_w8(
         raise ValueError(
             f"shapes do not match: x {x.shape}, wt {wt.shape} (K, N), scale {scale.shape}"
         )
-    return _colskip(x, wt, scale, threshold, get_num_threads())
+    (tokens, k), n = x.shape, wt.shape[1]
+    if out is None:
+        out = np.empty((tokens, n), dtype=np.float32)
+    elif out.shape != (tokens, n) or out.dtype != np.float32:
+        raise ValueError(f"out must be a float32 {(tokens, n)} array")
+    take = scratch or _new_array
+    size = compact_size(k)
+    _colskip(
+        x,
+        wt,
+        scale,
+        threshold,
+        out,
+        take("colskip.keep", (k,), np.uint8),
+        take("colskip.idx", (size,), np.intp),
+        take("colskip.xv", (tokens, size), np.float32),
+        take("colskip.parts", (get_num_threads(), tokens, n), np.float32),
+    )
+    return out
+
+
+def _new_array(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    return np.empty(shape, dtype=dtype)

@@ -17,7 +17,7 @@ Both split output rows across cores with prange; rows of an int8 weight are cont
 import numpy as np
 from numba import njit, prange
 
-from kernels_cpu.simd import KBLOCK, host_kind, lanes, make_dot_tile, prefetch
+from kernels_cpu.simd import KBLOCK, host_kind, lanes, make_dot_tile, prefetch, stack_tile
 
 KIND = host_kind()
 LANES = lanes(KIND)
@@ -27,7 +27,7 @@ INT16_MAX = 32767
 # PREFETCH_BYTES ahead (measured on Zen 3: 0.4 -> 0.9 of bandwidth for 576-wide rows).
 LONG_ROW = 2048
 PREFETCH_BYTES = 2048
-# Output rows per parallel job of the GEMV and of the GEMM (scratch is allocated once per job).
+# Output rows per parallel job of the GEMV and of the GEMM.
 JOB_ROWS = 16
 GEMM_JOB_ROWS = 64
 
@@ -53,27 +53,45 @@ def _quantize_row(x: np.ndarray, t: int, qmax: int, a: np.ndarray, a_scale: np.n
 
 
 @njit(cache=True, fastmath=True)
-def quantize_rows(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows_into(x: np.ndarray, qmax: int, a: np.ndarray, a_scale: np.ndarray) -> None:
     """Per-row symmetric quantization of float32 x (T, K) to integers in [-qmax, qmax].
 
-    Returns the values as int16 (the dot products' input width) and the float32 row scales.
+    Writes the values as int16 (the dot products' input width) into a[:, :K], which may be
+    wider (a padded row), and the float32 row scales into a_scale (T,).
     """
-    a = np.empty(x.shape, dtype=np.int16)
-    a_scale = np.empty(x.shape[0], dtype=np.float32)
+    if a.shape[0] != x.shape[0] or a.shape[1] < x.shape[1] or a_scale.shape[0] != x.shape[0]:
+        raise ValueError("quantize_rows_into: a or a_scale does not fit x")
     for t in range(x.shape[0]):
         _quantize_row(x, t, qmax, a, a_scale)
-    return a, a_scale
 
 
-# A twin rather than njit(parallel=True)(quantize_rows.py_func): numba's disk cache keys on
-# the Python function, so the two compilations would overwrite each other's cache entries.
-@njit(cache=True, parallel=True, fastmath=True)
-def _quantize_rows_parallel(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+@njit(cache=True)
+def quantize_rows(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize_rows_into` into new arrays: (values (T, K) int16, scales (T,) float32)."""
     a = np.empty(x.shape, dtype=np.int16)
     a_scale = np.empty(x.shape[0], dtype=np.float32)
+    quantize_rows_into(x, qmax, a, a_scale)
+    return a, a_scale
+
+
+# A twin rather than njit(parallel=True)(quantize_rows_into.py_func): numba's disk cache keys
+# on the Python function, so the two compilations would overwrite each other's cache entries.
+@njit(cache=True, parallel=True, fastmath=True)
+def _quantize_rows_parallel(x: np.ndarray, qmax: int, a: np.ndarray, a_scale: np.ndarray) -> None:
     for t in prange(x.shape[0]):
         _quantize_row(x, t, qmax, a, a_scale)
-    return a, a_scale
+
+
+@njit(cache=True)
+def _check_matmul(x, w, out, a, a_scale) -> None:
+    """Shapes the kernels rely on (they index without bounds checks)."""
+    tokens, k = x.shape
+    if w.shape[1] != k:
+        raise ValueError("x and w differ in K")
+    if out.shape[0] != tokens or out.shape[1] != w.shape[0]:
+        raise ValueError("out must be (T, N)")
+    if a.shape[0] != tokens or a.shape[1] != k or a_scale.shape[0] != tokens:
+        raise ValueError("a must be (T, K) and a_scale (T,)")
 
 
 @njit(cache=True, inline="always")
@@ -116,16 +134,26 @@ def _store_tile(sums, r, t, a_scale, scale, out) -> None:
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def gemv_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T -> (T, N) float32, for small T."""
-    a, a_scale = quantize_rows(x, INT16_MAX)
+def gemv_w8_into(
+    x: np.ndarray,
+    w: np.ndarray,
+    scale: np.ndarray,
+    out: np.ndarray,
+    a: np.ndarray,
+    a_scale: np.ndarray,
+) -> None:
+    """out (T, N) = x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T, for small T.
+
+    a (T, K) int16 and a_scale (T,) float32 are scratch for the quantized activations.
+    """
+    _check_matmul(x, w, out, a, a_scale)
+    quantize_rows_into(x, INT16_MAX, a, a_scale)
     tokens, k = x.shape
     n = w.shape[0]
-    out = np.empty((tokens, n), dtype=np.float32)
     jobs = (n + JOB_ROWS - 1) // JOB_ROWS
     for job in prange(jobs):
-        quad = np.empty((4, 1), dtype=np.int64)
-        one = np.empty((1, 1), dtype=np.int64)
+        quad = stack_tile(4, 1)
+        one = stack_tile(1, 1)
         r = job * JOB_ROWS
         end = min(r + JOB_ROWS, n)
         while r < end:
@@ -141,6 +169,15 @@ def gemv_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
                     _dot_tile(w, r, a, t, one)
                     _store_tile(one, r, t, a_scale, scale, out)
                 r += 1
+
+
+@njit(cache=True)
+def gemv_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """`gemv_w8_into` into a new (T, N) array, with its own scratch."""
+    tokens = x.shape[0]
+    out = np.empty((tokens, w.shape[0]), dtype=np.float32)
+    a = np.empty(x.shape, dtype=np.int16)
+    gemv_w8_into(x, w, scale, out, a, np.empty(tokens, dtype=np.float32))
     return out
 
 
@@ -168,8 +205,8 @@ def _edge_tiles(w, r, end, a, a_scale, scale, out) -> None:
     Not inlined, so the hot loop in `gemm_w8` stays small (10% faster at 16 tokens).
     """
     tokens = a.shape[0]
-    quad = np.empty((4, 1), dtype=np.int64)
-    one = np.empty((1, 1), dtype=np.int64)
+    quad = stack_tile(4, 1)
+    one = stack_tile(1, 1)
     full = r + (end - r) // 4 * 4
     if tokens % 2:
         for row in range(r, full, 4):
@@ -182,25 +219,33 @@ def _edge_tiles(w, r, end, a, a_scale, scale, out) -> None:
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def gemm_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, act_max: int) -> np.ndarray:
-    """x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T -> (T, N) float32, for any T.
+def gemm_w8_into(
+    x: np.ndarray,
+    w: np.ndarray,
+    scale: np.ndarray,
+    act_max: int,
+    out: np.ndarray,
+    a: np.ndarray,
+    a_scale: np.ndarray,
+) -> None:
+    """out (T, N) = x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T, for any T.
 
-    Activations are quantized per token to [-act_max, act_max]: 127 is W8A8, 32767 keeps
-    float32-like activations at the same speed on the pmaddwd/vpdpwssd paths. Each parallel
-    job covers GEMM_JOB_ROWS rows so its tile scratch is allocated once, not per row block.
+    Activations are quantized per token to [-act_max, act_max] into the scratch a (T, K)
+    int16 and a_scale (T,): 127 is W8A8, 32767 keeps float32-like activations at the same
+    speed on the pmaddwd/vpdpwssd paths. Each parallel job covers GEMM_JOB_ROWS rows.
     While a 4-row block is multiplied by each pair of tokens, a block ahead is prefetched a
     slice per pair: weights stream from memory (a model is bigger than the caches) and
     short rows read four at a time defeat the hardware prefetcher (see gemv_w8).
     """
-    a, a_scale = _quantize_rows_parallel(x, act_max)
+    _check_matmul(x, w, out, a, a_scale)
+    _quantize_rows_parallel(x, act_max, a, a_scale)
     n, k = w.shape
     tokens = x.shape[0]
     pairs = tokens // 2
     # With few tokens a block is done before the next one arrives from memory: look further.
     blocks_ahead = max(1, 4 // max(pairs, 1))
-    out = np.empty((tokens, n), dtype=np.float32)
     for job in prange((n + GEMM_JOB_ROWS - 1) // GEMM_JOB_ROWS):
-        quad_pair = np.empty((4, 2), dtype=np.int64)
+        quad_pair = stack_tile(4, 2)
         r = job * GEMM_JOB_ROWS
         end = min(r + GEMM_JOB_ROWS, n)
         for block in range(r, end - 3, 4):
@@ -211,16 +256,36 @@ def gemm_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, act_max: int) -> np
                 _quad_pair(w, block, a, 2 * p, quad_pair)
                 _store_tile(quad_pair, block, 2 * p, a_scale, scale, out)
         _edge_tiles(w, r, end, a, a_scale, scale, out)
+
+
+@njit(cache=True)
+def gemm_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, act_max: int) -> np.ndarray:
+    """`gemm_w8_into` into a new (T, N) array, with its own scratch."""
+    tokens = x.shape[0]
+    out = np.empty((tokens, w.shape[0]), dtype=np.float32)
+    a = np.empty(x.shape, dtype=np.int16)
+    gemm_w8_into(x, w, scale, act_max, out, a, np.empty(tokens, dtype=np.float32))
     return out
+
+
+@njit(cache=True)
+def embed_rows_w8_into(w: np.ndarray, scale: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """out (T, K) = rows `ids` (T,) of an int8 embedding table (V, K), dequantized to float32."""
+    k = w.shape[1]
+    if out.shape[0] != ids.shape[0] or out.shape[1] != k:
+        raise ValueError("out must be (len(ids), K)")
+    for t in range(ids.shape[0]):
+        row = ids[t]
+        if row < 0 or row >= w.shape[0]:
+            raise IndexError("token id outside the embedding table")
+        s = scale[row]
+        for i in range(k):
+            out[t, i] = np.float32(w[row, i]) * s
 
 
 @njit(cache=True)
 def embed_rows_w8(w: np.ndarray, scale: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Look up rows `ids` of an int8 embedding table, dequantized to float32."""
-    k = w.shape[1]
-    out = np.empty((ids.shape[0], k), dtype=np.float32)
-    for t in range(ids.shape[0]):
-        s = scale[ids[t]]
-        for i in range(k):
-            out[t, i] = np.float32(w[ids[t], i]) * s
+    out = np.empty((ids.shape[0], w.shape[1]), dtype=np.float32)
+    embed_rows_w8_into(w, scale, ids, out)
     return out

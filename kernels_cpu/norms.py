@@ -8,10 +8,11 @@ from numba import njit
 
 
 @njit(cache=True, fastmath=True)
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x (T, D) float32 -> weight * x / sqrt(mean(x**2) + eps), row by row."""
+def rmsnorm_into(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """out (T, D) = weight * x / sqrt(mean(x**2) + eps), row by row, for float32 x (T, D)."""
     rows, dim = x.shape
-    out = np.empty_like(x)
+    if out.shape != x.shape or weight.shape[0] != dim:
+        raise ValueError("out must be shaped like x, and weight (D,)")
     for t in range(rows):
         acc = 0.0
         for i in range(dim):
@@ -19,4 +20,11 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         inv = np.float32(1.0 / np.sqrt(acc / dim + eps))
         for i in range(dim):
             out[t, i] = weight[i] * (x[t, i] * inv)
+
+
+@njit(cache=True)
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """`rmsnorm_into` into a new array."""
+    out = np.empty_like(x)
+    rmsnorm_into(x, weight, eps, out)
     return out

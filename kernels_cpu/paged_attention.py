@@ -22,16 +22,20 @@ the scores and to the softmax weights, where they cost one multiply per key inst
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, register_jitable, register_model
 
-from kernels_cpu.fast_exp import exp_parts
+from kernels_cpu.fast_exp import exp_parts, pow2
 
 LANES = 8
 # Keys per online-softmax step, a multiple of LANES. The running max, sum and output are
 # rescaled once per tile, so the rescale is amortised over TILE keys whatever the block size.
 TILE = 64
+# Scratch rows per thread: the (token, kv head) jobs are split into this many chunks per
+# thread, each working in its own row, so a thread that falls behind (a busy core, longer
+# contexts) can hand chunks to the others under a dynamic schedule.
+CHUNKS_PER_THREAD = 4
 
 _VEC = ir.VectorType(ir.FloatType(), LANES)
 _MASK = ir.VectorType(ir.IntType(32), LANES)
@@ -185,22 +189,19 @@ def _hsum8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
 
 
 @njit(cache=True, fastmath=True)
-def _exp_shifted(x, n, shift, bits):
+def _exp_shifted(x, n, shift):
     """x[:n] = exp(x[:n] - shift) for x <= shift; returns their sum.
 
     numba calls expf once per element, which costs more than the dot products around it;
     `exp_parts` vectorises. Arguments below -87 are clamped: exp(-87) ~ 1.6e-38 is negligible
     next to the max term, which is 1.
     """
-    pow2 = bits.view(np.float32)
     for j in range(n):
-        x[j], k = exp_parts(max(x[j] - shift, np.float32(-87.0)))
-        bits[j] = (k + np.int32(127)) << np.int32(23)
+        m, k = exp_parts(max(x[j] - shift, np.float32(-87.0)))
+        x[j] = m * pow2(k)
     total = np.float32(0.0)
     for j in range(n):
-        e = x[j] * pow2[j]
-        x[j] = e
-        total += e
+        total += x[j]
     return total
 
 
@@ -287,8 +288,23 @@ def _accumulate(acc, vf, base, n, dim, weights):
             acc[g * dim + d] += extra
 
 
+@register_jitable
+def scratch_floats(heads: int, kv_heads: int, dim: int) -> int:
+    """float32 words of one thread's scratch (see `_attend`), a multiple of 16 (64 bytes), so
+    threads' rows share no cache line and each starts 8-byte aligned for its int64 part."""
+    group = heads // kv_heads
+    words = 2 * TILE + 2 * group * dim + group * TILE + 2 * TILE + 2 * group
+    return -(-words // 16) * 16
+
+
+def attention_scratch_shape(heads: int, kv_heads: int, dim: int, threads: int) -> tuple[int, int]:
+    """Shape of the float32 scratch `paged_attention_into` takes for `threads` numba threads:
+    CHUNKS_PER_THREAD rows each, whatever the batch and its contexts."""
+    return CHUNKS_PER_THREAD * threads, scratch_floats(heads, kv_heads, dim)
+
+
 @njit(cache=True, fastmath=True)
-def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos, scale, out):
+def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos, scale, out, fs):
     """Online-softmax attention of token t's GQA group (kv head kvh) over positions first..pos.
 
     kf/vf are the flat caches. Keys are taken TILE at a time: base[j] is the flat offset of
@@ -301,22 +317,31 @@ def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos
     prunes the `is not None` branches at compile time, so the float32 build carries no trace
     of them. A key's scale multiplies its scores, a value's scale its softmax weights (after
     they are summed into `total`, which must not see it).
+
+    fs is the job's float32 scratch row (`scratch_floats` words), carved into base
+    (int64), the scaled queries, acc, the tile's scores and row scales, best and total.
     """
     group = q.shape[1] // kv_heads
     dim = q.shape[2]
     h0 = kvh * group
-    qs = np.empty(group * dim, dtype=np.float32)
-    acc = np.zeros(group * dim, dtype=np.float32)
+    gd = group * dim
+    base = fs[: 2 * TILE].view(np.int64)
+    o = 2 * TILE
+    qs = fs[o : o + gd]
+    acc = fs[o + gd : o + 2 * gd]
+    o += 2 * gd
+    scores = fs[o : o + group * TILE].reshape((group, TILE))
+    o += group * TILE
+    k_row_scale = fs[o : o + TILE]
+    v_row_scale = fs[o + TILE : o + 2 * TILE]
+    o += 2 * TILE
+    best = fs[o : o + group]
+    total = fs[o + group : o + 2 * group]
+    acc[:] = 0
+    total[:] = 0
     for g in range(group):
         for d in range(dim):
             qs[g * dim + d] = q[t, h0 + g, d] * scale
-    scores = np.empty((group, TILE), dtype=np.float32)
-    base = np.empty(TILE, dtype=np.int64)
-    bits = np.empty(TILE, dtype=np.int32)
-    k_row_scale = np.empty(TILE, dtype=np.float32)
-    v_row_scale = np.empty(TILE, dtype=np.float32)
-    best = np.empty(group, dtype=np.float32)
-    total = np.zeros(group, dtype=np.float32)
     b = first // block_size
     row = first - b * block_size
     blk = np.int64(table[b])
@@ -353,7 +378,7 @@ def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos
                 total[g] *= correction
                 for d in range(g * dim, (g + 1) * dim):
                     acc[d] *= correction
-            total[g] += _exp_shifted(scores[g], n, best[g], bits)
+            total[g] += _exp_shifted(scores[g], n, best[g])
         if vsf is not None:
             for g in range(group):
                 for j in range(n):
@@ -380,43 +405,52 @@ def _paged(
     context_lens,
     scale,
     window,
+    out,
+    scratch,
 ):
-    """The batch driver shared by both cache formats: one prange job per (token, kv head)."""
+    """The batch driver shared by both cache formats.
+
+    One job is one (token, kv head); the jobs are cut into up to len(scratch) contiguous
+    chunks, and a chunk's jobs run one after another in its row of scratch. (numba's thread
+    ids would pick a row per thread, but a function that reads them cannot be cached.)
+    """
     tokens, heads, dim = q.shape
-    seq_of = np.empty(tokens, dtype=np.int64)
-    for s in range(context_lens.shape[0]):
-        for t in range(query_start[s], query_start[s + 1]):
-            seq_of[t] = s
-    out = np.empty((tokens, heads, dim), dtype=np.float32)
-    for job in prange(tokens * kv_heads):
-        t = job // kv_heads
-        kvh = job % kv_heads
-        s = seq_of[t]
-        pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t
-        first = np.int64(0)
-        if window > 0 and pos - window + 1 > 0:
-            first = pos - window + 1
-        _attend(
-            q,
-            kf,
-            vf,
-            ksf,
-            vsf,
-            block_tables[s],
-            block_size,
-            kv_heads,
-            t,
-            kvh,
-            first,
-            pos,
-            np.float32(scale),
-            out,
-        )
-    return out
+    if out.shape != q.shape:
+        raise ValueError("out must be shaped like q (T, H, D)")
+    if scratch.shape[0] < 1 or scratch.shape[1] < scratch_floats(heads, kv_heads, dim):
+        raise ValueError("scratch rows are too short for this head layout")
+    jobs = tokens * kv_heads
+    chunks = min(scratch.shape[0], jobs)
+    for c in prange(chunks):
+        for job in range(c * jobs // chunks, (c + 1) * jobs // chunks):
+            t = job // kv_heads
+            kvh = job % kv_heads
+            s = np.searchsorted(query_start, t, side="right") - 1
+            pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t
+            first = np.int64(0)
+            if window > 0 and pos - window + 1 > 0:
+                first = pos - window + 1
+            _attend(
+                q,
+                kf,
+                vf,
+                ksf,
+                vsf,
+                block_tables[s],
+                block_size,
+                kv_heads,
+                t,
+                kvh,
+                first,
+                pos,
+                np.float32(scale),
+                out,
+                scratch[c],
+            )
 
 
 @njit(cache=True)
-def paged_attention(
+def paged_attention_into(
     q: np.ndarray,
     k_cache: np.ndarray,
     v_cache: np.ndarray,
@@ -425,21 +459,24 @@ def paged_attention(
     context_lens: np.ndarray,
     scale: float,
     window: int,
-) -> np.ndarray:
+    out: np.ndarray,
+    scratch: np.ndarray,
+) -> None:
     """Causal softmax attention of a batch's new tokens q (T, H, D) over a paged cache.
 
     Sequence s owns query rows query_start[s] : query_start[s + 1]; context_lens[s] counts its
     cached tokens including the new ones, which are its last positions and already written to
     the C-contiguous k_cache/v_cache (num_blocks, block_size, Hkv, D). Query head h reads kv
     head h // (H // Hkv) (GQA). `window` > 0 limits each query to its last `window` keys
-    (Mistral sliding window); 0 means unlimited. Returns (T, H, D) float32.
+    (Mistral sliding window); 0 means unlimited. Writes out (T, H, D) float32; scratch is
+    float32 of `attention_scratch_shape`, whatever T and the contexts are.
 
     One job is one (token, kv head): its GQA group of query heads is handled together so each
     key and value row is read once per group while it is in L1, and the online softmax keeps
-    the output in a small local array instead of a score buffer as long as the context.
+    the output in a small scratch row instead of a score buffer as long as the context.
     """
     _, block_size, kv_heads, _ = k_cache.shape
-    return _paged(
+    _paged(
         q,
         k_cache.reshape(k_cache.size),
         v_cache.reshape(v_cache.size),
@@ -452,11 +489,13 @@ def paged_attention(
         context_lens,
         scale,
         window,
+        out,
+        scratch,
     )
 
 
 @njit(cache=True)
-def paged_attention_int8(
+def paged_attention_int8_into(
     q: np.ndarray,
     k_cache: np.ndarray,
     v_cache: np.ndarray,
@@ -467,17 +506,19 @@ def paged_attention_int8(
     context_lens: np.ndarray,
     scale: float,
     window: int,
-) -> np.ndarray:
-    """`paged_attention` over an int8 cache written by `write_kv_int8`.
+    out: np.ndarray,
+    scratch: np.ndarray,
+) -> None:
+    """`paged_attention_into` over an int8 cache written by `write_kv_int8`.
 
     k_cache/v_cache are int8 (num_blocks, block_size, Hkv, D) and k_scale/v_scale float32
     (num_blocks, block_size, Hkv), all C-contiguous; row (block, r, h) stands for
     cache[block, r, h] * scale[block, r, h]. Same batch layout, GQA, causal and window rules,
-    and result as `paged_attention`. The cache is a quarter of the float32 bytes, which is what
-    a long-context decode step is bound by.
+    and result as `paged_attention_into`. The cache is a quarter of the float32 bytes, which
+    is what a long-context decode step is bound by.
     """
     _, block_size, kv_heads, _ = k_cache.shape
-    return _paged(
+    _paged(
         q,
         k_cache.reshape(k_cache.size),
         v_cache.reshape(v_cache.size),
@@ -490,7 +531,51 @@ def paged_attention_int8(
         context_lens,
         scale,
         window,
+        out,
+        scratch,
     )
+
+
+def _new_scratch(q: np.ndarray, kv_heads: int) -> np.ndarray:
+    shape = attention_scratch_shape(q.shape[1], kv_heads, q.shape[2], get_num_threads())
+    return np.empty(shape, dtype=np.float32)
+
+
+def paged_attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    block_tables: np.ndarray,
+    query_start: np.ndarray,
+    context_lens: np.ndarray,
+    scale: float,
+    window: int,
+) -> np.ndarray:
+    """`paged_attention_into` into a new (T, H, D) array, with its own scratch."""
+    out = np.empty(q.shape, dtype=np.float32)
+    where = (block_tables, query_start, context_lens, scale, window)
+    paged_attention_into(q, k_cache, v_cache, *where, out, _new_scratch(q, k_cache.shape[2]))
+    return out
+
+
+def paged_attention_int8(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    k_scale: np.ndarray,
+    v_scale: np.ndarray,
+    block_tables: np.ndarray,
+    query_start: np.ndarray,
+    context_lens: np.ndarray,
+    scale: float,
+    window: int,
+) -> np.ndarray:
+    """`paged_attention_int8_into` into a new (T, H, D) array, with its own scratch."""
+    out = np.empty(q.shape, dtype=np.float32)
+    where = (block_tables, query_start, context_lens, scale, window)
+    scratch = _new_scratch(q, k_cache.shape[2])
+    paged_attention_int8_into(q, k_cache, v_cache, k_scale, v_scale, *where, out, scratch)
+    return out
 
 
 @njit(cache=True)

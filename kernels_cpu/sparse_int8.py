@@ -41,7 +41,8 @@ from numba.core import cgutils
 from numba.core.errors import RequireLiteralValue
 from numba.extending import intrinsic, overload
 
-from kernels_cpu.matmul_int8 import INT16_MAX, _store_tile, quantize_rows
+from kernels_cpu.matmul_int8 import INT16_MAX, _store_tile, quantize_rows_into
+from kernels_cpu.simd import stack_tile
 
 KINDS = ("avx2", "ssse3", "portable")
 # Columns a mask row is padded to: one AVX2 step.
@@ -491,24 +492,25 @@ def _dot_impl(kind, rows, tokens, mask, values, a, r, t, row_ptr, sums):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _sparse_matmul(x, mask, values, row_ptr, scale, kind):
+def _sparse_matmul(x, mask, values, row_ptr, scale, kind, out, padded, a_scale):
     """The kernel for one shuffle kind: a literal, so each kind compiles its own loops.
 
-    Rows go in jobs of JOB_ROWS across cores; within a job, TILE_ROWS rows are expanded
-    together for an odd token and PAIR_ROWS rows for each pair of tokens, so several tokens
-    share one expansion.
+    Activations are quantized into padded (T, KP) int16 and a_scale (T,), scratch; the
+    columns past K are zeroed. Rows go in jobs of JOB_ROWS across cores; within a job,
+    TILE_ROWS rows are expanded together for an odd token and PAIR_ROWS rows for each pair of
+    tokens, so several tokens share one expansion.
     """
-    a, a_scale = quantize_rows(x, INT16_MAX)
     tokens, k = x.shape
     n, kp = mask.shape[0], mask.shape[1] * 8
-    padded = np.zeros((tokens, kp), dtype=np.int16)
-    padded[:, :k] = a
-    out = np.empty((tokens, n), dtype=np.float32)
+    if padded.shape[0] != tokens or padded.shape[1] != kp or out.shape != (tokens, n):
+        raise ValueError("padded must be (T, KP) and out (T, N)")
+    quantize_rows_into(x, INT16_MAX, padded, a_scale)
+    padded[:, k:] = 0
     for job in prange((n + JOB_ROWS - 1) // JOB_ROWS):
-        quad = np.empty((TILE_ROWS, 1), dtype=np.int64)
-        pairs = np.empty((PAIR_ROWS, 2), dtype=np.int64)
-        pair = np.empty((1, 2), dtype=np.int64)
-        one = np.empty((1, 1), dtype=np.int64)
+        quad = stack_tile(TILE_ROWS, 1)
+        pairs = stack_tile(PAIR_ROWS, 2)
+        pair = stack_tile(1, 2)
+        one = stack_tile(1, 1)
         r = job * JOB_ROWS
         end = min(r + JOB_ROWS, n)
         while r < end:
@@ -529,24 +531,23 @@ def _sparse_matmul(x, mask, values, row_ptr, scale, kind):
                     _dot(kind, 1, 1, mask, values, padded, r, tokens - 1, row_ptr, one)
                     _store_tile(one, r, tokens - 1, a_scale, scale, out)
                 r += 1
-    return out
 
 
 # One entry point per kind with the kind as a constant: a kind passed from Python would be
 # typed as a plain string, and numba's literal dispatch (`literally`) costs 0.2 s a call.
 @njit(cache=True)
-def _matmul_avx2(x, mask, values, row_ptr, scale):
-    return _sparse_matmul(x, mask, values, row_ptr, scale, "avx2")
+def _matmul_avx2(x, mask, values, row_ptr, scale, out, padded, a_scale):
+    _sparse_matmul(x, mask, values, row_ptr, scale, "avx2", out, padded, a_scale)
 
 
 @njit(cache=True)
-def _matmul_ssse3(x, mask, values, row_ptr, scale):
-    return _sparse_matmul(x, mask, values, row_ptr, scale, "ssse3")
+def _matmul_ssse3(x, mask, values, row_ptr, scale, out, padded, a_scale):
+    _sparse_matmul(x, mask, values, row_ptr, scale, "ssse3", out, padded, a_scale)
 
 
 @njit(cache=True)
-def _matmul_portable(x, mask, values, row_ptr, scale):
-    return _sparse_matmul(x, mask, values, row_ptr, scale, "portable")
+def _matmul_portable(x, mask, values, row_ptr, scale, out, padded, a_scale):
+    _sparse_matmul(x, mask, values, row_ptr, scale, "portable", out, padded, a_scale)
 
 
 _MATMULS = {"avx2": _matmul_avx2, "ssse3": _matmul_ssse3, "portable": _matmul_portable}
@@ -560,14 +561,28 @@ def sparse_matmul_w8(
     scale: np.ndarray,
     k: int,
     kind: str = KIND,
+    *,
+    out: np.ndarray | None = None,
+    act: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """x (T, k) float32 @ (W * scale[:, None]).T -> (T, N) float32 for a packed int8 W.
 
     Bit-identical to `gemv_w8(x, W, scale)`. `kind` picks the path (default: the host's; a
-    kind the CPU lacks would crash it).
+    kind the CPU lacks would crash it). The result goes into `out` (T, N) if given; `act`,
+    scratch for the quantized activations, is (int16 (T, KP), float32 (T,)) with KP =
+    padded_columns(k), allocated here if not given.
     """
     if x.ndim != 2 or x.shape[1] != k or mask.shape[1] * 8 != padded_columns(k):
         raise ValueError(f"x {x.shape} and mask {mask.shape} do not fit {k} columns")
     if scale.shape != (mask.shape[0],) or row_ptr.shape != (mask.shape[0] + 1,):
         raise ValueError("scale and row_ptr must have one entry per row (row_ptr one more)")
-    return _MATMULS[kind](x, mask, values, row_ptr, scale)
+    tokens = x.shape[0]
+    if out is None:
+        out = np.empty((tokens, mask.shape[0]), dtype=np.float32)
+    if act is None:
+        act = (
+            np.empty((tokens, padded_columns(k)), dtype=np.int16),
+            np.empty(tokens, dtype=np.float32),
+        )
+    _MATMULS[kind](x, mask, values, row_ptr, scale, out, *act)
+    return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid
+from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid, result
 
 
 @cuda.jit(cache=True)
@@ -53,17 +53,17 @@ def add_inplace(x, y, stream=0):
     return x
 
 
-def split_qkv(qkv, heads: int, kv_heads: int, head_dim: int, stream=0):
-    """Fused (T, (H + 2 Hkv) D) projections -> new contiguous q (T, H, D), k and v (T, Hkv, D)."""
+def split_qkv(qkv, heads: int, kv_heads: int, head_dim: int, out=None, stream=0):
+    """Fused (T, (H + 2 Hkv) D) projections -> contiguous q (T, H, D), k and v (T, Hkv, D),
+    copied into `out` = (q, k, v) when given, else into new arrays."""
     tokens = qkv.shape[0]
-    q = cuda.device_array((tokens, heads * head_dim), dtype=np.float32, stream=stream)
-    k = cuda.device_array((tokens, kv_heads * head_dim), dtype=np.float32, stream=stream)
-    v = cuda.device_array((tokens, kv_heads * head_dim), dtype=np.float32, stream=stream)
+    q_out, k_out, v_out = (None, None, None) if out is None else out
+    q = result(q_out, (tokens, heads, head_dim), np.float32, stream)
+    k = result(k_out, (tokens, kv_heads, head_dim), np.float32, stream)
+    v = result(v_out, (tokens, kv_heads, head_dim), np.float32, stream)
     n = tokens * qkv.shape[1]
     if n:
-        _split[elementwise_grid(n), ELEMENTWISE_THREADS, stream](qkv, q, k, v)
-    return (
-        q.reshape(tokens, heads, head_dim),
-        k.reshape(tokens, kv_heads, head_dim),
-        v.reshape(tokens, kv_heads, head_dim),
-    )
+        q_rows = q.reshape(tokens, heads * head_dim)
+        k_rows, v_rows = (a.reshape(tokens, kv_heads * head_dim) for a in (k, v))
+        _split[elementwise_grid(n), ELEMENTWISE_THREADS, stream](qkv, q_rows, k_rows, v_rows)
+    return q, k, v

@@ -82,23 +82,26 @@ def matmul_w8(x, w, scale, out=None, stream=0):
     return float_matmul(x, w, scale, out, stream)
 
 
-def quantize_rows(x, qmax: int, stream=0):
+def quantize_rows(x, qmax: int, out=None, stream=0):
     """Per-row symmetric quantisation of x (T, K) float32 to int16 in [-qmax, qmax].
 
-    Returns device arrays (values (T, K) int16, scales (T,) float32), like the CPU twin.
+    Returns device arrays (values (T, K) int16, scales (T,) float32), like the CPU twin:
+    `out` = (values, scales) when given, else new ones.
     """
     tokens, k = x.shape
-    a = cuda.device_array((tokens, k), dtype=np.int16, stream=stream)
-    a_scale = cuda.device_array(tokens, dtype=np.float32, stream=stream)
+    a_out, scale_out = (None, None) if out is None else out
+    a = result(a_out, (tokens, k), np.int16, stream)
+    a_scale = result(scale_out, (tokens,), np.float32, stream)
     if tokens:
         _quantize_rows[tokens, ROW_THREADS, stream](x, qmax, a, a_scale)
     return a, a_scale
 
 
-def gemm_w8(x, w, scale, act_max: int, out=None, stream=0):
+def gemm_w8(x, w, scale, act_max: int, out=None, stream=0, act=None):
     """x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T with x quantised per token.
 
-    act_max 127 is W8A8, 32767 matches the CPU's default int16 activations.
+    act_max 127 is W8A8, 32767 matches the CPU's default int16 activations. `act`: scratch
+    (int16 (T, K), float32 (T,)) for the quantised activations, else allocated per call.
     """
     tokens, k = x.shape
     n = w.shape[0]
@@ -107,7 +110,7 @@ def gemm_w8(x, w, scale, act_max: int, out=None, stream=0):
     out = result(out, (tokens, n), np.float32, stream)
     if tokens == 0 or n == 0:
         return out
-    a, a_scale = quantize_rows(x, act_max, stream)
+    a, a_scale = quantize_rows(x, act_max, act, stream)
     grid = (-(-n // TILE), -(-tokens // TILE))
     _gemm_int[grid, (TILE, TILE), stream](a, a_scale, w, scale, out)
     return out

@@ -272,8 +272,26 @@ def attention_splits(tokens: int, kv_heads: int, max_context: int, sm_count: int
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
+def partials_shapes(splits: int, tokens: int, heads: int, dim: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the float32 (acc, max, sum) partials a split attention writes and merges."""
+    return (splits, tokens, heads, dim), (splits, tokens, heads), (splits, tokens, heads)
+
+
 def _launch(
-    q, k_cache, v_cache, k_scale, v_scale, tables, starts, lens, scale, window, splits, out, stream
+    q,
+    k_cache,
+    v_cache,
+    k_scale,
+    v_scale,
+    tables,
+    starts,
+    lens,
+    scale,
+    window,
+    splits,
+    out,
+    parts,
+    stream,
 ):
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, cache_dim = k_cache.shape
@@ -289,10 +307,10 @@ def _launch(
     group = heads // kv_heads
     chunk = min(group, MAX_GROUP, HEAD_SLOTS // dim)
     rows = num_blocks * block_size * kv_heads
-    parts = (splits if splits > 1 else 0, tokens, heads)
-    part_acc = cuda.device_array((*parts, dim), dtype=np.float32, stream=stream)
-    part_max = cuda.device_array(parts, dtype=np.float32, stream=stream)
-    part_sum = cuda.device_array(parts, dtype=np.float32, stream=stream)
+    if splits == 1 or parts is None:  # unread with one split: empty, so nothing is allocated
+        shapes = partials_shapes(splits if splits > 1 else 0, tokens, heads, dim)
+        parts = [cuda.device_array(shape, dtype=np.float32, stream=stream) for shape in shapes]
+    part_acc, part_max, part_sum = parts
     grid = (tokens, kv_heads * -(-group // chunk), splits)
     _attend[grid, TILE, stream](
         q,
@@ -330,12 +348,14 @@ def paged_attention(
     splits: int = 1,
     out=None,
     stream=0,
+    parts=None,
 ):
     """Causal softmax attention of q (T, H, D) over a float32 paged cache -> (T, H, D) float32.
 
     The arguments of kernels_cpu.paged_attention.paged_attention, as device arrays (q, caches
     float32; block_tables (B, max_blocks), query_start (B + 1,), context_lens (B,) integers),
     plus `splits` (see `attention_splits`). window > 0 keeps each query's last `window` keys.
+    `parts`: scratch for the splits' partials (`partials_shapes`), else allocated per call.
     """
     return _launch(
         q,
@@ -350,6 +370,7 @@ def paged_attention(
         window,
         splits,
         out,
+        parts,
         stream,
     )
 
@@ -368,6 +389,7 @@ def paged_attention_int8(
     splits: int = 1,
     out=None,
     stream=0,
+    parts=None,
 ):
     """`paged_attention` over an int8 cache and its (num_blocks, block_size, Hkv) row scales,
     as written by `write_kv_int8`."""
@@ -385,5 +407,6 @@ def paged_attention_int8(
         window,
         splits,
         out,
+        parts,
         stream,
     )

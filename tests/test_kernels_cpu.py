@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels_cpu
-from kernels_cpu.gemv_f32 import matmul_f32
+from kernels_cpu.gemv_f32 import matmul_f32, matmul_f32_into
 
 SIZES = st.sampled_from([1, 2, 3, 17, 64, 130])
 
@@ -185,3 +185,45 @@ def test_int8_embedding_lookup(n, k, seed):
     ids = rng.integers(0, n, size=9)
     full = w.astype(np.float32) * scale[:, None]
     np.testing.assert_allclose(embed_rows_w8(w, scale, ids), full[ids], rtol=1e-6)
+
+
+def test_into_kernels_refuse_buffers_of_the_wrong_shape():
+    """They index without bounds checks, so a short `out` or scratch must be an error."""
+    from kernels_cpu.matmul_int8 import gemm_w8_into, gemv_w8_into
+
+    rng = np.random.default_rng(0)
+    x, w = rand(rng, 3, 40), rand(rng, 9, 40)
+    w8, scale = int8_matrix(rng, 9, 40)
+    a, a_scale, short = np.empty((3, 40), np.int16), np.empty(3, np.float32), np.empty((3, 8), "f4")
+    with pytest.raises(ValueError, match="out"):
+        gemv_w8_into(x, w8, scale, short, a, a_scale)
+    with pytest.raises(ValueError, match="a must be"):
+        gemm_w8_into(x, w8, scale, 127, np.empty((3, 9), "f4"), a[:, :20].copy(), a_scale)
+    with pytest.raises(ValueError):
+        matmul_f32_into(x, w, short)
+    with pytest.raises(ValueError):
+        kernels_cpu.rmsnorm_into(x, w[0], 1e-5, short)
+    with pytest.raises(ValueError):
+        kernels_cpu.silu_mul_into(x, short)
+
+
+def test_row_gathers_check_the_indices():
+    from kernels_cpu.matmul_int8 import embed_rows_w8
+
+    rng = np.random.default_rng(0)
+    table = rand(rng, 5, 3)
+    out = np.empty((2, 3), np.float32)
+    kernels_cpu.take_rows_into(table, np.array([4, 0]), out)
+    np.testing.assert_array_equal(out, table[[4, 0]])
+    with pytest.raises(IndexError):
+        kernels_cpu.take_rows_into(table, np.array([5, 0]), out)
+    with pytest.raises(IndexError):
+        embed_rows_w8(*int8_matrix(rng, 5, 3), np.array([0, -1]))
+
+
+def test_add_bias_inplace():
+    rng = np.random.default_rng(0)
+    x, bias = rand(rng, 4, 7), rand(rng, 7)
+    want = x + bias
+    kernels_cpu.add_bias_inplace(x, bias)
+    np.testing.assert_array_equal(x, want)

@@ -384,3 +384,43 @@ def test_attention_splits_bounds(tokens, kv_heads, max_context, sm_count):
     assert 1 <= splits <= gpu_attention.MAX_SPLITS
     keys_per_split = gpu_attention.TILE * gpu_attention.MIN_SPLIT_TILES
     assert splits == 1 or (splits - 1) * keys_per_split < max_context
+
+
+def test_wrappers_fill_the_buffers_given():
+    """`out` and scratch buffers (quantised activations, split partials) get the bits the
+    allocating calls return."""
+    rng = np.random.default_rng(1)
+    tokens, heads, kv_heads, dim = 2, 4, 2, 8
+
+    def empty(shape, dtype=np.float32):
+        return cuda.device_array(shape, dtype=dtype)
+
+    qkv = on_device(rand(rng, tokens, (heads + 2 * kv_heads) * dim))[0]
+    shapes = [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)]
+    buffers = [empty(shape) for shape in shapes]
+    got = elementwise.split_qkv(qkv, heads, kv_heads, dim, out=buffers)
+    want = elementwise.split_qkv(qkv, heads, kv_heads, dim)
+    for a, buffer, ref in zip(got, buffers, want, strict=True):
+        assert a is buffer
+        np.testing.assert_array_equal(a.copy_to_host(), ref.copy_to_host())
+
+    x = rand(rng, tokens, 40)
+    w, scale = int8_matrix(rng, 5, 40)
+    act = (empty((tokens, 40), np.int16), empty(tokens))
+    out = empty((tokens, 5))
+    assert matmul_int8.gemm_w8(*on_device(x, w, scale), 32767, out, 0, act) is out
+    np.testing.assert_array_equal(out.copy_to_host(), cpu_int8.gemm_w8(x, w, scale, 32767))
+    ref_a, ref_scale = cpu_int8.quantize_rows(x, 32767)
+    np.testing.assert_array_equal(act[0].copy_to_host(), ref_a)
+    np.testing.assert_array_equal(act[1].copy_to_host(), ref_scale)
+
+    q, k_cache, v_cache, tables, starts, lens = paged_batch(
+        rng, [70], [1], 4, heads, kv_heads, dim, 0
+    )
+    args = (*on_device(q, k_cache, v_cache, tables, starts, lens), 0.3, 0, 2)
+    parts = [empty(shape) for shape in gpu_attention.partials_shapes(2, 1, heads, dim)]
+    out = empty((1, heads, dim))
+    assert gpu_attention.paged_attention(*args, out=out, parts=parts) is out
+    np.testing.assert_array_equal(
+        out.copy_to_host(), gpu_attention.paged_attention(*args).copy_to_host()
+    )

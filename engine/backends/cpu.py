@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 import statistics
 import time
+from collections.abc import Collection
 
+import numba
 import numpy as np
 import psutil
 from threadpoolctl import ThreadpoolController
@@ -22,15 +25,22 @@ from engine.weights import (
     Weight,
 )
 from kernels_cpu.colskip_int8 import colskip_matmul_w8
-from kernels_cpu.gemv_f32 import matmul_f32
-from kernels_cpu.matmul_int8 import INT16_MAX, embed_rows_w8, gemm_w8, gemv_w8
+from kernels_cpu.gemv_f32 import matmul_f32_into
+from kernels_cpu.matmul_int8 import (
+    INT16_MAX,
+    embed_rows_w8_into,
+    gemm_w8_into,
+    gemv_w8,
+    gemv_w8_into,
+)
 from kernels_cpu.paged_attention import (
-    paged_attention,
-    paged_attention_int8,
+    attention_scratch_shape,
+    paged_attention_int8_into,
+    paged_attention_into,
     write_kv,
     write_kv_int8,
 )
-from kernels_cpu.sparse_int8 import sparse_matmul_w8, unpack_bitmask
+from kernels_cpu.sparse_int8 import padded_columns, sparse_matmul_w8, unpack_bitmask
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
 SMALL_BATCH = 4
@@ -41,61 +51,132 @@ INT8_GEMV_TOKENS = 2
 _BLAS = ThreadpoolController()
 
 
+class Scratch:
+    """Kernel working memory reused across calls: quantized activations, attention rows,
+    activation-sparsity partials.
+
+    Each name owns one flat buffer of one dtype that only grows; `take` hands out a
+    C-contiguous view of its front in the requested shape. A kernel's scratch is dead once the call returns, so
+    one buffer serves every layer and weight, and after the first pass at the largest batch
+    nothing is allocated again. Built views are kept per (name, shape): making one costs
+    about as much as dispatching a small kernel. Not for concurrent callers (one engine loop
+    drives a backend).
+    """
+
+    MAX_VIEWS = 512  # chunked prefills of many sizes: drop the kept views now and then
+
+    def __init__(self, empty=np.empty) -> None:
+        self._empty = empty  # (size, dtype) -> a flat array where the kernels run
+        self._flat: dict[str, np.ndarray] = {}
+        self._views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        view = self._views.get((name, shape))
+        if view is None:
+            size = math.prod(shape)
+            flat = self._flat.get(name)
+            if flat is None or flat.size < size or flat.dtype != dtype:
+                flat = self._flat[name] = self._empty(size, dtype)
+                self._views = {key: v for key, v in self._views.items() if key[0] != name}
+            if len(self._views) >= self.MAX_VIEWS:
+                self._views.clear()
+            view = self._views[(name, shape)] = flat[:size].reshape(shape)
+        return view
+
+
 class CPUBackend:
     """Runs the model on the CPU.
 
     numba's thread pool owns the cores. OpenBLAS threads that linger spinning after a GEMM
     steal them from the next numba kernel (measured: decode fell from ~35 to ~5 tok/s), so
     the model's BLAS calls run single-threaded; the user's own numpy keeps its threads.
+
+    Every op writes into `out` when given one (the runner's workspace) and takes its
+    kernels' working arrays from `self.scratch`, so with `out` a call allocates no array.
     """
 
     name = "cpu"
+    separate_memory = False
 
-    def embed(self, table: Weight, token_ids: np.ndarray) -> np.ndarray:
+    def __init__(self) -> None:
+        self.scratch = Scratch()
+
+    def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+        """An uninitialised activation buffer (the runner's workspace)."""
+        return np.empty(shape, dtype=np.dtype(dtype))
+
+    def embed(
+        self, table: Weight, token_ids: np.ndarray, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(token_ids), table.data.shape[1]), dtype=np.float32)
         if isinstance(table, Int8Weight):
-            return embed_rows_w8(table.data, table.scale, token_ids)
-        return np.ascontiguousarray(table.data[token_ids], dtype=np.float32)
-
-    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-        return kernels_cpu.rmsnorm(x, weight, eps)
-
-    def linear(self, x: np.ndarray, weight: Weight) -> np.ndarray:
-        if isinstance(weight, DenseWeight):
-            out = self._linear_f32(x, weight)
-        elif isinstance(weight, Int8Weight):
-            out = self._linear_int8(x, weight)
-        elif isinstance(weight, SparseInt8Weight):
-            w = weight
-            out = sparse_matmul_w8(x, w.mask, w.values, w.row_ptr, w.scale, w.in_features)
-        elif isinstance(weight, ColskipInt8Weight):
-            out = colskip_matmul_w8(x, weight.data_t, weight.scale, weight.threshold)
+            embed_rows_w8_into(table.data, table.scale, token_ids, out)
         else:
-            raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
-        if weight.bias is not None:
-            out += weight.bias
+            kernels_cpu.take_rows_into(table.data, token_ids, out)
         return out
 
-    def _linear_f32(self, x: np.ndarray, weight: DenseWeight) -> np.ndarray:
+    def rmsnorm(
+        self, x: np.ndarray, weight: np.ndarray, eps: float, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        if out is None:
+            out = np.empty_like(x)
+        kernels_cpu.rmsnorm_into(x, weight, eps, out)
+        return out
+
+    def linear(self, x: np.ndarray, weight: Weight, *, out: np.ndarray | None = None) -> np.ndarray:
+        if not isinstance(weight, DenseWeight | Int8Weight | SparseInt8Weight | ColskipInt8Weight):
+            raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
+        if out is None:
+            out = np.empty((x.shape[0], weight.out_features), dtype=np.float32)
+        if isinstance(weight, DenseWeight):
+            self._linear_f32(x, weight, out)
+        elif isinstance(weight, Int8Weight):
+            self._linear_int8(x, weight, out)
+        elif isinstance(weight, SparseInt8Weight):
+            w = weight
+            act = self._activations(x.shape[0], padded_columns(w.in_features))
+            sparse_matmul_w8(
+                x, w.mask, w.values, w.row_ptr, w.scale, w.in_features, out=out, act=act
+            )
+        else:
+            w = weight
+            colskip_matmul_w8(x, w.data_t, w.scale, w.threshold, out=out, scratch=self.scratch.take)
+        if weight.bias is not None:
+            kernels_cpu.add_bias_inplace(out, weight.bias)
+        return out
+
+    def _linear_f32(self, x: np.ndarray, weight: DenseWeight, out: np.ndarray) -> None:
         if x.shape[0] <= SMALL_BATCH:
-            return matmul_f32(x, weight.data)
+            matmul_f32_into(x, weight.data, out)
+            return
         with _BLAS.limit(limits=1, user_api="blas"):
-            return x @ weight.data.T
+            np.matmul(x, weight.data.T, out=out)
 
-    def _linear_int8(self, x: np.ndarray, weight: Int8Weight) -> np.ndarray:
+    def _linear_int8(self, x: np.ndarray, weight: Int8Weight, out: np.ndarray) -> None:
         """Decode streams the int8 bytes; prefill is compute-bound. Both use int16 activations."""
+        a, a_scale = self._activations(*x.shape)
         if x.shape[0] <= INT8_GEMV_TOKENS:
-            return gemv_w8(x, weight.data, weight.scale)
-        return gemm_w8(x, weight.data, weight.scale, INT16_MAX)
+            gemv_w8_into(x, weight.data, weight.scale, out, a, a_scale)
+        else:
+            gemm_w8_into(x, weight.data, weight.scale, INT16_MAX, out, a, a_scale)
 
-    def prepare_weights(self, weights: ModelWeights) -> None:
+    def _activations(self, tokens: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scratch for int16-quantized activations (T, width) and their scales (T,)."""
+        take = self.scratch.take
+        return take("act", (tokens, width), np.int16), take("act_scale", (tokens,), np.float32)
+
+    def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Pick dense or sparse per sparse linear by timing both on one token, as decode runs.
 
         A bitmask only pays when the kernel can expand it faster than memory delivers the
         dense bytes, which depends on the sparsity, the shape and the CPU. Linears of the same
         shape and sparsity (to 5%) share one measurement; losers are unpacked to dense int8.
+        `layers`: the decoder layers to prepare (default: all).
         """
         choices: dict[str, str] = {}
-        for layer in weights.layers:
+        chosen = range(len(weights.layers)) if layers is None else layers
+        for layer in (weights.layers[i] for i in chosen):
             for name in LAYER_LINEARS:
                 weight = getattr(layer, name)
                 if not isinstance(weight, SparseInt8Weight):
@@ -108,15 +189,31 @@ class CPUBackend:
                     setattr(layer, name, _unpacked(weight))
 
     def split_qkv(
-        self, qkv: np.ndarray, heads: int, kv_heads: int, head_dim: int
+        self,
+        qkv: np.ndarray,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        out: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Fused (T, (H + 2*Hkv) * D) projections -> contiguous q (T,H,D), k and v (T,Hkv,D)."""
+        """Fused (T, (H + 2*Hkv) * D) projections -> q (T, H, D), k and v (T, Hkv, D).
+
+        q and k are copied (into `out` = (q, k) when given): rope rotates them in place, and
+        rope and attention then read contiguous rows. v is only copied into the cache, so it
+        stays a view of qkv.
+        """
         tokens = qkv.shape[0]
         q_end = heads * head_dim
         k_end = q_end + kv_heads * head_dim
-        q = np.ascontiguousarray(qkv[:, :q_end]).reshape(tokens, heads, head_dim)
-        k = np.ascontiguousarray(qkv[:, q_end:k_end]).reshape(tokens, kv_heads, head_dim)
+        q_view = qkv[:, :q_end].reshape(tokens, heads, head_dim)
+        k_view = qkv[:, q_end:k_end].reshape(tokens, kv_heads, head_dim)
         v = qkv[:, k_end:].reshape(tokens, kv_heads, head_dim)
+        if out is None:
+            return np.ascontiguousarray(q_view), np.ascontiguousarray(k_view), v
+        q, k = out
+        np.copyto(q, q_view)
+        np.copyto(k, k_view)
         return q, k, v
 
     def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
@@ -131,30 +228,48 @@ class CPUBackend:
         batch: ForwardBatch,
         scale: float,
         window: int,
+        *,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Write this pass's k, v (T, Hkv, D) into the paged cache, then attend q (T, H, D)
-        of every sequence in the batch over its own blocks."""
+        of every sequence in the batch over its own blocks; -> (T, H * D)."""
+        tokens, heads, dim = q.shape
+        if out is None:
+            out = np.empty((tokens, heads * dim), dtype=np.float32)
+        elif not out.flags.c_contiguous:  # the (T, H, D) view below would be a copy
+            raise ValueError("attention's out must be C-contiguous")
+        shape = attention_scratch_shape(heads, k.shape[1], dim, numba.config.NUMBA_NUM_THREADS)
+        scratch = self.scratch.take("attention", shape, np.float32)
         cache = batch.cache
         where = (batch.block_tables, batch.query_start, batch.context_lens, scale, window)
+        out3 = out.reshape(tokens, heads, dim)
         kc, vc = cache.k[layer], cache.v[layer]
         if cache.k_scale is None:
             write_kv(kc, vc, k, v, batch.slots)
-            out = paged_attention(q, kc, vc, *where)
+            paged_attention_into(q, kc, vc, *where, out3, scratch)
         else:
             ks, vs = cache.k_scale[layer], cache.v_scale[layer]
             write_kv_int8(kc, vc, ks, vs, k, v, batch.slots)
-            out = paged_attention_int8(q, kc, vc, ks, vs, *where)
-        return out.reshape(q.shape[0], -1)
+            paged_attention_int8_into(q, kc, vc, ks, vs, *where, out3, scratch)
+        return out
 
-    def silu_mul(self, gate_up: np.ndarray) -> np.ndarray:
-        return kernels_cpu.silu_mul(gate_up)
+    def silu_mul(self, gate_up: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
+        kernels_cpu.silu_mul_into(gate_up, out)
+        return out
 
     def add_(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         x += y
         return x
 
-    def take_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x[rows])
+    def take_rows(
+        self, x: np.ndarray, rows: np.ndarray, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(rows), x.shape[1]), dtype=np.float32)
+        kernels_cpu.take_rows_into(x, rows, out)
+        return out
 
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return x

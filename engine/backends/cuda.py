@@ -19,6 +19,7 @@ import psutil
 from numba import cuda
 
 import kernels_gpu
+from engine.backends.cpu import Scratch
 from engine.errors import LaminaError
 from engine.kv_cache import ForwardBatch
 from engine.weights import (
@@ -37,6 +38,7 @@ from kernels_gpu.paged_attention import (
     attention_splits,
     paged_attention,
     paged_attention_int8,
+    partials_shapes,
     write_kv,
     write_kv_int8,
 )
@@ -83,6 +85,8 @@ class CUDABackend:
     """
 
     name = "cuda"
+    # Computes in device memory: weights are placed there under the GPU budget.
+    separate_memory = True
 
     def __init__(self) -> None:
         if not kernels_gpu.available():
@@ -96,8 +100,10 @@ class CUDABackend:
         self._constants = _Uploads(self.stream)  # host arrays the model keeps (rope freqs)
         self._pass = _Uploads(self.stream)  # this forward pass's batch arrays
         # Bytes of the long-lived device arrays allocated so far (weights, KV cache,
-        # streaming buffers), which the placement plan budgets; never decreases.
+        # streaming buffers, activation workspace and kernel scratch); never decreases.
         self.allocated_bytes = 0
+        # Kernels' working arrays (quantised activations, attention partials, v), reused.
+        self.scratch = Scratch(self._scratch_empty)
 
     def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Move the non-layer weights and decoder `layers` (default: all) to the GPU once,
@@ -153,21 +159,38 @@ class CUDABackend:
         at full bandwidth (pageable memory is staged through a driver buffer first)."""
         return cuda.pinned_array(nbytes, dtype=np.uint8)
 
-    def embed(self, table: Weight, token_ids: np.ndarray) -> DeviceArray:
+    def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> DeviceArray:
+        """An uninitialised activation buffer on the device (the runner's workspace)."""
+        array = cuda.device_array(shape, dtype=np.dtype(dtype), stream=self.stream)
+        self.allocated_bytes += array.nbytes
+        return array
+
+    def _scratch_empty(self, size: int, dtype: type) -> DeviceArray:
+        array = cuda.device_array(size, dtype=dtype, stream=self.stream)
+        self.allocated_bytes += array.nbytes
+        return array
+
+    def embed(
+        self, table: Weight, token_ids: np.ndarray, *, out: DeviceArray | None = None
+    ) -> DeviceArray:
         """Rows of the embedding table. model.forward calls this first in every pass, so it
         also drops the previous pass's uploaded batch arrays."""
         self._pass.clear()
         ids = self._pass.get(token_ids)
         if isinstance(table, Int8Weight):
-            return embedding.embed_rows_w8(table.data, table.scale, ids, stream=self.stream)
+            return embedding.embed_rows_w8(table.data, table.scale, ids, out, self.stream)
         if isinstance(table, DenseWeight):
-            return embedding.gather_rows(table.data, ids, stream=self.stream)
+            return embedding.gather_rows(table.data, ids, out, self.stream)
         raise TypeError(f"CUDABackend cannot embed with {type(table).__name__}")
 
-    def rmsnorm(self, x: DeviceArray, weight: DeviceArray, eps: float) -> DeviceArray:
-        return norms.rmsnorm(x, weight, eps, stream=self.stream)
+    def rmsnorm(
+        self, x: DeviceArray, weight: DeviceArray, eps: float, *, out: DeviceArray | None = None
+    ) -> DeviceArray:
+        return norms.rmsnorm(x, weight, eps, out, self.stream)
 
-    def linear(self, x: DeviceArray, weight: Weight) -> DeviceArray:
+    def linear(
+        self, x: DeviceArray, weight: Weight, *, out: DeviceArray | None = None
+    ) -> DeviceArray:
         if not isinstance(weight, DenseWeight | Int8Weight):
             raise TypeError(f"CUDABackend has no kernel for {type(weight).__name__}")
         if isinstance(weight.data, np.ndarray):
@@ -176,18 +199,37 @@ class CUDABackend:
                 "through prepare_weights, or a device layer stream's buffers"
             )
         if isinstance(weight, Int8Weight):
-            out = gemm_w8(x, weight.data, weight.scale, INT16_MAX, stream=self.stream)
+            tokens, k = x.shape
+            act = (
+                self.scratch.take("act", (tokens, k), np.int16),
+                self.scratch.take("act_scale", (tokens,), np.float32),
+            )
+            out = gemm_w8(x, weight.data, weight.scale, INT16_MAX, out, self.stream, act)
         else:
-            out = matmul_f32(x, weight.data, stream=self.stream)
+            out = matmul_f32(x, weight.data, out, self.stream)
         if weight.bias is not None:
             elementwise.add_inplace(out, weight.bias, stream=self.stream)
         return out
 
     def split_qkv(
-        self, qkv: DeviceArray, heads: int, kv_heads: int, head_dim: int
+        self,
+        qkv: DeviceArray,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        out: tuple[DeviceArray, DeviceArray] | None = None,
     ) -> tuple[DeviceArray, DeviceArray, DeviceArray]:
-        """Fused (T, (H + 2*Hkv) * D) projections -> contiguous q (T,H,D), k and v (T,Hkv,D)."""
-        return elementwise.split_qkv(qkv, heads, kv_heads, head_dim, stream=self.stream)
+        """Fused (T, (H + 2*Hkv) * D) projections -> contiguous q (T,H,D), k and v (T,Hkv,D).
+
+        q and k go into `out` = (q, k) when given; v then goes to scratch, since a strided
+        view of qkv cannot be reshaped on the device and v is dead once in the cache.
+        """
+        buffers = None
+        if out is not None:
+            v = self.scratch.take("v", (qkv.shape[0], kv_heads, head_dim), np.float32)
+            buffers = (*out, v)
+        return elementwise.split_qkv(qkv, heads, kv_heads, head_dim, buffers, self.stream)
 
     def rope(self, x: DeviceArray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
         rope.rope_inplace(
@@ -203,34 +245,46 @@ class CUDABackend:
         batch: ForwardBatch,
         scale: float,
         window: int,
+        *,
+        out: DeviceArray | None = None,
     ) -> DeviceArray:
         """Write this pass's k, v (T, Hkv, D) into the paged cache, then attend q (T, H, D)
-        of every sequence in the batch over its own blocks."""
+        of every sequence in the batch over its own blocks; -> (T, H * D)."""
         cache, up, s = batch.cache, self._pass.get, self.stream
+        tokens, heads, dim = q.shape
         slots = up(batch.slots)
         where = (up(batch.block_tables), up(batch.query_start), up(batch.context_lens))
-        splits = 1
+        splits, parts = 1, None
         if self._sm_count is not None:
             longest = int(batch.context_lens.max())
-            splits = attention_splits(q.shape[0], k.shape[1], longest, self._sm_count)
+            splits = attention_splits(tokens, k.shape[1], longest, self._sm_count)
+        if splits > 1:
+            shapes = partials_shapes(splits, tokens, heads, dim)
+            names = ("part_acc", "part_max", "part_sum")
+            parts = [self.scratch.take(n, sh, np.float32) for n, sh in zip(names, shapes)]
+        out3 = None if out is None else out.reshape(tokens, heads, dim)
         kc, vc = cache.k[layer], cache.v[layer]
         if cache.k_scale is None:
             write_kv(kc, vc, k, v, slots, stream=s)
-            out = paged_attention(q, kc, vc, *where, scale, window, splits, stream=s)
+            out3 = paged_attention(q, kc, vc, *where, scale, window, splits, out3, s, parts)
         else:
             ks, vs = cache.k_scale[layer], cache.v_scale[layer]
             write_kv_int8(kc, vc, ks, vs, k, v, slots, stream=s)
-            out = paged_attention_int8(q, kc, vc, ks, vs, *where, scale, window, splits, stream=s)
-        return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
+            out3 = paged_attention_int8(
+                q, kc, vc, ks, vs, *where, scale, window, splits, out3, s, parts
+            )
+        return out3.reshape(tokens, heads * dim) if out is None else out
 
-    def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
-        return activations.silu_mul(gate_up, stream=self.stream)
+    def silu_mul(self, gate_up: DeviceArray, *, out: DeviceArray | None = None) -> DeviceArray:
+        return activations.silu_mul(gate_up, out, self.stream)
 
     def add_(self, x: DeviceArray, y: DeviceArray) -> DeviceArray:
         return elementwise.add_inplace(x, y, stream=self.stream)
 
-    def take_rows(self, x: DeviceArray, rows: np.ndarray) -> DeviceArray:
-        return embedding.gather_rows(x, self._pass.get(rows), stream=self.stream)
+    def take_rows(
+        self, x: DeviceArray, rows: np.ndarray, *, out: DeviceArray | None = None
+    ) -> DeviceArray:
+        return embedding.gather_rows(x, self._pass.get(rows), out, self.stream)
 
     def to_numpy(self, x: DeviceArray) -> np.ndarray:
         """Copy a device array to the host, waiting for the work queued before it."""

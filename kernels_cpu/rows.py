@@ -1,0 +1,35 @@
+"""Row-wise helpers of the forward pass: gathers (embedding lookups in a float table, the rows
+whose logits are wanted) and adding a bias to every row."""
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def take_rows_into(x: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out (R, K) = x[rows] as float32, for x (N, K) of any real dtype and rows (R,) ints.
+
+    np.take(..., out=) would buffer through a temporary whenever it checks the indices
+    (mode="raise"); this loop checks them and writes `out` directly.
+    """
+    n, k = x.shape
+    if out.shape[0] != rows.shape[0] or out.shape[1] != k:
+        raise ValueError("out must be (len(rows), K)")
+    for t in range(rows.shape[0]):
+        r = rows[t]
+        if r < 0 or r >= n:
+            raise IndexError("row index out of range")
+        for i in range(k):
+            out[t, i] = x[r, i]
+
+
+@njit(cache=True)
+def add_bias_inplace(x: np.ndarray, bias: np.ndarray) -> None:
+    """x (T, N) += bias (N,) on every row. numpy's broadcasting `x += bias` goes through a
+    temporary as large as x."""
+    rows, n = x.shape
+    if bias.shape[0] != n:
+        raise ValueError("bias must have one entry per column")
+    for t in range(rows):
+        for i in range(n):
+            x[t, i] += bias[i]
