@@ -44,53 +44,60 @@ def wide_model(tmp_path_factory, hf_tokenizer):
     return folder
 
 
-def decode_steps(llm: LLM, steps: int):
-    """Prefill a sequence, then yield around each decode pass of the runner."""
+def passes(llm: LLM, steps: int, tokens: int = 1):
+    """Prefill a sequence, then yield a call running a pass of `tokens` new tokens (1: a
+    decode step); each pass is run twice at the same positions, then committed."""
     runner, cache = llm.engine_loop.runner, llm.engine_loop.cache
     cache.add_sequence("probe", [])
     prompt = [5, 6, 7, 8, 9]
     logits = runner.run([("probe", prompt)])
     cache.commit("probe", prompt)
-    token = int(logits[0].argmax())
+    chunk = [int(logits[0].argmax())] * tokens
     try:
         for _ in range(steps):
-            yield lambda: runner.run([("probe", [token])])
-            cache.commit("probe", [token])
+            yield lambda: runner.run([("probe", chunk)])
+            cache.commit("probe", chunk)
     finally:
         cache.free("probe")
 
 
-@pytest.mark.parametrize("quant", [None, "int8"])
-def test_warm_decode_step_allocates_no_activation(wide_model, quant):
-    llm = LLM(wide_model, quant=quant, kv_cache_mb=2, max_num_seqs=4, max_num_batched_tokens=64)
-    per_token = 4 * min(HIDDEN, INTERMEDIATE)  # the smallest activation of one token
+def peak_bytes(llm: LLM, tokens: int) -> int:
+    """The most memory numpy and Python held at once during a warm pass, above what they
+    held before it."""
     tracemalloc.start()
     try:
         peaks = []
-        for run in decode_steps(llm, 4):
-            run()  # the first decode passes warm up lazily created state
+        for run in passes(llm, 3, tokens):
+            run()  # the first passes of a shape warm up lazily created state
             before = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
-            logits = run()
+            assert run().shape == (1, VOCAB)
             peaks.append(tracemalloc.get_traced_memory()[1] - before)
-            assert logits.shape == (1, VOCAB)
     finally:
         tracemalloc.stop()
-    # Small Python objects and the pass's few index arrays only: no activation, not even one
-    # token's hidden state, let alone one per layer.
-    assert max(peaks) < per_token, peaks
+    return max(peaks)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_warm_passes_allocate_no_activation(wide_model, quant):
+    """A decode step holds less than one MLP activation of one token (32 KiB); a 32-token
+    pass less than one token-wide hidden state of it (32 KiB): only small Python objects and
+    the pass's index arrays."""
+    llm = LLM(wide_model, quant=quant, kv_cache_mb=2, max_num_seqs=4, max_num_batched_tokens=64)
+    assert peak_bytes(llm, 1) < 8 * 2**10
+    assert peak_bytes(llm, 32) < 32 * 4 * HIDDEN
 
 
 _NRT_SCRIPT = """
 import json, sys
 from numba.core.runtime import rtsys
 from engine import LLM
-from tests.test_workspace import decode_steps
+from tests.test_workspace import passes
 
 llm = LLM(sys.argv[1], quant=sys.argv[2] or None, kv_cache_mb=2, max_num_seqs=4,
           max_num_batched_tokens=64)
 counts = []
-for run in decode_steps(llm, 3):
+for run in passes(llm, 3):
     run()
     before = rtsys.get_allocation_stats().alloc
     run()
