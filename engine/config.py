@@ -8,6 +8,7 @@ looks at a source format.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ _ARCH_ALIASES = {
 }
 
 _ROPE_TYPES = ("default", "linear", "llama3")
+# No model has 2**31 of anything per layer: larger sizes come from corrupt files.
+_MAX_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,31 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
     # GGUF files may carry llama3 scaling pre-computed as per-frequency divisors.
     freq_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        positive = {
+            "rope_theta": self.theta,
+            "rope factor": self.factor,
+            "rope low_freq_factor": self.low_freq_factor,
+            "rope high_freq_factor": self.high_freq_factor,
+        }
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ModelLoadError(f"model config: {name} must be a positive number, got {value}")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ModelLoadError(
+                f"model config: rope high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+        if not 1 <= self.original_max_position_embeddings <= _MAX_SIZE:
+            raise ModelLoadError(
+                "model config: rope original_max_position_embeddings must be at least 1, got "
+                f"{self.original_max_position_embeddings}"
+            )
+        if self.freq_factors is not None and not all(
+            math.isfinite(f) and f > 0 for f in self.freq_factors
+        ):
+            raise ModelLoadError("model config: rope frequency factors must be positive numbers")
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies (head_dim // 2,), computed as transformers computes them."""
@@ -103,10 +131,25 @@ class ModelConfig:
             "max_position_embeddings",
         )
         for name in sizes:
-            if getattr(self, name) < 1:
+            if not 1 <= getattr(self, name) <= _MAX_SIZE:
                 raise ModelLoadError(
-                    f"model config: {name} must be at least 1, got {getattr(self, name)}"
+                    f"model config: {name} must be at least 1 (and below 2**31), "
+                    f"got {getattr(self, name)}"
                 )
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise ModelLoadError(
+                f"model config: rms_norm_eps must be a non-negative number, got {self.rms_norm_eps}"
+            )
+        if self.sliding_window is not None and not 1 <= self.sliding_window <= _MAX_SIZE:
+            raise ModelLoadError(
+                f"model config: sliding_window must be at least 1, got {self.sliding_window}"
+            )
+        factors = self.rope.freq_factors
+        if factors is not None and len(factors) != self.head_dim // 2:
+            raise ModelLoadError(
+                f"model config: {len(factors)} rope frequency factors for head_dim "
+                f"{self.head_dim}; expected {self.head_dim // 2}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "
@@ -163,82 +206,164 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a parsed config.json."""
-        arch = _resolve_arch(cfg.get("model_type"), cfg.get("architectures") or [])
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            kv_heads = int(cfg.get("num_key_value_heads") or heads)
-            head_dim = int(cfg.get("head_dim") or hidden // max(heads, 1))
-            window = None
-            if arch == "mistral" or cfg.get("use_sliding_window"):
-                window = cfg.get("sliding_window")
-            return cls(
-                architecture=arch,
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                rope=_rope_from_hf(cfg),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-                o_bias=arch != "qwen2" and bool(cfg.get("attention_bias", False)),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
-                sliding_window=int(window) if window else None,
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=_as_id_tuple(cfg.get("eos_token_id")),
-            )
-        except KeyError as exc:
-            raise ModelLoadError(
-                f"config.json is missing the required key {exc.args[0]!r}"
-            ) from None
-        except (TypeError, ValueError, ZeroDivisionError) as exc:
-            raise ModelLoadError(f"config.json has an invalid value: {exc}") from None
+        f = _Fields(cfg, "config.json")
+        architectures = cfg.get("architectures")
+        arch = _resolve_arch(
+            cfg.get("model_type"), architectures if isinstance(architectures, list) else []
+        )
+        hidden = f.integer("hidden_size")
+        heads = f.integer("num_attention_heads")
+        window = None
+        if arch == "mistral" or f.flag("use_sliding_window", False):
+            window = f.integer("sliding_window", None) or None
+        return cls(
+            architecture=arch,
+            vocab_size=f.integer("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=f.integer("intermediate_size"),
+            num_layers=f.integer("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=f.integer("num_key_value_heads", None) or heads,
+            head_dim=f.integer("head_dim", None) or hidden // max(heads, 1),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6),
+            max_position_embeddings=f.integer("max_position_embeddings", 2048),
+            rope=_rope_from_hf(cfg, f),
+            tie_word_embeddings=f.flag("tie_word_embeddings", False),
+            qkv_bias=arch == "qwen2" or f.flag("attention_bias", False),
+            o_bias=arch != "qwen2" and f.flag("attention_bias", False),
+            mlp_bias=f.flag("mlp_bias", False),
+            sliding_window=window,
+            bos_token_id=f.token_id("bos_token_id"),
+            eos_token_ids=f.token_ids("eos_token_id"),
+        )
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], freq_factors: np.ndarray | None = None) -> ModelConfig:
-        """Build from GGUF metadata (keys as written by llama.cpp's converter)."""
+        """Build from GGUF metadata (keys as written by llama.cpp's converter).
+
+        The keys llama.cpp requires are required here too (context length and norm epsilon
+        included), so a key whose name was corrupted is not silently replaced by a default.
+        """
         arch = _resolve_arch(meta.get("general.architecture"), [])
         p = f"{meta['general.architecture']}."
-        try:
-            hidden = int(meta[p + "embedding_length"])
-            heads = int(meta[p + "attention.head_count"])
-            kv_heads = int(meta.get(p + "attention.head_count_kv") or heads)
-            head_dim = int(meta.get(p + "attention.key_length") or hidden // max(heads, 1))
-            vocab = meta.get(p + "vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-            window = meta.get(p + "attention.sliding_window")
-            rope = _rope_from_gguf(meta, p, freq_factors)
-            return cls(
-                architecture=arch,
-                vocab_size=int(vocab),
-                hidden_size=hidden,
-                intermediate_size=int(meta[p + "feed_forward_length"]),
-                num_layers=int(meta[p + "block_count"]),
-                num_heads=heads,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
-                max_position_embeddings=int(meta.get(p + "context_length", 2048)),
-                rope=rope,
-                tie_word_embeddings=False,  # decided by the loader from the tensors present
-                qkv_bias=arch == "qwen2",
-                sliding_window=int(window) if window else None,
-                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-                eos_token_ids=_as_id_tuple(meta.get("tokenizer.ggml.eos_token_id")),
-            )
-        except KeyError as exc:
-            raise ModelLoadError(
-                f"GGUF metadata is missing the required key {exc.args[0]!r}"
-            ) from None
+        f = _Fields(meta, "GGUF metadata")
+        hidden = f.integer(p + "embedding_length")
+        heads = f.integer(p + "attention.head_count")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        window = f.integer(p + "attention.sliding_window", None)
+        return cls(
+            architecture=arch,
+            vocab_size=f.integer(p + "vocab_size", None)
+            or (len(tokens) if isinstance(tokens, list) else 0),
+            hidden_size=hidden,
+            intermediate_size=f.integer(p + "feed_forward_length"),
+            num_layers=f.integer(p + "block_count"),
+            num_heads=heads,
+            num_kv_heads=f.integer(p + "attention.head_count_kv", None) or heads,
+            head_dim=f.integer(p + "attention.key_length", None) or hidden // max(heads, 1),
+            rms_norm_eps=f.number(p + "attention.layer_norm_rms_epsilon"),
+            max_position_embeddings=f.integer(p + "context_length"),
+            rope=_rope_from_gguf(f, p, freq_factors),
+            tie_word_embeddings=False,  # decided by the loader from the tensors present
+            qkv_bias=arch == "qwen2",
+            sliding_window=window or None,
+            bos_token_id=f.token_id("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=f.token_ids("tokenizer.ggml.eos_token_id"),
+        )
 
 
-def _resolve_arch(model_type: Any, architectures: list[str]) -> str:
+_REQUIRED: Any = object()  # the default of _Fields.integer for keys that must be present
+
+
+class _Fields:
+    """Typed reads of a config.json object or GGUF metadata.
+
+    A missing required key or a value of the wrong kind (a string for a size, a float for a
+    count, NaN for an epsilon) is a ModelLoadError naming the key, never a TypeError later.
+    A key that is absent or null takes its default.
+    """
+
+    def __init__(self, values: Mapping[str, Any], source: str) -> None:
+        self.values = values
+        self.source = source
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.values.get(key)
+        if value is None and default is _REQUIRED:
+            raise ModelLoadError(f"{self.source} is missing the required key {key!r}")
+        return value
+
+    def invalid(self, key: str, value: Any, expected: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.source}: {key} must be {expected}, got {value!r}")
+
+    def integer(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 4096.0 in a hand-written config
+        if not _is_int(value):
+            raise self.invalid(key, value, "an integer")
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED) -> float:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not _is_number(value) or not math.isfinite(value):
+            raise self.invalid(key, value, "a finite number")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.invalid(key, value, "true or false")
+        return value
+
+    def text(self, key: str, default: str) -> str:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.invalid(key, value, "a string")
+        return value
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        """A token id or a list of them (transformers allows both for eos_token_id)."""
+        value = self.values.get(key)
+        ids = tuple(v for v in (value if isinstance(value, list) else [value]) if v is not None)
+        if not all(_is_int(v) and v >= 0 for v in ids):
+            raise self.invalid(key, value, "a token id or a list of them")
+        return ids
+
+    def token_id(self, key: str) -> int | None:
+        value = self.values.get(key)
+        if value is not None and not (_is_int(value) and value >= 0):
+            raise self.invalid(key, value, "a token id")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.values.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.invalid(key, value, "an object")
+        return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _resolve_arch(model_type: Any, architectures: list[Any]) -> str:
     for name in [model_type, *architectures]:
-        if name in _ARCH_ALIASES:
+        if isinstance(name, str) and name in _ARCH_ALIASES:
             return _ARCH_ALIASES[name]
     shown = model_type or (architectures[0] if architectures else "none given")
     raise UnsupportedModelError(
@@ -246,43 +371,37 @@ def _resolve_arch(model_type: Any, architectures: list[str]) -> str:
     )
 
 
-def _as_id_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
-
-
-def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
+def _rope_from_hf(cfg: dict[str, Any], f: _Fields) -> RopeConfig:
     """Accept both transformers 4 (rope_theta + rope_scaling) and 5 (rope_parameters)."""
-    params = dict(cfg.get("rope_scaling") or {})
-    params.update(cfg.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    params = {**f.mapping("rope_scaling"), **f.mapping("rope_parameters")}
+    r = _Fields(params, "config.json rope_parameters")
+    theta = r.number("rope_theta", f.number("rope_theta", 10000.0))
+    rope_type = r.text("rope_type", r.text("type", "default"))
     if rope_type not in _ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})"
         )
     factors = cfg.get("lamina_rope_freq_factors")
     if factors is not None:
-        return RopeConfig(theta=theta, freq_factors=tuple(float(f) for f in factors))
+        if not isinstance(factors, list) or not all(_is_number(v) for v in factors):
+            raise f.invalid("lamina_rope_freq_factors", factors, "a list of numbers")
+        return RopeConfig(theta=theta, freq_factors=tuple(float(v) for v in factors))
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        factor=r.number("factor", 1.0),
+        low_freq_factor=r.number("low_freq_factor", 1.0),
+        high_freq_factor=r.number("high_freq_factor", 4.0),
+        original_max_position_embeddings=r.integer("original_max_position_embeddings", 8192),
     )
 
 
-def _rope_from_gguf(meta: dict[str, Any], p: str, freq_factors: np.ndarray | None) -> RopeConfig:
-    scaling = meta.get(p + "rope.scaling.type", "none")
-    factor = float(meta.get(p + "rope.scaling.factor", 1.0) or 1.0)
-    theta = float(meta.get(p + "rope.freq_base", 10000.0))
+def _rope_from_gguf(f: _Fields, p: str, freq_factors: np.ndarray | None) -> RopeConfig:
+    scaling = f.text(p + "rope.scaling.type", "none")
+    factor = f.number(p + "rope.scaling.factor", 1.0) or 1.0
+    theta = f.number(p + "rope.freq_base", 10000.0)
     if freq_factors is not None:
-        return RopeConfig(theta=theta, freq_factors=tuple(float(f) for f in freq_factors))
+        return RopeConfig(theta=theta, freq_factors=tuple(float(v) for v in freq_factors))
     if scaling in ("none", "") or factor == 1.0:
         return RopeConfig(theta=theta)
     if scaling == "linear":

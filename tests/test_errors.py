@@ -179,6 +179,34 @@ def test_zero_heads_in_config(tiny_folder, tmp_path):
         load_model(folder)
 
 
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number"),
+        ({"eos_token_id": [2, -1]}, "eos_token_id must be a token id"),
+        ({"max_position_embeddings": 2**40}, "max_position_embeddings must be at least 1"),
+        ({"rope_parameters": "yarn"}, "rope_parameters must be an object"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ],
+)
+def test_config_value_of_the_wrong_kind(tiny_folder, tmp_path, changes, match):
+    """Named by key, in one line that names the folder, not a TypeError or OverflowError."""
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    edit_config(folder, **changes)
+    with pytest.raises(ModelLoadError, match=match) as raised:
+        load_model(folder)
+    assert str(folder) in str(raised.value)
+
+
+def test_bad_sampling_default_in_generation_config(tiny_folder, tmp_path):
+    """Refused at load: it would otherwise fail every request that relies on it."""
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    (folder / "generation_config.json").write_text('{"temperature": "hot"}')
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json: temperature"):
+        load_model(folder)
+
+
 def test_prompt_token_outside_vocabulary(tiny_folder):
     llm = LLM(tiny_folder)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):

@@ -475,6 +475,30 @@ def test_minimal_gpt2_vocabulary():
         ({"tokenizer.ggml.tokens": None}, ModelLoadError, "tokenizer"),
         ({"tokenizer.ggml.eos_token_id": 99}, ModelLoadError, "eos_token_id"),
         ({"tokenizer.ggml.token_type": [1]}, ModelLoadError, "token_type"),
+        ({"tokenizer.ggml.token_type": [1, 1, 9, 3]}, ModelLoadError, r"token_type\[2\] is 9"),
+        ({"tokenizer.ggml.tokens": ["a", "b", "a", "<|end|>"]}, ModelLoadError, "'a' twice"),
+        ({"tokenizer.ggml.tokens": ["a", "b", 7, "<|end|>"]}, ModelLoadError, "not a string"),
+        ({"tokenizer.ggml.merges": ["a c"]}, ModelLoadError, "merge 0 .* names 'c'"),
+        ({"tokenizer.ggml.merges": ["b a"]}, ModelLoadError, "merge 0 .* names 'ba'"),
+        ({"tokenizer.ggml.merges": [3]}, ModelLoadError, "merge 0"),
+        ({"tokenizer.ggml.pre": ["gpt-2"]}, UnsupportedModelError, "pre-tokenizer"),
+        ({"tokenizer.ggml.add_eos_token": "yes"}, ModelLoadError, "add_eos_token"),
+        (
+            {
+                "tokenizer.ggml.tokens": ["a", "b", "ab", "<|end of text|>"],
+                "tokenizer.ggml.add_eos_token": True,
+            },
+            UnsupportedModelError,
+            "end of text",
+        ),
+        (
+            {
+                "tokenizer.ggml.model": "llama",
+                "tokenizer.ggml.scores": [0.0, float("nan"), 0.0, 0.0],
+            },
+            ModelLoadError,
+            "scores",
+        ),
         (
             {"tokenizer.ggml.model": "llama", "general.architecture": "gemma2"},
             UnsupportedModelError,

@@ -7,6 +7,7 @@ Both sources speak Hugging Face tensor names and layouts, so one builder
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +19,24 @@ from safetensors import SafetensorError, safe_open
 from engine.errors import ModelLoadError
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# Bytes per element of the safetensors dtypes, to check a header before trusting its offsets.
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
 
 
 class TensorSource(Protocol):
@@ -83,9 +102,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) for name in weight_map.values()
+        ):
+            raise ModelLoadError(f"{index}: weight_map must map tensor names to file names")
         files = sorted({folder / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -109,24 +132,63 @@ def _open_safetensors(path: Path) -> Any:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a .safetensors file and the byte offset where tensor data starts."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{path} has a corrupt safetensors header: {exc}") from None
-    start = 8 + header_len
-    data_end = max(
-        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-    )
+    """The JSON header of a .safetensors file and the byte offset where tensor data starts.
+
+    Every entry is checked (dtype, shape, offsets inside the file and matching the shape), so
+    callers can slice the mapped file by it without further checks.
+    """
     size = path.stat().st_size
-    if start + data_end > size:
-        raise ModelLoadError(
-            f"{path} is truncated: its header describes {start + data_end} bytes "
-            f"but the file has {size}"
-        )
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or header_len > size - 8:
+            raise ModelLoadError(
+                f"{path} is truncated or corrupt: its header length field says {header_len} "
+                f"bytes, but the file has {size}"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} has a corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} has a corrupt safetensors header: not a JSON object")
+    start = 8 + header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ModelLoadError(f"{path}: __metadata__ must map names to strings")
+        else:
+            _check_header_entry(path, name, info, size - start)
     return header, start
+
+
+def _check_header_entry(path: Path, name: str, info: Any, data_size: int) -> None:
+    """One tensor's dtype, shape and data_offsets: known, consistent, inside the file."""
+    if not isinstance(info, dict):
+        raise ModelLoadError(f"{path}: the header entry of tensor {name!r} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_ITEMSIZE:
+        raise ModelLoadError(f"{path}: tensor {name!r} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise ModelLoadError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    lo, hi = offsets
+    if hi > data_size:
+        raise ModelLoadError(
+            f"{path} is truncated: tensor {name!r} ends at byte {hi} of the data, "
+            f"but the file holds {data_size} bytes of data"
+        )
+    if hi - lo != math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]:
+        raise ModelLoadError(
+            f"{path}: tensor {name!r} has data_offsets {offsets} that do not match its "
+            f"shape {shape} of {dtype}"
+        )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # GGUF tensor names for the Hugging Face names the builder asks for.

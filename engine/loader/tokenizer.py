@@ -14,6 +14,7 @@ reproduces the tokenizer the model was trained with: SmolLM's digit splitting, L
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ _END_OF_GENERATION_TEXTS = frozenset(
     }
 )
 
-# GGUF token types (llama.cpp's llama_token_type).
+# GGUF token types (llama.cpp's llama_token_type: undefined, normal, ..., unused, byte).
+_TOKEN_TYPES = range(7)
 _TYPE_UNKNOWN = 2
 _TYPE_CONTROL = 3
 _TYPE_USER_DEFINED = 4
@@ -358,6 +360,7 @@ def tokenizer_from_gguf(metadata: Mapping[str, object]) -> Tokenizer:
         raise ModelLoadError(
             "GGUF metadata has no tokenizer (tokenizer.ggml.model and tokenizer.ggml.tokens)"
         )
+    _check_tokens(tokens)
     token_types = _token_types(metadata, len(tokens))
     if kind == "gpt2":
         backend, default_add_bos = _byte_level_backend(metadata, tokens, token_types)
@@ -413,6 +416,20 @@ _GGUF_SPECIAL_IDS = {
 }
 
 
+def _check_tokens(tokens: list[object]) -> None:
+    """Every token a string, each once: a repeated text would leave one of its ids without a
+    vocabulary entry (llama.cpp refuses such files too, by assertion)."""
+    seen: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise ModelLoadError(f"GGUF tokenizer.ggml.tokens[{index}] is not a string: {token!r}")
+        if token in seen:
+            raise ModelLoadError(
+                f"GGUF tokenizer.ggml.tokens holds {token!r} twice (ids {seen[token]} and {index})"
+            )
+        seen[token] = index
+
+
 def _token_types(metadata: Mapping[str, object], n_tokens: int) -> list[int]:
     """Per-token types; files without them mark every token normal (1), as llama.cpp assumes."""
     types = metadata.get("tokenizer.ggml.token_type")
@@ -420,7 +437,13 @@ def _token_types(metadata: Mapping[str, object], n_tokens: int) -> list[int]:
         return [1] * n_tokens
     if not isinstance(types, list) or len(types) != n_tokens:
         raise ModelLoadError("GGUF tokenizer.ggml.token_type does not match tokenizer.ggml.tokens")
-    return [int(t) for t in types]
+    for index, kind in enumerate(types):
+        if not isinstance(kind, int) or isinstance(kind, bool) or kind not in _TOKEN_TYPES:
+            raise ModelLoadError(
+                f"GGUF tokenizer.ggml.token_type[{index}] is {kind!r}; llama.cpp's token types "
+                f"are {_TOKEN_TYPES.start} to {_TOKEN_TYPES.stop - 1}"
+            )
+    return types
 
 
 def _gguf_id(metadata: Mapping[str, object], key: str, n_tokens: int) -> int | None:
@@ -434,7 +457,11 @@ def _gguf_id(metadata: Mapping[str, object], key: str, n_tokens: int) -> int | N
 
 def _gguf_flag(metadata: Mapping[str, object], key: str, default: bool) -> bool:
     value = metadata.get(key)
-    return default if value is None else bool(value)
+    if value is None:
+        return default
+    if value not in (True, False):  # also the integers 0 and 1 of files written as uint8
+        raise ModelLoadError(f"GGUF {key} = {value!r} is not a boolean")
+    return bool(value)
 
 
 def _gguf_chat_templates(metadata: Mapping[str, object]) -> dict[str, str]:
@@ -490,13 +517,13 @@ def _byte_level_backend(
 ) -> tuple[tokenizers.Tokenizer, bool]:
     """GPT-2 style byte-level BPE; returns the tokenizer and the pre-tokenizer's add_bos default."""
     pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in _PRE_TOKENIZERS:
         raise UnsupportedModelError(
             f"GGUF pre-tokenizer {pre!r} is not supported; known: {sorted(_PRE_TOKENIZERS)}"
         )
     splits, ignore_merges, default_add_bos = _PRE_TOKENIZERS[pre]
     vocab = _byte_level_vocab(tokens, token_types)
-    merges = _gguf_merges(metadata)
+    merges = _gguf_merges(metadata, vocab)
     backend = tokenizers.Tokenizer(
         models.BPE(
             vocab=vocab,
@@ -546,15 +573,25 @@ def _byte_level_vocab(tokens: list[str], token_types: list[int]) -> dict[str, in
     return vocab
 
 
-def _gguf_merges(metadata: Mapping[str, object]) -> list[tuple[str, str]]:
+def _gguf_merges(metadata: Mapping[str, object], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The merges as pairs, each checked against the vocabulary: `tokenizers` answers a merge
+    of unknown tokens with an exception, or a Rust panic when only the merged token is unknown."""
     merges = metadata.get("tokenizer.ggml.merges")
     if not isinstance(merges, list):
         raise ModelLoadError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
     pairs = []
-    for merge in merges:
-        left, sep, right = merge.partition(" ")
+    for index, merge in enumerate(merges):
+        left, sep, right = merge.partition(" ") if isinstance(merge, str) else ("", "", "")
         if not sep:
-            raise ModelLoadError(f"GGUF merge {merge!r} is not two tokens separated by a space")
+            raise ModelLoadError(
+                f"GGUF merge {index} ({merge!r}) is not two tokens separated by a space"
+            )
+        unknown = [t for t in (left, right, left + right) if t not in vocab]
+        if unknown:
+            raise ModelLoadError(
+                f"GGUF merge {index} ({merge!r}) names {unknown[0]!r}, which is not in "
+                "tokenizer.ggml.tokens"
+            )
         pairs.append((left, right))
     return pairs
 
@@ -589,9 +626,13 @@ def _sentencepiece_backend(
             f"SentencePiece tokenizers of {architecture!r} GGUF files are not supported yet"
         )
     scores = metadata.get("tokenizer.ggml.scores")
-    if not isinstance(scores, list) or len(scores) != len(tokens):
+    if (
+        not isinstance(scores, list)
+        or len(scores) != len(tokens)
+        or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores)
+    ):
         raise ModelLoadError(
-            "GGUF SentencePiece tokenizer needs one tokenizer.ggml.scores per token"
+            "GGUF SentencePiece tokenizer needs one finite tokenizer.ggml.scores value per token"
         )
     vocab = {token: index for index, token in enumerate(tokens)}
     unk_id = _gguf_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens))
@@ -656,12 +697,23 @@ def _set_bos_eos_processor(
     backend: tokenizers.Tokenizer, bos: tuple[str, int] | None, eos: tuple[str, int] | None
 ) -> None:
     """The post-processor transformers' `update_post_processor` builds: "[BOS] $A [EOS]"."""
+    for token in (bos, eos):
+        if token is not None and not _is_template_piece(token[0]):
+            raise UnsupportedModelError(
+                f"GGUF special token {token[0]!r} cannot be added to encoded text: its text holds "
+                "a space or ':', or starts with '$', which tokenizers' templates reserve"
+            )
     single = f"{bos[0] + ':0 ' if bos else ''}$A:0{' ' + eos[0] + ':0' if eos else ''}"
     pair = f"{single}{' ' + bos[0] + ':1' if bos else ''} $B:1{' ' + eos[0] + ':1' if eos else ''}"
     special = [token for token in (bos, eos) if token is not None]
     backend.post_processor = processors.TemplateProcessing(
         single=single, pair=pair, special_tokens=special
     )
+
+
+def _is_template_piece(text: str) -> bool:
+    """Whether TemplateProcessing's template language reads `text` as one special token."""
+    return bool(text) and not text.startswith("$") and ":" not in text and text.split() == [text]
 
 
 def _token_id(backend: tokenizers.Tokenizer, token: str | None) -> int | None:
