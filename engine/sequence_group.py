@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tokenizers import Tokenizer
 
-from engine.errors import InvalidInputError
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.errors import InvalidInputError
 from engine.kv_cache import PagedKVCache
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.sampling import Sampler, SamplingParams, token_logprob, top_logprobs
