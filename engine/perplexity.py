@@ -42,7 +42,9 @@ def sliding_window_nll(
     if len(ids) < 2:
         raise InvalidInputError("perplexity needs a text of at least 2 tokens")
     if not 1 <= stride <= context:
-        raise InvalidInputError(f"stride must be between 1 and the context ({context}), got {stride}")
+        raise InvalidInputError(
+            f"stride must be between 1 and the context ({context}), got {stride}"
+        )
     total = 0.0
     count = 0
     windows = 0

@@ -24,8 +24,8 @@ from engine.backends.device import select_device
 from engine.cli import main
 from engine.errors import LaminaError
 from engine.kv_cache import ForwardBatch, PagedKVCache
-from engine.loader.model_loader import load_model
 from engine.layer_placement import ResidentLayers
+from engine.loader.model_loader import load_model
 from engine.model import Transformer, Workspace
 from engine.weights import ColskipInt8Weight, Int8Weight, ModelWeights, SparseInt8Weight
 from tests.cudasim import pooled_blocks

@@ -27,4 +27,6 @@ def quantizer_for(quant: str | None):
         return None
     if quant == "int8":
         return quantize_int8
-    raise InvalidInputError(f"unknown quantization {quant!r}; choose from f32, {', '.join(QUANT_METHODS)}")
+    raise InvalidInputError(
+        f"unknown quantization {quant!r}; choose from f32, {', '.join(QUANT_METHODS)}"
+    )

@@ -46,7 +46,9 @@ class SparsityPlan:
 
     def __post_init__(self) -> None:
         if self.method not in PRUNE_METHODS:
-            raise InvalidInputError(f"unknown pruning method {self.method!r}; choose from {PRUNE_METHODS}")
+            raise InvalidInputError(
+                f"unknown pruning method {self.method!r}; choose from {PRUNE_METHODS}"
+            )
         nm = parse_pattern(self.pattern)
         if nm is not None:
             implied = 1 - nm[0] / nm[1]
