@@ -109,11 +109,18 @@ class ModelRunner:
 
 
 def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
-    """The float32 activations of one forward pass of `tokens` tokens: the workspace
-    (residual stream, norms, fused QKV, q and k copies, attention output, the fused MLP's
-    intermediates; logits, normed last rows for `seqs` sequences), plus the sampling copies
-    of the logits."""
+    """The memory one forward pass of `tokens` tokens computes in, for the placement budget:
+    the float32 workspace (residual stream, norms, fused QKV, q and k copies, attention
+    output, the fused MLP's intermediates; normed last rows and logits for `seqs` sequences),
+    the sampling copies of the logits, and the backends' scratch (int16 activations of the
+    widest linear input, a v copy on the GPU, and a margin for split-attention partials)."""
     c = config
-    per_token = 2 * c.hidden_size + 2 * c.q_size + 3 * c.kv_size + 3 * c.intermediate_size
+    per_token = 2 * c.hidden_size + 2 * c.q_size + 4 * c.kv_size + 3 * c.intermediate_size
+    per_token += max(c.hidden_size, c.intermediate_size) // 2 + 1  # int16 activations, scale
     per_seq = 2 * c.hidden_size + 2 * c.vocab_size
-    return 4 * (tokens * per_token + seqs * per_seq)
+    return 4 * (tokens * per_token + seqs * per_seq) + _ATTENTION_PARTIALS
+
+
+# Split attention's partial sums on a GPU: a few (splits x tokens x heads x head_dim) floats,
+# with splits only for batches too small to fill the SMs; 1 MiB bounds them on real GPUs.
+_ATTENTION_PARTIALS = 2**20

@@ -76,7 +76,7 @@ def test_streamed_logits_equal_resident_and_cpu_within_the_budget(toy, resident)
         stream, size = loop.runner.placement.device_stream, plan.layer_bytes[1]
         # Weights, KV cache and streaming buffers: all the backend put on the device.
         allocated = streamed.backend.allocated_bytes
-        assert plan.gpu.non_layer + plan.gpu.buffers + loop.kv_cache_bytes < allocated
+        assert plan.gpu.non_layer + plan.gpu.buffers + loop.runner.kv_cache_bytes < allocated
         assert allocated <= plan.gpu.used <= budget
         assert stream.device_bytes == plan.device_buffers.total == 2 * size
         assert stream.pinned_bytes == sum(plan.layer_bytes[1:])
@@ -200,15 +200,17 @@ def test_device_stream_in_order_and_random_access(buffers):
     ) as stream:  # fmt: skip
         assert stream.device_bytes == buffers * max(lay.nbytes for _, lay in pinned.values())
         for _ in range(3):
-            for i, layer in enumerate(stream):
-                if i:
-                    assert layer[0] == i
-                    assert all(np.array_equal(layer[1][k], host[i][k]) for k in host[i])
+            for i in range(1, 6):
+                layer = stream.fetch(i)
+                assert layer[0] == i
+                assert all(np.array_equal(layer[1][k], host[i][k]) for k in host[i])
+                stream.release(i)
         # One buffer is the current layer's: nothing can be copied ahead of its use.
         assert (stream.stats.sync_copies == 0) == (buffers > 1)
-        for i in (4, 2, -1, 3, 3):
-            got = stream[i][1]
-            assert all(np.array_equal(got[k], host[i % 6][k]) for k in host[i % 6])
-        assert stream[0] == "resident"
+        for i in (4, 2, 5, 3, 3):
+            got = stream.fetch(i)[1]
+            assert all(np.array_equal(got[k], host[i][k]) for k in host[i])
+            stream.release(i)
+        assert stream.fetch(0) == "resident"
         with pytest.raises(IndexError):
-            stream[6]
+            stream.fetch(6)

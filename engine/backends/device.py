@@ -9,9 +9,12 @@ by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine.errors import LaminaError
+
+if TYPE_CHECKING:
+    from engine.backends import Backend
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -50,7 +53,7 @@ def select_device(requested: str = "auto") -> DeviceChoice:
     return DeviceChoice("cpu", "auto: numba finds no usable CUDA GPU")
 
 
-def make_backend(device: str) -> Any:
+def make_backend(device: str) -> Backend:
     """A fresh Backend for a device that `select_device` chose."""
     if device == "cpu":
         from engine.backends.cpu import CPUBackend
