@@ -105,7 +105,7 @@ class EngineConfig:
             "RAM budget for weights, KV cache and activations: 512M, 2G, 700 (MiB), or an int "
             "of bytes; layers beyond it stream from disk (lamina checkpoints; default: the "
             "available RAM less a margin, for checkpoints)",
-            str,
+            parse_memory_size,
         ),
     )
     gpu_memory: int | None = field(
@@ -113,7 +113,7 @@ class EngineConfig:
         metadata=_option(
             "GPU budget with device cuda (default: free GPU memory less a margin); layers "
             "beyond it are copied in from RAM while others compute",
-            str,
+            parse_memory_size,
         ),
     )
     drop_page_cache: bool = field(
@@ -226,9 +226,10 @@ def _cli_type(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
             return parse(text)
-        except ValueError:
-            kind = {int: "an integer", float: "a number"}.get(parse, "a value")
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        except ValueError as exc:
+            kind = {int: "an integer", float: "a number"}.get(parse)
+            message = str(exc) if kind is None else f"expected {kind}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
 
     convert.__name__ = name
     return convert
