@@ -10,6 +10,7 @@ allocates nothing per layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 
 class Workspace:
     """Activation buffers allocated once by the backend, for passes of up to `tokens` tokens
-    and `logit_rows` rows of logits. `get` hands out the first `rows` rows of one; a pass
-    larger than the workspace (scoring a whole prompt) gets None, and the ops allocate."""
+    and `logit_rows` rows of logits. `views(rows)` maps each buffer's name to its first `rows`
+    rows (kept per row count: slicing costs as much as a small kernel call); a buffer too
+    small for a pass (scoring a whole prompt) is left out, and the op given None allocates."""
 
     def __init__(self, backend: Backend, config: ModelConfig, tokens: int, logit_rows: int):
         c = config
@@ -43,10 +45,17 @@ class Workspace:
         self._buffers = {name: backend.empty((tokens, *w)) for name, w in widths.items()}
         final = {"last": (c.hidden_size,), "last_norm": (c.hidden_size,), "logits": (c.vocab_size,)}
         self._buffers.update({n: backend.empty((logit_rows, *w)) for n, w in final.items()})
+        self._views: dict[int, dict[str, Array]] = {}
 
-    def get(self, name: str, rows: int) -> Array | None:
-        buffer = self._buffers[name]
-        return buffer[:rows] if rows <= buffer.shape[0] else None
+    def views(self, rows: int) -> dict[str, Array]:
+        views = self._views.get(rows)
+        if views is None:
+            if len(self._views) > 1024:  # chunked prefills of many sizes
+                self._views.clear()
+            views = self._views[rows] = {
+                name: buffer[:rows] for name, buffer in self._buffers.items() if rows <= len(buffer)
+            }
+        return views
 
 
 class Transformer:
@@ -67,33 +76,38 @@ class Transformer:
         Logits in a workspace buffer are valid until the next pass.
         """
         be, w, c = self.backend, self.weights, self.config
-        t = len(batch.token_ids)
-        x = be.embed(w.embed, batch.token_ids, out=ws.get("x", t))
+        buf = ws.views(len(batch.token_ids)).get
+        x = be.embed(w.embed, batch.token_ids, out=buf("x"))
         for i in range(c.num_layers):
             layer = self.layers.fetch(i)
             try:
-                x = be.add_(x, self._attention_block(i, layer, x, batch, ws))
-                h = be.rmsnorm(x, layer.ffn_norm, c.rms_norm_eps, out=ws.get("h", t))
-                gate_up = be.linear(h, layer.gate_up, out=ws.get("gate_up", t))
-                act = be.silu_mul(gate_up, out=ws.get("act", t))
-                x = be.add_(x, be.linear(act, layer.down, out=ws.get("h", t)))
+                x = be.add_(x, self._attention_block(i, layer, x, batch, buf))
+                h = be.rmsnorm(x, layer.ffn_norm, c.rms_norm_eps, out=buf("h"))
+                gate_up = be.linear(h, layer.gate_up, out=buf("gate_up"))
+                act = be.silu_mul(gate_up, out=buf("act"))
+                x = be.add_(x, be.linear(act, layer.down, out=buf("h")))
             finally:
                 self.layers.release(i)
-        rows = len(batch.logits_rows)
-        last = be.take_rows(x, batch.logits_rows, out=ws.get("last", rows))
-        last = be.rmsnorm(last, w.final_norm, c.rms_norm_eps, out=ws.get("last_norm", rows))
-        return be.to_numpy(be.linear(last, w.lm_head, out=ws.get("logits", rows)))
+        last_buf = ws.views(len(batch.logits_rows)).get
+        last = be.take_rows(x, batch.logits_rows, out=last_buf("last"))
+        last = be.rmsnorm(last, w.final_norm, c.rms_norm_eps, out=last_buf("last_norm"))
+        return be.to_numpy(be.linear(last, w.lm_head, out=last_buf("logits")))
 
     def _attention_block(
-        self, i: int, layer: LayerWeights, x: Array, batch: ForwardBatch, ws: Workspace
+        self,
+        i: int,
+        layer: LayerWeights,
+        x: Array,
+        batch: ForwardBatch,
+        buf: Callable[[str], Array | None],
     ) -> Array:
-        be, c, t = self.backend, self.config, len(batch.token_ids)
-        h = be.rmsnorm(x, layer.attn_norm, c.rms_norm_eps, out=ws.get("h", t))
-        qkv = be.linear(h, layer.qkv, out=ws.get("qkv", t))
-        q_out = ws.get("q", t)  # None exactly when ws.get("k", t) is
-        qk_out = None if q_out is None else (q_out, ws.get("k", t))
+        be, c = self.backend, self.config
+        h = be.rmsnorm(x, layer.attn_norm, c.rms_norm_eps, out=buf("h"))
+        qkv = be.linear(h, layer.qkv, out=buf("qkv"))
+        q_out = buf("q")  # None exactly when buf("k") is
+        qk_out = None if q_out is None else (q_out, buf("k"))
         q, k, v = be.split_qkv(qkv, c.num_heads, c.num_kv_heads, c.head_dim, out=qk_out)
         be.rope(q, batch.positions, self.inv_freq)
         be.rope(k, batch.positions, self.inv_freq)
-        attn = be.attention(i, q, k, v, batch, self.scale, self.window, out=ws.get("attn", t))
-        return be.linear(attn, layer.o_proj, out=ws.get("h", t))
+        attn = be.attention(i, q, k, v, batch, self.scale, self.window, out=buf("attn"))
+        return be.linear(attn, layer.o_proj, out=buf("h"))

@@ -100,6 +100,7 @@ class CPUBackend:
 
     def __init__(self) -> None:
         self.scratch = Scratch()
+        self._act_views: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialised activation buffer (the runner's workspace)."""
@@ -125,26 +126,22 @@ class CPUBackend:
         return out
 
     def linear(self, x: np.ndarray, weight: Weight, *, out: np.ndarray | None = None) -> np.ndarray:
-        if not isinstance(weight, DenseWeight | Int8Weight | SparseInt8Weight | ColskipInt8Weight):
+        kernel = _LINEAR_KERNELS.get(type(weight))  # one lookup: this runs ~100 times a token
+        if kernel is None:
             raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
         if out is None:
             out = np.empty((x.shape[0], weight.out_features), dtype=np.float32)
-        if isinstance(weight, DenseWeight):
-            self._linear_f32(x, weight, out)
-        elif isinstance(weight, Int8Weight):
-            self._linear_int8(x, weight, out)
-        elif isinstance(weight, SparseInt8Weight):
-            w = weight
-            act = self._activations(x.shape[0], padded_columns(w.in_features))
-            sparse_matmul_w8(
-                x, w.mask, w.values, w.row_ptr, w.scale, w.in_features, out=out, act=act
-            )
-        else:
-            w = weight
-            colskip_matmul_w8(x, w.data_t, w.scale, w.threshold, out=out, scratch=self.scratch.take)
+        kernel(self, x, weight, out)
         if weight.bias is not None:
             kernels_cpu.add_bias_inplace(out, weight.bias)
         return out
+
+    def _linear_sparse(self, x: np.ndarray, w: SparseInt8Weight, out: np.ndarray) -> None:
+        act = self._activations(x.shape[0], padded_columns(w.in_features))
+        sparse_matmul_w8(x, w.mask, w.values, w.row_ptr, w.scale, w.in_features, out=out, act=act)
+
+    def _linear_colskip(self, x: np.ndarray, w: ColskipInt8Weight, out: np.ndarray) -> None:
+        colskip_matmul_w8(x, w.data_t, w.scale, w.threshold, out=out, scratch=self.scratch.take)
 
     def _linear_f32(self, x: np.ndarray, weight: DenseWeight, out: np.ndarray) -> None:
         if x.shape[0] <= SMALL_BATCH:
@@ -162,9 +159,16 @@ class CPUBackend:
             gemm_w8_into(x, weight.data, weight.scale, INT16_MAX, out, a, a_scale)
 
     def _activations(self, tokens: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scratch for int16-quantized activations (T, width) and their scales (T,)."""
-        take = self.scratch.take
-        return take("act", (tokens, width), np.int16), take("act_scale", (tokens,), np.float32)
+        """Scratch for int16-quantized activations (T, width) and their scales (T,), kept
+        per shape (two linears in three share one)."""
+        pair = self._act_views.get((tokens, width))
+        if pair is None:
+            if len(self._act_views) >= Scratch.MAX_VIEWS:
+                self._act_views.clear()
+            take = self.scratch.take
+            pair = take("act", (tokens, width), np.int16), take("act_scale", (tokens,), np.float32)
+            self._act_views[(tokens, width)] = pair
+        return pair
 
     def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Pick dense or sparse per sparse linear by timing both on one token, as decode runs.
@@ -280,6 +284,14 @@ class CPUBackend:
     def free_memory(self) -> int:
         """Bytes free where `allocate_kv` allocates: available RAM (sizes the KV cache)."""
         return psutil.virtual_memory().available
+
+
+_LINEAR_KERNELS = {
+    DenseWeight: CPUBackend._linear_f32,
+    Int8Weight: CPUBackend._linear_int8,
+    SparseInt8Weight: CPUBackend._linear_sparse,
+    ColskipInt8Weight: CPUBackend._linear_colskip,
+}
 
 
 def _unpacked(w: SparseInt8Weight) -> Int8Weight:
