@@ -19,7 +19,7 @@ import numpy as np
 from engine.backends.device import DeviceChoice, make_backend, select_device
 from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop
-from engine.errors import InvalidInputError
+from engine.errors import InvalidInputError, LaminaError
 from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.perplexity import PerplexityResult, sliding_window_nll
@@ -155,7 +155,11 @@ class LLM:
 
     def prompt_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
         """Float32 logits (T, vocab) at every position of a prompt: for scoring and tests."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if isinstance(prompt, str):
+            check_text(prompt, "the prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
         return self._engine.prompt_logits(ids)
 
     def perplexity(
@@ -164,6 +168,7 @@ class LLM:
         """Sliding-window perplexity of `text` (context defaults to min(1024, max_model_len),
         stride to half the context)."""
         context = min(context or 1024, self.max_model_len)
+        check_text(text, "the text")
         ids = self.tokenizer.encode(text)
         return sliding_window_nll(self._engine.prompt_logits, ids, context, stride or context // 2)
 
@@ -204,8 +209,21 @@ class LLM:
         Outputs come in completion order; `request_id` is the pair's position in the
         iterable. A pair that cannot run comes back aborted with the reason in `error`.
         """
-        made = (self.new_request(p, sp, str(i)) for i, (p, sp) in enumerate(requests))
-        return self._engine.run(made)
+        return self._engine.run(self._requests_or_refusals(requests))
+
+    def _requests_or_refusals(
+        self, requests: Iterable[tuple[Prompt, SamplingParams | None]]
+    ) -> Iterator[tuple[RequestOutput, SamplingParams | None]]:
+        """new_request per pair; a pair it refuses becomes an aborted output (no params), so
+        one bad prompt ends only itself."""
+        for i, (prompt, params) in enumerate(requests):
+            try:
+                yield self.new_request(prompt, params, str(i))
+            except LaminaError as error:
+                text = prompt if isinstance(prompt, str) else None
+                output = RequestOutput(request_id=str(i), prompt=text, prompt_token_ids=[])
+                output.abort(str(error))
+                yield output, None
 
     def chat(
         self, messages: Messages, params: SamplingParams | None = None, **template_kwargs

@@ -34,7 +34,9 @@ class BeamSearchGroup(SequenceGroup):
 
     def process(self, ready: list[tuple[Sequence, np.ndarray]], cache: PagedKVCache) -> None:
         for seq, logits in ready:
-            self._pending[seq.seq_id] = logits
+            # A copy: the runner's logits are valid until its next pass, and after a
+            # preemption the beams may finish recomputing in different steps.
+            self._pending[seq.seq_id] = np.array(logits)
         if any(seq.seq_id not in self._pending for seq in self.live):
             return  # after a preemption the beams may finish recomputing in different steps
         chosen = self._step_candidates()

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.backends.device import DEVICES
 from engine.errors import InvalidInputError
-from engine.kv_cache import KV_DTYPES
+from engine.kv_cache import DEFAULT_KV_FRACTION, KV_DTYPES
 from offload.placement import parse_memory_size
 
 DEFAULT_MAX_NUM_SEQS = 64
@@ -24,7 +25,6 @@ DEFAULT_MAX_NUM_SEQS = 64
 # and a bounded step keeps the decode latency of the other sequences bounded too.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 QUANTS = ("f32", "int8")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def memory_size(value: int | str) -> int:
@@ -81,7 +81,9 @@ class EngineConfig:
     )
     kv_cache_fraction: float | None = field(
         default=None,
-        metadata=_option("share of the free memory the KV cache takes (default: 0.2)", float),
+        metadata=_option(
+            f"share of the free memory the KV cache takes (default: {DEFAULT_KV_FRACTION})", float
+        ),
     )
     kv_cache_dtype: str = field(
         default="float32",

@@ -190,12 +190,13 @@ class EngineLoop:
             self.abort(group)
 
     def run(
-        self, requests: Iterable[tuple[RequestOutput, SamplingParams]]
+        self, requests: Iterable[tuple[RequestOutput, SamplingParams | None]]
     ) -> Iterator[RequestOutput]:
         """Run many requests through the scheduler; yield each output as it finishes.
 
         A request that cannot run (prompt too long, bad parameters) is yielded at once,
-        aborted, with the reason in `output.error`; the others go on.
+        aborted, with the reason in `output.error`; the others go on. An output that comes
+        already finished (refused before it got here) is yielded as it is.
 
         Requests are pulled from the iterable lazily, keeping about two batches queued, so a
         million-line batch job does not tokenize everything up front. Closing the generator
@@ -210,6 +211,9 @@ class EngineLoop:
                     item = next(source, None)
                     if item is None:
                         exhausted = True
+                        continue
+                    if item[0].finished:  # refused before it reached the engine
+                        yield item[0]
                         continue
                     try:
                         active.append(self.submit(*item))

@@ -7,10 +7,12 @@ order. Everything else here is plain Python bookkeeping, as in vLLM's PagedAtten
 
 - Blocks are reference-counted. `fork` lets a child share its parent's blocks; the first
   write into a shared, partly filled block copies it (copy-on-write).
-- Full blocks are keyed by an integer chained per block, hash(key of the previous block,
-  their token ids), as in vLLM's block pool: a lookup costs the same at any depth, and keys
-  never nest. The block also keeps its parent key and tokens, and a lookup compares them, so
-  a hash collision cannot hand out the wrong block. A sequence whose prompt starts with
+- Full blocks are keyed by an integer chained per block, a 128-bit keyed BLAKE2b of (the
+  previous block's key, their token ids), as in vLLM's block pool: a lookup costs the same at
+  any depth, and keys never nest. The hash key is random per process, so prompts crafted to
+  collide with another user's prefix cannot be computed offline (Python's own `hash` of ints
+  is public and unsalted); a lookup also compares the block's parent key and tokens. A
+  sequence whose prompt starts with
   blocks already computed (a system prompt, a chat history) reuses them instead of
   recomputing. Freed blocks keep their contents and key until they are needed again; the
   least recently freed is reused first.
@@ -22,6 +24,9 @@ model.py only hands a ForwardBatch to `Backend.attention`.
 
 from __future__ import annotations
 
+import array
+import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -67,15 +72,19 @@ class ReservationError(Exception):
         self.seq_id = seq_id
 
 
-# A full block's identity: hash of (the previous block's key or None, its token ids).
+# A full block's identity: a 128-bit hash of (the previous block's key or None, its tokens).
 BlockKey = int
 # What a key stands for, compared on lookup: (the previous block's key, its token ids).
 BlockContent = tuple[BlockKey | None, tuple[int, ...]]
+_HASH_KEY = os.urandom(16)
 
 
 def block_key(parent: BlockKey | None, tokens: tuple[int, ...]) -> BlockKey:
     """The prefix-cache key of a full block: fixed-size, whatever its depth."""
-    return hash((parent, tokens))
+    digest = hashlib.blake2b(digest_size=16, key=_HASH_KEY)
+    digest.update(b"" if parent is None else parent.to_bytes(16, "little"))
+    digest.update(array.array("q", tokens).tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 class BlockAllocator:
@@ -185,6 +194,9 @@ class PagedKVCache:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
 
     def sequence_ids(self) -> list[Hashable]:
         """The sequences holding blocks now."""
@@ -376,30 +388,35 @@ class ForwardBatch:
         names the sequence.
         """
         slots, positions, starts, lens, tables = [], [], [0], [], []
-        for k, (seq_id, tokens) in enumerate(chunks):
-            try:
-                first = cache.length(seq_id)
-                slots.append(cache.reserve(seq_id, len(tokens)))
-            except Exception as error:
-                for done, _ in chunks[:k]:
-                    cache.rollback(done)
-                raise ReservationError(seq_id) from error
-            positions.append(np.arange(first, first + len(tokens)))
-            starts.append(starts[-1] + len(tokens))
-            lens.append(first + len(tokens))
-            tables.append(cache.block_table(seq_id))
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(tables), width), dtype=np.int32)
-        for row, table in zip(block_tables, tables, strict=True):
-            row[: len(table)] = table
-        query_start = np.asarray(starts, dtype=np.int64)
-        return cls(
-            token_ids=np.asarray([t for _, toks in chunks for t in toks], dtype=np.int64),
-            positions=np.concatenate(positions).astype(np.int64),
-            cache=cache,
-            slots=np.concatenate(slots),
-            query_start=query_start,
-            context_lens=np.asarray(lens, dtype=np.int64),
-            block_tables=block_tables,
-            logits_rows=np.arange(query_start[-1]) if all_logits else query_start[1:] - 1,
-        )
+        reserved: list[Hashable] = []
+        try:
+            for seq_id, tokens in chunks:
+                try:
+                    first = cache.length(seq_id)
+                    slots.append(cache.reserve(seq_id, len(tokens)))
+                except Exception as error:
+                    raise ReservationError(seq_id) from error
+                reserved.append(seq_id)
+                positions.append(np.arange(first, first + len(tokens)))
+                starts.append(starts[-1] + len(tokens))
+                lens.append(first + len(tokens))
+                tables.append(cache.block_table(seq_id))
+            width = max(len(t) for t in tables)
+            block_tables = np.zeros((len(tables), width), dtype=np.int32)
+            for row, table in zip(block_tables, tables, strict=True):
+                row[: len(table)] = table
+            query_start = np.asarray(starts, dtype=np.int64)
+            return cls(
+                token_ids=np.asarray([t for _, toks in chunks for t in toks], dtype=np.int64),
+                positions=np.concatenate(positions).astype(np.int64),
+                cache=cache,
+                slots=np.concatenate(slots),
+                query_start=query_start,
+                context_lens=np.asarray(lens, dtype=np.int64),
+                block_tables=block_tables,
+                logits_rows=np.arange(query_start[-1]) if all_logits else query_start[1:] - 1,
+            )
+        except BaseException:  # Ctrl-C included: nothing stays reserved
+            for seq_id in reserved:
+                cache.rollback(seq_id)
+            raise

@@ -16,7 +16,7 @@ never moves data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from engine.errors import LaminaError
 from engine.loader.checkpoint import (
@@ -26,7 +26,7 @@ from engine.loader.checkpoint import (
     open_layer_stream,
 )
 from engine.loader.model_loader import LoadedModel
-from engine.weights import LayerWeights
+from engine.weights import LayerWeights, ModelWeights
 from offload.placement import (
     PlacementPlan,
     Tier,
@@ -37,7 +37,7 @@ from offload.placement import (
 from offload.streaming import LayerLayout, LayerStream
 
 if TYPE_CHECKING:
-    from engine.backends import Backend
+    from engine.backends import Backend, DeviceBackend
     from engine.engine_config import EngineConfig
     from offload.device_stream import DeviceLayerStream
 
@@ -66,19 +66,25 @@ class ResidentLayers:
 @dataclass
 class Placement:
     """The plan (None: weights already in RAM, no budget to plan), the layer source the
-    model reads, and the streams behind it (None when not streaming)."""
+    model reads, and the streams behind it (None when not streaming). `weights`: the
+    model's, when some of its layers are views of pinned host images."""
 
     plan: PlacementPlan | None
     layers: LayerSource
     disk_stream: LayerStream | None = None
     device_stream: DeviceLayerStream | None = None
+    pinned_weights: ModelWeights | None = None
 
     def close(self) -> None:
-        """The device stream first: its copies may read the disk stream's buffers."""
+        """The device stream first: its copies may read the disk stream's buffers. A model
+        with layers in pinned images lets go of its layers too, so the page-locked memory
+        is returned (a closed engine runs nothing)."""
         if self.device_stream is not None:
             self.device_stream.close()
         if self.disk_stream is not None:
             self.disk_stream.close()
+        if self.pinned_weights is not None:
+            self.pinned_weights.layers = []
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,8 @@ def place_layers(
     """Plan and set up where the layers live. reserve_bytes: the KV cache and activations,
     which the budget must also hold."""
     if backend.separate_memory:
-        return _place_on_device(loaded, backend, config, memory, reserve_bytes)
+        device = cast("DeviceBackend", backend)
+        return _place_on_device(loaded, device, config, memory, reserve_bytes)
     backend.prepare_weights(loaded.weights)  # before streaming: it walks every layer
     return _place_in_ram(loaded, config, reserve_bytes)
 
@@ -156,7 +163,7 @@ def _place_in_ram(loaded: LoadedModel, config: EngineConfig, reserve: int) -> Pl
 
 def _place_on_device(
     loaded: LoadedModel,
-    backend: Backend,
+    backend: DeviceBackend,
     config: EngineConfig,
     memory: CacheMemory,
     reserve: int,
@@ -233,4 +240,5 @@ def _place_on_device(
         if disk is not None:
             disk.close()
         raise
-    return Placement(plan, stream, disk_stream=disk, device_stream=stream)
+    weights_in_pinned = weights if pinned else None
+    return Placement(plan, stream, disk, stream, weights_in_pinned)

@@ -24,6 +24,26 @@ if TYPE_CHECKING:
     from engine.layer_placement import LayerSource
 
 
+Widths = dict[str, tuple[int, ...]]
+
+
+def activation_widths(c: ModelConfig) -> tuple[Widths, Widths]:
+    """The workspace's float32 buffers: their shapes per token of a pass, and per row of
+    logits (the last token of each sequence)."""
+    per_token = {
+        "x": (c.hidden_size,),  # the residual stream
+        "h": (c.hidden_size,),  # norm outputs and the linears that feed the residual
+        "qkv": (c.q_size + 2 * c.kv_size,),
+        "q": (c.num_heads, c.head_dim),
+        "k": (c.num_kv_heads, c.head_dim),
+        "attn": (c.q_size,),
+        "gate_up": (2 * c.intermediate_size,),
+        "act": (c.intermediate_size,),
+    }
+    per_row = {"last": (c.hidden_size,), "last_norm": (c.hidden_size,), "logits": (c.vocab_size,)}
+    return per_token, per_row
+
+
 class Workspace:
     """Activation buffers allocated once by the backend, for passes of up to `tokens` tokens
     and `logit_rows` rows of logits. `views(rows)` maps each buffer's name to its first `rows`
@@ -31,20 +51,9 @@ class Workspace:
     small for a pass (scoring a whole prompt) is left out, and the op given None allocates."""
 
     def __init__(self, backend: Backend, config: ModelConfig, tokens: int, logit_rows: int):
-        c = config
-        widths = {
-            "x": (c.hidden_size,),  # the residual stream
-            "h": (c.hidden_size,),  # norm outputs and the linears that feed the residual
-            "qkv": (c.q_size + 2 * c.kv_size,),
-            "q": (c.num_heads, c.head_dim),
-            "k": (c.num_kv_heads, c.head_dim),
-            "attn": (c.q_size,),
-            "gate_up": (2 * c.intermediate_size,),
-            "act": (c.intermediate_size,),
-        }
-        self._buffers = {name: backend.empty((tokens, *w)) for name, w in widths.items()}
-        final = {"last": (c.hidden_size,), "last_norm": (c.hidden_size,), "logits": (c.vocab_size,)}
-        self._buffers.update({n: backend.empty((logit_rows, *w)) for n, w in final.items()})
+        per_token, per_row = activation_widths(config)
+        self._buffers = {name: backend.empty((tokens, *w)) for name, w in per_token.items()}
+        self._buffers.update({n: backend.empty((logit_rows, *w)) for n, w in per_row.items()})
         self._views: dict[int, dict[str, Array]] = {}
 
     def views(self, rows: int) -> dict[str, Array]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,15 +74,15 @@ class _SamplingFields(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    min_p: float = 0.0
+    min_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
+    presence_penalty: float | None = None  # None: SamplingParams' default
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -91,7 +90,7 @@ class _SamplingFields(BaseModel):
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, best_of: int | None = None
     ) -> SamplingParams:
-        """The request as SamplingParams; ValueError (-> 400) for values out of range."""
+        """The request as SamplingParams; InvalidInputError (-> 400) for values out of range."""
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed with stream: true")
         # Fields named as in SamplingParams map by name; these three differ per endpoint.
@@ -134,7 +133,7 @@ class CompletionRequest(_SamplingFields, _IgnoredFields):
         if self.stream and self.best_of is not None and self.best_of > self.n:
             raise OpenAIError("best_of > n cannot be streamed", param="best_of")
         max_tokens = context_window if self.max_tokens is None else self.max_tokens
-        return _checked(lambda: self.sampling_params(max_tokens, self.logprobs, self.best_of))
+        return self.sampling_params(max_tokens, self.logprobs, self.best_of)
 
 
 class TextPart(BaseModel):
@@ -220,19 +219,10 @@ class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
         )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = context_window if limit is None else limit
-        return _checked(lambda: self.sampling_params(max_tokens, logprobs))
+        return self.sampling_params(max_tokens, logprobs)
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.as_template_message() for m in self.messages]
-
-
-def _checked(build: Callable[[], SamplingParams]) -> SamplingParams:
-    """SamplingParams from a request's fields; their out-of-range values are the client's
-    to fix (a 400), whether SamplingParams says so with InvalidInputError or ValueError."""
-    try:
-        return build()
-    except ValueError as error:
-        raise OpenAIError(str(error)) from None
 
 
 def new_id(prefix: str) -> str:

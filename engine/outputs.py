@@ -110,11 +110,11 @@ class RequestOutput:
             self.error = error
 
     def fail(self, error: str) -> None:
-        """End every unfinished completion with finish reason "error": the request failed
-        inside the engine (a bug, logged with its traceback); the others went on."""
+        """End the request with finish reason "error" on every completion, finished or not:
+        it failed inside the engine (a bug, logged with its traceback), so none of its
+        results can be trusted; the other requests went on."""
         for c in self.outputs:
-            if c.finish_reason is None:
-                c.finish_reason = "error"
+            c.finish_reason = "error"
         self.error = error
 
     def to_dict(self) -> dict:

@@ -12,6 +12,7 @@ if the reservation or the pass fails they are rolled back before the error propa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -23,13 +24,15 @@ from engine.errors import LaminaError
 from engine.kv_cache import (
     BLOCK_SIZE,
     ForwardBatch,
+    NoFreeBlocksError,
     PagedKVCache,
+    ReservationError,
     budget_blocks,
     kv_bytes_per_token,
 )
 from engine.layer_placement import CacheMemory, Placement, cache_memory, place_layers
 from engine.loader.model_loader import LoadedModel
-from engine.model import Transformer, Workspace
+from engine.model import Transformer, Workspace, activation_widths
 
 Chunk = tuple[Hashable, Sequence[int]]
 
@@ -45,8 +48,12 @@ class ModelRunner:
         tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
         reserve = self.kv_cache_bytes + activation_bytes(model_config, tokens, seqs)
         self.placement: Placement = place_layers(loaded, backend, config, memory, reserve)
-        self.model = Transformer(model_config, loaded.weights, self.placement.layers, backend)
-        self.workspace = Workspace(backend, model_config, tokens, seqs)
+        try:
+            self.model = Transformer(model_config, loaded.weights, self.placement.layers, backend)
+            self.workspace = Workspace(backend, model_config, tokens, seqs)
+        except BaseException:  # the streams hold a thread, a file and pinned memory
+            self.placement.close()
+            raise
 
     def _make_cache(
         self, model: ModelConfig, config: EngineConfig, memory: CacheMemory
@@ -98,7 +105,12 @@ class ModelRunner:
         pass of a temporary sequence: a copy the caller keeps."""
         self.cache.add_sequence(seq_id, [])
         try:
-            batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)], all_logits=True)
+            try:
+                batch = ForwardBatch.build(self.cache, [(seq_id, token_ids)], all_logits=True)
+            except ReservationError as error:
+                if isinstance(error.__cause__, NoFreeBlocksError):
+                    raise error.__cause__ from None  # a LaminaError: the cache is busy or small
+                raise
             return np.array(self.model.forward(batch, self.workspace))
         finally:
             self.cache.free(seq_id)
@@ -108,19 +120,21 @@ class ModelRunner:
         self.placement.close()
 
 
-def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
-    """The memory one forward pass of `tokens` tokens computes in, for the placement budget:
-    the float32 workspace (residual stream, norms, fused QKV, q and k copies, attention
-    output, the fused MLP's intermediates; normed last rows and logits for `seqs` sequences),
-    the sampling copies of the logits, and the backends' scratch (int16 activations of the
-    widest linear input, a v copy on the GPU, and a margin for split-attention partials)."""
-    c = config
-    per_token = 2 * c.hidden_size + 2 * c.q_size + 4 * c.kv_size + 3 * c.intermediate_size
-    per_token += max(c.hidden_size, c.intermediate_size) // 2 + 1  # int16 activations, scale
-    per_seq = 2 * c.hidden_size + 2 * c.vocab_size
-    return 4 * (tokens * per_token + seqs * per_seq) + _ATTENTION_PARTIALS
-
-
 # Split attention's partial sums on a GPU: a few (splits x tokens x heads x head_dim) floats,
 # with splits only for batches too small to fill the SMs; 1 MiB bounds them on real GPUs.
 _ATTENTION_PARTIALS = 2**20
+
+
+def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
+    """The memory a forward pass of `tokens` tokens computes in, for the placement budget:
+    the workspace (its buffers for `tokens` tokens and `seqs` rows of logits), the sampling
+    copies of the logits, and the backends' scratch: int16 activations of the widest linear
+    input with their scales, a v copy on the GPU, and a margin for split-attention partials.
+    (Activation-sparse linears keep per-thread partial sums too, CPU only, not counted.)"""
+    c = config
+    per_token, per_row = activation_widths(c)
+    workspace = tokens * sum(map(math.prod, per_token.values()))
+    workspace += seqs * sum(map(math.prod, per_row.values()))
+    sampling = 2 * seqs * c.vocab_size
+    scratch_bytes = tokens * (2 * max(c.hidden_size, c.intermediate_size) + 4 + 4 * c.kv_size)
+    return 4 * (workspace + sampling) + scratch_bytes + _ATTENTION_PARTIALS

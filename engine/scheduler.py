@@ -209,5 +209,6 @@ class Scheduler:
 
     def _release(self, group: SequenceGroup) -> None:
         for seq in group.live:
-            self.cache.free(seq.seq_id)
+            if seq.seq_id in self.cache:  # a request that failed may have freed it already
+                self.cache.free(seq.seq_id)
             seq.computed = 0

@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 from engine.api import LLM
 from engine.async_engine import AsyncEngine, EngineStopped, RequestHandle, Update, updates
-from engine.errors import ContextLengthError, LaminaError
+from engine.errors import ContextLengthError, EngineClosedError, LaminaError
 from engine.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -105,6 +105,8 @@ class OpenAIServer:
                 raise OpenAIError(_validation_message(error)) from None
             except ContextLengthError as error:
                 raise OpenAIError(str(error), code="context_length_exceeded") from None
+            except EngineClosedError as error:
+                raise OpenAIError(str(error), status=503, kind="server_error") from None
             except LaminaError as error:
                 raise OpenAIError(str(error)) from None
             except EngineStopped:

@@ -194,9 +194,6 @@ class DeviceLayerStream:
         for slot, layer in zip(self._slots, streamed):  # the first pass's first layers
             self._copy(slot, layer)
 
-    def __len__(self) -> int:
-        return self._num_layers
-
     @property
     def stats(self) -> DeviceStreamStats:
         """The counters, with every timing still in flight read back first."""

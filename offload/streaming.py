@@ -120,8 +120,10 @@ class LayerLayout:
 
 
 def hidden_share(wait_s: float, busy_s: float) -> float:
-    """The share of `busy_s` spent by a transfer that compute did not wait for."""
-    return 1.0 - wait_s / busy_s if busy_s > 0 else 0.0
+    """The share of `busy_s` spent by a transfer that compute did not wait for. A wait also
+    counts the waiting thread's wake-up, so on a busy machine it can outlast the transfer
+    itself: that is no overlap at all, not a negative one."""
+    return max(0.0, 1.0 - wait_s / busy_s) if busy_s > 0 else 0.0
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -249,9 +251,6 @@ class LayerStream:
         for slot, layer in zip(self._slots, self._order):  # the first pass's first layers
             self._load(slot, layer)
 
-    def __len__(self) -> int:
-        return self._num_layers
-
     @property
     def streamed(self) -> tuple[int, ...]:
         """The streamed layers, in the order a forward pass uses them."""
@@ -284,7 +283,7 @@ class LayerStream:
 
     def read_bytes(self, index: int) -> np.ndarray:
         """Streamed layer `index` as raw bytes laid out by `layout(index)`, for a consumer
-        that copies them on whole (to a GPU). Same contract as indexing: the bytes stay
+        that copies them on whole (to a GPU). Same contract as `fetch`: the bytes stay
         valid until another streamed layer is asked for."""
         slot = self._acquire(index)
         return slot.buffer[: self._layouts[index].nbytes]

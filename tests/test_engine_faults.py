@@ -108,8 +108,9 @@ def test_detokenizer_failure_ends_only_its_request(llm, clean, monkeypatch, capl
 def test_allocation_failure_mid_step_rolls_back_and_ends_only_its_request(
     llm, clean, monkeypatch, caplog
 ):
-    """The victim's prompt spans two blocks; its second block is refused while other
-    sequences of the same step already hold their reservations."""
+    """The victim's second block (taken while decoding) is refused while the other
+    sequences of the same step, which cross into their second block too, already hold
+    their reservations."""
     cache = llm.engine_loop.cache
     real_reserve, real_allocate = PagedKVCache.reserve, BlockAllocator.allocate
     state = {"victim_seq": None, "reserving": None}

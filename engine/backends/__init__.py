@@ -76,3 +76,14 @@ class Backend(Protocol):
     def take_rows(self, x: Array, rows: np.ndarray, *, out: Array | None = None) -> Array: ...
 
     def to_numpy(self, x: Array) -> np.ndarray: ...
+
+
+class DeviceBackend(Backend, Protocol):
+    """A backend with memory of its own (`separate_memory`): placement copies layers in
+    through pinned host buffers and device buffers, ordered on its stream."""
+
+    stream: Any  # the numba CUDA stream the kernels run on
+
+    def pinned_empty(self, nbytes: int) -> np.ndarray: ...
+
+    def device_empty(self, nbytes: int) -> Array: ...

@@ -21,6 +21,8 @@ import re
 
 import numpy as np
 
+from engine.errors import InvalidInputError
+
 PRUNE_METHODS = ("magnitude", "wanda")
 _BLOCK = 128  # columns per lazy-update block of `reconstruct`
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -32,7 +34,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     match = _NM.match(pattern)
     if not match or not 0 < int(match.group(1)) < int(match.group(2)):
-        raise ValueError(
+        raise InvalidInputError(
             f"sparsity pattern must be 'unstructured' or 'N:M' with 0 < N < M, got {pattern!r}"
         )
     return int(match.group(1)), int(match.group(2))
