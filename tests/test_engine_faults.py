@@ -215,3 +215,15 @@ def test_logits_are_not_shared_between_requests_of_one_step(llm):
     singles = [llm.generate(p, params(i))[0].token_ids for i, p in enumerate(PROMPTS[:3])]
     assert [o.token_ids for o in outs[:3]] == singles
     assert np.unique([tuple(o.token_ids) for o in outs], axis=0).shape[0] > 1
+
+
+def test_generate_iter_refuses_a_bad_prompt_alone(llm, clean):
+    """A prompt that is not valid text ends only its own request, with the reason."""
+    pairs = [(p, params(i)) for i, p in enumerate(PROMPTS)]
+    pairs[VICTIM] = ("bad \ud800 text", params(VICTIM))
+    got = {int(o.request_id): o for o in llm.generate_iter(pairs)}
+    assert got[VICTIM].finish_reason == "abort"
+    assert "not valid UTF-8" in got[VICTIM].error
+    for i in set(range(len(PROMPTS))) - {VICTIM}:
+        assert got[i].token_ids == clean[i][0]
+    assert_all_blocks_free(llm)
