@@ -37,8 +37,8 @@ def test_prefix_caching_can_be_turned_off():
 
 
 def test_a_long_prefix_is_reused_through_the_engine(tmp_path, hf_tokenizer):
-    """A 16k-token prompt (where nested-tuple keys hit Python's recursion limit) is served from
-    the prefix cache the second time: one token computed, the same greedy continuation."""
+    """A 64k-token prompt (nested-tuple keys hit Python's recursion limit from about 16k) is
+    served from the prefix cache the second time: the same greedy continuation."""
     import torch
     import transformers
 
@@ -51,15 +51,15 @@ def test_a_long_prefix_is_reused_through_the_engine(tmp_path, hf_tokenizer):
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=16_448,
+        max_position_embeddings=65_600,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     hf_tokenizer.save_pretrained(tmp_path)
-    llm = LLM(tmp_path, kv_cache_mb=16, max_num_batched_tokens=4096)
-    prompt = [int(t) for t in np.random.default_rng(0).integers(3, VOCAB, 16_400)]
+    llm = LLM(tmp_path, kv_cache_mb=32, max_num_batched_tokens=4096)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, VOCAB, 65_540)]
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     first = llm.generate(prompt, params)[0]
     again = llm.generate(prompt, params)[0]
-    assert again.metrics.cached_prompt_tokens == 16_384  # every full block but the last token's
+    assert again.metrics.cached_prompt_tokens == 65_536  # every full block
     assert again.token_ids == first.token_ids
