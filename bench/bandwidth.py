@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -22,13 +24,50 @@ def _sum_rows(a: np.ndarray) -> float:
     return out.sum()
 
 
-def read_bandwidth_gbps(megabytes: int = 512, repeats: int = 7) -> float:
-    """Median GB/s of a parallel streaming read over an array far larger than the caches."""
-    a = np.ones((megabytes, 2**20 // 4), dtype=np.float32)
-    _sum_rows(a)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _sum_rows(a)
-        times.append(time.perf_counter() - t)
+def llc_bytes() -> int:
+    """The last-level cache of the whole machine, as the kernel reports it: each instance of
+    the highest cache level counted once (32 MiB when nothing is reported)."""
+    instances: dict[int, dict[str, int]] = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+            shared = (index / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        instances.setdefault(level, {})[shared] = int(text.rstrip("KMG")) * unit
+    return sum(instances[max(instances)].values()) if instances else 32 * 2**20
+
+
+def probe_bytes() -> int:
+    """How much the probe reads: at least 8x the last-level cache, so no pass hits in it."""
+    return max(8 * llc_bytes(), 256 * 2**20)
+
+
+def read_bandwidth_gbps(repeats: int = 7, threads: int | None = None) -> float:
+    """Median GB/s of `repeats` parallel streaming reads of `probe_bytes()` with `threads`
+    threads (default: numba's, as the kernels run)."""
+    a = np.ones((probe_bytes() // 2**20, 2**20 // 4), dtype=np.float32)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads or previous)
+    try:
+        _sum_rows(a)  # faults the pages in and compiles
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            _sum_rows(a)
+            times.append(time.perf_counter() - t)
+    finally:
+        numba.set_num_threads(previous)
     return a.nbytes / statistics.median(times) / 1e9
+
+
+def bandwidth_figures(repeats: int = 7) -> dict:
+    """The probe with every thread and with one, and what it read."""
+    return {
+        "bandwidth_gbps": read_bandwidth_gbps(repeats),
+        "bandwidth_1thread_gbps": read_bandwidth_gbps(repeats, threads=1),
+        "bandwidth_probe_mb": probe_bytes() // 2**20,
+        "llc_mb": llc_bytes() / 2**20,
+    }

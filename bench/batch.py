@@ -54,7 +54,7 @@ def run_batch_bench(
     jobs = _job(rng, vocab)
     result.update(_run_job(llm, jobs))
     result["peers"], result["peers_skipped"] = {}, []
-    if "llama.cpp" in peers and installed("llama.cpp"):
+    if "llama.cpp" in peers and installed("llama.cpp") and installed("llama-cpp-python"):
         cache = cache_dir() / f"gguf-{path.stem if path.is_file() else path.name}"
         cache.mkdir(parents=True, exist_ok=True)
         figures = _llama_cpp_job(llama_cpp_gguf(path, quant, cache), jobs)

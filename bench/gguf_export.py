@@ -63,19 +63,6 @@ def _tensors(folder: Path):
         yield from load_file(path).items()
 
 
-def quantize_gguf_q8_0(src: Path, dst: Path) -> Path:
-    """Requantize any GGUF to Q8_0 with llama.cpp's own quantizer (needs llama-cpp-python)."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.allow_requantize = True
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if status != 0:
-        raise RuntimeError(f"llama.cpp failed to quantize {src} (status {status})")
-    return dst
-
-
 def export_gguf(folder: Path, out: Path, tokenizer_gguf: Path, half: bool = False) -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     arch = cfg["model_type"]

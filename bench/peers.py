@@ -8,17 +8,23 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.gguf_export import export_gguf, quantize_gguf_q8_0
+from bench.gguf_export import export_gguf
+from bench.llama_cpp import build_tools, quantize
 from engine.loader.default_model import default_model_path
 
 
 def installed(peer: str) -> bool:
-    module = {"llama.cpp": "llama_cpp", "transformers": "transformers"}[peer]
+    """Whether a peer can run here. llama.cpp: its tools are built (or can be, with cmake
+    and ninja from PyPI); llama-cpp-python for the peers that still use it (batch, serve)."""
+    if peer == "llama.cpp":
+        return all(importlib.util.find_spec(m) is not None for m in ("cmake", "ninja"))
+    module = {"llama-cpp-python": "llama_cpp", "transformers": "transformers"}[peer]
     return importlib.util.find_spec(module) is not None
 
 
 def llama_cpp_gguf(model_path: Path, quant: str | None, cache: Path) -> Path:
-    """The GGUF llama.cpp should run: Q8_0 of the same weights for an int8 comparison."""
+    """The GGUF llama.cpp should run: for an int8 comparison, Q8_0 of the same weights made
+    by llama.cpp's own llama-quantize (a GGUF source is requantized from its own type)."""
     if model_path.is_dir():
         source = cache / "model-f16.gguf"
         if not source.exists():
@@ -27,39 +33,7 @@ def llama_cpp_gguf(model_path: Path, quant: str | None, cache: Path) -> Path:
         source = model_path
     if quant != "int8":
         return source
-    target = cache / f"{source.stem}-Q8_0.gguf"
-    if not target.exists():
-        quantize_gguf_q8_0(source, target)
-    return target
-
-
-def llama_cpp_figures(gguf_path: Path, ids: list[int], gen: int, runs: int) -> dict:
-    """Prefill and decode with llama-cpp-python, greedy, timed like lamina (wall clock)."""
-    from llama_cpp import Llama
-
-    threads = os.cpu_count() or 1
-    start = time.perf_counter()
-    llm = Llama(
-        model_path=str(gguf_path),
-        n_ctx=len(ids) + gen + 16,
-        n_batch=max(512, len(ids)),
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    load_s = time.perf_counter() - start
-    ttft, tpot = [], []
-    for _ in range(runs):
-        llm.reset()
-        t0 = time.perf_counter()
-        tokens = llm.generate(ids, top_k=1, temp=0.0, reset=True)
-        next(tokens)
-        first = time.perf_counter() - t0
-        for _ in range(gen - 1):
-            next(tokens)
-        ttft.append(first)
-        tpot.append((time.perf_counter() - t0 - first) / (gen - 1))
-    return _summary(load_s, ttft, tpot, len(ids), gguf_path.name)
+    return quantize(build_tools(), source, "Q8_0", cache / f"{source.stem}-Q8_0.gguf")
 
 
 def transformers_figures(model_path: Path, ids: list[int], gen: int, runs: int) -> dict:

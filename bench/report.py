@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +31,38 @@ _TABLE_KEYS = (
 )  # fmt: skip
 
 
+def machine() -> dict:
+    """What every figure needs next to it: the CPU, the ISA path the kernels chose, the
+    threads they ran with, and the lamina commit measured."""
+    import platform
+
+    import numba
+
+    from kernels_cpu.simd import host_kind
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    source = Path(__file__).resolve().parents[1]
+    git = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    commit = git.stdout.strip() if git.returncode == 0 else "unknown"
+    return {"cpu": cpu, "isa": host_kind(), "threads": numba.get_num_threads(), "commit": commit}
+
+
 def write_report(name: str, rows: list[dict]) -> None:
+    """Stamp each row with `machine()` (so the JSON printed after it carries it too), then
+    write the rows."""
+    stamp = machine()
+    for row in rows:
+        row.setdefault("machine", stamp)
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.bandwidth import read_bandwidth_gbps
-from bench.peers import installed, llama_cpp_figures, llama_cpp_gguf, transformers_figures
+from bench.bandwidth import bandwidth_figures
+from bench.llama_cpp import build_tools, llama_bench
+from bench.peers import installed, llama_cpp_gguf, transformers_figures
 from bench.random_model import cache_dir, random_model_path
 from bench.report import write_report
 from bench.timing import KernelTimer
@@ -39,9 +41,16 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 def lamina_figures(
-    path: Path, quant: str | None, prompt: int, gen: int, runs: int
+    path: Path,
+    quant: str | None,
+    prompt: int,
+    gen: int,
+    runs: int,
+    between: Callable[[], None] | None = None,
 ) -> tuple[dict, list[int]]:
-    """lamina's figures, and the prompt ids it used (the peers get the same ones)."""
+    """lamina's figures, and the prompt ids it used (the peers get the same ones).
+    `between` runs after each of lamina's runs: a peer's run, interleaved with lamina's so
+    that both see the same machine load."""
     from engine import LLM, SamplingParams
 
     llm = LLM(path, quant=quant, enable_prefix_caching=False)  # every run prefills in full
@@ -61,6 +70,8 @@ def lamina_figures(
         tpot.append(m.tpot_s)
         decode_s = m.total_s - m.ttft_s
         outside.append((decode_s - timer.seconds) / (m.generated_tokens - 1))
+        if between is not None:
+            between()
     t, p = statistics.median(ttft), statistics.median(tpot)
     return {
         "weights": quant or "f32",
@@ -123,8 +134,12 @@ def run_e2e(
     result: dict = {"model": model or "default", "path": str(path), "quant": quant or "f32"}
     result["prompt_tokens"], result["gen_tokens"], result["runs"] = prompt, gen, runs
     result.update(startup_figures(path, quant))
-    result["bandwidth_gbps"] = read_bandwidth_gbps()
-    figures, ids = lamina_figures(path, quant, prompt, gen, runs)
+    result.update(bandwidth_figures())
+    peer_runs: list[dict] = []
+    between = None
+    if "llama.cpp" in peers and installed("llama.cpp"):
+        between = _llama_bench_round(path, quant, prompt, gen, peer_runs)
+    figures, ids = lamina_figures(path, quant, prompt, gen, runs, between)
     result.update(figures)
     result["bandwidth_limit_tok_s"] = result["bandwidth_gbps"] * 1e9 / result["bytes_per_token"]
     result["decode_vs_bandwidth_limit"] = result["decode_tok_s"] / result["bandwidth_limit_tok_s"]
@@ -134,9 +149,7 @@ def run_e2e(
             result["peers_skipped"].append(f"{peer} (not installed)")
             continue
         if peer == "llama.cpp":
-            cache = cache_dir() / f"gguf-{path.stem if path.is_file() else path.name}"
-            cache.mkdir(parents=True, exist_ok=True)
-            figures = llama_cpp_figures(llama_cpp_gguf(path, quant, cache), ids, gen, runs)
+            figures = _median_llama_bench(peer_runs)
         else:
             figures = transformers_figures(path, ids, gen, max(2, runs // 2))
         result["peers"][peer] = figures
@@ -145,15 +158,42 @@ def run_e2e(
     return result
 
 
+def _llama_bench_round(
+    path: Path, quant: str | None, prompt: int, gen: int, runs: list[dict]
+) -> Callable[[], None]:
+    """One llama-bench repetition (pp`prompt`, tg`gen`, lamina's thread count) per call,
+    on the same weights quantized by llama-quantize; appended to `runs`."""
+    import numba
+
+    cache = cache_dir() / f"gguf-{path.stem if path.is_file() else path.name}"
+    cache.mkdir(parents=True, exist_ok=True)
+    gguf = llama_cpp_gguf(path, quant, cache)
+    tools, threads = build_tools(), numba.get_num_threads()
+    return lambda: runs.append(llama_bench(tools, gguf, threads, prompt, gen, reps=1))
+
+
+def _median_llama_bench(runs: list[dict]) -> dict:
+    """llama-bench's figures as medians over the interleaved runs (and its own samples)."""
+    decode = [t for r in runs for t in r["decode_samples_tok_s"]]
+    prefill = [t for r in runs for t in r["prefill_samples_tok_s"]]
+    keep = ("weights", "threads", "cpu", "build")
+    return {
+        **{k: runs[0][k] for k in keep},
+        "decode_tok_s": statistics.median(decode),
+        "prefill_tok_s": statistics.median(prefill),
+        "runs": len(runs),
+    }
+
+
 def main(args) -> int:
     """Entry point for `lamina bench` (args parsed by engine.cli)."""
     if args.what == "kernels":
         from bench.kernels import run_kernels
 
         rows = run_kernels(args.runs)
+        write_report("kernels", rows)
         for row in rows:
             print(json.dumps(row) if args.json else _kernel_line(row))
-        write_report("kernels", rows)
         return 0
     if args.what == "sparsity":
         from bench.sparsity import quality_table, speed_table

@@ -68,7 +68,7 @@ def run_serve_bench(
         "peers_skipped": [],
     }
     result["aggregate_vs_single"] = result["aggregate_tok_s"] / result["single_tok_s"]
-    if "llama.cpp" in peers and installed("llama.cpp"):
+    if "llama.cpp" in peers and installed("llama.cpp") and installed("llama-cpp-python"):
         gguf = llama_cpp_gguf(path, quant, cache_dir())
         peer = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
         peer += ["--model_alias", MODEL_NAME, "--n_ctx", "2048", "--verbose", "false"]

@@ -8,7 +8,7 @@ from engine.cli import main
 
 E2E_KEYS = (
     "prefill_tok_s", "decode_tok_s", "ttft_s", "tpot_s", "load_s", "peak_rss_mb",
-    "bandwidth_gbps", "bytes_per_token", "warm_start_s", "cold_start_s",
+    "bandwidth_gbps", "bandwidth_1thread_gbps", "bytes_per_token", "warm_start_s", "cold_start_s",
     "overhead_per_token_s", "decode_vs_bandwidth_limit",
 )  # fmt: skip
 
@@ -22,6 +22,7 @@ def test_bench_e2e_on_a_random_model(tmp_path, monkeypatch, capsys):
     for key in E2E_KEYS:
         assert result[key] > 0, key
     assert result["quant"] == "int8"
+    assert set(result["machine"]) == {"cpu", "isa", "threads", "commit"}
     written = {p.suffix for p in (tmp_path / "results").iterdir()}
     assert {".json", ".md"} <= written
 
@@ -36,6 +37,7 @@ def test_bench_kernels_json_lines(tmp_path, monkeypatch, capsys):
     assert {r["kernel"] for r in rows} == {"gemv_int8", "gemv_f32"}
     for row in rows:
         assert row["shape"] == "17x33" and row["gbps"] > 0 and row["bandwidth_gbps"] > 0
+        assert row["machine"]["isa"] and row["machine"]["threads"] >= 1
 
 
 def test_bench_batch_reports_curve_prefix_and_job(tmp_path, monkeypatch, capsys):
@@ -69,3 +71,43 @@ def test_bench_serve_reports_aggregate_and_ttft(tmp_path, monkeypatch, capsys):
     for key in ("single_tok_s", "aggregate_tok_s", "ttft_p50_s", "ttft_p99_s"):
         assert result[key] > 0, key
     assert result["ttft_p50_s"] <= result["ttft_p99_s"]
+
+
+def test_bandwidth_probe_reads_8x_the_last_level_cache():
+    """Checked against the cache sizes lscpu reports (the whole machine's last level)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from bench.bandwidth import llc_bytes, probe_bytes
+
+    if shutil.which("lscpu") is None:
+        pytest.skip("lscpu is not installed")
+    out = subprocess.run(
+        ["lscpu", "--caches=LEVEL,ALL-SIZE", "--bytes"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0 or not out.stdout.strip():
+        pytest.skip("lscpu reports no caches here")
+    sizes = [line.split() for line in out.stdout.splitlines()[1:] if line.strip()]
+    top = max(int(level) for level, _ in sizes)
+    reported = max(int(size) for level, size in sizes if int(level) == top)
+    assert llc_bytes() == reported
+    assert probe_bytes() >= 8 * reported
+
+
+def test_llama_bench_json_is_parsed_from_a_recorded_run():
+    """A real `llama-bench -m SmolLM2 Q8_0 -t 2 -p 128 -n 64 -r 2 -o json` output (the
+    build itself never runs in CI)."""
+    from pathlib import Path
+
+    from bench.llama_cpp import parse_llama_bench
+
+    text = (Path(__file__).parent / "data" / "llama_bench_smollm2_q8_0.json").read_text()
+    figures = parse_llama_bench(text)
+    raw = json.loads(text)
+    assert figures["prefill_tok_s"] == raw[0]["avg_ts"] and raw[0]["n_prompt"] == 128
+    assert figures["decode_tok_s"] == raw[1]["avg_ts"] and raw[1]["n_gen"] == 64
+    assert len(figures["decode_samples_tok_s"]) == 2
+    assert figures["weights"].endswith("Q8_0") and figures["threads"] == 2

@@ -1,0 +1,126 @@
+"""llama.cpp's own tools as the peer: `llama-bench`, `llama-quantize` and `llama-server`.
+
+llama-cpp-python's Python generate loop adds its own per-token overhead, so it understates
+llama.cpp. The fair peer is llama.cpp's C++ tools, built once on this machine with
+GGML_NATIVE=ON (every ISA extension the CPU has) from the sources vendored in the
+llama-cpp-python sdist, with cmake and ninja from PyPI, and cached under the lamina cache
+folder per llama-cpp-python version and CPU kind. Nothing here runs in CI: tests parse a
+recorded `llama-bench -o json` output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from bench.random_model import cache_dir
+
+TOOLS = ("llama-bench", "llama-quantize", "llama-server")
+# Keep the build small: no network, no tests or examples. The tools link llama.cpp's shared
+# libraries, copied next to them and found through LD_LIBRARY_PATH.
+_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+)
+
+
+def _sdist_version() -> str | None:
+    """The installed llama-cpp-python's version, so the tools match the server peer."""
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tools_dir() -> Path:
+    from kernels_cpu.simd import host_kind
+
+    return cache_dir() / "llama.cpp" / f"{_sdist_version() or 'latest'}-{host_kind()}"
+
+
+def build_tools(log=sys.stderr) -> Path:
+    """The folder holding the built tools, building them first if they are not cached."""
+    out = tools_dir()
+    if all((out / tool).exists() for tool in TOOLS):
+        return out
+    import cmake  # the PyPI packages: no system toolchain beyond a C++ compiler
+    import ninja
+
+    cmake_bin = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+    ninja_bin = Path(ninja.BIN_DIR) / "ninja"
+    version = _sdist_version()
+    spec = f"llama-cpp-python=={version}" if version else "llama-cpp-python"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print(f"lamina bench: building llama.cpp's tools from {spec} (once)", file=log)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:",
+              "--no-deps", spec, "-d", str(work)])  # fmt: skip
+        (sdist,) = work.glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+        (source,) = work.glob("llama_cpp_python-*/vendor/llama.cpp")
+        build = work / "build"
+        _run([str(cmake_bin), "-S", str(source), "-B", str(build), "-G", "Ninja",
+              f"-DCMAKE_MAKE_PROGRAM={ninja_bin}", *_CMAKE_FLAGS])  # fmt: skip
+        _run([str(ninja_bin), "-C", str(build), *TOOLS])
+        shutil.copytree(build / "bin", out, symlinks=True, dirs_exist_ok=True)
+    return out
+
+
+def quantize(tools: Path, source: Path, qtype: str, target: Path) -> Path:
+    """`llama-quantize SOURCE TARGET QTYPE`, once: the peer runs its own quantization."""
+    if not target.exists():
+        partial = target.with_suffix(".partial")
+        requant = ["--allow-requantize"]  # a GGUF shipped quantized (the default model)
+        _run([str(tools / "llama-quantize"), *requant, str(source), str(partial), qtype])
+        partial.rename(target)
+    return target
+
+
+def llama_bench(tools: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int) -> dict:
+    """One `llama-bench -o json` run: pp`prompt` and tg`gen` with `threads` threads."""
+    cmd = [str(tools / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+           "-n", str(gen), "-r", str(reps), "-o", "json"]  # fmt: skip
+    return parse_llama_bench(_run(cmd))
+
+
+def parse_llama_bench(text: str) -> dict:
+    """Prefill (pp) and decode (tg) figures from llama-bench's JSON output."""
+    rows = json.loads(text)
+    pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return {
+        "prefill_tok_s": pp["avg_ts"],
+        "decode_tok_s": tg["avg_ts"],
+        "prefill_samples_tok_s": pp["samples_ts"],
+        "decode_samples_tok_s": tg["samples_ts"],
+        "weights": tg["model_type"],
+        "threads": tg["n_threads"],
+        "cpu": tg["cpu_info"],
+        "build": f"{tg['build_commit']} ({tg['build_number']})",
+    }
+
+
+def _run(cmd: list[str]) -> str:
+    """Run a tool (its shared libraries beside it); its output on failure, so a broken build
+    says why."""
+    libs = str(Path(cmd[0]).parent)
+    env = {**os.environ, "LC_ALL": "C", "LD_LIBRARY_PATH": libs}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd[:2])} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
+        )
+    return proc.stdout
