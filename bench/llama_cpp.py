@@ -96,6 +96,19 @@ def llama_bench(tools: Path, gguf: Path, threads: int, prompt: int, gen: int, re
     return parse_llama_bench(_run(cmd))
 
 
+def server_command(
+    tools: Path, gguf: Path, alias: str, slots: int, context_per_slot: int
+) -> tuple[list[str], dict[str, str]]:
+    """`llama-server` serving `slots` requests at once (-np), with every core's thread, and
+    the environment that finds its libraries; the caller adds --port."""
+    import numba
+
+    cmd = [str(tools / "llama-server"), "-m", str(gguf), "--alias", alias, "--host", "127.0.0.1",
+           "-np", str(slots), "-c", str(slots * context_per_slot),
+           "-t", str(numba.get_num_threads())]  # fmt: skip
+    return cmd, _env(tools)
+
+
 def parse_llama_bench(text: str) -> dict:
     """Prefill (pp) and decode (tg) figures from llama-bench's JSON output."""
     rows = json.loads(text)
@@ -113,11 +126,15 @@ def parse_llama_bench(text: str) -> dict:
     }
 
 
+def _env(tools: Path) -> dict[str, str]:
+    """The tools' environment: their shared libraries beside them, a plain locale."""
+    return {**os.environ, "LC_ALL": "C", "LD_LIBRARY_PATH": str(tools)}
+
+
 def _run(cmd: list[str]) -> str:
     """Run a tool (its shared libraries beside it); its output on failure, so a broken build
     says why."""
-    libs = str(Path(cmd[0]).parent)
-    env = {**os.environ, "LC_ALL": "C", "LD_LIBRARY_PATH": libs}
+    env = _env(Path(cmd[0]).parent)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.llama_cpp import build_tools, server_command
 from bench.peers import installed, llama_cpp_gguf
 from bench.random_model import cache_dir
 
@@ -46,7 +46,8 @@ def run_serve_bench(
     gen: int = 64,
     kv_cache_dtype: str = "float32",
 ) -> dict:
-    """lamina's server figures and, when installed, llama-cpp-python's on a Q8_0 GGUF."""
+    """lamina's server figures and, with the llama.cpp peer, llama-server's on the same
+    weights (Q8_0 from llama-quantize for int8), with one slot per client."""
     from engine.loader.model_loader import load_model
 
     eos = load_model(path, "int8").config.eos_token_ids
@@ -68,28 +69,28 @@ def run_serve_bench(
         "peers_skipped": [],
     }
     result["aggregate_vs_single"] = result["aggregate_tok_s"] / result["single_tok_s"]
-    if "llama.cpp" in peers and installed("llama.cpp") and installed("llama-cpp-python"):
+    if "llama.cpp" in peers and installed("llama.cpp"):
         gguf = llama_cpp_gguf(path, quant, cache_dir())
-        peer = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
-        peer += ["--model_alias", MODEL_NAME, "--n_ctx", "2048", "--verbose", "false"]
-        # By default a new request interrupts the one streaming; queue them instead.
-        peer += ["--interrupt_requests", "false"]
-        peer += ["--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())]
-        figures = _measure(peer, prompts, body, runs)
+        # One slot per client (-np), each with room for its prompt and reply.
+        peer, env = server_command(build_tools(), gguf, MODEL_NAME, clients, 512)
+        figures = _measure(peer, prompts, body, runs, env)
         figures["aggregate_vs_single"] = figures["aggregate_tok_s"] / figures["single_tok_s"]
         result["peers"]["llama.cpp"] = figures
         result["aggregate_tok_s_vs_llama.cpp"] = (
             result["aggregate_tok_s"] / figures["aggregate_tok_s"]
         )
     elif "llama.cpp" in peers:
-        result["peers_skipped"].append("llama.cpp (llama-cpp-python[server] not installed)")
+        result["peers_skipped"].append("llama.cpp (cmake and ninja from PyPI are needed)")
     return result
 
 
-def _measure(command: list[str], prompts: list[str], body: dict, runs: int) -> dict:
+def _measure(
+    command: list[str], prompts: list[str], body: dict, runs: int, env: dict | None = None
+) -> dict:
     port = _free_port()
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=log)
+        cmd = [*command, "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
             load_s = _wait_healthy(proc, url, log)
