@@ -158,6 +158,64 @@ def run_e2e(
     return result
 
 
+def run_profile(model: str | None, quant: str | None, prompt: int, gen: int) -> dict:
+    """Where the time of a decode step goes: each backend op (linears per shape and format)
+    in microseconds per token, its calls per token and its share of the step, and what is
+    left outside the kernels (Python, scheduling, sampling)."""
+    from engine import LLM, SamplingParams
+
+    path = resolve_model(model)
+    llm = LLM(path, quant=quant, enable_prefix_caching=False)
+    ids = prompt_ids(llm.tokenizer, prompt)
+    params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    llm.generate(ids, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    timer = KernelTimer(llm.backend)
+    stream = llm.stream(ids, params)
+    next(stream)
+    timer.reset()  # decode steps only
+    for _ in stream:
+        pass
+    m = stream.output.metrics
+    steps, decode_s = m.generated_tokens - 1, m.total_s - m.ttft_s
+    ops = [
+        {
+            "op": op,
+            "us_per_token": 1e6 * seconds / steps,
+            "calls_per_token": calls / steps,
+            "share": seconds / decode_s,
+        }
+        for op, (seconds, calls) in sorted(timer.per_op.items(), key=lambda kv: -kv[1][0])
+    ]
+    outside = decode_s - timer.seconds
+    ops.append(
+        {
+            "op": "outside kernels",
+            "us_per_token": 1e6 * outside / steps,
+            "share": outside / decode_s,
+        }
+    )
+    return {
+        "kind": "profile",
+        "model": model or "default",
+        "quant": quant or "f32",
+        "prompt_tokens": prompt,
+        "gen_tokens": gen,
+        "step_us": 1e6 * decode_s / steps,
+        "decode_tok_s": steps / decode_s,
+        "ops": ops,
+    }
+
+
+def _profile_table(result: dict) -> str:
+    lines = [f"decode step {result['step_us']:.0f} us ({result['decode_tok_s']:.1f} tok/s)"]
+    for row in result["ops"]:
+        calls = f"{row['calls_per_token']:6.1f}" if "calls_per_token" in row else "      "
+        lines.append(
+            f"{row['op']:>40}  {row['us_per_token']:9.1f} us  {calls} calls  {row['share']:6.1%}"
+        )
+    return "\n".join(lines)
+
+
 def _llama_bench_round(
     path: Path, quant: str | None, prompt: int, gen: int, runs: list[dict]
 ) -> Callable[[], None]:
@@ -218,6 +276,11 @@ def main(args) -> int:
         )
         write_report(f"stream-{_slug(args.model)}-{result['quant']}", [result])
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
+    if args.profile:
+        result = run_profile(args.model, args.quant, args.prompt_tokens, args.gen_tokens)
+        write_report(f"profile-{_slug(args.model)}-{result['quant']}", [result])
+        print(json.dumps(result) if args.json else _profile_table(result))
         return 0
     peers = [p for p in (args.peers or "").split(",") if p]
     if args.what == "serve":

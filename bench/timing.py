@@ -5,29 +5,47 @@ from __future__ import annotations
 import time
 from typing import Any
 
-KERNEL_METHODS = ("embed", "rmsnorm", "linear", "rope", "attention", "silu_mul")
+# Every Backend op that computes (engine/backends/__init__.py).
+KERNEL_METHODS = (
+    "embed", "rmsnorm", "linear", "split_qkv", "rope", "attention", "silu_mul", "add_",
+    "take_rows",
+)  # fmt: skip
 
 
 class KernelTimer:
-    """Wraps a backend instance's kernel methods with perf_counter accounting."""
+    """Wraps a backend instance's kernel methods with perf_counter accounting: in total, and
+    per op (linears per shape and format), for `lamina bench --profile`."""
 
     def __init__(self, backend: Any) -> None:
         self.seconds = 0.0
         self.calls = 0
+        self.per_op: dict[str, list] = {}  # op -> [seconds, calls]
         for name in KERNEL_METHODS:
-            setattr(backend, name, self._timed(getattr(backend, name)))
+            setattr(backend, name, self._timed(name, getattr(backend, name)))
 
-    def _timed(self, fn):
+    def _timed(self, name: str, fn):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                seconds = time.perf_counter() - start
+                self.seconds += seconds
                 self.calls += 1
+                entry = self.per_op.setdefault(_op_key(name, args), [0.0, 0])
+                entry[0] += seconds
+                entry[1] += 1
 
         return wrapper
 
     def reset(self) -> None:
         self.seconds = 0.0
         self.calls = 0
+        self.per_op.clear()
+
+
+def _op_key(name: str, args: tuple) -> str:
+    if name == "linear":
+        w = args[1]
+        return f"linear {w.out_features}x{w.in_features} {type(w).__name__}"
+    return name

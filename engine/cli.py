@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batch", action="store_true", help="continuous batching: batch curve, prefix, job"
     )
+    bench.add_argument(
+        "--profile", action="store_true", help="where a decode step's time goes, op by op"
+    )
     EngineConfig.add_cli_args(bench, ("kv_cache_dtype",))
     bench.add_argument(
         "--cpu-memory",

@@ -111,3 +111,17 @@ def test_llama_bench_json_is_parsed_from_a_recorded_run():
     assert figures["decode_tok_s"] == raw[1]["avg_ts"] and raw[1]["n_gen"] == 64
     assert len(figures["decode_samples_tok_s"]) == 2
     assert figures["weights"].endswith("Q8_0") and figures["threads"] == 2
+
+
+def test_bench_profile_splits_a_decode_step_by_op(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LAMINA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAMINA_BENCH_RESULTS", str(tmp_path / "results"))
+    argv = ["bench", "--profile", "--model", "random:llama-tiny", "--quant", "int8"]
+    assert main([*argv, "--prompt-tokens", "16", "--gen-tokens", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ops = {row["op"]: row for row in result["ops"]}
+    layers = ops["attention"]["calls_per_token"]
+    assert layers >= 1 and ops["rmsnorm"]["calls_per_token"] == 2 * layers + 1
+    assert any(op.startswith("linear ") and op.endswith("Int8Weight") for op in ops)
+    assert "outside kernels" in ops
+    assert abs(sum(row["share"] for row in result["ops"]) - 1) < 1e-6
