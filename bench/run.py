@@ -206,6 +206,49 @@ def run_profile(model: str | None, quant: str | None, prompt: int, gen: int) -> 
     }
 
 
+_BUSY = "while True: pass"
+
+
+def run_contention(model: str | None, quant: str | None, prompt: int, gen: int, runs: int) -> dict:
+    """Decode speed at every thread count, with the machine idle and with one busy process
+    per core (what a laptop running other programs looks like), and how the default thread
+    count compares with the best one under each load."""
+    import numba
+
+    from engine import LLM, SamplingParams
+
+    llm = LLM(resolve_model(model), quant=quant, enable_prefix_caching=False)
+    ids = prompt_ids(llm.tokenizer, prompt)
+    params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    llm.generate(ids, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    default, cores = numba.get_num_threads(), os.cpu_count() or 1
+    rows, summary = [], {}
+    for busy in (0, cores):
+        hogs = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(busy)]
+        try:
+            speeds = {}
+            for threads in range(1, default + 1):
+                numba.set_num_threads(threads)
+                tpot = statistics.median(
+                    llm.generate(ids, params)[0].metrics.tpot_s for _ in range(runs)
+                )
+                speeds[threads] = 1.0 / tpot
+                rows.append({"busy_processes": busy, "threads": threads, "decode_tok_s": 1 / tpot})
+        finally:
+            numba.set_num_threads(default)
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+        best = max(speeds, key=speeds.get)
+        summary[f"busy_{busy}"] = {
+            "best_threads": best,
+            "default_threads": default,
+            "default_vs_best": speeds[default] / speeds[best],
+        }
+    return {"kind": "contention", "model": model or "default", "quant": quant or "f32",
+            "runs": runs, "rows": rows, "summary": summary}  # fmt: skip
+
+
 def _profile_table(result: dict) -> str:
     lines = [f"decode step {result['step_us']:.0f} us ({result['decode_tok_s']:.1f} tok/s)"]
     for row in result["ops"]:
@@ -275,6 +318,13 @@ def main(args) -> int:
             args.runs,
         )
         write_report(f"stream-{_slug(args.model)}-{result['quant']}", [result])
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
+    if args.contention:
+        result = run_contention(
+            args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.runs
+        )
+        write_report(f"contention-{_slug(args.model)}-{result['quant']}", [result])
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
         return 0
     if args.profile:

@@ -252,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--profile", action="store_true", help="where a decode step's time goes, op by op"
     )
+    bench.add_argument(
+        "--contention",
+        action="store_true",
+        help="decode at each thread count, idle and with one busy process per core",
+    )
     EngineConfig.add_cli_args(bench, ("kv_cache_dtype",))
     bench.add_argument(
         "--cpu-memory",

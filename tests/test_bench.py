@@ -125,3 +125,18 @@ def test_bench_profile_splits_a_decode_step_by_op(tmp_path, monkeypatch, capsys)
     assert any(op.startswith("linear ") and op.endswith("Int8Weight") for op in ops)
     assert "outside kernels" in ops
     assert abs(sum(row["share"] for row in result["ops"]) - 1) < 1e-6
+
+
+def test_bench_contention_reports_each_thread_count_idle_and_loaded(tmp_path, monkeypatch, capsys):
+    import numba
+
+    monkeypatch.setenv("LAMINA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAMINA_BENCH_RESULTS", str(tmp_path / "results"))
+    argv = ["bench", "--contention", "--model", "random:llama-tiny", "--quant", "int8"]
+    assert main([*argv, "--prompt-tokens", "8", "--gen-tokens", "3", "--runs", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    threads = numba.get_num_threads()
+    assert len(result["rows"]) == 2 * threads  # idle and loaded, each thread count
+    assert all(row["decode_tok_s"] > 0 for row in result["rows"])
+    for summary in result["summary"].values():
+        assert 0 < summary["default_vs_best"] <= 1 and summary["default_threads"] == threads
