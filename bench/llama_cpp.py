@@ -50,10 +50,14 @@ def tools_dir() -> Path:
     return cache_dir() / "llama.cpp" / f"{_sdist_version() or 'latest'}-{host_kind()}"
 
 
+def tools_built() -> bool:
+    return all((tools_dir() / tool).exists() for tool in TOOLS)
+
+
 def build_tools(log=sys.stderr) -> Path:
     """The folder holding the built tools, building them first if they are not cached."""
     out = tools_dir()
-    if all((out / tool).exists() for tool in TOOLS):
+    if tools_built():
         return out
     import cmake  # the PyPI packages: no system toolchain beyond a C++ compiler
     import ninja
@@ -84,7 +88,8 @@ def quantize(tools: Path, source: Path, qtype: str, target: Path) -> Path:
     if not target.exists():
         partial = target.with_suffix(".partial")
         requant = ["--allow-requantize"]  # a GGUF shipped quantized (the default model)
-        _run([str(tools / "llama-quantize"), *requant, str(source), str(partial), qtype])
+        cmd = [str(tools / "llama-quantize"), *requant, str(source), str(partial), qtype]
+        _run(cmd, _env(tools))
         partial.rename(target)
     return target
 
@@ -93,7 +98,7 @@ def llama_bench(tools: Path, gguf: Path, threads: int, prompt: int, gen: int, re
     """One `llama-bench -o json` run: pp`prompt` and tg`gen` with `threads` threads."""
     cmd = [str(tools / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
            "-n", str(gen), "-r", str(reps), "-o", "json"]  # fmt: skip
-    return parse_llama_bench(_run(cmd))
+    return parse_llama_bench(_run(cmd, _env(tools)))
 
 
 def server_command(
@@ -131,10 +136,8 @@ def _env(tools: Path) -> dict[str, str]:
     return {**os.environ, "LC_ALL": "C", "LD_LIBRARY_PATH": str(tools)}
 
 
-def _run(cmd: list[str]) -> str:
-    """Run a tool (its shared libraries beside it); its output on failure, so a broken build
-    says why."""
-    env = _env(Path(cmd[0]).parent)
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """Run a command; its output on failure, so a broken build says why."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(

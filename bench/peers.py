@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from bench.gguf_export import export_gguf
-from bench.llama_cpp import build_tools, quantize
+from bench.llama_cpp import build_tools, quantize, tools_built
 from engine.loader.default_model import default_model_path
 
 
@@ -17,7 +17,8 @@ def installed(peer: str) -> bool:
     """Whether a peer can run here. llama.cpp: its tools are built (or can be, with cmake
     and ninja from PyPI); llama-cpp-python for the peers that still use it (batch, serve)."""
     if peer == "llama.cpp":
-        return all(importlib.util.find_spec(m) is not None for m in ("cmake", "ninja"))
+        buildable = all(importlib.util.find_spec(m) is not None for m in ("cmake", "ninja"))
+        return buildable or tools_built()
     module = {"llama-cpp-python": "llama_cpp", "transformers": "transformers"}[peer]
     return importlib.util.find_spec(module) is not None
 

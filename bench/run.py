@@ -169,7 +169,7 @@ def run_profile(model: str | None, quant: str | None, prompt: int, gen: int) -> 
     ids = prompt_ids(llm.tokenizer, prompt)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     llm.generate(ids, SamplingParams(max_tokens=4, temperature=0))  # warm-up
-    timer = KernelTimer(llm.backend)
+    timer = KernelTimer(llm.backend, per_op=True)
     stream = llm.stream(ids, params)
     next(stream)
     timer.reset()  # decode steps only

@@ -16,10 +16,12 @@ class KernelTimer:
     """Wraps a backend instance's kernel methods with perf_counter accounting: in total, and
     per op (linears per shape and format), for `lamina bench --profile`."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, per_op: bool = False) -> None:
+        """per_op: also account each op apart (a key per call: for profiling only)."""
         self.seconds = 0.0
         self.calls = 0
         self.per_op: dict[str, list] = {}  # op -> [seconds, calls]
+        self._by_op = per_op
         for name in KERNEL_METHODS:
             setattr(backend, name, self._timed(name, getattr(backend, name)))
 
@@ -32,9 +34,10 @@ class KernelTimer:
                 seconds = time.perf_counter() - start
                 self.seconds += seconds
                 self.calls += 1
-                entry = self.per_op.setdefault(_op_key(name, args), [0.0, 0])
-                entry[0] += seconds
-                entry[1] += 1
+                if self._by_op:
+                    entry = self.per_op.setdefault(_op_key(name, args), [0.0, 0])
+                    entry[0] += seconds
+                    entry[1] += 1
 
         return wrapper
 

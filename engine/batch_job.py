@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 from engine.errors import InvalidInputError, LaminaError, OutputPathError
 from engine.outputs import RequestOutput
 from engine.sampling import SAMPLING_FIELDS, SamplingParams, sampling_kwargs
+from engine.text_input import invalid_text
 
 if TYPE_CHECKING:
     from engine.api import LLM
@@ -247,13 +248,11 @@ def _parse_id(obj: Any) -> Any:
 def _check_unicode(name: str, value: Any) -> None:
     """Refuse lone surrogates: "\\ud800" is valid JSON but not text, so the tokenizer cannot
     take it and OUT, which is UTF-8, could not hold it."""
-    try:
-        json.dumps([name, value], ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        char = ord(exc.object[exc.start])
+    bad = invalid_text(name) or invalid_text(value)
+    if bad is not None:
         raise BadLine(
-            f"{json.dumps(name)} is not valid Unicode text (lone surrogate U+{char:04X})"
-        ) from None
+            f"{json.dumps(name)} is not valid Unicode text (lone surrogate U+{bad[1]:04X})"
+        )
 
 
 def _build_request(

@@ -11,7 +11,7 @@ order. Everything else here is plain Python bookkeeping, as in vLLM's PagedAtten
   previous block's key, their token ids), as in vLLM's block pool: a lookup costs the same at
   any depth, and keys never nest. The hash key is random per process, so prompts crafted to
   collide with another user's prefix cannot be computed offline (Python's own `hash` of ints
-  is public and unsalted); a lookup also compares the block's parent key and tokens. A
+  is public and unsalted), and 128 bits make an accidental collision negligible. A
   sequence whose prompt starts with
   blocks already computed (a system prompt, a chat history) reuses them instead of
   recomputing. Freed blocks keep their contents and key until they are needed again; the
@@ -74,12 +74,10 @@ class ReservationError(Exception):
 
 # A full block's identity: a 128-bit hash of (the previous block's key or None, its tokens).
 BlockKey = int
-# What a key stands for, compared on lookup: (the previous block's key, its token ids).
-BlockContent = tuple[BlockKey | None, tuple[int, ...]]
 _HASH_KEY = os.urandom(16)
 
 
-def block_key(parent: BlockKey | None, tokens: tuple[int, ...]) -> BlockKey:
+def block_key(parent: BlockKey | None, tokens: Sequence[int]) -> BlockKey:
     """The prefix-cache key of a full block: fixed-size, whatever its depth."""
     digest = hashlib.blake2b(digest_size=16, key=_HASH_KEY)
     digest.update(b"" if parent is None else parent.to_bytes(16, "little"))
@@ -102,7 +100,6 @@ class BlockAllocator:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; LRU first
         self._key_of: dict[int, BlockKey] = {}
         self._block_of: dict[BlockKey, int] = {}
-        self._content_of: dict[int, BlockContent] = {}
 
     @property
     def num_free(self) -> int:
@@ -115,7 +112,6 @@ class BlockAllocator:
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)
             del self._block_of[self._key_of.pop(block)]
-            del self._content_of[block]
         else:
             raise NoFreeBlocksError(f"all {self.num_blocks} KV cache blocks are in use")
         self.refcount[block] = 1
@@ -136,23 +132,21 @@ class BlockAllocator:
             else:
                 self._never_cached.append(block)
 
-    def lookup(self, key: BlockKey, content: BlockContent) -> int | None:
-        """The cached block holding `key`, now taken by the caller; None if not cached (or
-        if another content collided with this key)."""
+    def lookup(self, key: BlockKey) -> int | None:
+        """The cached block holding `key`, now taken by the caller; None if not cached."""
         block = self._block_of.get(key)
-        if block is None or self._content_of[block] != content:
+        if block is None:
             return None
         if self.refcount[block] == 0:
             del self._evictable[block]
         self.refcount[block] += 1
         return block
 
-    def register(self, block: int, key: BlockKey, content: BlockContent) -> None:
-        """Record that full block `block` holds `content`, under `key` (first writer wins)."""
+    def register(self, block: int, key: BlockKey) -> None:
+        """Record that full block `block` holds `key` (first writer wins)."""
         if key not in self._block_of and block not in self._key_of:
             self._block_of[key] = block
             self._key_of[block] = key
-            self._content_of[block] = content
 
 
 @dataclass
@@ -234,9 +228,9 @@ class PagedKVCache:
         parent = None
         reusable = (len(prompt) - 1) // self.block_size
         for i in range(reusable):
-            tokens = tuple(prompt[i * self.block_size : (i + 1) * self.block_size])
+            tokens = prompt[i * self.block_size : (i + 1) * self.block_size]
             key = block_key(parent, tokens)
-            block = self.allocator.lookup(key, (parent, tokens))
+            block = self.allocator.lookup(key)
             if block is None:
                 break
             seq.blocks.append(block)
@@ -297,9 +291,9 @@ class PagedKVCache:
         while len(seq.keys) < len(seq.tokens) // self.block_size:
             i = len(seq.keys)
             parent = seq.keys[-1] if seq.keys else None
-            tokens = tuple(seq.tokens[i * self.block_size : (i + 1) * self.block_size])
+            tokens = seq.tokens[i * self.block_size : (i + 1) * self.block_size]
             key = block_key(parent, tokens)
-            self.allocator.register(seq.blocks[i], key, (parent, tokens))
+            self.allocator.register(seq.blocks[i], key)
             seq.keys.append(key)
 
     def rollback(self, seq_id: Hashable) -> None:

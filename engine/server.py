@@ -54,6 +54,7 @@ from engine.openai_protocol import (
     usage,
 )
 from engine.outputs import RequestOutput
+from engine.text_input import invalid_text
 
 log = logging.getLogger("lamina.server")
 
@@ -404,39 +405,15 @@ async def _json_body(request: Request) -> Any:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise OpenAIError(f"the request body is not valid JSON: {error}") from None
-    where = _invalid_unicode(body)
-    if where is not None:
+    bad = invalid_text(body)
+    if bad is not None:
         # JSON escapes can spell lone surrogates ("\ud800"), which no tokenizer can encode.
+        where = bad[0]
         raise OpenAIError(
             f"{where or 'the body'} is not valid Unicode: it contains a lone surrogate",
             param=where or None,
         )
     return body
-
-
-def _invalid_unicode(value: Any, where: str = "") -> str | None:
-    """The path ("messages.0.content") of the first string in a parsed JSON value that is
-    not valid Unicode, if any."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where
-        return None
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        path = f"{where}.{key}" if where else str(key)
-        bad = _invalid_unicode(key, path) if isinstance(key, str) else None
-        if bad is None:
-            bad = _invalid_unicode(item, path)
-        if bad is not None:
-            return bad
-    return None
 
 
 def _validation_message(error: ValidationError) -> str:

@@ -8,6 +8,7 @@ where they enter, with a message that names the place.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from engine.errors import InvalidInputError
 
@@ -27,3 +28,29 @@ def check_text(text: str, what: str) -> None:
     except UnicodeEncodeError:
         pass  # a surrogate that did not come from undecodable bytes
     raise InvalidInputError(f"{what} is not valid UTF-8 text ({problem})")
+
+
+def invalid_text(value: Any, where: str = "") -> tuple[str, int] | None:
+    """In a parsed JSON value (a request body, a batch line), the path ("messages.0.content")
+    of the first string or key that is not valid Unicode, and its first lone surrogate's
+    code point; None when all are valid."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return where, ord(value[exc.start])
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        path = f"{where}.{key}" if where else str(key)
+        bad = invalid_text(key, path) if isinstance(key, str) else None
+        if bad is None:
+            bad = invalid_text(item, path)
+        if bad is not None:
+            return bad
+    return None

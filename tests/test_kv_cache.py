@@ -238,15 +238,3 @@ def test_a_64k_token_prefix_is_reused_with_fixed_size_keys():
     assert cache.block_table("again") == list(range(4096))  # the very same blocks
     changed = tokens[:-2] + [tokens[-2] + 1, tokens[-1]]  # differs in the last full block
     assert cache.add_sequence("other", changed) == 65_536 - 16
-
-
-def test_a_key_collision_cannot_hand_out_another_prefix(monkeypatch):
-    """Lookups compare the block's tokens and parent, not only the hash."""
-    import engine.kv_cache as kv
-
-    monkeypatch.setattr(kv, "block_key", lambda parent, tokens: 42)  # every block collides
-    cache = make_cache(8, 4)
-    cache.add_sequence("a", [1, 2, 3, 4, 5])
-    write(cache, "a", [], [1, 2, 3, 4, 5])
-    assert cache.add_sequence("b", [9, 9, 9, 9, 5]) == 0
-    assert cache.add_sequence("c", [1, 2, 3, 4, 7]) == 4

@@ -68,7 +68,6 @@ class Scratch:
     def __init__(self, empty=np.empty) -> None:
         self._empty = empty  # (size, dtype) -> a flat array where the kernels run
         self._flat: dict[str, np.ndarray] = {}
-        self.generation = 0  # bumped whenever a buffer is replaced by a bigger one
         self._views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
     def take(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
@@ -78,7 +77,6 @@ class Scratch:
             flat = self._flat.get(name)
             if flat is None or flat.size < size or flat.dtype != dtype:
                 flat = self._flat[name] = self._empty(size, dtype)
-                self.generation += 1  # views kept by callers may now hold a dropped buffer
                 self._views = {key: v for key, v in self._views.items() if key[0] != name}
             if len(self._views) >= self.MAX_VIEWS:
                 self._views.clear()
@@ -102,8 +100,6 @@ class CPUBackend:
 
     def __init__(self) -> None:
         self.scratch = Scratch()
-        self._act_views: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._act_generation = 0
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialised activation buffer (the runner's workspace)."""
@@ -162,19 +158,9 @@ class CPUBackend:
             gemm_w8_into(x, weight.data, weight.scale, INT16_MAX, out, a, a_scale)
 
     def _activations(self, tokens: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scratch for int16-quantized activations (T, width) and their scales (T,), kept
-        per shape (two linears in three share one)."""
-        if self._act_generation != self.scratch.generation:  # drop views of old buffers
-            self._act_views.clear()
-            self._act_generation = self.scratch.generation
-        pair = self._act_views.get((tokens, width))
-        if pair is None:
-            if len(self._act_views) >= Scratch.MAX_VIEWS:
-                self._act_views.clear()
-            take = self.scratch.take
-            pair = take("act", (tokens, width), np.int16), take("act_scale", (tokens,), np.float32)
-            self._act_views[(tokens, width)] = pair
-        return pair
+        """Scratch for int16-quantized activations (T, width) and their scales (T,)."""
+        take = self.scratch.take
+        return take("act", (tokens, width), np.int16), take("act_scale", (tokens,), np.float32)
 
     def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Pick dense or sparse per sparse linear by timing both on one token, as decode runs.
