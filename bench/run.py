@@ -210,40 +210,44 @@ _BUSY = "while True: pass"
 
 
 def run_contention(model: str | None, quant: str | None, prompt: int, gen: int, runs: int) -> dict:
-    """Decode speed at every thread count, with the machine idle and with one busy process
-    per core (what a laptop running other programs looks like), and how the default thread
-    count compares with the best one under each load."""
+    """Decode speed with the default thread policy and with each fixed thread count, with the
+    machine idle and with one busy process per core (what a laptop running other programs
+    looks like), and the default's speed as a share of the best fixed count's under each load.
+    Settings take turns run by run, so all see the same load."""
     import numba
 
     from engine import LLM, SamplingParams
+    from engine.thread_policy import ThreadPolicy
 
     llm = LLM(resolve_model(model), quant=quant, enable_prefix_caching=False)
+    runner = llm._engine.runner
     ids = prompt_ids(llm.tokenizer, prompt)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     llm.generate(ids, SamplingParams(max_tokens=4, temperature=0))  # warm-up
-    default, cores = numba.get_num_threads(), os.cpu_count() or 1
+    cores = numba.config.NUMBA_NUM_THREADS
+    settings: list[int | None] = [None, *range(1, cores + 1)]  # None: the default policy
     rows, summary = [], {}
     for busy in (0, cores):
         hogs = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(busy)]
         try:
-            speeds = {}
-            for threads in range(1, default + 1):
-                numba.set_num_threads(threads)
-                tpot = statistics.median(
-                    llm.generate(ids, params)[0].metrics.tpot_s for _ in range(runs)
-                )
-                speeds[threads] = 1.0 / tpot
-                rows.append({"busy_processes": busy, "threads": threads, "decode_tok_s": 1 / tpot})
+            tpots: dict[int | None, list[float]] = {s: [] for s in settings}
+            for _ in range(runs):
+                for setting in settings:
+                    runner.threads = ThreadPolicy(setting)
+                    tpots[setting].append(llm.generate(ids, params)[0].metrics.tpot_s)
         finally:
-            numba.set_num_threads(default)
+            runner.threads = ThreadPolicy()
             for hog in hogs:
                 hog.kill()
                 hog.wait()
-        best = max(speeds, key=speeds.get)
+        speeds = {s: 1 / statistics.median(t) for s, t in tpots.items()}
+        for setting, speed in speeds.items():
+            threads = "default" if setting is None else setting
+            rows.append({"busy_processes": busy, "threads": threads, "decode_tok_s": speed})
+        best = max(range(1, cores + 1), key=speeds.get)
         summary[f"busy_{busy}"] = {
             "best_threads": best,
-            "default_threads": default,
-            "default_vs_best": speeds[default] / speeds[best],
+            "default_vs_best": speeds[None] / speeds[best],
         }
     return {"kind": "contention", "model": model or "default", "quant": quant or "f32",
             "runs": runs, "rows": rows, "summary": summary}  # fmt: skip

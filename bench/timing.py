@@ -6,10 +6,7 @@ import time
 from typing import Any
 
 # Every Backend op that computes (engine/backends/__init__.py).
-KERNEL_METHODS = (
-    "embed", "rmsnorm", "linear", "split_qkv", "rope", "attention", "silu_mul", "add_",
-    "take_rows",
-)  # fmt: skip
+KERNEL_METHODS = ("embed", "linear", "norm_linear", "linear_add_", "attention", "take_rows")
 
 
 class KernelTimer:
@@ -48,7 +45,8 @@ class KernelTimer:
 
 
 def _op_key(name: str, args: tuple) -> str:
-    if name == "linear":
-        w = args[1]
-        return f"linear {w.out_features}x{w.in_features} {type(w).__name__}"
-    return name
+    """The op's name, and for the linears the weight's shape and format."""
+    weight = next((a for a in args if hasattr(a, "out_features")), None)
+    if weight is None:
+        return name
+    return f"{name} {weight.out_features}x{weight.in_features} {type(weight).__name__}"

@@ -91,10 +91,6 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
         self.engine_config: EngineConfig = EngineConfig.from_kwargs(model=model, **kwargs)
-        if self.engine_config.threads is not None:
-            import numba
-
-            numba.set_num_threads(self.engine_config.threads)
         self.device_choice: DeviceChoice = select_device(self.engine_config.device)
         self.device: str = self.device_choice.name
         if self.engine_config.gpu_memory is not None and self.device != "cuda":  # before the load

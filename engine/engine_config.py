@@ -61,9 +61,9 @@ class EngineConfig:
     threads: int | None = field(
         default=None,
         metadata=_option(
-            "CPU threads for the kernels (default: all cores); fewer helps when other busy "
-            "processes share the machine, since every parallel kernel waits for its slowest "
-            "thread",
+            "CPU threads for the kernels (default: the cores other busy processes leave "
+            "free, measured every half second: every parallel kernel waits for its slowest "
+            "thread, and a thread sharing a core with a busy process is slow)",
             int,
         ),
     )

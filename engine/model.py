@@ -10,14 +10,13 @@ allocates nothing per layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.config import ModelConfig
 from engine.kv_cache import ForwardBatch
-from engine.weights import LayerWeights, ModelWeights
+from engine.weights import ModelWeights
 
 if TYPE_CHECKING:
     from engine.backends import Array, Backend
@@ -32,15 +31,11 @@ def activation_widths(c: ModelConfig) -> tuple[Widths, Widths]:
     logits (the last token of each sequence)."""
     per_token = {
         "x": (c.hidden_size,),  # the residual stream
-        "h": (c.hidden_size,),  # norm outputs and the linears that feed the residual
         "qkv": (c.q_size + 2 * c.kv_size,),
-        "q": (c.num_heads, c.head_dim),
-        "k": (c.num_kv_heads, c.head_dim),
         "attn": (c.q_size,),
         "gate_up": (2 * c.intermediate_size,),
-        "act": (c.intermediate_size,),
     }
-    per_row = {"last": (c.hidden_size,), "last_norm": (c.hidden_size,), "logits": (c.vocab_size,)}
+    per_row = {"last": (c.hidden_size,), "logits": (c.vocab_size,)}
     return per_token, per_row
 
 
@@ -82,41 +77,28 @@ class Transformer:
     def forward(self, batch: ForwardBatch, ws: Workspace) -> np.ndarray:
         """Run the batch's tokens; return float32 logits (len(batch.logits_rows), vocab).
 
-        Logits in a workspace buffer are valid until the next pass.
+        Logits in a workspace buffer are valid until the next pass. A layer is five ops: the
+        norms ride on the linears after them, the residual adds on the linears before them,
+        and rope and the cache write on attention.
         """
         be, w, c = self.backend, self.weights, self.config
+        eps = c.rms_norm_eps
         buf = ws.views(len(batch.token_ids)).get
         x = be.embed(w.embed, batch.token_ids, out=buf("x"))
         for i in range(c.num_layers):
             layer = self.layers.fetch(i)
             try:
-                x = be.add_(x, self._attention_block(i, layer, x, batch, buf))
-                h = be.rmsnorm(x, layer.ffn_norm, c.rms_norm_eps, out=buf("h"))
-                gate_up = be.linear(h, layer.gate_up, out=buf("gate_up"))
-                act = be.silu_mul(gate_up, out=buf("act"))
-                x = be.add_(x, be.linear(act, layer.down, out=buf("h")))
+                qkv = be.norm_linear(x, layer.attn_norm, eps, layer.qkv, out=buf("qkv"))
+                attn = be.attention(
+                    i, qkv, batch, c.num_heads, self.inv_freq, self.scale, self.window,
+                    out=buf("attn"),
+                )  # fmt: skip
+                be.linear_add_(x, attn, layer.o_proj)
+                gate_up = be.norm_linear(x, layer.ffn_norm, eps, layer.gate_up, out=buf("gate_up"))
+                be.linear_add_(x, gate_up, layer.down, gated=True)
             finally:
                 self.layers.release(i)
         last_buf = ws.views(len(batch.logits_rows)).get
         last = be.take_rows(x, batch.logits_rows, out=last_buf("last"))
-        last = be.rmsnorm(last, w.final_norm, c.rms_norm_eps, out=last_buf("last_norm"))
-        return be.to_numpy(be.linear(last, w.lm_head, out=last_buf("logits")))
-
-    def _attention_block(
-        self,
-        i: int,
-        layer: LayerWeights,
-        x: Array,
-        batch: ForwardBatch,
-        buf: Callable[[str], Array | None],
-    ) -> Array:
-        be, c = self.backend, self.config
-        h = be.rmsnorm(x, layer.attn_norm, c.rms_norm_eps, out=buf("h"))
-        qkv = be.linear(h, layer.qkv, out=buf("qkv"))
-        q_out = buf("q")  # None exactly when buf("k") is
-        qk_out = None if q_out is None else (q_out, buf("k"))
-        q, k, v = be.split_qkv(qkv, c.num_heads, c.num_kv_heads, c.head_dim, out=qk_out)
-        be.rope(q, batch.positions, self.inv_freq)
-        be.rope(k, batch.positions, self.inv_freq)
-        attn = be.attention(i, q, k, v, batch, self.scale, self.window, out=buf("attn"))
-        return be.linear(attn, layer.o_proj, out=buf("h"))
+        logits = be.norm_linear(last, w.final_norm, eps, w.lm_head, out=last_buf("logits"))
+        return be.to_numpy(logits)

@@ -33,6 +33,7 @@ from engine.kv_cache import (
 from engine.layer_placement import CacheMemory, Placement, cache_memory, place_layers
 from engine.loader.model_loader import LoadedModel
 from engine.model import Transformer, Workspace, activation_widths
+from engine.thread_policy import ThreadPolicy
 
 Chunk = tuple[Hashable, Sequence[int]]
 
@@ -40,6 +41,7 @@ Chunk = tuple[Hashable, Sequence[int]]
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, backend: Backend, config: EngineConfig) -> None:
         self.backend = backend
+        self.threads = ThreadPolicy(config.threads)  # the user's count, or adapted to the load
         model_config = loaded.config
         limit = model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -94,6 +96,7 @@ class ModelRunner:
         """
         batch = ForwardBatch.build(self.cache, chunks)
         try:
+            self.threads.apply()
             return self.model.forward(batch, self.workspace)
         except BaseException:
             for seq_id, _ in chunks:
@@ -111,6 +114,7 @@ class ModelRunner:
                 if isinstance(error.__cause__, NoFreeBlocksError):
                     raise error.__cause__ from None  # a LaminaError: the cache is busy or small
                 raise
+            self.threads.apply()
             return np.array(self.model.forward(batch, self.workspace))
         finally:
             self.cache.free(seq_id)
@@ -128,13 +132,17 @@ _ATTENTION_PARTIALS = 2**20
 def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
     """The memory a forward pass of `tokens` tokens computes in, for the placement budget:
     the workspace (its buffers for `tokens` tokens and `seqs` rows of logits), the sampling
-    copies of the logits, and the backends' scratch: int16 activations of the widest linear
-    input with their scales, a v copy on the GPU, and a margin for split-attention partials.
-    (Activation-sparse linears keep per-thread partial sums too, CPU only, not counted.)"""
+    copies of the logits, and the backends' scratch: the widest linear input as computed by
+    a fused norm or gate (float32) and quantized (int16, with scales), a linear's result
+    before it is added to the residual, the rotated q, k and a v copy, and a margin for
+    split-attention partials. (Activation-sparse linears keep per-thread partial sums too,
+    CPU only, not counted.)"""
     c = config
     per_token, per_row = activation_widths(c)
     workspace = tokens * sum(map(math.prod, per_token.values()))
     workspace += seqs * sum(map(math.prod, per_row.values()))
     sampling = 2 * seqs * c.vocab_size
-    scratch_bytes = tokens * (2 * max(c.hidden_size, c.intermediate_size) + 4 + 4 * c.kv_size)
+    widest = max(c.hidden_size, c.intermediate_size)
+    qkv = c.q_size + 2 * c.kv_size
+    scratch_bytes = tokens * ((4 + 2) * widest + 4 + 4 * c.hidden_size + 4 * qkv)
     return 4 * (workspace + sampling) + scratch_bytes + _ATTENTION_PARTIALS

@@ -3,6 +3,7 @@
 import numpy as np
 from numba import njit
 
+from kernels_cpu.exact_math import EXACT_MATH
 from kernels_cpu.fast_exp import exp_parts, pow2
 
 
@@ -20,11 +21,18 @@ def silu_mul_into(gate_up: np.ndarray, out: np.ndarray) -> None:
     if out.shape[0] != rows or out.shape[1] != half:
         raise ValueError("out must be (T, F) for gate_up (T, 2F)")
     for t in range(rows):
-        for i in range(half):
-            m, k = exp_parts(min(max(-gate_up[t, i], np.float32(-87.0)), np.float32(88.0)))
-            out[t, i] = m * pow2(k)
-        for i in range(half):
-            out[t, i] = gate_up[t, i] / (np.float32(1.0) + out[t, i]) * gate_up[t, half + i]
+        silu_mul_row(gate_up, t, out)
+
+
+@njit(cache=True, fastmath=EXACT_MATH)
+def silu_mul_row(gate_up: np.ndarray, t: int, out: np.ndarray) -> None:
+    """out[t, :F] = silu(gate) * up of row t; shared with the linears that fuse it."""
+    half = gate_up.shape[1] // 2
+    for i in range(half):
+        m, k = exp_parts(min(max(-gate_up[t, i], np.float32(-87.0)), np.float32(88.0)))
+        out[t, i] = m * pow2(k)
+    for i in range(half):
+        out[t, i] = gate_up[t, i] / (np.float32(1.0) + out[t, i]) * gate_up[t, half + i]
 
 
 @njit(cache=True)

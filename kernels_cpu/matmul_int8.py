@@ -12,11 +12,21 @@ in integers with the SIMD dot products of `simd`, so the widening costs one inst
   activations (W8A8) cost 3.7% perplexity against 0.4% for int16, at the same speed here.
 
 Both split output rows across cores with prange; rows of an int8 weight are contiguous.
+
+A linear's neighbours are fused into it, so a decoder layer is a few kernel calls, each one
+dispatch from Python and one parallel region: the quantization pass on entry can first
+compute the input from x (rmsnorm(x), or silu(gate) * up of a gate_up row) into scratch `h`,
+and the stores can add into `out` (the residual stream) instead of overwriting it. The
+prologue runs the same row functions as the standalone kernels, so fused and unfused inputs
+are the same bits.
 """
 
 import numpy as np
 from numba import njit, prange
 
+from kernels_cpu.activations import silu_mul_row
+from kernels_cpu.exact_math import EXACT_MATH
+from kernels_cpu.norms import rmsnorm_row
 from kernels_cpu.simd import KBLOCK, host_kind, lanes, make_dot_tile, prefetch, stack_tile
 
 KIND = host_kind()
@@ -40,7 +50,7 @@ _dot_4x2 = make_dot_tile(KIND, 4, 2)
 # No `arcp`: with it, dividing by a qmax the compiler sees as a constant becomes a multiply
 # by its rounded reciprocal, so gemv_w8 (constant) and gemm_w8 (argument) would scale the same
 # token differently by an ulp, and batched outputs would drift from one-by-one outputs.
-@njit(cache=True, fastmath={"nnan", "ninf", "nsz"})
+@njit(cache=True, fastmath=EXACT_MATH)
 def _quantize_row(x: np.ndarray, t: int, qmax: int, a: np.ndarray, a_scale: np.ndarray) -> None:
     amax = np.float32(0.0)
     for i in range(x.shape[1]):
@@ -74,21 +84,45 @@ def quantize_rows(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     return a, a_scale
 
 
-# A twin rather than njit(parallel=True)(quantize_rows_into.py_func): numba's disk cache keys
-# on the Python function, so the two compilations would overwrite each other's cache entries.
-@njit(cache=True, parallel=True, fastmath=True)
-def _quantize_rows_parallel(x: np.ndarray, qmax: int, a: np.ndarray, a_scale: np.ndarray) -> None:
-    for t in prange(x.shape[0]):
+@njit(cache=True)
+def _prepare_row(x, t, h, norm, eps, qmax, a, a_scale) -> None:
+    """Quantize row t of the linear's input into a, a_scale. The input is x itself when h is
+    None; otherwise it is computed into the scratch h first: rmsnorm(x) with weights `norm`,
+    or, with norm None, silu(gate) * up of x = [gate | up]."""
+    if h is None:
         _quantize_row(x, t, qmax, a, a_scale)
+    else:
+        if norm is not None:
+            rmsnorm_row(x, t, norm, eps, h)
+        else:
+            silu_mul_row(x, t, h)
+        _quantize_row(h, t, qmax, a, a_scale)
+
+
+# A twin of the serial loop in gemv_w8_into rather than njit(parallel=True) of one function:
+# numba's disk cache keys on the Python function, so the two compilations would overwrite
+# each other's cache entries.
+@njit(cache=True, parallel=True)
+def _prepare_rows_parallel(x, h, norm, eps, qmax, a, a_scale) -> None:
+    for t in prange(x.shape[0]):
+        _prepare_row(x, t, h, norm, eps, qmax, a, a_scale)
 
 
 @njit(cache=True)
-def _check_matmul(x, w, out, a, a_scale) -> None:
+def _check_matmul(x, w, out, a, a_scale, h, norm) -> None:
     """Shapes the kernels rely on (they index without bounds checks)."""
-    tokens, k = x.shape
-    if w.shape[1] != k:
-        raise ValueError("x and w differ in K")
-    if out.shape[0] != tokens or out.shape[1] != w.shape[0]:
+    tokens = x.shape[0]
+    n, k = w.shape
+    if h is None or norm is not None:
+        if x.shape[1] != k:
+            raise ValueError("x and w differ in K")
+    elif x.shape[1] != 2 * k:
+        raise ValueError("a gated input x must be (T, 2K) for w (N, K)")
+    if h is not None and (h.shape[0] != tokens or h.shape[1] != k):
+        raise ValueError("h must be (T, K)")
+    if norm is not None and norm.shape[0] != k:
+        raise ValueError("norm must be (K,)")
+    if out.shape[0] != tokens or out.shape[1] != n:
         raise ValueError("out must be (T, N)")
     if a.shape[0] != tokens or a.shape[1] != k or a_scale.shape[0] != tokens:
         raise ValueError("a must be (T, K) and a_scale (T,)")
@@ -120,8 +154,8 @@ def _dot_tile(w: np.ndarray, r: int, a: np.ndarray, t: int, sums: np.ndarray) ->
 
 
 @njit(cache=True, inline="always")
-def _store_tile(sums, r, t, a_scale, scale, out) -> None:
-    """Scale a tile of exact integer sums to float32.
+def _store_tile(sums, r, t, a_scale, scale, out, accumulate) -> None:
+    """Scale a tile of exact integer sums to float32; store it in `out`, or add it there.
 
     In float64 the product of the two float32 scales is exact and the sum is exact, so the
     result rounds the same whatever order the compiler multiplies in: a token's output then
@@ -130,7 +164,11 @@ def _store_tile(sums, r, t, a_scale, scale, out) -> None:
     for i in range(sums.shape[0]):
         for j in range(sums.shape[1]):
             both = np.float64(a_scale[t + j]) * np.float64(scale[r + i])
-            out[t + j, r + i] = np.float32(np.float64(sums[i, j]) * both)
+            value = np.float32(np.float64(sums[i, j]) * both)
+            if accumulate:
+                out[t + j, r + i] += value
+            else:
+                out[t + j, r + i] = value
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -141,14 +179,22 @@ def gemv_w8_into(
     out: np.ndarray,
     a: np.ndarray,
     a_scale: np.ndarray,
+    h: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
+    eps: float = 0.0,
+    accumulate: bool = False,
 ) -> None:
     """out (T, N) = x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T, for small T.
 
     a (T, K) int16 and a_scale (T,) float32 are scratch for the quantized activations.
+    Fused neighbours: with scratch h (T, K), the input is rmsnorm(x) (norm (K,), eps) or,
+    without norm, silu(gate) * up of x (T, 2K); `accumulate` adds the result into out.
     """
-    _check_matmul(x, w, out, a, a_scale)
-    quantize_rows_into(x, INT16_MAX, a, a_scale)
-    tokens, k = x.shape
+    _check_matmul(x, w, out, a, a_scale, h, norm)
+    for t in range(x.shape[0]):
+        _prepare_row(x, t, h, norm, eps, INT16_MAX, a, a_scale)
+    tokens = x.shape[0]
+    k = w.shape[1]
     n = w.shape[0]
     for job in prange((n + JOB_ROWS - 1) // JOB_ROWS):
         one = stack_tile(1, 1)
@@ -158,7 +204,7 @@ def gemv_w8_into(
                 prefetch(w, ahead + off)
             for t in range(tokens):
                 _dot_tile(w, r, a, t, one)
-                _store_tile(one, r, t, a_scale, scale, out)
+                _store_tile(one, r, t, a_scale, scale, out, accumulate)
 
 
 @njit(cache=True)
@@ -189,7 +235,7 @@ def _quad_pair(w: np.ndarray, r: int, a: np.ndarray, t: int, sums: np.ndarray) -
 
 
 @njit(cache=True)
-def _edge_tiles(w, r, end, a, a_scale, scale, out) -> None:
+def _edge_tiles(w, r, end, a, a_scale, scale, out, accumulate) -> None:
     """The parts of rows r..end a GEMM's 4x2 tiles miss: an odd last token, leftover rows.
 
     Not inlined, so the hot loop in `gemm_w8` stays small (10% faster at 16 tokens).
@@ -201,11 +247,11 @@ def _edge_tiles(w, r, end, a, a_scale, scale, out) -> None:
     if tokens % 2:
         for row in range(r, full, 4):
             _dot_tile(w, row, a, tokens - 1, quad)
-            _store_tile(quad, row, tokens - 1, a_scale, scale, out)
+            _store_tile(quad, row, tokens - 1, a_scale, scale, out, accumulate)
     for row in range(full, end):
         for t in range(tokens):
             _dot_tile(w, row, a, t, one)
-            _store_tile(one, row, t, a_scale, scale, out)
+            _store_tile(one, row, t, a_scale, scale, out, accumulate)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -217,18 +263,23 @@ def gemm_w8_into(
     out: np.ndarray,
     a: np.ndarray,
     a_scale: np.ndarray,
+    h: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
+    eps: float = 0.0,
+    accumulate: bool = False,
 ) -> None:
     """out (T, N) = x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T, for any T.
 
     Activations are quantized per token to [-act_max, act_max] into the scratch a (T, K)
     int16 and a_scale (T,): 127 is W8A8, 32767 keeps float32-like activations at the same
-    speed on the pmaddwd/vpdpwssd paths. Each parallel job covers GEMM_JOB_ROWS rows.
+    speed on the pmaddwd/vpdpwssd paths. Fused neighbours (h, norm, eps, accumulate) as in
+    `gemv_w8_into`. Each parallel job covers GEMM_JOB_ROWS rows.
     While a 4-row block is multiplied by each pair of tokens, a block ahead is prefetched a
     slice per pair: weights stream from memory (a model is bigger than the caches) and
     short rows read four at a time defeat the hardware prefetcher (see gemv_w8).
     """
-    _check_matmul(x, w, out, a, a_scale)
-    _quantize_rows_parallel(x, act_max, a, a_scale)
+    _check_matmul(x, w, out, a, a_scale, h, norm)
+    _prepare_rows_parallel(x, h, norm, eps, act_max, a, a_scale)
     n, k = w.shape
     tokens = x.shape[0]
     pairs = tokens // 2
@@ -244,8 +295,8 @@ def gemm_w8_into(
                 for off in range(p * 4 * k // pairs // 64 * 64, (p + 1) * 4 * k // pairs, 64):
                     prefetch(w, ahead + off)
                 _quad_pair(w, block, a, 2 * p, quad_pair)
-                _store_tile(quad_pair, block, 2 * p, a_scale, scale, out)
-        _edge_tiles(w, r, end, a, a_scale, scale, out)
+                _store_tile(quad_pair, block, 2 * p, a_scale, scale, out, accumulate)
+        _edge_tiles(w, r, end, a, a_scale, scale, out, accumulate)
 
 
 @njit(cache=True)

@@ -6,6 +6,8 @@ Serial on purpose: the work is microseconds, less than waking numba's thread poo
 import numpy as np
 from numba import njit
 
+from kernels_cpu.exact_math import EXACT_MATH
+
 
 @njit(cache=True, fastmath=True)
 def rmsnorm_into(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
@@ -14,12 +16,19 @@ def rmsnorm_into(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray)
     if out.shape != x.shape or weight.shape[0] != dim:
         raise ValueError("out must be shaped like x, and weight (D,)")
     for t in range(rows):
-        acc = 0.0
-        for i in range(dim):
-            acc += x[t, i] * x[t, i]
-        inv = np.float32(1.0 / np.sqrt(acc / dim + eps))
-        for i in range(dim):
-            out[t, i] = weight[i] * (x[t, i] * inv)
+        rmsnorm_row(x, t, weight, eps, out)
+
+
+@njit(cache=True, fastmath=EXACT_MATH)
+def rmsnorm_row(x: np.ndarray, t: int, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """out[t, :D] = rmsnorm of x[t] (D = len(weight)); shared with the linears that fuse it."""
+    dim = weight.shape[0]
+    acc = 0.0
+    for i in range(dim):
+        acc += x[t, i] * x[t, i]
+    inv = np.float32(1.0 / np.sqrt(acc / dim + eps))
+    for i in range(dim):
+        out[t, i] = weight[i] * (x[t, i] * inv)
 
 
 @njit(cache=True)

@@ -27,6 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_jitable, register_model
 
 from kernels_cpu.fast_exp import exp_parts, pow2
+from kernels_cpu.rope import rope_heads
 
 LANES = 8
 # Keys per online-softmax step, a multiple of LANES. The running max, sum and output are
@@ -534,6 +535,64 @@ def paged_attention_int8_into(
         out,
         scratch,
     )
+
+
+@njit(cache=True)
+def attend_qkv_into(
+    qkv: np.ndarray,
+    positions: np.ndarray,
+    inv_freq: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    k_scale: np.ndarray | None,
+    v_scale: np.ndarray | None,
+    slots: np.ndarray,
+    block_tables: np.ndarray,
+    query_start: np.ndarray,
+    context_lens: np.ndarray,
+    scale: float,
+    window: int,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    scratch: np.ndarray,
+) -> None:
+    """A layer's whole attention from its fused projections, in one call from Python.
+
+    qkv (T, (H + 2 Hkv) D) holds each token's [q | k | v]. q and k are rotated to their
+    positions into q (T, H, D) and k (T, Hkv, D), v is copied to v (T, Hkv, D), k and v are
+    stored at `slots` of the cache (float32, or int8 with k_scale/v_scale as in
+    `write_kv_int8`; None for a float32 cache), and q attends as in `paged_attention_into`.
+    A decode step's rope, cache write and attention used to be five calls, each costing a
+    dispatch as long as its work.
+    """
+    tokens, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    q_end = heads * dim
+    k_end = q_end + kv_heads * dim
+    if qkv.shape[0] != tokens or qkv.shape[1] != k_end + kv_heads * dim:
+        raise ValueError("qkv must be (T, (H + 2 Hkv) D) for q (T, H, D) and the cache's Hkv")
+    if k.shape != (tokens, kv_heads, dim) or v.shape != k.shape or positions.shape[0] < tokens:
+        raise ValueError("k and v must be (T, Hkv, D), with a position per token")
+    for t in range(tokens):
+        rope_heads(qkv, t, 0, positions[t], inv_freq, q)
+        rope_heads(qkv, t, q_end, positions[t], inv_freq, k)
+        for h in range(kv_heads):
+            for d in range(dim):
+                v[t, h, d] = qkv[t, k_end + h * dim + d]
+    if k_scale is None:
+        write_kv(k_cache, v_cache, k, v, slots)
+        paged_attention_into(
+            q, k_cache, v_cache, block_tables, query_start, context_lens, scale, window, out,
+            scratch,
+        )  # fmt: skip
+    else:
+        write_kv_int8(k_cache, v_cache, k_scale, v_scale, k, v, slots)
+        paged_attention_int8_into(
+            q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start, context_lens,
+            scale, window, out, scratch,
+        )  # fmt: skip
 
 
 def _new_scratch(q: np.ndarray, kv_heads: int) -> np.ndarray:

@@ -6,20 +6,31 @@ from numba import njit
 
 @njit(cache=True)
 def rope_inplace(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
-    """Rotate x (T, H, D) in place; pair i is (i, i + D/2), angle = position * inv_freq[i].
+    """Rotate x (T, H, D) in place; pair i is (i, i + D/2), angle = position * inv_freq[i]."""
+    tokens, heads, dim = x.shape
+    flat = x.reshape(tokens, heads * dim)
+    for t in range(tokens):
+        rope_heads(flat, t, 0, positions[t], inv_freq, x)
+
+
+@njit(cache=True)
+def rope_heads(
+    src: np.ndarray, t: int, col: int, position: int, inv_freq: np.ndarray, dst: np.ndarray
+) -> None:
+    """dst[t] (H, D) = the H heads at src[t, col:col + H * D], rotated to `position`.
 
     The angle is formed in float32, as transformers forms it, so long positions round alike.
+    Each pair is read before it is written, so src may be dst itself (in place).
     """
-    tokens, heads, dim = x.shape
+    heads, dim = dst.shape[1], dst.shape[2]
     half = dim // 2
-    for t in range(tokens):
-        pos = np.float32(positions[t])
-        for i in range(half):
-            angle = pos * inv_freq[i]
-            c = np.float32(np.cos(angle))
-            s = np.float32(np.sin(angle))
-            for h in range(heads):
-                a = x[t, h, i]
-                b = x[t, h, i + half]
-                x[t, h, i] = a * c - b * s
-                x[t, h, i + half] = b * c + a * s
+    pos = np.float32(position)
+    for i in range(half):
+        angle = pos * inv_freq[i]
+        c = np.float32(np.cos(angle))
+        s = np.float32(np.sin(angle))
+        for h in range(heads):
+            a = src[t, col + h * dim + i]
+            b = src[t, col + h * dim + i + half]
+            dst[t, h, i] = a * c - b * s
+            dst[t, h, i + half] = b * c + a * s

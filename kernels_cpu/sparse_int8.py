@@ -518,18 +518,18 @@ def _sparse_matmul(x, mask, values, row_ptr, scale, kind, out, padded, a_scale):
                 for t in range(0, tokens - 1, 2):
                     for rr in range(r, r + TILE_ROWS, PAIR_ROWS):
                         _dot(kind, PAIR_ROWS, 2, mask, values, padded, rr, t, row_ptr, pairs)
-                        _store_tile(pairs, rr, t, a_scale, scale, out)
+                        _store_tile(pairs, rr, t, a_scale, scale, out, False)
                 if tokens % 2:
                     _dot(kind, TILE_ROWS, 1, mask, values, padded, r, tokens - 1, row_ptr, quad)
-                    _store_tile(quad, r, tokens - 1, a_scale, scale, out)
+                    _store_tile(quad, r, tokens - 1, a_scale, scale, out, False)
                 r += TILE_ROWS
             else:
                 for t in range(0, tokens - 1, 2):
                     _dot(kind, 1, 2, mask, values, padded, r, t, row_ptr, pair)
-                    _store_tile(pair, r, t, a_scale, scale, out)
+                    _store_tile(pair, r, t, a_scale, scale, out, False)
                 if tokens % 2:
                     _dot(kind, 1, 1, mask, values, padded, r, tokens - 1, row_ptr, one)
-                    _store_tile(one, r, tokens - 1, a_scale, scale, out)
+                    _store_tile(one, r, tokens - 1, a_scale, scale, out, False)
                 r += 1
 
 

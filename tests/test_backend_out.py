@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from numba import cuda
 from numba.core.runtime import _nrt_python, rtsys
 
+import kernels_cpu
 import kernels_gpu
 from engine.backends.cpu import CPUBackend
 from engine.kv_cache import ForwardBatch, PagedKVCache
@@ -105,33 +106,63 @@ def test_linear_into_out_is_bit_identical(fmt, tokens, n, k, bias, seed):
     check_into(be.linear(x, w, out=out), out, be.linear(x, w))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    tokens=st.integers(1, 9),
+    n=st.sampled_from([1, 17, 64]),
+    k=st.sampled_from([1, 16, 40, 130]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_linears_into_out_are_bit_identical(fmt, tokens, n, k, seed):
+    rng = np.random.default_rng(seed)
+    be, w = CPUBackend(), make_weight(rng, fmt, n, k, bias=False)
+    x, norm, gate_up = rand(rng, tokens, k), rand(rng, k), rand(rng, tokens, 2 * k)
+    out = np.full((tokens, n), np.nan, dtype=np.float32)
+    check_into(be.norm_linear(x, norm, 1e-5, w, out=out), out, be.norm_linear(x, norm, 1e-5, w))
+    residual = rand(rng, tokens, n)
+    want = residual + be.linear(kernels_cpu.silu_mul(gate_up), w)
+    assert be.linear_add_(residual, gate_up, w, gated=True) is residual
+    np.testing.assert_array_equal(residual, want)
+
+
+def linear_ops(be, x, w, out):
+    """The three linear ops on x (T, K) into out (T, N): plain, norm-fused, gated and added."""
+    k = w.in_features
+    norm, gate_up = x[0].copy(), np.concatenate([x, x], axis=1)
+    return [
+        lambda: be.linear(x, w, out=out),
+        lambda: be.norm_linear(x, norm, 1e-5, w, out=out),
+        lambda: be.linear_add_(out, x, w),
+        lambda: be.linear_add_(out, gate_up[:, : 2 * k], w, gated=True),
+    ]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("path", [0, 1])
-def test_linear_with_out_allocates_nothing(fmt, path, nrt_stats):
+@pytest.mark.parametrize("op", range(4))
+def test_linear_with_out_allocates_nothing(fmt, path, op, nrt_stats):
     rng = np.random.default_rng(0)
     be, tokens = CPUBackend(), PATHS[fmt][path]
     calls = []
     for n, k in [(120, 160), (1200, 1600)]:
         w, x = make_weight(rng, fmt, n, k, bias=True), rand(rng, tokens, k)
-        out = np.empty((tokens, n), dtype=np.float32)
-        calls.append(lambda x=x, w=w, out=out: be.linear(x, w, out=out))
+        out = np.zeros((tokens, n), dtype=np.float32)
+        calls.append(linear_ops(be, x, w, out)[op])
     assert_allocates_nothing(calls)
 
 
 def elementwise_ops(rng: np.random.Generator, tokens: int, width: int):
     """(name, call(be, out), out shape) for the ops besides linear and attention."""
-    x, norm = rand(rng, tokens, width), rand(rng, width)
+    x = rand(rng, tokens, width)
     table = Int8Weight(
         rng.integers(-127, 128, size=(50, width), dtype=np.int8), rng.random(50, dtype=np.float32)
     )
     ids = rng.integers(0, 50, tokens)
-    gate_up = rand(rng, tokens, 2 * width) * 4
     rows = np.array([tokens - 1, 0])
     return [
         ("embed int8", lambda be, out: be.embed(table, ids, out=out), (tokens, width)),
         ("embed f32", lambda be, out: be.embed(DenseWeight(x), rows, out=out), (2, width)),
-        ("rmsnorm", lambda be, out: be.rmsnorm(x, norm, 1e-5, out=out), (tokens, width)),
-        ("silu_mul", lambda be, out: be.silu_mul(gate_up, out=out), (tokens, width)),
         ("take_rows", lambda be, out: be.take_rows(x, rows, out=out), (2, width)),
     ]
 
@@ -145,7 +176,7 @@ def test_elementwise_ops_into_out_are_bit_identical(tokens, width, seed):
         check_into(call(be, out), out, call(be, None))
 
 
-@pytest.mark.parametrize("op", range(5))
+@pytest.mark.parametrize("op", range(3))
 def test_elementwise_ops_with_out_allocate_nothing(op, nrt_stats):
     be, calls = CPUBackend(), []
     for tokens, width in [(2, 64), (20, 640)]:
@@ -155,47 +186,33 @@ def test_elementwise_ops_with_out_allocate_nothing(op, nrt_stats):
     assert_allocates_nothing(calls)
 
 
-def test_split_qkv_copies_q_and_k_into_out(nrt_stats):
-    be, heads, kv_heads, dim = CPUBackend(), 6, 2, 8
-    calls = []
-    for tokens in (2, 20):
-        qkv = rand(np.random.default_rng(tokens), tokens, (heads + 2 * kv_heads) * dim)
-        want = [a.copy() for a in be.split_qkv(qkv, heads, kv_heads, dim)]
-        out = (np.empty((tokens, heads, dim), np.float32), np.empty((tokens, kv_heads, dim), "f4"))
-        q, k, v = be.split_qkv(qkv, heads, kv_heads, dim, out=out)
-        assert q is out[0] and k is out[1] and np.shares_memory(v, qkv)
-        for got, ref in zip((q, k, v), want, strict=True):
-            np.testing.assert_array_equal(got, ref)
-        calls.append(lambda qkv=qkv, out=out: be.split_qkv(qkv, heads, kv_heads, dim, out=out))
-    assert_allocates_nothing(calls)
+INV_FREQ = np.array([1.0, 0.1, 0.01, 0.001, 0.0001], np.float32)  # head_dim 10
 
 
-def attention_case(be, rng, tokens, kv_dtype, heads=6, kv_heads=2, dim=40, put=np.asarray):
-    """q, k, v (placed by `put`) and a batch of one sequence: 9 positions cached, then `tokens`
+def attention_case(be, rng, tokens, kv_dtype, heads=6, kv_heads=2, dim=10, put=np.asarray):
+    """qkv (placed by `put`) and a batch of one sequence: 9 positions cached, then `tokens`
     new ones."""
     cache = PagedKVCache(be, 1, kv_heads, dim, 16, 4, kv_dtype)
     cache.add_sequence("a", [])
     for new, commit in ((9, True), (tokens, False)):
         batch = ForwardBatch.build(cache, [("a", list(range(new)))])
-        q = put(rand(rng, new, heads, dim))
-        k, v = (put(rand(rng, new, kv_heads, dim)) for _ in range(2))
+        qkv = put(rand(rng, new, (heads + 2 * kv_heads) * dim))
         if commit:  # writes the cached positions' keys and values
-            be.attention(0, q, k, v, batch, 0.2, 0)
+            be.attention(0, qkv, batch, heads, INV_FREQ[: dim // 2], 0.2, 0)
             cache.commit("a", list(range(new)))
-    return q, k, v, batch
+    return qkv, batch
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
 def test_attention_into_out(kv_dtype, nrt_stats):
-    be, rng, calls = CPUBackend(), np.random.default_rng(0), []
+    be, rng, calls, heads = CPUBackend(), np.random.default_rng(0), [], 6
     for tokens in (2, 20):
-        q, k, v, batch = attention_case(be, rng, tokens, kv_dtype)
-        want = be.attention(0, q, k, v, batch, 0.2, 0)
-        out = np.full((tokens, q.shape[1] * q.shape[2]), np.nan, dtype=np.float32)
-        check_into(be.attention(0, q, k, v, batch, 0.2, 0, out=out), out, want)
-        calls.append(
-            lambda q=q, k=k, v=v, b=batch, out=out: be.attention(0, q, k, v, b, 0.2, 0, out=out)
-        )
+        qkv, batch = attention_case(be, rng, tokens, kv_dtype, heads)
+        args = (0, qkv, batch, heads, INV_FREQ, 0.2, 0)
+        want = be.attention(*args).copy()
+        out = np.full((tokens, heads * 10), np.nan, dtype=np.float32)
+        check_into(be.attention(*args, out=out), out, want)
+        calls.append(lambda args=args, out=out: be.attention(*args, out=out))
     assert_allocates_nothing(calls)
 
 
@@ -242,18 +259,11 @@ def test_cuda_backend_writes_into_out():
     w32 = DenseWeight(dev(rand(rng, n, width)), dev(rand(rng, n)))
     with pooled_blocks():
         same(lambda out: be.embed(table, ids, out=out), (tokens, width))
-        same(lambda out: be.rmsnorm(x, norm, 1e-5, out=out), (tokens, width))
         same(lambda out: be.linear(x, w8, out=out), (tokens, n))
         same(lambda out: be.linear(x, w32, out=out), (tokens, n))
-        same(lambda out: be.silu_mul(x, out=out), (tokens, width // 2))
+        same(lambda out: be.norm_linear(x, norm, 1e-5, w8, out=out), (tokens, n))
         same(lambda out: be.take_rows(x, rows, out=out), (2, width))
         heads, kv_heads, dim = 2, 1, 4
-        qkv = dev(rand(rng, tokens, (heads + 2 * kv_heads) * dim))
-        want = [a.copy_to_host() for a in be.split_qkv(qkv, heads, kv_heads, dim)]
-        out = (be.empty((tokens, heads, dim)), be.empty((tokens, kv_heads, dim)))
-        got = be.split_qkv(qkv, heads, kv_heads, dim, out=out)
-        assert got[0] is out[0] and got[1] is out[1]
-        for a, ref in zip(got, want, strict=True):
-            np.testing.assert_array_equal(a.copy_to_host(), ref)
-        q, k, v, batch = attention_case(be, rng, 2, "float32", heads, kv_heads, dim, dev)
-        same(lambda out: be.attention(0, q, k, v, batch, 0.5, 0, out=out), (2, heads * dim))
+        qkv, batch = attention_case(be, rng, 2, "float32", heads, kv_heads, dim, dev)
+        args = (0, qkv, batch, heads, INV_FREQ[: dim // 2], 0.5, 0)
+        same(lambda out: be.attention(*args, out=out), (2, heads * dim))

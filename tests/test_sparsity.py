@@ -84,13 +84,24 @@ def test_activation_sparse_checkpoint_zeroes_about_the_asked_share(tiny, tmp_pat
     # independent check: the share of inputs at or under each threshold, on other text
     seen: dict[int, list[np.ndarray]] = {}
     backend = llm.backend
-    linear = backend.linear
+    norm_linear, linear_add_ = backend.norm_linear, backend.linear_add_
 
-    def record(x, weight, *, out=None):
+    def record(x, weight):
         seen.setdefault(id(weight), []).append(np.abs(x).reshape(-1))
-        return linear(x, weight, out=out)
 
-    backend.linear = record
+    def norm_and_record(x, norm, eps, weight, *, out=None):  # the linear's input, in numpy
+        record(x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * norm, weight)
+        return norm_linear(x, norm, eps, weight, out=out)
+
+    def add_and_record(residual, x, weight, *, gated=False):
+        if gated:
+            gate, up = np.split(x, 2, axis=1)
+            record(gate / (1 + np.exp(-gate)) * up, weight)
+        else:
+            record(x, weight)
+        return linear_add_(residual, x, weight, gated=gated)
+
+    backend.norm_linear, backend.linear_add_ = norm_and_record, add_and_record
     llm.prompt_logits("def f(x):\n    return x * 2  # the return statement, in Python. " * 8)
     shares = [np.mean(np.concatenate(seen[id(w)]) <= w.threshold) for w in weights]
     assert 0.2 < np.median(shares) < 0.6

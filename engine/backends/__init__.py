@@ -38,40 +38,38 @@ class Backend(Protocol):
 
     def embed(self, table: Weight, token_ids: np.ndarray, *, out: Array | None = None) -> Array: ...
 
-    def rmsnorm(
-        self, x: Array, weight: Array, eps: float, *, out: Array | None = None
-    ) -> Array: ...
-
     def linear(self, x: Array, weight: Weight, *, out: Array | None = None) -> Array: ...
 
-    def split_qkv(
-        self,
-        qkv: Array,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        *,
-        out: tuple[Array, Array] | None = None,
-    ) -> tuple[Array, Array, Array]: ...
+    def norm_linear(
+        self, x: Array, norm: Array, eps: float, weight: Weight, *, out: Array | None = None
+    ) -> Array:
+        """rmsnorm(x) with weights `norm`, then the linear: one fused op where the format
+        allows, so the normalised x never makes a round trip through memory."""
+        ...
 
-    def rope(self, x: Array, positions: np.ndarray, inv_freq: np.ndarray) -> None: ...
+    def linear_add_(
+        self, residual: Array, x: Array, weight: Weight, *, gated: bool = False
+    ) -> Array:
+        """residual += x @ weight (with `gated`, x is [gate | up] and the input is
+        silu(gate) * up); returns residual. The residual stream's add rides on the linear."""
+        ...
 
     def attention(
         self,
         layer: int,
-        q: Array,
-        k: Array,
-        v: Array,
+        qkv: Array,
         batch: ForwardBatch,
+        heads: int,
+        inv_freq: np.ndarray,
         scale: float,
         window: int,
         *,
         out: Array | None = None,
-    ) -> Array: ...
-
-    def silu_mul(self, gate_up: Array, *, out: Array | None = None) -> Array: ...
-
-    def add_(self, x: Array, y: Array) -> Array: ...
+    ) -> Array:
+        """From the fused projections qkv (T, (H + 2 Hkv) D): rotate q and k to the batch's
+        positions, write k and v into the layer's paged cache, and attend each sequence's new
+        queries over its own blocks; -> (T, H * D)."""
+        ...
 
     def take_rows(self, x: Array, rows: np.ndarray, *, out: Array | None = None) -> Array: ...
 

@@ -33,13 +33,7 @@ from kernels_cpu.matmul_int8 import (
     gemv_w8,
     gemv_w8_into,
 )
-from kernels_cpu.paged_attention import (
-    attention_scratch_shape,
-    paged_attention_int8_into,
-    paged_attention_into,
-    write_kv,
-    write_kv_int8,
-)
+from kernels_cpu.paged_attention import attend_qkv_into, attention_scratch_shape
 from kernels_cpu.sparse_int8 import padded_columns, sparse_matmul_w8, unpack_bitmask
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
@@ -116,24 +110,79 @@ class CPUBackend:
             kernels_cpu.take_rows_into(table.data, token_ids, out)
         return out
 
-    def rmsnorm(
-        self, x: np.ndarray, weight: np.ndarray, eps: float, *, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        if out is None:
-            out = np.empty_like(x)
-        kernels_cpu.rmsnorm_into(x, weight, eps, out)
-        return out
-
     def linear(self, x: np.ndarray, weight: Weight, *, out: np.ndarray | None = None) -> np.ndarray:
-        kernel = _LINEAR_KERNELS.get(type(weight))  # one lookup: this runs ~100 times a token
-        if kernel is None:
-            raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
+        return self._linear(x, weight, out)
+
+    def norm_linear(
+        self,
+        x: np.ndarray,
+        norm: np.ndarray,
+        eps: float,
+        weight: Weight,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        return self._linear(x, weight, out, norm=norm, eps=eps)
+
+    def linear_add_(
+        self, residual: np.ndarray, x: np.ndarray, weight: Weight, *, gated: bool = False
+    ) -> np.ndarray:
+        return self._linear(x, weight, residual, gated=gated, accumulate=True)
+
+    def _linear(
+        self,
+        x: np.ndarray,
+        weight: Weight,
+        out: np.ndarray | None,
+        norm: np.ndarray | None = None,
+        eps: float = 0.0,
+        gated: bool = False,
+        accumulate: bool = False,
+    ) -> np.ndarray:
+        """The three linear ops: an rmsnorm (`norm`) or gate product (`gated`) before, an add
+        into `out` (`accumulate`) after. Int8 kernels fuse both; other formats compose."""
+        tokens = x.shape[0]
         if out is None:
-            out = np.empty((x.shape[0], weight.out_features), dtype=np.float32)
-        kernel(self, x, weight, out)
+            out = np.empty((tokens, weight.out_features), dtype=np.float32)
+        h = None  # where the prologue computes the linear's input
+        if norm is not None or gated:
+            h = self.scratch.take("h", (tokens, weight.in_features), np.float32)
+        if type(weight) is Int8Weight:
+            self._linear_int8(x, weight, out, h, norm, eps, accumulate)
+        else:
+            self._composed(x, weight, out, h, norm, eps, accumulate)
         if weight.bias is not None:
             kernels_cpu.add_bias_inplace(out, weight.bias)
         return out
+
+    def _linear_int8(self, x, weight: Int8Weight, out, h, norm, eps, accumulate) -> None:
+        """Decode streams the int8 bytes; prefill is compute-bound. Both use int16 activations
+        and run the prologue and the add themselves."""
+        a, a_scale = self._activations(tokens := x.shape[0], weight.in_features)
+        if tokens <= INT8_GEMV_TOKENS:
+            gemv_w8_into(x, weight.data, weight.scale, out, a, a_scale, h, norm, eps, accumulate)
+        else:
+            gemm_w8_into(
+                x, weight.data, weight.scale, INT16_MAX, out, a, a_scale, h, norm, eps, accumulate
+            )
+
+    def _composed(self, x, weight: Weight, out, h, norm, eps, accumulate) -> None:
+        """A format whose kernel fuses nothing: the prologue, the kernel and the add in turn."""
+        kernel = _LINEAR_KERNELS.get(type(weight))
+        if kernel is None:
+            raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
+        if h is not None:
+            if norm is not None:
+                kernels_cpu.rmsnorm_into(x, norm, eps, h)
+            else:
+                kernels_cpu.silu_mul_into(x, h)
+            x = h
+        if accumulate:
+            result = self.scratch.take("linear_out", out.shape, np.float32)
+            kernel(self, x, weight, result)
+            out += result
+        else:
+            kernel(self, x, weight, out)
 
     def _linear_sparse(self, x: np.ndarray, w: SparseInt8Weight, out: np.ndarray) -> None:
         act = self._activations(x.shape[0], padded_columns(w.in_features))
@@ -148,14 +197,6 @@ class CPUBackend:
             return
         with _BLAS.limit(limits=1, user_api="blas"):
             np.matmul(x, weight.data.T, out=out)
-
-    def _linear_int8(self, x: np.ndarray, weight: Int8Weight, out: np.ndarray) -> None:
-        """Decode streams the int8 bytes; prefill is compute-bound. Both use int16 activations."""
-        a, a_scale = self._activations(*x.shape)
-        if x.shape[0] <= INT8_GEMV_TOKENS:
-            gemv_w8_into(x, weight.data, weight.scale, out, a, a_scale)
-        else:
-            gemm_w8_into(x, weight.data, weight.scale, INT16_MAX, out, a, a_scale)
 
     def _activations(self, tokens: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Scratch for int16-quantized activations (T, width) and their scales (T,)."""
@@ -184,80 +225,40 @@ class CPUBackend:
                 if choices[key] == "dense":
                     setattr(layer, name, _unpacked(weight))
 
-    def split_qkv(
-        self,
-        qkv: np.ndarray,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        *,
-        out: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Fused (T, (H + 2*Hkv) * D) projections -> q (T, H, D), k and v (T, Hkv, D).
-
-        q and k are copied (into `out` = (q, k) when given): rope rotates them in place, and
-        rope and attention then read contiguous rows. v is only copied into the cache, so it
-        stays a view of qkv.
-        """
-        tokens = qkv.shape[0]
-        q_end = heads * head_dim
-        k_end = q_end + kv_heads * head_dim
-        q_view = qkv[:, :q_end].reshape(tokens, heads, head_dim)
-        k_view = qkv[:, q_end:k_end].reshape(tokens, kv_heads, head_dim)
-        v = qkv[:, k_end:].reshape(tokens, kv_heads, head_dim)
-        if out is None:
-            return np.ascontiguousarray(q_view), np.ascontiguousarray(k_view), v
-        q, k = out
-        np.copyto(q, q_view)
-        np.copyto(k, k_view)
-        return q, k, v
-
-    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
-        kernels_cpu.rope_inplace(x, positions, inv_freq)
-
     def attention(
         self,
         layer: int,
-        q: np.ndarray,
-        k: np.ndarray,
-        v: np.ndarray,
+        qkv: np.ndarray,
         batch: ForwardBatch,
+        heads: int,
+        inv_freq: np.ndarray,
         scale: float,
         window: int,
         *,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Write this pass's k, v (T, Hkv, D) into the paged cache, then attend q (T, H, D)
-        of every sequence in the batch over its own blocks; -> (T, H * D)."""
-        tokens, heads, dim = q.shape
+        cache = batch.cache
+        kc, vc = cache.k[layer], cache.v[layer]
+        kv_heads, dim = kc.shape[2], kc.shape[3]
+        tokens = qkv.shape[0]
         if out is None:
             out = np.empty((tokens, heads * dim), dtype=np.float32)
         elif not out.flags.c_contiguous:  # the (T, H, D) view below would be a copy
             raise ValueError("attention's out must be C-contiguous")
-        shape = attention_scratch_shape(heads, k.shape[1], dim, numba.config.NUMBA_NUM_THREADS)
-        scratch = self.scratch.take("attention", shape, np.float32)
-        cache = batch.cache
-        where = (batch.block_tables, batch.query_start, batch.context_lens, scale, window)
-        out3 = out.reshape(tokens, heads, dim)
-        kc, vc = cache.k[layer], cache.v[layer]
-        if cache.k_scale is None:
-            write_kv(kc, vc, k, v, batch.slots)
-            paged_attention_into(q, kc, vc, *where, out3, scratch)
-        else:
-            ks, vs = cache.k_scale[layer], cache.v_scale[layer]
-            write_kv_int8(kc, vc, ks, vs, k, v, batch.slots)
-            paged_attention_int8_into(q, kc, vc, ks, vs, *where, out3, scratch)
+        take = self.scratch.take
+        q = take("q", (tokens, heads, dim), np.float32)
+        k = take("k", (tokens, kv_heads, dim), np.float32)
+        v = take("v", (tokens, kv_heads, dim), np.float32)
+        shape = attention_scratch_shape(heads, kv_heads, dim, numba.config.NUMBA_NUM_THREADS)
+        scratch = take("attention", shape, np.float32)
+        ks = None if cache.k_scale is None else cache.k_scale[layer]
+        vs = None if cache.v_scale is None else cache.v_scale[layer]
+        attend_qkv_into(
+            qkv, batch.positions, inv_freq, kc, vc, ks, vs, batch.slots, batch.block_tables,
+            batch.query_start, batch.context_lens, scale, window, q, k, v,
+            out.reshape(tokens, heads, dim), scratch,
+        )  # fmt: skip
         return out
-
-    def silu_mul(self, gate_up: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        if out is None:
-            out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
-        kernels_cpu.silu_mul_into(gate_up, out)
-        return out
-
-    def add_(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        x += y
-        return x
 
     def take_rows(
         self, x: np.ndarray, rows: np.ndarray, *, out: np.ndarray | None = None
@@ -278,9 +279,9 @@ class CPUBackend:
         return psutil.virtual_memory().available
 
 
+# The formats whose kernels fuse no neighbours (int8 has its own path in `_linear`).
 _LINEAR_KERNELS = {
     DenseWeight: CPUBackend._linear_f32,
-    Int8Weight: CPUBackend._linear_int8,
     SparseInt8Weight: CPUBackend._linear_sparse,
     ColskipInt8Weight: CPUBackend._linear_colskip,
 }

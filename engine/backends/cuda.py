@@ -183,11 +183,6 @@ class CUDABackend:
             return embedding.gather_rows(table.data, ids, out, self.stream)
         raise TypeError(f"CUDABackend cannot embed with {type(table).__name__}")
 
-    def rmsnorm(
-        self, x: DeviceArray, weight: DeviceArray, eps: float, *, out: DeviceArray | None = None
-    ) -> DeviceArray:
-        return norms.rmsnorm(x, weight, eps, out, self.stream)
-
     def linear(
         self, x: DeviceArray, weight: Weight, *, out: DeviceArray | None = None
     ) -> DeviceArray:
@@ -211,53 +206,60 @@ class CUDABackend:
             elementwise.add_inplace(out, weight.bias, stream=self.stream)
         return out
 
-    def split_qkv(
+    def norm_linear(
         self,
-        qkv: DeviceArray,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
+        x: DeviceArray,
+        norm: DeviceArray,
+        eps: float,
+        weight: Weight,
         *,
-        out: tuple[DeviceArray, DeviceArray] | None = None,
-    ) -> tuple[DeviceArray, DeviceArray, DeviceArray]:
-        """Fused (T, (H + 2*Hkv) * D) projections -> contiguous q (T,H,D), k and v (T,Hkv,D).
+        out: DeviceArray | None = None,
+    ) -> DeviceArray:
+        """rmsnorm into scratch, then the linear (two launches; fusing them is the device
+        decode issue's work)."""
+        h = self.scratch.take("h", x.shape, np.float32)
+        return self.linear(norms.rmsnorm(x, norm, eps, h, self.stream), weight, out=out)
 
-        q and k go into `out` = (q, k) when given; v then goes to scratch, since a strided
-        view of qkv cannot be reshaped on the device and v is dead once in the cache.
-        """
-        buffers = None
-        if out is not None:
-            v = self.scratch.take("v", (qkv.shape[0], kv_heads, head_dim), np.float32)
-            buffers = (*out, v)
-        return elementwise.split_qkv(qkv, heads, kv_heads, head_dim, buffers, self.stream)
-
-    def rope(self, x: DeviceArray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
-        rope.rope_inplace(
-            x, self._pass.get(positions), self._constants.get(inv_freq), stream=self.stream
-        )
+    def linear_add_(
+        self, residual: DeviceArray, x: DeviceArray, weight: Weight, *, gated: bool = False
+    ) -> DeviceArray:
+        if gated:
+            h = self.scratch.take("h", (x.shape[0], x.shape[1] // 2), np.float32)
+            x = activations.silu_mul(x, h, self.stream)
+        result = self.scratch.take("linear_out", (x.shape[0], weight.out_features), np.float32)
+        self.linear(x, weight, out=result)
+        return elementwise.add_inplace(residual, result, stream=self.stream)
 
     def attention(
         self,
         layer: int,
-        q: DeviceArray,
-        k: DeviceArray,
-        v: DeviceArray,
+        qkv: DeviceArray,
         batch: ForwardBatch,
+        heads: int,
+        inv_freq: np.ndarray,
         scale: float,
         window: int,
         *,
         out: DeviceArray | None = None,
     ) -> DeviceArray:
-        """Write this pass's k, v (T, Hkv, D) into the paged cache, then attend q (T, H, D)
-        of every sequence in the batch over its own blocks; -> (T, H * D)."""
+        """Split qkv into scratch q, k and v, rotate q and k, write k and v into the paged
+        cache, then attend q of every sequence over its own blocks; -> (T, H * D)."""
         cache, up, s = batch.cache, self._pass.get, self.stream
-        tokens, heads, dim = q.shape
+        kv_heads, dim = cache.k[layer].shape[2], cache.k[layer].shape[3]
+        tokens = qkv.shape[0]
+        take = self.scratch.take
+        q, k, v = (take(n, (tokens, h, dim), np.float32) for n, h in
+                   (("q", heads), ("k", kv_heads), ("v", kv_heads)))  # fmt: skip
+        elementwise.split_qkv(qkv, heads, kv_heads, dim, (q, k, v), s)
+        positions, freqs = up(batch.positions), self._constants.get(inv_freq)
+        rope.rope_inplace(q, positions, freqs, stream=s)
+        rope.rope_inplace(k, positions, freqs, stream=s)
         slots = up(batch.slots)
         where = (up(batch.block_tables), up(batch.query_start), up(batch.context_lens))
         splits, parts = 1, None
         if self._sm_count is not None:
             longest = int(batch.context_lens.max())
-            splits = attention_splits(tokens, k.shape[1], longest, self._sm_count)
+            splits = attention_splits(tokens, kv_heads, longest, self._sm_count)
         if splits > 1:
             shapes = partials_shapes(splits, tokens, heads, dim)
             names = ("part_acc", "part_max", "part_sum")
@@ -274,12 +276,6 @@ class CUDABackend:
                 q, kc, vc, ks, vs, *where, scale, window, splits, out3, s, parts
             )
         return out3.reshape(tokens, heads * dim) if out is None else out
-
-    def silu_mul(self, gate_up: DeviceArray, *, out: DeviceArray | None = None) -> DeviceArray:
-        return activations.silu_mul(gate_up, out, self.stream)
-
-    def add_(self, x: DeviceArray, y: DeviceArray) -> DeviceArray:
-        return elementwise.add_inplace(x, y, stream=self.stream)
 
     def take_rows(
         self, x: DeviceArray, rows: np.ndarray, *, out: DeviceArray | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+import kernels_cpu
 from engine.backends.cpu import CPUBackend
 from engine.errors import InvalidInputError
 from engine.weights import LAYER_LINEARS, ModelWeights
@@ -61,7 +62,8 @@ class InputStats:
 
 
 class _RecordingBackend(CPUBackend):
-    """The CPU backend, noting the input of every linear call it serves."""
+    """The CPU backend, noting the input of every linear call it serves: the fused ops
+    compute theirs (the norm, the gate product) apart first, so it can be seen."""
 
     def __init__(self, names: dict[int, LinearKey], gram: bool, rng: np.random.Generator):
         super().__init__()
@@ -71,12 +73,21 @@ class _RecordingBackend(CPUBackend):
         self.stats: dict[LinearKey, InputStats] = {}
 
     def linear(self, x: np.ndarray, weight, *, out: np.ndarray | None = None):
-        key = self._names.get(id(weight))
-        if key is not None:
-            self._record(key, x)
+        self._record(weight, x)
         return super().linear(x, weight, out=out)
 
-    def _record(self, key: LinearKey, x: np.ndarray) -> None:
+    def norm_linear(self, x, norm, eps, weight, *, out: np.ndarray | None = None):
+        return self.linear(kernels_cpu.rmsnorm(x, norm, eps), weight, out=out)
+
+    def linear_add_(self, residual, x, weight, *, gated: bool = False):
+        h = kernels_cpu.silu_mul(x) if gated else x
+        self._record(weight, h)
+        return super().linear_add_(residual, h, weight)
+
+    def _record(self, weight, x: np.ndarray) -> None:
+        key = self._names.get(id(weight))
+        if key is None:
+            return
         stats = self.stats.get(key)
         if stats is None:
             stats = self.stats[key] = InputStats(np.zeros(x.shape[1]))
