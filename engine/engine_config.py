@@ -62,7 +62,7 @@ class EngineConfig:
         default=None,
         metadata=_option(
             "CPU threads for the kernels (default: the cores other busy processes leave "
-            "free, measured every half second: every parallel kernel waits for its slowest "
+            "free, measured every 0.1 s: every parallel kernel waits for its slowest "
             "thread, and a thread sharing a core with a busy process is slow)",
             int,
         ),

@@ -8,7 +8,7 @@ threads than idle cores lose nothing to that wait.
 
 So unless the user fixes `threads`, the policy counts the cores other processes keep busy
 (all CPU time the OS reports, including a hypervisor's steal, minus this process's own) over
-the last half second or more, and runs the kernels on the cores left over, at least one.
+the last tenth of a second or so, and runs the kernels on the cores left over, at least one.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ import time
 import numba
 import psutil
 
-# Seconds between looks at the machine's load: a few decode steps' worth, long enough for
+# Seconds between looks at the machine's load: tens of decode steps, long enough for
 # the OS's CPU counters (10 ms ticks) to mean something, short enough to follow a load.
-INTERVAL_S = 0.5
+INTERVAL_S = 0.1
+# A window longer than this spans a pause in the engine's work (between requests, or while a
+# benchmark peer ran): what other processes did then says little about now, so the policy
+# starts over with every core and measures again.
+STALE_S = 5 * INTERVAL_S
 
 
 # The fields of psutil.cpu_times() that are work; guest time is already inside user and nice.
@@ -49,7 +53,11 @@ class ThreadPolicy:
     def threads(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        if time.monotonic() - self._last[0] >= INTERVAL_S:
+        age = time.monotonic() - self._last[0]
+        if age > STALE_S:
+            self._last = self._sample()
+            self._current = self.cores
+        elif age >= INTERVAL_S:
             now = self._sample()
             wall, busy, own = (a - b for a, b in zip(now, self._last, strict=True))
             others = max(0.0, busy - own) / wall  # cores' worth of other processes' work

@@ -36,13 +36,13 @@ def clock(monkeypatch):
 def test_default_uses_the_cores_others_leave_free(clock, others, want):
     policy = ThreadPolicy(cores=8)
     assert policy.threads() == 8  # nothing measured yet
-    clock.advance(1.0, others, own_cores=4.0)  # our own use never counts against us
+    clock.advance(thread_policy.INTERVAL_S, others, own_cores=4.0)  # ours never counts
     assert policy.threads() == want
 
 
 def test_it_follows_the_load_but_not_faster_than_its_interval(clock):
     policy = ThreadPolicy(cores=8)
-    clock.advance(1.0, 6.0, 2.0)
+    clock.advance(thread_policy.INTERVAL_S, 6.0, 2.0)
     assert policy.threads() == 2
     clock.advance(thread_policy.INTERVAL_S / 2, 0.0, 2.0)
     assert policy.threads() == 2  # too soon to look again
@@ -50,9 +50,19 @@ def test_it_follows_the_load_but_not_faster_than_its_interval(clock):
     assert policy.threads() == 8
 
 
+def test_after_a_pause_it_starts_over_with_every_core(clock):
+    policy = ThreadPolicy(cores=8)
+    clock.advance(thread_policy.INTERVAL_S, 6.0, 2.0)
+    assert policy.threads() == 2
+    clock.advance(thread_policy.STALE_S * 2, 8.0, 0.0)  # the engine idle, others busy
+    assert policy.threads() == 8  # stale: not judged by a window it did not work in
+    clock.advance(thread_policy.INTERVAL_S, 6.0, 2.0)
+    assert policy.threads() == 2
+
+
 def test_a_fixed_count_is_kept_whatever_the_load(clock):
     policy = ThreadPolicy(fixed=3, cores=8)
-    clock.advance(1.0, 8.0, 0.0)
+    clock.advance(thread_policy.INTERVAL_S, 8.0, 0.0)
     assert policy.threads() == 3
 
 
