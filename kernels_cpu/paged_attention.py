@@ -26,6 +26,7 @@ from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_jitable, register_model
 
+from kernels_cpu.exact_math import EXACT_MATH
 from kernels_cpu.fast_exp import exp_parts, pow2
 from kernels_cpu.rope import rope_heads
 from kernels_cpu.simd import prefetch
@@ -38,6 +39,9 @@ TILE = 64
 # thread, each working in its own row, so a thread that falls behind (a busy core, longer
 # contexts) can hand chunks to the others under a dynamic schedule.
 CHUNKS_PER_THREAD = 4
+# Rows per thread for the parts of a decode step's few jobs (see `_paged`): 64 parts of 256
+# positions each, so one sequence of three kv heads spreads up to 10k positions.
+PART_ROWS_PER_THREAD = 64
 
 _VEC = ir.VectorType(ir.FloatType(), LANES)
 _MASK = ir.VectorType(ir.IntType(32), LANES)
@@ -290,19 +294,36 @@ def _accumulate(acc, vf, base, n, dim, weights):
             acc[g * dim + d] += extra
 
 
+# Positions per part of a query's context. Parts are attended apart (each its own online
+# softmax) and merged in order, so the few queries of a decode step can spread over every
+# core: one sequence of a model with 3 kv heads is only 3 (token, kv head) jobs. The parts
+# depend on the context alone, never on the batch, so a token's output has the same bits
+# whether it is decoded alone, in a batch, or in a prefill.
+PART = 256
+
+
+@register_jitable
+def _part_floats(group: int, dim: int) -> int:
+    """float32 words of one part's result: best (group), total (group), acc (group * dim)."""
+    return 2 * group + group * dim
+
+
 @register_jitable
 def scratch_floats(heads: int, kv_heads: int, dim: int) -> int:
-    """float32 words of one thread's scratch (see `_attend`), a multiple of 16 (64 bytes), so
-    threads' rows share no cache line and each starts 8-byte aligned for its int64 part."""
+    """float32 words of one scratch row (see `_attend_part` and `_paged`), a multiple of 16
+    (64 bytes), so rows share no cache line and each starts 8-byte aligned for its int64
+    part: a work area plus two part results."""
     group = heads // kv_heads
-    words = 2 * TILE + 2 * group * dim + group * TILE + 2 * TILE + 2 * group
+    words = 2 * TILE + group * dim + group * TILE + 2 * TILE + 2 * _part_floats(group, dim)
     return -(-words // 16) * 16
 
 
 def attention_scratch_shape(heads: int, kv_heads: int, dim: int, threads: int) -> tuple[int, int]:
     """Shape of the float32 scratch `paged_attention_into` takes for `threads` numba threads:
-    CHUNKS_PER_THREAD rows each, whatever the batch and its contexts."""
-    return CHUNKS_PER_THREAD * threads, scratch_floats(heads, kv_heads, dim)
+    CHUNKS_PER_THREAD work rows and PART_ROWS_PER_THREAD part rows each, whatever the batch
+    and its contexts."""
+    rows = (CHUNKS_PER_THREAD + PART_ROWS_PER_THREAD) * threads
+    return rows, scratch_floats(heads, kv_heads, dim)
 
 
 @njit(cache=True, inline="always")
@@ -316,8 +337,9 @@ def _prefetch_row(flat, start, n):
 
 
 @njit(cache=True, fastmath=True)
-def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos, scale, out, fs):
-    """Online-softmax attention of token t's GQA group (kv head kvh) over positions first..pos.
+def _attend_part(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, lo, hi, scale, fs, part):
+    """Online-softmax attention of token t's GQA group (kv head kvh) over positions lo..hi-1,
+    unnormalised, into `part`: best (group), total (group), acc (group * dim).
 
     kf/vf are the flat caches. Keys are taken TILE at a time: base[j] is the flat offset of
     key j's row, found by walking the block table with a (block, row) counter instead of a
@@ -330,8 +352,8 @@ def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos
     of them. A key's scale multiplies its scores, a value's scale its softmax weights (after
     they are summed into `total`, which must not see it).
 
-    fs is the job's float32 scratch row (`scratch_floats` words), carved into base
-    (int64), the scaled queries, acc, the tile's scores and row scales, best and total.
+    fs is a float32 scratch row, carved into base (int64), the scaled queries, the tile's
+    scores and row scales.
     """
     group = q.shape[1] // kv_heads
     dim = q.shape[2]
@@ -340,26 +362,25 @@ def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos
     base = fs[: 2 * TILE].view(np.int64)
     o = 2 * TILE
     qs = fs[o : o + gd]
-    acc = fs[o + gd : o + 2 * gd]
-    o += 2 * gd
+    o += gd
     scores = fs[o : o + group * TILE].reshape((group, TILE))
     o += group * TILE
     k_row_scale = fs[o : o + TILE]
     v_row_scale = fs[o + TILE : o + 2 * TILE]
-    o += 2 * TILE
-    best = fs[o : o + group]
-    total = fs[o + group : o + 2 * group]
+    best = part[:group]
+    total = part[group : 2 * group]
+    acc = part[2 * group : 2 * group + gd]
     acc[:] = 0
     total[:] = 0
     for g in range(group):
         for d in range(dim):
             qs[g * dim + d] = q[t, h0 + g, d] * scale
-    b = first // block_size
-    row = first - b * block_size
+    b = lo // block_size
+    row = lo - b * block_size
     blk = np.int64(table[b])
-    p0 = first
-    while p0 <= pos:
-        n = min(TILE, pos + 1 - p0)
+    p0 = lo
+    while p0 < hi:
+        n = min(TILE, hi - p0)
         for j in range(n):
             slot = (blk * block_size + row) * kv_heads + kvh
             base[j] = slot * dim
@@ -369,7 +390,7 @@ def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos
                 k_row_scale[j] = ksf[slot]
                 v_row_scale[j] = vsf[slot]
             row += 1
-            if row == block_size and p0 + j < pos:
+            if row == block_size and p0 + j + 1 < hi:
                 row = 0
                 b += 1
                 blk = np.int64(table[b])
@@ -384,7 +405,7 @@ def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos
             m = scores[g, 0]
             for j in range(1, n):
                 m = max(m, scores[g, j])
-            if p0 == first:
+            if p0 == lo:
                 best[g] = m
             elif m > best[g]:
                 correction = np.exp(best[g] - m)
@@ -399,10 +420,43 @@ def _attend(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, first, pos
                     scores[g, j] *= v_row_scale[j]
         _accumulate(acc, vf, base, n, dim, scores)
         p0 += n
+
+
+@njit(cache=True, fastmath=EXACT_MATH)
+def _merge(into, part, group, dim):
+    """Fold a later part's result into `into` (both laid out as `_attend_part` writes them).
+    IEEE order: both drivers in `_paged` merge, and must get the same bits."""
     for g in range(group):
-        inv = np.float32(1.0) / total[g]
+        m = max(into[g], part[g])
+        a = np.exp(into[g] - m)
+        b = np.exp(part[g] - m)
+        into[g] = m
+        into[group + g] = into[group + g] * a + part[group + g] * b
+        o = 2 * group + g * dim
+        for d in range(o, o + dim):
+            into[d] = into[d] * a + part[d] * b
+
+
+@njit(cache=True, fastmath=EXACT_MATH)
+def _finish(part, out, t, h0, group, dim):
+    """out[t, h0:h0 + group] = the part's acc / total: the normalised attention output."""
+    for g in range(group):
+        inv = np.float32(1.0) / part[group + g]
+        o = 2 * group + g * dim
         for d in range(dim):
-            out[t, h0 + g, d] = acc[g * dim + d] * inv
+            out[t, h0 + g, d] = part[o + d] * inv
+
+
+@njit(cache=True)
+def _job_span(query_start, context_lens, window, kv_heads, job):
+    """(token, kv head, sequence, first position, parts) of a (token, kv head) job."""
+    t = job // kv_heads
+    s = np.searchsorted(query_start, t, side="right") - 1
+    pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t
+    first = np.int64(0)
+    if window > 0 and pos - window + 1 > 0:
+        first = pos - window + 1
+    return t, job % kv_heads, s, first, (pos - first) // PART + 1, pos + 1
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -424,43 +478,78 @@ def _paged(
 ):
     """The batch driver shared by both cache formats.
 
-    One job is one (token, kv head); the jobs are cut into up to len(scratch) contiguous
-    chunks, and a chunk's jobs run one after another in its row of scratch. (numba's thread
-    ids would pick a row per thread, but a function that reads them cannot be cached.)
+    A job is one (token, kv head) over its context, cut into parts of PART positions. With
+    jobs for every core (prefill, batches) the jobs are cut into up to CHUNKS_PER_THREAD
+    contiguous chunks per thread, and a chunk runs its jobs' parts one after another in its
+    work row, merging them as it goes. With fewer jobs than two per thread (a decode step of
+    one or a few sequences) the parts themselves are spread over the chunks, each written to
+    a part row, and merged in order afterwards. Both ways compute each part and
+    each merge alike, so the bits do not depend on the way. (numba's thread ids would pick
+    a row per thread, but a function that reads them cannot be cached.)
     """
     tokens, heads, dim = q.shape
+    group = heads // kv_heads
     if out.shape != q.shape:
         raise ValueError("out must be shaped like q (T, H, D)")
-    if scratch.shape[0] < 1 or scratch.shape[1] < scratch_floats(heads, kv_heads, dim):
-        raise ValueError("scratch rows are too short for this head layout")
+    threads = scratch.shape[0] // (CHUNKS_PER_THREAD + PART_ROWS_PER_THREAD)
+    if threads < 1 or scratch.shape[1] < scratch_floats(heads, kv_heads, dim):
+        raise ValueError("scratch must be shaped as attention_scratch_shape says")
+    work = threads * CHUNKS_PER_THREAD  # rows [0, work) are work rows, the rest part rows
+    pf = _part_floats(group, dim)
     jobs = tokens * kv_heads
-    chunks = min(scratch.shape[0], jobs)
+    units = 0  # (job, part) pairs, when few enough jobs to spread their parts
+    if jobs < 2 * threads:
+        for job in range(jobs):
+            units += _job_span(query_start, context_lens, window, kv_heads, job)[4]
+    spread = jobs < units <= scratch.shape[0] - work
+    items = units if spread else jobs
+    chunks = min(work, items)
     for c in prange(chunks):
-        for job in range(c * jobs // chunks, (c + 1) * jobs // chunks):
-            t = job // kv_heads
-            kvh = job % kv_heads
-            s = np.searchsorted(query_start, t, side="right") - 1
-            pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t
-            first = np.int64(0)
-            if window > 0 and pos - window + 1 > 0:
-                first = pos - window + 1
-            _attend(
-                q,
-                kf,
-                vf,
-                ksf,
-                vsf,
-                block_tables[s],
-                block_size,
-                kv_heads,
-                t,
-                kvh,
-                first,
-                pos,
-                np.float32(scale),
-                out,
-                scratch[c],
+        fs = scratch[c]
+        into = fs[fs.shape[0] - 2 * pf : fs.shape[0] - pf]
+        later = fs[fs.shape[0] - pf :]
+        for item in range(c * items // chunks, (c + 1) * items // chunks):
+            job, i0, i1 = item, 0, 0
+            if spread:  # item is the index of a (job, part) pair: find them
+                job, i0 = 0, item
+                while True:
+                    parts = _job_span(query_start, context_lens, window, kv_heads, job)[4]
+                    if i0 < parts:
+                        break
+                    i0 -= parts
+                    job += 1
+                i1 = i0 + 1
+            t, kvh, s, first, parts, end = _job_span(
+                query_start, context_lens, window, kv_heads, job
             )
+            if not spread:
+                i1 = parts
+            for i in range(i0, i1):
+                if spread:
+                    dest = scratch[work + item, :pf]
+                else:
+                    dest = into if i == i0 else later
+                lo = first + i * PART
+                hi = min(lo + PART, end)
+                _attend_part(
+                    q, kf, vf, ksf, vsf, block_tables[s], block_size, kv_heads, t, kvh, lo, hi,
+                    np.float32(scale), fs, dest,
+                )  # fmt: skip
+                if not spread and i > i0:
+                    _merge(into, later, group, dim)
+            if not spread:
+                _finish(into, out, t, kvh * group, group, dim)
+    if spread:
+        unit = 0
+        for job in range(jobs):
+            t, kvh, s, first, parts, end = _job_span(
+                query_start, context_lens, window, kv_heads, job
+            )
+            into = scratch[work + unit, :pf]
+            for i in range(1, parts):
+                _merge(into, scratch[work + unit + i, :pf], group, dim)
+            _finish(into, out, t, kvh * group, group, dim)
+            unit += parts
 
 
 @njit(cache=True)

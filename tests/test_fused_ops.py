@@ -184,3 +184,37 @@ def test_attention_on_fused_projections(kv_dtype, kv_heads, group, dim, contexts
     ])  # fmt: skip
     tol = 6e-2 if kv_dtype == "int8" else 2e-4  # int8 rows: each element within max/254
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_a_token_attends_alike_alone_in_a_batch_and_in_a_prefill(kv_dtype):
+    """Long contexts are attended in parts; a decode step of few jobs spreads the parts over
+    the cores and merges them afterwards, a prefill merges them job by job. The last token of
+    a 700-token sequence gets the same bits both ways, and in a batch with another sequence."""
+    heads, kv_heads, dim, length = 4, 2, 64, 700
+    rng = np.random.default_rng(0)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    qkv = rng.standard_normal((length, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    other = rng.standard_normal((30, qkv.shape[1])).astype(np.float32)
+
+    def last_row(chunks):
+        """Run the chunks (sequence id, qkv rows) as successive passes; the last pass's output
+        row of sequence 0."""
+        be = CPUBackend()
+        cache = PagedKVCache(be, 1, kv_heads, dim, 64, 16, kv_dtype)
+        for pass_chunks in chunks:
+            for seq, _ in pass_chunks:
+                if seq not in cache:
+                    cache.add_sequence(seq, [])
+            batch = ForwardBatch.build(cache, [(seq, [0] * len(x)) for seq, x in pass_chunks])
+            x = np.concatenate([x for _, x in pass_chunks])
+            out = be.attention(0, x, batch, heads, inv_freq, dim**-0.5, 0)
+            for seq, rows in pass_chunks:
+                cache.commit(seq, [0] * len(rows))
+        return out[len(pass_chunks[0][1]) - 1]
+
+    prefill = last_row([[(0, qkv)]])
+    alone = last_row([[(0, qkv[:-1])], [(0, qkv[-1:])]])
+    batched = last_row([[(0, qkv[:-1]), (1, other[:-1])], [(0, qkv[-1:]), (1, other[-1:])]])
+    np.testing.assert_array_equal(alone, prefill)
+    np.testing.assert_array_equal(batched, prefill)
