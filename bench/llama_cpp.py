@@ -95,10 +95,13 @@ def quantize(tools: Path, source: Path, qtype: str, target: Path) -> Path:
 
 
 def llama_bench(tools: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int) -> dict:
-    """One `llama-bench -o json` run: pp`prompt` and tg`gen` with `threads` threads."""
+    """One `llama-bench -o json` run with `threads` threads: pp`prompt` from an empty context,
+    and tg`gen` after `prompt` tokens of context (-d), as lamina decodes after its prompt
+    (llama-bench's tg alone starts from an empty context, where attention costs nothing)."""
+    depths = "0" if prompt == 0 else f"0,{prompt}"
     cmd = [str(tools / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-           "-n", str(gen), "-r", str(reps), "-o", "json"]  # fmt: skip
-    return parse_llama_bench(_run(cmd, _env(tools)))
+           "-n", str(gen), "-d", depths, "-r", str(reps), "-o", "json"]  # fmt: skip
+    return parse_llama_bench(_run(cmd, _env(tools)), depth=prompt)
 
 
 def server_command(
@@ -114,11 +117,14 @@ def server_command(
     return cmd, _env(tools)
 
 
-def parse_llama_bench(text: str) -> dict:
-    """Prefill (pp) and decode (tg) figures from llama-bench's JSON output."""
+def parse_llama_bench(text: str, depth: int = 0) -> dict:
+    """Prefill (pp, from an empty context) and decode (tg, after `depth` tokens of context)
+    figures from llama-bench's JSON output."""
     rows = json.loads(text)
-    pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0 and not r.get("n_depth"))
+    tg = next(
+        r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0 and r.get("n_depth", 0) == depth
+    )
     return {
         "prefill_tok_s": pp["avg_ts"],
         "decode_tok_s": tg["avg_ts"],
@@ -126,6 +132,7 @@ def parse_llama_bench(text: str) -> dict:
         "decode_samples_tok_s": tg["samples_ts"],
         "weights": tg["model_type"],
         "threads": tg["n_threads"],
+        "decode_depth": tg.get("n_depth", 0),
         "cpu": tg["cpu_info"],
         "build": f"{tg['build_commit']} ({tg['build_number']})",
     }

@@ -113,6 +113,23 @@ def test_llama_bench_json_is_parsed_from_a_recorded_run():
     assert figures["weights"].endswith("Q8_0") and figures["threads"] == 2
 
 
+def test_llama_bench_decode_is_taken_at_the_prompts_depth():
+    """llama-bench -d 0,16: prefill from an empty context, decode after 16 tokens (recorded
+    output of llama-bench -p 16 -n 8 -d 0,16)."""
+    from pathlib import Path
+
+    from bench.llama_cpp import parse_llama_bench
+
+    text = (Path(__file__).parent / "data" / "llama_bench_depth_smollm2_q8_0.json").read_text()
+    raw = json.loads(text)
+    figures = parse_llama_bench(text, depth=16)
+    pp = next(r for r in raw if r["n_prompt"] == 16 and r["n_depth"] == 0)
+    tg = next(r for r in raw if r["n_gen"] == 8 and r["n_depth"] == 16)
+    assert figures["prefill_tok_s"] == pp["avg_ts"] and figures["decode_tok_s"] == tg["avg_ts"]
+    assert figures["decode_depth"] == 16
+    assert parse_llama_bench(text)["decode_tok_s"] != figures["decode_tok_s"]  # depth 0's
+
+
 def test_bench_profile_splits_a_decode_step_by_op(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LAMINA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LAMINA_BENCH_RESULTS", str(tmp_path / "results"))
