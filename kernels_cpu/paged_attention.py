@@ -20,6 +20,8 @@ them, so no dequantised copy is ever written, and the row scales are applied onc
 the scores and to the softmax weights, where they cost one multiply per key instead of D.
 """
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
@@ -318,6 +320,7 @@ def scratch_floats(heads: int, kv_heads: int, dim: int) -> int:
     return -(-words // 16) * 16
 
 
+@functools.cache  # asked for once per layer and step
 def attention_scratch_shape(heads: int, kv_heads: int, dim: int, threads: int) -> tuple[int, int]:
     """Shape of the float32 scratch `paged_attention_into` takes for `threads` numba threads:
     CHUNKS_PER_THREAD work rows and PART_ROWS_PER_THREAD part rows each, whatever the batch
