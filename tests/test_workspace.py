@@ -16,6 +16,7 @@ import sys
 import textwrap
 import tracemalloc
 
+import numba
 import pytest
 import torch
 import transformers
@@ -84,7 +85,17 @@ def test_warm_passes_allocate_no_activation(wide_model, quant):
     """A decode step holds less than one MLP activation of one token (32 KiB); a 32-token
     pass less than one token-wide hidden state of it (32 KiB): only small Python objects and
     the pass's index arrays."""
-    llm = LLM(wide_model, quant=quant, kv_cache_mb=2, max_num_seqs=4, max_num_batched_tokens=64)
+    # A fixed thread count: the default policy looks at the machine's load every 0.1 s,
+    # reading /proc through an 8 KiB file buffer, which a pass on a loaded machine may span.
+    threads = numba.config.NUMBA_NUM_THREADS
+    llm = LLM(
+        wide_model,
+        quant=quant,
+        kv_cache_mb=2,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        threads=threads,
+    )
     assert peak_bytes(llm, 1) < 8 * 2**10
     assert peak_bytes(llm, 32) < 32 * 4 * HIDDEN
 
