@@ -55,7 +55,7 @@ from collections.abc import Callable
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import config, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -379,7 +379,9 @@ def colskip_matmul_w8(
         take("colskip.keep", (k,), np.uint8),
         take("colskip.idx", (size,), np.intp),
         take("colskip.xv", (tokens, size), np.float32),
-        take("colskip.parts", (get_num_threads(), tokens, n), np.float32),
+        # One partial per thread numba may run, not per thread running now: the split decides
+        # how the float sums group, and the engine changes the running count with the load.
+        take("colskip.parts", (config.NUMBA_NUM_THREADS, tokens, n), np.float32),
     )
     return out
 

@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import config, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_jitable, register_model
 
@@ -701,7 +701,7 @@ def attend_qkv_into(
 
 
 def _new_scratch(q: np.ndarray, kv_heads: int) -> np.ndarray:
-    shape = attention_scratch_shape(q.shape[1], kv_heads, q.shape[2], get_num_threads())
+    shape = attention_scratch_shape(q.shape[1], kv_heads, q.shape[2], config.NUMBA_NUM_THREADS)
     return np.empty(shape, dtype=np.float32)
 
 
