@@ -113,7 +113,7 @@ def server_command(
 
     cmd = [str(tools / "llama-server"), "-m", str(gguf), "--alias", alias, "--host", "127.0.0.1",
            "-np", str(slots), "-c", str(slots * context_per_slot),
-           "-t", str(numba.get_num_threads())]  # fmt: skip
+           "-t", str(numba.config.NUMBA_NUM_THREADS)]  # fmt: skip
     return cmd, _env(tools)
 
 

@@ -54,7 +54,12 @@ def machine() -> dict:
         check=False,
     )
     commit = git.stdout.strip() if git.returncode == 0 else "unknown"
-    return {"cpu": cpu, "isa": host_kind(), "threads": numba.get_num_threads(), "commit": commit}
+    return {
+        "cpu": cpu,
+        "isa": host_kind(),
+        "threads": numba.config.NUMBA_NUM_THREADS,
+        "commit": commit,
+    }
 
 
 def write_report(name: str, rows: list[dict]) -> None:

@@ -286,7 +286,7 @@ def _llama_bench_round(
     cache = cache_dir() / f"gguf-{path.stem if path.is_file() else path.name}"
     cache.mkdir(parents=True, exist_ok=True)
     gguf = llama_cpp_gguf(path, quant, cache)
-    tools, threads = build_tools(), numba.get_num_threads()
+    tools, threads = build_tools(), numba.config.NUMBA_NUM_THREADS
     return lambda: runs.append(llama_bench(tools, gguf, threads, prompt, gen, reps=1))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 
+import numba
 import numpy as np
 
 from engine.backends import Backend
@@ -34,6 +35,7 @@ from engine.layer_placement import CacheMemory, Placement, cache_memory, place_l
 from engine.loader.model_loader import LoadedModel
 from engine.model import Transformer, Workspace, activation_widths
 from engine.thread_policy import ThreadPolicy
+from kernels_cpu.paged_attention import attention_scratch_shape
 
 Chunk = tuple[Hashable, Sequence[int]]
 
@@ -42,6 +44,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, backend: Backend, config: EngineConfig) -> None:
         self.backend = backend
         self.threads = ThreadPolicy(config.threads)  # the user's count, or adapted to the load
+        self.threads.apply()  # placement times kernels (sparse or dense) with it
         model_config = loaded.config
         limit = model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -134,9 +137,9 @@ def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
     the workspace (its buffers for `tokens` tokens and `seqs` rows of logits), the sampling
     copies of the logits, and the backends' scratch: the widest linear input as computed by
     a fused norm or gate (float32) and quantized (int16, with scales), a linear's result
-    before it is added to the residual, the rotated q, k and a v copy, and a margin for
-    split-attention partials. (Activation-sparse linears keep per-thread partial sums too,
-    CPU only, not counted.)"""
+    before it is added to the residual, the rotated q, k and a v copy, the CPU attention's
+    work and part rows (per thread), and a margin for GPU split-attention partials.
+    (Activation-sparse linears keep per-thread partial sums too, CPU only, not counted.)"""
     c = config
     per_token, per_row = activation_widths(c)
     workspace = tokens * sum(map(math.prod, per_token.values()))
@@ -145,4 +148,8 @@ def activation_bytes(config: ModelConfig, tokens: int, seqs: int) -> int:
     widest = max(c.hidden_size, c.intermediate_size)
     qkv = c.q_size + 2 * c.kv_size
     scratch_bytes = tokens * ((4 + 2) * widest + 4 + 4 * c.hidden_size + 4 * qkv)
-    return 4 * (workspace + sampling) + scratch_bytes + _ATTENTION_PARTIALS
+    threads = numba.config.NUMBA_NUM_THREADS
+    attention = 4 * math.prod(
+        attention_scratch_shape(c.num_heads, c.num_kv_heads, c.head_dim, threads)
+    )
+    return 4 * (workspace + sampling) + scratch_bytes + attention + _ATTENTION_PARTIALS

@@ -13,6 +13,7 @@ the last tenth of a second or so, and runs the kernels on the cores left over, a
 
 from __future__ import annotations
 
+import os
 import time
 
 import numba
@@ -31,6 +32,14 @@ STALE_S = 5 * INTERVAL_S
 _BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
 
 
+def _allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (taskset, a container's cpuset), as the OS numbers
+    them; every CPU where the OS does not say."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(psutil.cpu_count() or 1))
+
+
 class ThreadPolicy:
     """`threads()` gives the thread count for the next step; call `apply()` on the thread
     that runs the kernels (numba's thread count is per calling thread)."""
@@ -38,15 +47,21 @@ class ThreadPolicy:
     def __init__(self, fixed: int | None = None, cores: int | None = None) -> None:
         self.fixed = fixed
         self.cores = cores or numba.config.NUMBA_NUM_THREADS
-        self._machine_cpus = psutil.cpu_count() or self.cores
+        # Only the load on the CPUs we may use counts: busy cores elsewhere take nothing from us.
+        self._cpus = _allowed_cpus()
         self._process = psutil.Process()
         self._current = self.fixed or self.cores
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:
-        """(wall seconds, busy CPU seconds of the machine, CPU seconds of this process)."""
-        machine = psutil.cpu_times()
-        busy = sum(getattr(machine, name, 0.0) for name in _BUSY_FIELDS)
+        """(wall seconds, busy CPU seconds of our CPUs, CPU seconds of this process)."""
+        per_cpu = psutil.cpu_times(percpu=True)
+        busy = sum(
+            getattr(per_cpu[cpu], name, 0.0)
+            for cpu in self._cpus
+            if cpu < len(per_cpu)
+            for name in _BUSY_FIELDS
+        )
         own = self._process.cpu_times()
         return time.monotonic(), busy, own.user + own.system
 
@@ -61,7 +76,7 @@ class ThreadPolicy:
             now = self._sample()
             wall, busy, own = (a - b for a, b in zip(now, self._last, strict=True))
             others = max(0.0, busy - own) / wall  # cores' worth of other processes' work
-            free = min(self.cores, self._machine_cpus - others)
+            free = min(self.cores, len(self._cpus) - others)
             self._current = max(1, round(free))
             self._last = now
         return self._current

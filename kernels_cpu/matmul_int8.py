@@ -121,6 +121,8 @@ def _check_matmul(x, w, out, a, a_scale, h, norm) -> None:
         raise ValueError("a gated input x must be (T, 2K) for w (N, K)")
     if h is not None and (h.shape[0] != tokens or h.shape[1] != k):
         raise ValueError("h must be (T, K)")
+    if h is None and norm is not None:
+        raise ValueError("a fused rmsnorm needs the scratch h")
     if norm is not None and norm.shape[0] != k:
         raise ValueError("norm must be (K,)")
     if out.shape[0] != tokens or out.shape[1] != n:

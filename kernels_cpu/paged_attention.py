@@ -452,7 +452,8 @@ def _finish(part, out, t, h0, group, dim):
 
 @njit(cache=True)
 def _job_span(query_start, context_lens, window, kv_heads, job):
-    """(token, kv head, sequence, first position, parts) of a (token, kv head) job."""
+    """(token, kv head, sequence, first position, parts, end) of a (token, kv head) job: it
+    attends positions first..end-1 in parts of PART."""
     t = job // kv_heads
     s = np.searchsorted(query_start, t, side="right") - 1
     pos = np.int64(context_lens[s]) - np.int64(query_start[s + 1]) + t

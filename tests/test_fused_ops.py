@@ -218,3 +218,15 @@ def test_a_token_attends_alike_alone_in_a_batch_and_in_a_prefill(kv_dtype):
     batched = last_row([[(0, qkv[:-1]), (1, other[:-1])], [(0, qkv[-1:]), (1, other[-1:])]])
     np.testing.assert_array_equal(alone, prefill)
     np.testing.assert_array_equal(batched, prefill)
+
+
+def test_a_biased_linear_adds_its_bias_before_the_residual():
+    """residual += (x @ W + b), rounded as the unfused ops round it, on both GEMV and GEMM."""
+    rng = np.random.default_rng(3)
+    be = CPUBackend()
+    w = make_weight(rng, "int8", 33, 96, bias=True)
+    for tokens in (1, 5):
+        x = rng.standard_normal((tokens, 96)).astype(np.float32)
+        residual = rng.standard_normal((tokens, 33)).astype(np.float32) * 100
+        want = residual + be.linear(x, w)
+        np.testing.assert_array_equal(be.linear_add_(residual, x, w), want)

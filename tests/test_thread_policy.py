@@ -15,7 +15,7 @@ class FakeClock:
     def __init__(self, monkeypatch) -> None:
         self.wall = self.busy = self.own = 0.0
         monkeypatch.setattr(thread_policy.time, "monotonic", lambda: self.wall)
-        monkeypatch.setattr(thread_policy.psutil, "cpu_count", lambda: 8)
+        monkeypatch.setattr(thread_policy, "_allowed_cpus", lambda: list(range(8)))
 
     def advance(self, seconds: float, others_cores: float, own_cores: float) -> None:
         self.wall += seconds

@@ -142,6 +142,10 @@ class CPUBackend:
         """The three linear ops: an rmsnorm (`norm`) or gate product (`gated`) before, an add
         into `out` (`accumulate`) after. Int8 kernels fuse both; other formats compose."""
         tokens = x.shape[0]
+        if accumulate and weight.bias is not None:  # out += (x @ W + b), rounded as unfused
+            result = self.scratch.take("biased_out", out.shape, np.float32)
+            out += self._linear(x, weight, result, norm, eps, gated)
+            return out
         if out is None:
             out = np.empty((tokens, weight.out_features), dtype=np.float32)
         h = None  # where the prologue computes the linear's input
