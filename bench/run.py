@@ -244,9 +244,10 @@ def run_contention(model: str | None, quant: str | None, prompt: int, gen: int, 
         hogs = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(busy)]
         try:
             tpots: dict[int | None, list[float]] = {s: [] for s in settings}
+            policies = {s: ThreadPolicy(s) for s in settings}  # the default's learns as it runs
             for _ in range(runs):
                 for setting in settings:
-                    runner.threads = ThreadPolicy(setting)
+                    runner.threads = policies[setting]
                     tpots[setting].append(llm.generate(ids, params)[0].metrics.tpot_s)
         finally:
             runner.threads = ThreadPolicy()

@@ -8,7 +8,8 @@ threads than idle cores lose nothing to that wait.
 
 So unless the user fixes `threads`, the policy counts the cores other processes keep busy
 (all CPU time the OS reports, including a hypervisor's steal, minus this process's own) over
-the last tenth of a second or so, and runs the kernels on the cores left over, at least one.
+the last tenth of a second or so of its own work, and runs the kernels on the cores left
+over, at least one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import psutil
 INTERVAL_S = 0.1
 # A window longer than this spans a pause in the engine's work (between requests, or while a
 # benchmark peer ran): what other processes did then says little about now, so the policy
-# starts over with every core and measures again.
+# keeps the count it last measured while working and starts a new window.
 STALE_S = 5 * INTERVAL_S
 
 
@@ -71,7 +72,6 @@ class ThreadPolicy:
         age = time.monotonic() - self._last[0]
         if age > STALE_S:
             self._last = self._sample()
-            self._current = self.cores
         elif age >= INTERVAL_S:
             now = self._sample()
             wall, busy, own = (a - b for a, b in zip(now, self._last, strict=True))

@@ -50,14 +50,18 @@ def test_it_follows_the_load_but_not_faster_than_its_interval(clock):
     assert policy.threads() == 8
 
 
-def test_after_a_pause_it_starts_over_with_every_core(clock):
+def test_a_pause_is_not_judged(clock):
+    """A window spanning a pause (others busy while the engine was idle) is dropped: the
+    count measured while working stays until a window of work says otherwise."""
     policy = ThreadPolicy(cores=8)
-    clock.advance(thread_policy.INTERVAL_S, 6.0, 2.0)
-    assert policy.threads() == 2
+    clock.advance(thread_policy.INTERVAL_S, 0.0, 8.0)
+    assert policy.threads() == 8
     clock.advance(thread_policy.STALE_S * 2, 8.0, 0.0)  # the engine idle, others busy
-    assert policy.threads() == 8  # stale: not judged by a window it did not work in
+    assert policy.threads() == 8
     clock.advance(thread_policy.INTERVAL_S, 6.0, 2.0)
     assert policy.threads() == 2
+    clock.advance(thread_policy.STALE_S * 2, 0.0, 0.0)  # idle, and so were the others
+    assert policy.threads() == 2  # kept: nothing measured while working says otherwise
 
 
 def test_a_fixed_count_is_kept_whatever_the_load(clock):
