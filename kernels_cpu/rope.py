@@ -5,19 +5,11 @@ from numba import njit
 
 
 @njit(cache=True)
-def rope_inplace(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> None:
-    """Rotate x (T, H, D) in place; pair i is (i, i + D/2), angle = position * inv_freq[i]."""
-    tokens, heads, dim = x.shape
-    flat = x.reshape(tokens, heads * dim)
-    for t in range(tokens):
-        rope_heads(flat, t, 0, positions[t], inv_freq, x)
-
-
-@njit(cache=True)
 def rope_heads(
     src: np.ndarray, t: int, col: int, position: int, inv_freq: np.ndarray, dst: np.ndarray
 ) -> None:
-    """dst[t] (H, D) = the H heads at src[t, col:col + H * D], rotated to `position`.
+    """dst[t] (H, D) = the H heads at src[t, col:col + H * D], rotated to `position`: pair i
+    is (i, i + D/2), angle = position * inv_freq[i].
 
     The angle is formed in float32, as transformers forms it, so long positions round alike.
     Each pair is read before it is written, so src may be dst itself (in place).

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from numba import cuda
 from numba.core.runtime import _nrt_python, rtsys
 
-import kernels_cpu
 import kernels_gpu
 from engine.backends.cpu import CPUBackend
 from engine.kv_cache import ForwardBatch, PagedKVCache
@@ -100,41 +99,24 @@ def check_into(result: np.ndarray, out: np.ndarray, want: np.ndarray) -> None:
     seed=st.integers(0, 2**16),
 )
 def test_linear_into_out_is_bit_identical(fmt, tokens, n, k, bias, seed):
+    """linear and norm_linear into `out` (linear_add_ always writes into its residual:
+    test_fused_ops checks it)."""
     rng = np.random.default_rng(seed)
     be, w, x = CPUBackend(), make_weight(rng, fmt, n, k, bias), rand(rng, tokens, k)
     out = np.full((tokens, n), np.nan, dtype=np.float32)
     check_into(be.linear(x, w, out=out), out, be.linear(x, w))
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    fmt=st.sampled_from(FORMATS),
-    tokens=st.integers(1, 9),
-    n=st.sampled_from([1, 17, 64]),
-    k=st.sampled_from([1, 16, 40, 130]),
-    seed=st.integers(0, 2**16),
-)
-def test_fused_linears_into_out_are_bit_identical(fmt, tokens, n, k, seed):
-    rng = np.random.default_rng(seed)
-    be, w = CPUBackend(), make_weight(rng, fmt, n, k, bias=False)
-    x, norm, gate_up = rand(rng, tokens, k), rand(rng, k), rand(rng, tokens, 2 * k)
-    out = np.full((tokens, n), np.nan, dtype=np.float32)
+    norm = rand(rng, k)
     check_into(be.norm_linear(x, norm, 1e-5, w, out=out), out, be.norm_linear(x, norm, 1e-5, w))
-    residual = rand(rng, tokens, n)
-    want = residual + be.linear(kernels_cpu.silu_mul(gate_up), w)
-    assert be.linear_add_(residual, gate_up, w, gated=True) is residual
-    np.testing.assert_array_equal(residual, want)
 
 
 def linear_ops(be, x, w, out):
     """The three linear ops on x (T, K) into out (T, N): plain, norm-fused, gated and added."""
-    k = w.in_features
     norm, gate_up = x[0].copy(), np.concatenate([x, x], axis=1)
     return [
         lambda: be.linear(x, w, out=out),
         lambda: be.norm_linear(x, norm, 1e-5, w, out=out),
         lambda: be.linear_add_(out, x, w),
-        lambda: be.linear_add_(out, gate_up[:, : 2 * k], w, gated=True),
+        lambda: be.linear_add_(out, gate_up, w, gated=True),
     ]
 
 

@@ -66,8 +66,10 @@ def test_rope_matches_rotate_half(tokens, heads, half, start, seed):
     sin = np.concatenate([np.sin(angle)] * 2, -1)[:, None, :]
     rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
     ref = x * cos + rotated * sin
-    out = x.copy()
-    kernels_cpu.rope_inplace(out, pos, inv_freq)
+    out = np.empty_like(x)
+    flat = np.concatenate([rand(rng, tokens, 3), x.reshape(tokens, -1)], axis=1)  # at column 3
+    for t in range(tokens):
+        kernels_cpu.rope_heads(flat, t, 3, pos[t], inv_freq, out)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
