@@ -27,6 +27,7 @@ from numba import njit, prange
 from kernels_cpu.activations import silu_mul_row
 from kernels_cpu.exact_math import EXACT_MATH
 from kernels_cpu.norms import rmsnorm_row
+from kernels_cpu.reductions import abs_max
 from kernels_cpu.simd import KBLOCK, host_kind, lanes, make_dot_tile, prefetch, stack_tile
 
 KIND = host_kind()
@@ -53,9 +54,7 @@ _dot_4x4 = make_dot_tile(KIND, 4, 4)
 # token differently by an ulp, and batched outputs would drift from one-by-one outputs.
 @njit(cache=True, fastmath=EXACT_MATH)
 def _quantize_row(x: np.ndarray, t: int, qmax: int, a: np.ndarray, a_scale: np.ndarray) -> None:
-    amax = np.float32(0.0)
-    for i in range(x.shape[1]):
-        amax = max(amax, abs(x[t, i]))
+    amax = abs_max(x[t])
     scale = amax / np.float32(qmax) if amax > 0 else np.float32(1.0)
     inv = np.float32(1.0) / scale
     for i in range(x.shape[1]):

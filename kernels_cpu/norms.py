@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit
 
 from kernels_cpu.exact_math import EXACT_MATH
+from kernels_cpu.reductions import sum_squares
 
 
 @njit(cache=True, fastmath=True)
@@ -23,9 +24,7 @@ def rmsnorm_into(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray)
 def rmsnorm_row(x: np.ndarray, t: int, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
     """out[t, :D] = rmsnorm of x[t] (D = len(weight)); shared with the linears that fuse it."""
     dim = weight.shape[0]
-    acc = 0.0
-    for i in range(dim):
-        acc += x[t, i] * x[t, i]
+    acc = np.float64(sum_squares(x[t, :dim]))
     inv = np.float32(1.0 / np.sqrt(acc / dim + eps))
     for i in range(dim):
         out[t, i] = weight[i] * (x[t, i] * inv)

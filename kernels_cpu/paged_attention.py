@@ -30,6 +30,7 @@ from numba.extending import intrinsic, models, register_jitable, register_model
 
 from kernels_cpu.exact_math import EXACT_MATH
 from kernels_cpu.fast_exp import exp_parts, pow2
+from kernels_cpu.reductions import abs_max
 from kernels_cpu.rope import rope_heads
 from kernels_cpu.simd import prefetch
 
@@ -766,10 +767,7 @@ def write_kv(
 @njit(cache=True)
 def _quantize_row(x, dst):
     """dst = round(x / s) in int8 for s = max|x| / 127; returns s."""
-    peak = np.float32(0.0)
-    for d in range(x.shape[0]):
-        peak = max(peak, abs(x[d]))
-    s = peak / np.float32(127.0)
+    s = abs_max(x) / np.float32(127.0)
     if s == 0:
         dst[:] = 0
         return s
