@@ -7,13 +7,14 @@ which allocates its result and scratch and calls the first (tests, one-off calls
 
 from kernels_cpu.activations import silu_mul, silu_mul_into
 from kernels_cpu.norms import rmsnorm, rmsnorm_into
-from kernels_cpu.rope import rope_heads
+from kernels_cpu.rope import rope_angles_into, rope_heads
 from kernels_cpu.rows import add_bias_inplace, take_rows_into
 
 __all__ = [
     "add_bias_inplace",
     "rmsnorm",
     "rmsnorm_into",
+    "rope_angles_into",
     "rope_heads",
     "silu_mul",
     "silu_mul_into",

@@ -647,8 +647,8 @@ def paged_attention_int8_into(
 @njit(cache=True)
 def attend_qkv_into(
     qkv: np.ndarray,
-    positions: np.ndarray,
-    inv_freq: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
     k_cache: np.ndarray,
     v_cache: np.ndarray,
     k_scale: np.ndarray | None,
@@ -667,8 +667,8 @@ def attend_qkv_into(
 ) -> None:
     """A layer's whole attention from its fused projections, in one call from Python.
 
-    qkv (T, (H + 2 Hkv) D) holds each token's [q | k | v]. q and k are rotated to their
-    positions into q (T, H, D) and k (T, Hkv, D), v is copied to v (T, Hkv, D), k and v are
+    qkv (T, (H + 2 Hkv) D) holds each token's [q | k | v]. q and k are rotated by the
+    `rope_angles_into` tables cos, sin (T, D/2) into q (T, H, D) and k (T, Hkv, D), v is copied to v (T, Hkv, D), k and v are
     stored at `slots` of the cache (float32, or int8 with k_scale/v_scale as in
     `write_kv_int8`; None for a float32 cache), and q attends as in `paged_attention_into`.
     A decode step's rope, cache write and attention used to be five calls, each costing a
@@ -680,11 +680,13 @@ def attend_qkv_into(
     k_end = q_end + kv_heads * dim
     if qkv.shape[0] != tokens or qkv.shape[1] != k_end + kv_heads * dim:
         raise ValueError("qkv must be (T, (H + 2 Hkv) D) for q (T, H, D) and the cache's Hkv")
-    if k.shape != (tokens, kv_heads, dim) or v.shape != k.shape or positions.shape[0] < tokens:
-        raise ValueError("k and v must be (T, Hkv, D), with a position per token")
+    if k.shape != (tokens, kv_heads, dim) or v.shape != k.shape:
+        raise ValueError("k and v must be (T, Hkv, D)")
+    if cos.shape != (tokens, dim // 2) or sin.shape != cos.shape:
+        raise ValueError("cos and sin must be (T, D/2)")
     for t in range(tokens):
-        rope_heads(qkv, t, 0, positions[t], inv_freq, q)
-        rope_heads(qkv, t, q_end, positions[t], inv_freq, k)
+        rope_heads(qkv, t, 0, cos, sin, q)
+        rope_heads(qkv, t, q_end, cos, sin, k)
         for h in range(kv_heads):
             for d in range(dim):
                 v[t, h, d] = qkv[t, k_end + h * dim + d]

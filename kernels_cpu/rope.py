@@ -5,24 +5,38 @@ from numba import njit
 
 
 @njit(cache=True)
-def rope_heads(
-    src: np.ndarray, t: int, col: int, position: int, inv_freq: np.ndarray, dst: np.ndarray
+def rope_angles_into(
+    positions: np.ndarray, inv_freq: np.ndarray, cos: np.ndarray, sin: np.ndarray
 ) -> None:
-    """dst[t] (H, D) = the H heads at src[t, col:col + H * D], rotated to `position`: pair i
-    is (i, i + D/2), angle = position * inv_freq[i].
+    """cos, sin (T, D/2) = cos and sin of position[t] * inv_freq[i].
 
     The angle is formed in float32, as transformers forms it, so long positions round alike.
+    A pass computes them once for all its layers: per layer and head, the sines and cosines
+    cost as much as a 16-token decode step's attention arithmetic.
+    """
+    for t in range(positions.shape[0]):
+        pos = np.float32(positions[t])
+        for i in range(inv_freq.shape[0]):
+            angle = pos * inv_freq[i]
+            cos[t, i] = np.cos(angle)
+            sin[t, i] = np.sin(angle)
+
+
+@njit(cache=True)
+def rope_heads(
+    src: np.ndarray, t: int, col: int, cos: np.ndarray, sin: np.ndarray, dst: np.ndarray
+) -> None:
+    """dst[t] (H, D) = the H heads at src[t, col:col + H * D], rotated by row t of the
+    `rope_angles_into` tables: pair i is (i, i + D/2).
+
     Each pair is read before it is written, so src may be dst itself (in place).
     """
     heads, dim = dst.shape[1], dst.shape[2]
     half = dim // 2
-    pos = np.float32(position)
-    for i in range(half):
-        angle = pos * inv_freq[i]
-        c = np.float32(np.cos(angle))
-        s = np.float32(np.sin(angle))
-        for h in range(heads):
-            a = src[t, col + h * dim + i]
-            b = src[t, col + h * dim + i + half]
-            dst[t, h, i] = a * c - b * s
-            dst[t, h, i + half] = b * c + a * s
+    for h in range(heads):
+        o = col + h * dim
+        for i in range(half):
+            a = src[t, o + i]
+            b = src[t, o + i + half]
+            dst[t, h, i] = a * cos[t, i] - b * sin[t, i]
+            dst[t, h, i + half] = b * cos[t, i] + a * sin[t, i]

@@ -68,8 +68,11 @@ def test_rope_matches_rotate_half(tokens, heads, half, start, seed):
     ref = x * cos + rotated * sin
     out = np.empty_like(x)
     flat = np.concatenate([rand(rng, tokens, 3), x.reshape(tokens, -1)], axis=1)  # at column 3
+    cos_t = np.empty((tokens, half), dtype=np.float32)
+    sin_t = np.empty_like(cos_t)
+    kernels_cpu.rope_angles_into(pos, inv_freq, cos_t, sin_t)
     for t in range(tokens):
-        kernels_cpu.rope_heads(flat, t, 3, pos[t], inv_freq, out)
+        kernels_cpu.rope_heads(flat, t, 3, cos_t, sin_t, out)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -94,6 +94,8 @@ class CPUBackend:
 
     def __init__(self) -> None:
         self.scratch = Scratch()
+        self._rope_batch: ForwardBatch | None = None
+        self._rope_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialised activation buffer (the runner's workspace)."""
@@ -257,12 +259,30 @@ class CPUBackend:
         scratch = take("attention", shape, np.float32)
         ks = None if cache.k_scale is None else cache.k_scale[layer]
         vs = None if cache.v_scale is None else cache.v_scale[layer]
+        cos, sin = self._rope_angles(batch, inv_freq)
         attend_qkv_into(
-            qkv, batch.positions, inv_freq, kc, vc, ks, vs, batch.slots, batch.block_tables,
+            qkv, cos, sin, kc, vc, ks, vs, batch.slots, batch.block_tables,
             batch.query_start, batch.context_lens, scale, window, q, k, v,
             out.reshape(tokens, heads, dim), scratch,
         )  # fmt: skip
         return out
+
+    def _rope_angles(self, batch: ForwardBatch, inv_freq: np.ndarray) -> tuple[np.ndarray, ...]:
+        """cos, sin (T, D/2) of the pass's rotary angles: computed at its first layer and
+        reused by the others (per layer they took a tenth of a 16-token step's attention).
+        Kept per frequency table, for models whose layers rotate differently."""
+        if self._rope_batch is not batch:
+            self._rope_batch, self._rope_tables = batch, []
+        for freq, cos, sin in self._rope_tables:
+            if freq is inv_freq:
+                return cos, sin
+        shape = (len(batch.positions), len(inv_freq))
+        n = len(self._rope_tables)
+        cos = self.scratch.take(f"rope_cos{n}", shape, np.float32)
+        sin = self.scratch.take(f"rope_sin{n}", shape, np.float32)
+        kernels_cpu.rope_angles_into(batch.positions, inv_freq, cos, sin)
+        self._rope_tables.append((inv_freq, cos, sin))
+        return cos, sin
 
     def take_rows(
         self, x: np.ndarray, rows: np.ndarray, *, out: np.ndarray | None = None
