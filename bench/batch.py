@@ -43,8 +43,11 @@ def run_batch_bench(
     rng = np.random.default_rng(0)
     result: dict = {"quant": quant or "f32", "kv_cache_dtype": kv_cache_dtype, "runs": runs}
     _warm_up(llm)
-    curve = {b: statistics.median(_decode_tok_s(llm, b, rng, vocab) for _ in range(runs))
-             for b in BATCH_SIZES}  # fmt: skip
+    samples: dict[int, list[float]] = {b: [] for b in BATCH_SIZES}
+    for _ in range(runs):  # sizes take turns, so a swing in the machine's speed hits all
+        for b in BATCH_SIZES:
+            samples[b].append(_decode_tok_s(llm, b, rng, vocab))
+    curve = {b: statistics.median(v) for b, v in samples.items()}
     result["batch_curve_decode_tok_s"] = {str(b): v for b, v in curve.items()}
     result["batch16_vs_single"] = curve[16] / curve[1]
     cold, warm = zip(*(_prefix_ttft(llm, rng, vocab) for _ in range(runs)), strict=True)

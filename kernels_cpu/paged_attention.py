@@ -340,6 +340,24 @@ def _prefetch_row(flat, start, n):
         prefetch(flat, start * flat.itemsize + byte)
 
 
+@njit(cache=True)
+def _prefetch_tile(kf, vf, table, block_size, kv_heads, dim, kvh, lo, hi):
+    """Ask for the key and value rows of kv head kvh at positions lo..min(hi, lo + TILE) - 1
+    (the first tile `_attend_part` will read), so they arrive while the job before runs."""
+    b = lo // block_size
+    row = lo - b * block_size
+    for _ in range(min(TILE, hi - lo)):
+        slot = (np.int64(table[b]) * block_size + row) * kv_heads + kvh
+        _prefetch_row(kf, slot * dim, dim)
+        _prefetch_row(vf, slot * dim, dim)
+        row += 1
+        if row == block_size:
+            row = 0
+            b += 1
+            if b == table.shape[0]:
+                break
+
+
 @njit(cache=True, fastmath=True)
 def _attend_part(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, lo, hi, scale, fs, part):
     """Online-softmax attention of token t's GQA group (kv head kvh) over positions lo..hi-1,
@@ -529,6 +547,13 @@ def _paged(
             )
             if not spread:
                 i1 = parts
+                if item + 1 < (c + 1) * items // chunks:  # the next job's first tile
+                    _, nkvh, ns, nfirst, _, nend = _job_span(
+                        query_start, context_lens, window, kv_heads, item + 1
+                    )
+                    _prefetch_tile(
+                        kf, vf, block_tables[ns], block_size, kv_heads, dim, nkvh, nfirst, nend
+                    )
             for i in range(i0, i1):
                 if spread:
                     dest = scratch[work + item, :pf]
