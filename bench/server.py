@@ -105,13 +105,11 @@ async def _clients(url: str, prompts: list[str], body: dict, runs: int) -> dict:
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await _stream(client, prompts[0], {**body, "max_tokens": 4})  # warm-up
-        single = []
-        for _ in range(runs):
+        single, aggregate, ttfts, failures, tokens_per_client = [], [], [], 0, []
+        for _ in range(runs):  # one client, then all, in turns: a swing in speed hits both
             start = time.perf_counter()
             tokens, _ = await _stream(client, prompts[0], body)
             single.append(tokens / (time.perf_counter() - start))
-        aggregate, ttfts, failures, tokens_per_client = [], [], 0, []
-        for _ in range(runs):
             start = time.perf_counter()
             done = await asyncio.gather(
                 *(_stream(client, p, body, start) for p in prompts), return_exceptions=True

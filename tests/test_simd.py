@@ -19,7 +19,7 @@ from kernels_cpu import simd
 
 KIND_RANK = {kind: rank for rank, kind in enumerate(reversed(simd.KINDS))}
 RUNNABLE = [k for k in simd.KINDS if KIND_RANK[k] <= KIND_RANK[simd.host_kind()]]
-TILES = [(1, 1), (4, 1), (4, 2)]
+TILES = [(1, 1), (1, 2), (4, 1), (4, 2), (4, 4)]
 
 
 def _tile_runner(kind: str, rows: int, tokens: int):
