@@ -121,6 +121,32 @@ def _vstore(typingctx, arr, index, value):
 
 
 @intrinsic
+def _vstore_half(typingctx, arr, index, value, half):
+    """arr.flat[index : index + 4] = lanes 4 * half .. 4 * half + 3 of value (half: 0 or 1)."""
+    if not (
+        _is_f32_c_array(arr)
+        and isinstance(index, types.Integer)
+        and value == f32x8
+        and isinstance(half, types.IntegerLiteral)
+    ):
+        return None
+    start = 4 * half.literal_value
+
+    def codegen(context, builder, sig, args):
+        quad = ir.VectorType(ir.FloatType(), 4)
+        lanes = builder.shuffle_vector(
+            args[2],
+            args[2],
+            ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(start, start + 4))),
+        )
+        ptr = _lanes_pointer(context, builder, sig, args, quad)
+        builder.store(lanes, ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, value, half), codegen
+
+
+@intrinsic
 def _vzero(typingctx):
     """Eight zero lanes."""
 
@@ -214,21 +240,65 @@ def _exp_shifted(x, n, shift):
     return total
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _score_tails(qs, kf, base, j0, keys, g, dim, vec_dim, scores):
+    """Add the scalar tail of D (past its last multiple of 8) to keys j0..j0+keys-1 of head g."""
+    if vec_dim < dim:
+        q0 = g * dim
+        for i in range(keys):
+            row = base[j0 + i]
+            extra = np.float32(0.0)
+            for d in range(vec_dim, dim):
+                extra += qs[q0 + d] * kf[row + d]
+            scores[g, j0 + i] += extra
+
+
 @njit(cache=True, fastmath=True)
 def _scores(qs, kf, base, n, dim, scores):
-    """scores[g, j] = qs[g] . (key row at kf[base[j]:]) for j < n, eight keys at a time.
+    """scores[g, j] = qs[g] . (key row at kf[base[j]:]) for j < n and every head g.
 
-    The eight key rows stay in L1 while every query head of the group is dotted with them.
-    base is padded past n with a valid row, so the last group of eight may overrun n; those
-    scores are computed and never read.
+    Query heads go two at a time over four keys: each key vector loaded serves both heads
+    (6 loads per 8 FMAs, where one head over eight keys needs 9), and the eight dot products
+    are summed horizontally together. An odd last head takes eight keys at a time. A key's
+    lanes are summed in the same order either way, so its score does not depend on the path.
+    base is padded past n with a valid row, so the last keys may overrun n; those scores are
+    computed and never read.
     """
     group, tile = scores.shape
     vec_dim = dim - dim % LANES
-    for j0 in range(0, n, LANES):
-        b0, b1, b2, b3 = base[j0], base[j0 + 1], base[j0 + 2], base[j0 + 3]
-        b4, b5, b6, b7 = base[j0 + 4], base[j0 + 5], base[j0 + 6], base[j0 + 7]
-        for g in range(group):
-            q0 = g * dim
+    g = 0
+    while g + 1 < group:
+        q0 = g * dim
+        q1 = q0 + dim
+        for j0 in range(0, n, 4):
+            b0, b1, b2, b3 = base[j0], base[j0 + 1], base[j0 + 2], base[j0 + 3]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _vzero()
+            for c in range(0, vec_dim, LANES):
+                x = _vload(qs, q0 + c)
+                y = _vload(qs, q1 + c)
+                k0 = _vload(kf, b0 + c)
+                k1 = _vload(kf, b1 + c)
+                k2 = _vload(kf, b2 + c)
+                k3 = _vload(kf, b3 + c)
+                a0 = _vfma(a0, x, k0)
+                a1 = _vfma(a1, x, k1)
+                a2 = _vfma(a2, x, k2)
+                a3 = _vfma(a3, x, k3)
+                a4 = _vfma(a4, y, k0)
+                a5 = _vfma(a5, y, k1)
+                a6 = _vfma(a6, y, k2)
+                a7 = _vfma(a7, y, k3)
+            sums = _hsum8(a0, a1, a2, a3, a4, a5, a6, a7)
+            _vstore_half(scores, g * tile + j0, sums, 0)
+            _vstore_half(scores, (g + 1) * tile + j0, sums, 1)
+            _score_tails(qs, kf, base, j0, 4, g, dim, vec_dim, scores)
+            _score_tails(qs, kf, base, j0, 4, g + 1, dim, vec_dim, scores)
+        g += 2
+    if g < group:
+        q0 = g * dim
+        for j0 in range(0, n, LANES):
+            b0, b1, b2, b3 = base[j0], base[j0 + 1], base[j0 + 2], base[j0 + 3]
+            b4, b5, b6, b7 = base[j0 + 4], base[j0 + 5], base[j0 + 6], base[j0 + 7]
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _vzero()
             for c in range(0, vec_dim, LANES):
                 qv = _vload(qs, q0 + c)
@@ -241,34 +311,71 @@ def _scores(qs, kf, base, n, dim, scores):
                 a6 = _vfma(a6, qv, _vload(kf, b6 + c))
                 a7 = _vfma(a7, qv, _vload(kf, b7 + c))
             _vstore(scores, g * tile + j0, _hsum8(a0, a1, a2, a3, a4, a5, a6, a7))
-            if vec_dim < dim:
-                for i in range(LANES):
-                    row = base[j0 + i]
-                    extra = np.float32(0.0)
-                    for d in range(vec_dim, dim):
-                        extra += qs[q0 + d] * kf[row + d]
-                    scores[g, j0 + i] += extra
+            _score_tails(qs, kf, base, j0, LANES, g, dim, vec_dim, scores)
 
 
 @njit(cache=True, fastmath=True)
 def _accumulate(acc, vf, base, n, dim, weights):
     """acc[g] += sum_j weights[g, j] * (value row at vf[base[j]:]) for j < n and every g.
 
-    Four vectors (32 output lanes) stay in registers over the whole tile of keys, giving four
-    independent FMA chains; the query heads of the group take turns on the same 32-lane slice
-    of the tile's value rows while it is in L1. Leftover whole vectors go one at a time, then
-    a scalar tail.
+    Query heads go two at a time over a 32-lane slice of the value rows: four vectors per
+    head stay in registers over the whole tile of keys (eight independent FMA chains), and
+    each value vector loaded serves both heads. An odd last head, leftover whole vectors and
+    a scalar tail follow. Each output lane adds its keys in order whatever the path.
     """
     group = weights.shape[0]
     vec_dim = dim - dim % LANES
     c = 0
     while c + 4 * LANES <= vec_dim:
-        for g in range(group):
+        g = 0
+        while g + 1 < group:
             o = g * dim + c
-            a0 = _vload(acc, o)
-            a1 = _vload(acc, o + 8)
-            a2 = _vload(acc, o + 16)
-            a3 = _vload(acc, o + 24)
+            p = o + dim
+            a0, a1, a2, a3 = (
+                _vload(acc, o),
+                _vload(acc, o + 8),
+                _vload(acc, o + 16),
+                _vload(acc, o + 24),
+            )
+            e0, e1, e2, e3 = (
+                _vload(acc, p),
+                _vload(acc, p + 8),
+                _vload(acc, p + 16),
+                _vload(acc, p + 24),
+            )
+            for j in range(n):
+                w = weights[g, j]
+                u = weights[g + 1, j]
+                b = base[j] + c
+                v0 = _vload(vf, b)
+                v1 = _vload(vf, b + 8)
+                v2 = _vload(vf, b + 16)
+                v3 = _vload(vf, b + 24)
+                a0 = _vfma_scalar(a0, w, v0)
+                a1 = _vfma_scalar(a1, w, v1)
+                a2 = _vfma_scalar(a2, w, v2)
+                a3 = _vfma_scalar(a3, w, v3)
+                e0 = _vfma_scalar(e0, u, v0)
+                e1 = _vfma_scalar(e1, u, v1)
+                e2 = _vfma_scalar(e2, u, v2)
+                e3 = _vfma_scalar(e3, u, v3)
+            _vstore(acc, o, a0)
+            _vstore(acc, o + 8, a1)
+            _vstore(acc, o + 16, a2)
+            _vstore(acc, o + 24, a3)
+            _vstore(acc, p, e0)
+            _vstore(acc, p + 8, e1)
+            _vstore(acc, p + 16, e2)
+            _vstore(acc, p + 24, e3)
+            g += 2
+        if g < group:
+            o = g * dim + c
+            a0, a1, a2, a3 = (
+                _vload(acc, o),
+                _vload(acc, o + 8),
+                _vload(acc, o + 16),
+                _vload(acc, o + 24),
+            )
             for j in range(n):
                 w = weights[g, j]
                 b = base[j] + c
