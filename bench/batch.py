@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.peers import installed, llama_cpp_gguf
-from bench.random_model import cache_dir
+from kernels_cpu.jit_cache import cache_dir
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 CURVE_PROMPT, CURVE_GEN = 32, 64

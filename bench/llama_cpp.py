@@ -20,7 +20,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from bench.random_model import cache_dir
+from kernels_cpu.jit_cache import cache_dir
 
 TOOLS = ("llama-bench", "llama-quantize", "llama-server")
 # Keep the build small: no network, no tests or examples. The tools link llama.cpp's shared

@@ -8,11 +8,12 @@ N(0, 0.02) in f16, written once to a cache folder as a Hugging Face model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+
+from kernels_cpu.jit_cache import cache_dir
 
 SHAPES = {
     "llama-1b": {
@@ -32,11 +33,6 @@ SHAPES = {
         "vocab": 49152,
     },
 }
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LAMINA_CACHE") or Path.home() / ".cache" / "lamina"
-    return Path(root)
 
 
 def random_model_path(spec: str) -> Path:

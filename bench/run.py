@@ -20,9 +20,10 @@ from pathlib import Path
 from bench.bandwidth import bandwidth_figures
 from bench.llama_cpp import build_tools, llama_bench
 from bench.peers import installed, llama_cpp_gguf, transformers_figures
-from bench.random_model import cache_dir, random_model_path
+from bench.random_model import random_model_path
 from bench.report import write_report
 from bench.timing import KernelTimer
+from kernels_cpu.jit_cache import cache_dir
 
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
 

@@ -27,7 +27,7 @@ import httpx
 
 from bench.llama_cpp import build_tools, server_command
 from bench.peers import installed, llama_cpp_gguf
-from bench.random_model import cache_dir
+from kernels_cpu.jit_cache import cache_dir
 
 MODEL_NAME = "bench"
 STORY = "Write a long story about {}. Begin with the morning and end at night."

@@ -5,6 +5,10 @@ a caller's buffers and allocates nothing (what a warm decode step runs), and `op
 which allocates its result and scratch and calls the first (tests, one-off calls).
 """
 
+from kernels_cpu import jit_cache
+
+jit_cache.configure()  # before any module below defines a cached kernel
+
 from kernels_cpu.activations import silu_mul, silu_mul_into
 from kernels_cpu.norms import rmsnorm, rmsnorm_into
 from kernels_cpu.rope import rope_angles_into, rope_heads

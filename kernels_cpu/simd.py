@@ -10,7 +10,9 @@ the instruction the CPU is best at, picked once at import:
 - ``portable``: sign-extend to int32, multiply, add; LLVM lowers it for any target.
 
 The inner loop computes a tile of ROWS weight rows times TOKENS activation rows over a column
-range [k0, k1) whose length is a multiple of `lanes(kind)`; callers do the scalar tail. The
+range [k0, k1) whose length is a multiple of `lanes(kind)`; callers do the scalar tail.
+`make_dot_tile` adds the exact int64 dots into a small array; `make_scaled_tile`, for GEMM
+tiles over whole rows, also scales and stores them without leaving vector registers. The
 int32 lanes cannot overflow for int16 activations as long as a call covers at most KBLOCK
 columns; the lanes are summed in int64.
 """
@@ -85,7 +87,7 @@ def _load(builder: ir.IRBuilder, row_ptr: ir.Value, col: ir.Value, vec: ir.Vecto
     return builder.load(ptr, align=1)
 
 
-def emit_dot_tile(
+def _dot_loop(
     builder: ir.IRBuilder,
     kind: str,
     w_rows: list[ir.Value],
@@ -93,10 +95,9 @@ def emit_dot_tile(
     k0: ir.Value,
     k1: ir.Value,
 ) -> list[ir.Value]:
-    """Emit the loop; return int64 dots [row r x token t] in row-major order.
-
-    `w_rows` point at int8 weight rows, `a_rows` at int16 activation rows.
-    """
+    """Emit the multiply-add loop over columns [k0, k1); return its int32 accumulators
+    [row r x token t] in row-major order, as phis in the block after the loop, where the
+    builder is left."""
     n = lanes(kind)
     intp = k0.type
     i8v = ir.VectorType(ir.IntType(8), n)
@@ -127,17 +128,64 @@ def emit_dot_tile(
         acc.add_incoming(new, body_end)
 
     builder.position_at_end(done)
-    i64v = ir.VectorType(ir.IntType(64), n // 2)
-    reduce_add = _declare(
-        builder.module, f"llvm.vector.reduce.add.v{n // 2}i64", ir.IntType(64), [i64v]
-    )
     finals = []
     for new in new_accs:
         final = builder.phi(i32v)
         final.add_incoming(zero, entry)
         final.add_incoming(new, body_end)
         finals.append(final)
+    return finals
+
+
+def emit_dot_tile(
+    builder: ir.IRBuilder,
+    kind: str,
+    w_rows: list[ir.Value],
+    a_rows: list[ir.Value],
+    k0: ir.Value,
+    k1: ir.Value,
+) -> list[ir.Value]:
+    """Emit the loop; return int64 dots [row r x token t] in row-major order.
+
+    `w_rows` point at int8 weight rows, `a_rows` at int16 activation rows.
+    """
+    finals = _dot_loop(builder, kind, w_rows, a_rows, k0, k1)
+    i64v = ir.VectorType(ir.IntType(64), finals[0].type.count)
+    reduce_add = _declare(
+        builder.module, f"llvm.vector.reduce.add.v{i64v.count}i64", ir.IntType(64), [i64v]
+    )
     return [builder.call(reduce_add, [builder.sext(final, i64v)]) for final in finals]
+
+
+def _pair_halves(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """Lanes [a0+a1, a2+a3, ..., b0+b1, b2+b3, ...]: the two vectors' adjacent lanes summed."""
+    n = a.type.count
+    pick = ir.VectorType(ir.IntType(32), n)
+    even = builder.shuffle_vector(a, b, ir.Constant(pick, list(range(0, 2 * n, 2))))
+    odd = builder.shuffle_vector(a, b, ir.Constant(pick, list(range(1, 2 * n, 2))))
+    return builder.add(even, odd)
+
+
+def _lane_sums(builder: ir.IRBuilder, accs: list[ir.Value]) -> ir.Value:
+    """One <len(accs) x i64> vector of the accumulators' lane sums, in their order.
+
+    A tree: each level sums adjacent lanes of two vectors into one, so the sums share their
+    shuffles instead of each paying a horizontal reduction. The first level adds in int32:
+    two lanes hold at most 4 * KBLOCK / lanes products of |w| <= 128 and |a| <= 32767, below
+    2**31; the rest run in int64. len(accs) must be a power of two, at most the lane count.
+    """
+    width = accs[0].type.count
+    i64v = ir.VectorType(ir.IntType(64), width)
+    level = [builder.sext(_pair_halves(builder, a, b), i64v) for a, b in zip(accs[::2], accs[1::2])]
+    span = width // 2  # lanes per accumulator in each vector of `level`
+    while span > 1:
+        if len(level) == 1:
+            level = [_pair_halves(builder, level[0], level[0])]
+        else:
+            level = [_pair_halves(builder, a, b) for a, b in zip(level[::2], level[1::2])]
+        span //= 2
+    keep = ir.Constant(ir.VectorType(ir.IntType(32), len(accs)), list(range(len(accs))))
+    return builder.shuffle_vector(level[0], level[0], keep)
 
 
 def make_dot_tile(kind: str, rows: int, tokens: int):
@@ -183,6 +231,83 @@ def make_dot_tile(kind: str, rows: int, tokens: int):
         return sig, codegen
 
     return dot_tile
+
+
+def make_scaled_tile(kind: str, rows: int, tokens: int):
+    """A numba intrinsic tile(w, r, a, t, a_scale, scale, out, accumulate) for a GEMM's tiles
+    over whole rows: out[t + j, r + i] (+)= (w[r + i] . a[t + j]) * a_scale[t + j] * scale[r + i].
+
+    w is int8 (N, K), a int16 (T, K) with K a multiple of `lanes(kind)` and at most KBLOCK,
+    a_scale (T,), scale (N,) and out (T, N) float32, all C-contiguous. The epilogue stays in
+    vector registers: the dots are summed by a shared tree, converted to float64 (exact: they
+    are integers below 2**53), multiplied by a_scale * scale formed in float64 (exact), and
+    rounded once to float32: the operations of matmul_int8's `_store_tile`, so the same bits.
+    """
+
+    @intrinsic
+    def tile(typingctx, w, r, a, t, a_scale, scale, out, accumulate):
+        arrays = (w, a, a_scale, scale, out)
+        if not all(isinstance(x, types.Array) and x.layout == "C" for x in arrays):
+            return None
+        sig = types.none(w, r, a, t, a_scale, scale, out, accumulate)
+
+        def codegen(context, builder, signature, args):
+            w_arr, a_arr, as_arr, sc_arr, out_arr = (
+                context.make_array(signature.args[i])(context, builder, args[i])
+                for i in (0, 2, 4, 5, 6)
+            )
+            r0, t0 = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3))
+            intp = r0.type
+            i32 = ir.IntType(32)
+            k = cgutils.unpack_tuple(builder, w_arr.shape)[1]
+            w_rows = [
+                _row_pointer(builder, w_arr, builder.add(r0, intp(i)), ir.IntType(8))
+                for i in range(rows)
+            ]
+            a_rows = [
+                _row_pointer(builder, a_arr, builder.add(t0, intp(j)), ir.IntType(16))
+                for j in range(tokens)
+            ]
+            finals = _dot_loop(builder, kind, w_rows, a_rows, intp(0), k)
+            by_token = [finals[i * tokens + j] for j in range(tokens) for i in range(rows)]
+            n = rows * tokens
+            f32, f64 = ir.FloatType(), ir.DoubleType()
+            sums = builder.sitofp(_lane_sums(builder, by_token), ir.VectorType(f64, n))
+            scale_ptr = builder.gep(builder.bitcast(sc_arr.data, f32.as_pointer()), [r0])
+            quad = builder.load(
+                builder.bitcast(scale_ptr, ir.VectorType(f32, rows).as_pointer()), align=4
+            )
+            row_scales = builder.fpext(quad, ir.VectorType(f64, rows))
+            repeat = ir.Constant(
+                ir.VectorType(i32, n), [i for _ in range(tokens) for i in range(rows)]
+            )
+            row_scales = builder.shuffle_vector(row_scales, row_scales, repeat)
+            a_base = builder.bitcast(as_arr.data, f32.as_pointer())
+            token_scales = ir.Constant(ir.VectorType(f64, tokens), None)
+            for j in range(tokens):
+                value = builder.fpext(
+                    builder.load(builder.gep(a_base, [builder.add(t0, intp(j))])), f64
+                )
+                token_scales = builder.insert_element(token_scales, value, i32(j))
+            spread = ir.Constant(
+                ir.VectorType(i32, n), [j for j in range(tokens) for _ in range(rows)]
+            )
+            token_scales = builder.shuffle_vector(token_scales, token_scales, spread)
+            both = builder.fmul(token_scales, row_scales)
+            values = builder.fptrunc(builder.fmul(sums, both), ir.VectorType(f32, n))
+            chunk = ir.VectorType(f32, rows)
+            for j in range(tokens):
+                pick = ir.Constant(ir.VectorType(i32, rows), list(range(j * rows, (j + 1) * rows)))
+                part = builder.shuffle_vector(values, values, pick)
+                row_ptr = _row_pointer(builder, out_arr, builder.add(t0, intp(j)), f32)
+                ptr = builder.bitcast(builder.gep(row_ptr, [r0]), chunk.as_pointer())
+                old = builder.load(ptr, align=4)
+                builder.store(builder.select(args[7], builder.fadd(old, part), part), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
 
 
 @intrinsic

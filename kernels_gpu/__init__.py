@@ -14,6 +14,10 @@ launch (launch geometry, result buffers, and the conventions the kernels follow 
 
 from __future__ import annotations
 
+from kernels_cpu import jit_cache
+
+jit_cache.configure()  # before any module of the package defines a cached kernel
+
 
 def available() -> bool:
     """Whether numba finds a usable CUDA GPU (the simulator counts as one); never raises."""

@@ -171,6 +171,32 @@ def test_gemm_w8_error_is_bounded_by_activation_rounding(tokens, k, seed, act_ma
     assert np.all(np.abs(got - w8_reference(x, w, scale)) <= bound)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    tokens=st.sampled_from([3, 4, 6, 7, 17]),
+    n=st.sampled_from([4, 5, 130]),
+    k=st.sampled_from([32, 576, 2048, 2064]),  # one SIMD call per row (scaled tiles), or not
+    accumulate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_w8_rows_equal_gemv_w8_bit_for_bit(tokens, n, k, accumulate, seed):
+    """Every GEMM tile (the scaled 4x4 and 4x2 tiles, the edge tiles) rounds as the GEMV does,
+    storing or adding into out: a token's output does not depend on its batch."""
+    from kernels_cpu.matmul_int8 import INT16_MAX, gemm_w8_into, gemv_w8_into
+
+    rng = np.random.default_rng(seed)
+    x = rand(rng, tokens, k)
+    w, scale = int8_matrix(rng, n, k)
+    start = rand(rng, tokens, n)
+    got = start.copy()
+    a, a_scale = np.empty((tokens, k), np.int16), np.empty(tokens, np.float32)
+    gemm_w8_into(x, w, scale, INT16_MAX, got, a, a_scale, accumulate=accumulate)
+    for t in range(tokens):
+        one = start[t : t + 1].copy()
+        gemv_w8_into(x[t : t + 1], w, scale, one, a[:1], a_scale[:1], accumulate=accumulate)
+        assert np.array_equal(got[t], one[0])
+
+
 def test_zero_activations_give_zero_and_no_nan():
     from kernels_cpu.matmul_int8 import gemm_w8, gemv_w8
 
