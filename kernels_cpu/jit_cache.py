@@ -6,15 +6,17 @@ old machine code after that file changed: after an upgrade that edited only the 
 during development (an edited intrinsic went unused, silently). So the cache folder is named
 after a hash of every kernel source file, and any edit starts a fresh one.
 
-The folder lies under NUMBA_CACHE_DIR when the user set it, else under lamina's cache folder
-(LAMINA_CACHE, default ~/.cache/lamina). Folders of other versions that have not been written
-to for PRUNE_AFTER_S are removed, so upgrades and edits do not pile up.
+The folder lies under NUMBA_CACHE_DIR/lamina when the user set it, else under lamina's cache
+folder (LAMINA_CACHE, default ~/.cache/lamina). Each start marks its version's folder as
+used; folders of other versions unused for PRUNE_AFTER_S are removed, so upgrades and edits
+do not pile up. Where no folder can be made (a read-only home), numba's own default stays.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import numba
 
 PRUNE_AFTER_S = 30 * 86400
+_KEY = re.compile(r"[0-9a-f]{16}")  # what `source_key` names a folder: only those are pruned
 # Every package whose njit or cuda.jit functions are cached.
 KERNEL_PACKAGES = ("kernels_cpu", "kernels_gpu")
 
@@ -41,23 +44,36 @@ def source_key(folders: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def configure() -> Path:
-    """Point numba's cache at the folder for this source; return it. Call before any cached
-    function is defined (kernels_cpu and kernels_gpu do, on import)."""
+def configure() -> Path | None:
+    """Point numba's cache at the folder for this source and return it (None: numba's default
+    stays, as no folder could be made). Call before any cached function is defined
+    (kernels_cpu and kernels_gpu do, on import)."""
     root = Path(__file__).resolve().parent.parent
     key = source_key([root / name for name in KERNEL_PACKAGES if (root / name).is_dir()])
     user = os.environ.get("NUMBA_CACHE_DIR")
     base = Path(user) / "lamina" if user else cache_dir() / "numba"
     folder = base / key
-    if numba.config.CACHE_DIR != str(folder):
+    if numba.config.CACHE_DIR == str(folder):
+        return folder
+    try:
         folder.mkdir(parents=True, exist_ok=True)
-        _prune(base, keep=folder)
-        numba.config.CACHE_DIR = str(folder)
+        os.utime(folder)  # in use: numba writes below it, which leaves its own time alone
+    except OSError:
+        return None
+    _prune(base, keep=folder)
+    numba.config.CACHE_DIR = str(folder)
     return folder
 
 
 def _prune(base: Path, keep: Path) -> None:
+    """Remove other versions' folders unused for PRUNE_AFTER_S; another process may be
+    pruning too, so a folder gone meanwhile is no error."""
     stale = time.time() - PRUNE_AFTER_S
     for other in base.iterdir():
-        if other != keep and other.is_dir() and other.stat().st_mtime < stale:
-            shutil.rmtree(other, ignore_errors=True)
+        if other == keep or not _KEY.fullmatch(other.name):
+            continue
+        try:
+            if other.is_dir() and other.stat().st_mtime < stale:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            pass

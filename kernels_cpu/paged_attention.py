@@ -10,8 +10,9 @@ Why explicit 8-lane vectors: a key or value row is only D (64-128) floats, so ev
 numba vectorises by itself is a short one whose setup (trip-count and aliasing checks, remainder
 loops, a horizontal sum per key) costs as much as its arithmetic. The `f32x8` type below is an
 LLVM <8 x float> value, so the hot loops keep their accumulators in registers across a whole
-tile of keys: eight keys' dot products share each query load and are summed horizontally
-together, and each value row is folded into 32 output lanes per pass. Lanes past the last
+tile of keys: two query heads take four keys at a time (each key load serves both heads,
+each query load four keys) and their eight dot products are summed horizontally together,
+and each value row is folded into 32 output lanes of two heads per pass. Lanes past the last
 multiple of 8 in D are handled by scalar tails.
 
 The int8 variant stores each (position, kv head) row as int8 with one float32 scale per row.
@@ -800,8 +801,9 @@ def attend_qkv_into(
     """A layer's whole attention from its fused projections, in one call from Python.
 
     qkv (T, (H + 2 Hkv) D) holds each token's [q | k | v]. q and k are rotated by the
-    `rope_angles_into` tables cos, sin (T, D/2) into q (T, H, D) and k (T, Hkv, D), v is copied to v (T, Hkv, D), k and v are
-    stored at `slots` of the cache (float32, or int8 with k_scale/v_scale as in
+    `rope_angles_into` tables cos, sin (T, D/2) into q (T, H, D) and k (T, Hkv, D), v is
+    copied to v (T, Hkv, D), k and v are stored at `slots` of the cache (float32, or int8
+    with k_scale/v_scale as in
     `write_kv_int8`; None for a float32 cache), and q attends as in `paged_attention_into`.
     A decode step's rope, cache write and attention used to be five calls, each costing a
     dispatch as long as its work.

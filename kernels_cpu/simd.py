@@ -172,7 +172,9 @@ def _lane_sums(builder: ir.IRBuilder, accs: list[ir.Value]) -> ir.Value:
     A tree: each level sums adjacent lanes of two vectors into one, so the sums share their
     shuffles instead of each paying a horizontal reduction. The first level adds in int32:
     two lanes hold at most 4 * KBLOCK / lanes products of |w| <= 128 and |a| <= 32767, below
-    2**31; the rest run in int64. len(accs) must be a power of two, at most the lane count.
+    2**31; the rest run in int64. len(accs) must be a power of two, at least 2. When there are
+    more accumulators than int32 lanes (a 4x4 tile on AVX2), the tree ends with several whole
+    vectors, which are joined in order.
     """
     width = accs[0].type.count
     i64v = ir.VectorType(ir.IntType(64), width)
@@ -184,6 +186,10 @@ def _lane_sums(builder: ir.IRBuilder, accs: list[ir.Value]) -> ir.Value:
         else:
             level = [_pair_halves(builder, a, b) for a, b in zip(level[::2], level[1::2])]
         span //= 2
+    while len(level) > 1:
+        both = ir.Constant(ir.VectorType(ir.IntType(32), 2 * level[0].type.count),
+                           list(range(2 * level[0].type.count)))  # fmt: skip
+        level = [builder.shuffle_vector(a, b, both) for a, b in zip(level[::2], level[1::2])]
     keep = ir.Constant(ir.VectorType(ir.IntType(32), len(accs)), list(range(len(accs))))
     return builder.shuffle_vector(level[0], level[0], keep)
 
@@ -242,12 +248,17 @@ def make_scaled_tile(kind: str, rows: int, tokens: int):
     vector registers: the dots are summed by a shared tree, converted to float64 (exact: they
     are integers below 2**53), multiplied by a_scale * scale formed in float64 (exact), and
     rounded once to float32: the operations of matmul_int8's `_store_tile`, so the same bits.
+    rows * tokens must be a power of two; `accumulate` a bool.
     """
+    if rows * tokens < 2 or rows * tokens & (rows * tokens - 1):
+        raise ValueError("a scaled tile has a power of two of outputs, at least 2")
 
     @intrinsic
     def tile(typingctx, w, r, a, t, a_scale, scale, out, accumulate):
         arrays = (w, a, a_scale, scale, out)
         if not all(isinstance(x, types.Array) and x.layout == "C" for x in arrays):
+            return None
+        if not isinstance(accumulate, types.Boolean):
             return None
         sig = types.none(w, r, a, t, a_scale, scale, out, accumulate)
 

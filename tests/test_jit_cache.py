@@ -36,8 +36,20 @@ def test_the_cache_folder_follows_numba_cache_dir_and_prunes_stale_versions(tmp_
     stale.mkdir(parents=True)
     recent = tmp_path / "lamina" / "fedcba9876543210"
     recent.mkdir()
-    os.utime(stale, (0, 0))  # the epoch: long before PRUNE_AFTER_S ago
+    foreign = tmp_path / "lamina" / "not-a-version"  # not named by lamina: left alone
+    foreign.mkdir()
+    for old in (stale, foreign):
+        os.utime(old, (0, 0))  # the epoch: long before PRUNE_AFTER_S ago
     folder = jit_cache.configure()
     assert folder.parent == tmp_path / "lamina"
     assert numba.config.CACHE_DIR == str(folder)
-    assert folder.is_dir() and recent.is_dir() and not stale.exists()
+    assert folder.is_dir() and recent.is_dir() and foreign.is_dir() and not stale.exists()
+
+
+def test_an_unwritable_cache_folder_leaves_numba_default(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the folder should go: mkdir fails
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    assert jit_cache.configure() is None
+    assert numba.config.CACHE_DIR == ""

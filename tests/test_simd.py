@@ -58,6 +58,54 @@ def test_dot_tile_equals_numpy(kind, tile, data):
     assert np.array_equal(sums, start + ref)
 
 
+SCALED_TILES = [(4, 2), (4, 4)]
+
+
+def _scaled_runner(kind: str, rows: int, tokens: int):
+    tile = simd.make_scaled_tile(kind, rows, tokens)
+
+    @njit
+    def run(w, r, a, t, a_scale, scale, out, accumulate):
+        tile(w, r, a, t, a_scale, scale, out, accumulate)
+
+    return run
+
+
+SCALED = {(kind, t): _scaled_runner(kind, *t) for kind in RUNNABLE for t in SCALED_TILES}
+
+
+@pytest.mark.parametrize("kind", RUNNABLE)
+@pytest.mark.parametrize("tile", SCALED_TILES)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_scaled_tile_equals_numpy(kind, tile, data):
+    """Every output of the tile lands on its own (token, row), scaled in float64 and rounded
+    once, for every kind this machine runs (AVX2 has fewer int32 lanes than a 4x4 tile has
+    outputs); extreme values show that the sums do not overflow."""
+    rows, tokens = tile
+    lanes = simd.lanes(kind)
+    k = lanes * data.draw(st.integers(1, simd.KBLOCK // lanes), label="steps")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    w = rng.integers(-127, 128, size=(rows + 3, k), dtype=np.int8)
+    a = rng.integers(-32767, 32768, size=(tokens + 2, k)).astype(np.int16)
+    if data.draw(st.booleans(), label="extreme"):
+        w[:], a[:] = -127, 32767
+    r, t = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 2))
+    a_scale = rng.random(tokens + 2, dtype=np.float32)
+    scale = rng.random(rows + 3, dtype=np.float32)
+    accumulate = data.draw(st.booleans(), label="accumulate")
+    start = rng.standard_normal((tokens + 2, rows + 3)).astype(np.float32)
+    out = start.copy()
+    SCALED[(kind, tile)](w, r, a, t, a_scale, scale, out, accumulate)
+    dots = w[r : r + rows].astype(np.int64) @ a[t : t + tokens].astype(np.int64).T
+    both = a_scale[t : t + tokens, None].astype(np.float64) * scale[None, r : r + rows]
+    values = (dots.T.astype(np.float64) * both).astype(np.float32)
+    expect = start.copy()
+    window = expect[t : t + tokens, r : r + rows]
+    expect[t : t + tokens, r : r + rows] = window + values if accumulate else values
+    assert np.array_equal(out, expect)
+
+
 def test_extreme_values_do_not_overflow_within_a_block():
     kind = simd.host_kind()
     k = simd.KBLOCK

@@ -6,6 +6,7 @@ import math
 import mmap
 import statistics
 import time
+import weakref
 from collections.abc import Collection
 
 import numba
@@ -50,11 +51,11 @@ class Scratch:
     activation-sparsity partials.
 
     Each name owns one flat buffer of one dtype that only grows; `take` hands out a
-    C-contiguous view of its front in the requested shape. A kernel's scratch is dead once the call returns, so
-    one buffer serves every layer and weight, and after the first pass at the largest batch
-    nothing is allocated again. Built views are kept per (name, shape): making one costs
-    about as much as dispatching a small kernel. Not for concurrent callers (one engine loop
-    drives a backend).
+    C-contiguous view of its front in the requested shape. A kernel's scratch is dead once
+    the call returns, so one buffer serves every layer and weight, and after the first pass
+    at the largest batch nothing is allocated again. Built views are kept per (name, shape):
+    making one costs about as much as dispatching a small kernel. Not for concurrent callers
+    (one engine loop drives a backend).
     """
 
     MAX_VIEWS = 512  # chunked prefills of many sizes: drop the kept views now and then
@@ -94,7 +95,9 @@ class CPUBackend:
 
     def __init__(self) -> None:
         self.scratch = Scratch()
-        self._rope_batch: ForwardBatch | None = None
+        # The pass whose rotary tables are kept: a weak reference, as the batch holds the KV
+        # cache, which holds this backend (a strong one would leave the cache to the GC).
+        self._rope_batch: weakref.ref | None = None
         self._rope_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
@@ -271,10 +274,10 @@ class CPUBackend:
         """cos, sin (T, D/2) of the pass's rotary angles: computed at its first layer and
         reused by the others (per layer they took a tenth of a 16-token step's attention).
         Kept per frequency table, for models whose layers rotate differently."""
-        if self._rope_batch is not batch:
-            self._rope_batch, self._rope_tables = batch, []
+        if self._rope_batch is None or self._rope_batch() is not batch:
+            self._rope_batch, self._rope_tables = weakref.ref(batch), []
         for freq, cos, sin in self._rope_tables:
-            if freq is inv_freq:
+            if freq is inv_freq or np.array_equal(freq, inv_freq):
                 return cos, sin
         shape = (len(batch.positions), len(inv_freq))
         n = len(self._rope_tables)
