@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numba
 
+from kernels_cpu.simd import ISA_ENV
+
 PRUNE_AFTER_S = 30 * 86400
 _KEY = re.compile(r"[0-9a-f]{16}")  # what `source_key` names a folder: only those are pruned
 # Every package whose njit or cuda.jit functions are cached.
@@ -34,9 +36,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAMINA_CACHE") or Path.home() / ".cache" / "lamina")
 
 
-def source_key(folders: list[Path]) -> str:
-    """A hash of the names and contents of the .py files in `folders`."""
-    digest = hashlib.sha256()
+def source_key(folders: list[Path], isa: str = "") -> str:
+    """A hash of the names and contents of the .py files in `folders`, and of the kernel kind
+    chosen through $LAMINA_ISA (a constant compiled into the kernels that numba cannot see)."""
+    digest = hashlib.sha256(isa.encode())
     for folder in folders:
         for path in sorted(folder.glob("*.py")):
             digest.update(f"{folder.name}/{path.name}\0".encode())
@@ -49,7 +52,10 @@ def configure() -> Path | None:
     stays, as no folder could be made). Call before any cached function is defined
     (kernels_cpu and kernels_gpu do, on import)."""
     root = Path(__file__).resolve().parent.parent
-    key = source_key([root / name for name in KERNEL_PACKAGES if (root / name).is_dir()])
+    key = source_key(
+        [root / name for name in KERNEL_PACKAGES if (root / name).is_dir()],
+        os.environ.get(ISA_ENV, ""),
+    )
     user = os.environ.get("NUMBA_CACHE_DIR")
     base = Path(user) / "lamina" if user else cache_dir() / "numba"
     folder = base / key

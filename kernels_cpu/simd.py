@@ -19,6 +19,8 @@ columns; the lanes are summed in int64.
 
 from __future__ import annotations
 
+import os
+
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
@@ -27,13 +29,32 @@ from numba.core.errors import RequireLiteralValue
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
-KINDS = ("avx512vnni", "avx512bw", "avx2", "portable")
+KINDS = ("avx512vnni", "avx512bw", "avx2", "portable")  # best first
 # Columns per call: |w| <= 127 and |a| <= 32767 give products < 2**22; an int32 lane collects
 # at most 2 * KBLOCK / lanes = 256 of them here, below 2**31.
 KBLOCK = 2048
 
 
+# Names a narrower kind than the CPU's best for the kernels to use, so the AVX2 and portable
+# paths run (and are tested) on a wider CPU; numba's cache keeps each choice apart (jit_cache).
+ISA_ENV = "LAMINA_ISA"
+
+
 def host_kind() -> str:
+    """The multiply-add kind the kernels use: the CPU's best, or the narrower one $LAMINA_ISA
+    names (a wider one than the CPU runs, or an unknown name, is an error)."""
+    best = best_kind()
+    chosen = os.environ.get(ISA_ENV)
+    if not chosen:
+        return best
+    if chosen not in KINDS:
+        raise ValueError(f"{ISA_ENV}={chosen!r} is not a kind; choose from {', '.join(KINDS)}")
+    if KINDS.index(chosen) < KINDS.index(best):
+        raise ValueError(f"{ISA_ENV}={chosen}: this CPU runs at most {best}")
+    return chosen
+
+
+def best_kind() -> str:
     """The best multiply-add kind this CPU supports."""
     features = llvm.get_host_cpu_features()
     has = {name for name, on in features.items() if on}

@@ -18,7 +18,7 @@ from numba import njit
 from kernels_cpu import simd
 
 KIND_RANK = {kind: rank for rank, kind in enumerate(reversed(simd.KINDS))}
-RUNNABLE = [k for k in simd.KINDS if KIND_RANK[k] <= KIND_RANK[simd.host_kind()]]
+RUNNABLE = [k for k in simd.KINDS if KIND_RANK[k] <= KIND_RANK[simd.best_kind()]]
 TILES = [(1, 1), (1, 2), (4, 1), (4, 2), (4, 4)]
 
 
