@@ -55,6 +55,7 @@ _dot_1x2 = make_dot_tile(KIND, 1, 2)
 _dot_4x1 = make_dot_tile(KIND, 4, 1)
 _dot_4x2 = make_dot_tile(KIND, 4, 2)
 _dot_4x4 = make_dot_tile(KIND, 4, 4)
+_scaled_4x1 = make_scaled_tile(KIND, 4, 1)
 _scaled_4x2 = make_scaled_tile(KIND, 4, 2)
 _scaled_4x4 = make_scaled_tile(KIND, 4, 4)
 
@@ -261,10 +262,14 @@ def _edge_tiles(w, r, end, a, a_scale, scale, out, accumulate) -> None:
     quad = stack_tile(4, 1)
     one = stack_tile(1, 1)
     full = r + (end - r) // 4 * 4
+    whole = w.shape[1] % LANES == 0 and w.shape[1] <= KBLOCK
     if tokens % 2:
         for row in range(r, full, 4):
-            _dot_tile(w, row, a, tokens - 1, quad)
-            _store_tile(quad, row, tokens - 1, a_scale, scale, out, accumulate)
+            if whole:
+                _scaled_4x1(w, row, a, tokens - 1, a_scale, scale, out, accumulate)
+            else:
+                _dot_tile(w, row, a, tokens - 1, quad)
+                _store_tile(quad, row, tokens - 1, a_scale, scale, out, accumulate)
     for row in range(full, end):
         for t in range(tokens):
             _dot_tile(w, row, a, t, one)

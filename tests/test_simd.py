@@ -58,7 +58,7 @@ def test_dot_tile_equals_numpy(kind, tile, data):
     assert np.array_equal(sums, start + ref)
 
 
-SCALED_TILES = [(4, 2), (4, 4)]
+SCALED_TILES = [(4, 1), (4, 2), (4, 4)]
 
 
 def _scaled_runner(kind: str, rows: int, tokens: int):
