@@ -172,41 +172,44 @@ def run_e2e(
     return result
 
 
-def run_profile(model: str | None, quant: str | None, prompt: int, gen: int) -> dict:
-    """Where the time of a decode step goes: each backend op (linears per shape and format)
-    in microseconds per token, its calls per token and its share of the step, and what is
-    left outside the kernels (Python, scheduling, sampling)."""
+def run_profile(
+    model: str | None, quant: str | None, prompt: int, gen: int, sequences: int = 1
+) -> dict:
+    """Where the time of a decode step goes, with `sequences` sequences decoding together:
+    each backend op (linears per shape and format) in microseconds per step, its calls per
+    step and its share of the step, and what is left outside the kernels (Python,
+    scheduling, sampling). A step gives each sequence one token."""
     from engine import LLM, SamplingParams
 
     path = resolve_model(model)
-    llm = LLM(path, quant=quant, enable_prefix_caching=False)
+    llm = LLM(path, quant=quant, enable_prefix_caching=False, max_num_seqs=max(sequences, 1))
     ids = prompt_ids(llm.tokenizer, prompt)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
-    llm.generate(ids, SamplingParams(max_tokens=4, temperature=0))  # warm-up
-    timer = KernelTimer(llm.backend, per_op=True)
-    stream = llm.stream(ids, params)
-    next(stream)
-    timer.reset()  # decode steps only
-    for _ in stream:
-        pass
-    m = stream.output.metrics
-    steps, decode_s = m.generated_tokens - 1, m.total_s - m.ttft_s
+    llm.generate([ids] * sequences, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    engine = llm._engine
+    requests = [llm.new_request(ids, params) for _ in range(sequences)]
+    for output, request_params in requests:
+        engine.submit(output, request_params)
+    while any(not output.outputs[0].token_ids for output, _ in requests):
+        engine.step()  # the prompts (in chunks if they are long)
+    timer = KernelTimer(llm.backend, per_op=True)  # decode steps only
+    steps, start = 0, time.perf_counter()
+    while not all(output.finished for output, _ in requests):
+        engine.step()
+        steps += 1
+    decode_s = time.perf_counter() - start
     ops = [
         {
             "op": op,
-            "us_per_token": 1e6 * seconds / steps,
-            "calls_per_token": calls / steps,
+            "us_per_step": 1e6 * seconds / steps,
+            "calls_per_step": calls / steps,
             "share": seconds / decode_s,
         }
         for op, (seconds, calls) in sorted(timer.per_op.items(), key=lambda kv: -kv[1][0])
     ]
     outside = decode_s - timer.seconds
     ops.append(
-        {
-            "op": "outside kernels",
-            "us_per_token": 1e6 * outside / steps,
-            "share": outside / decode_s,
-        }
+        {"op": "outside kernels", "us_per_step": 1e6 * outside / steps, "share": outside / decode_s}
     )
     return {
         "kind": "profile",
@@ -214,8 +217,9 @@ def run_profile(model: str | None, quant: str | None, prompt: int, gen: int) -> 
         "quant": quant or "f32",
         "prompt_tokens": prompt,
         "gen_tokens": gen,
+        "sequences": sequences,
         "step_us": 1e6 * decode_s / steps,
-        "decode_tok_s": steps / decode_s,
+        "decode_tok_s": sequences * steps / decode_s,
         "ops": ops,
     }
 
@@ -269,11 +273,12 @@ def run_contention(model: str | None, quant: str | None, prompt: int, gen: int, 
 
 
 def _profile_table(result: dict) -> str:
-    lines = [f"decode step {result['step_us']:.0f} us ({result['decode_tok_s']:.1f} tok/s)"]
+    head = f"decode step of {result['sequences']} sequence(s): {result['step_us']:.0f} us"
+    lines = [f"{head} ({result['decode_tok_s']:.1f} tok/s)"]
     for row in result["ops"]:
-        calls = f"{row['calls_per_token']:6.1f}" if "calls_per_token" in row else "      "
+        calls = f"{row['calls_per_step']:6.1f}" if "calls_per_step" in row else "      "
         lines.append(
-            f"{row['op']:>40}  {row['us_per_token']:9.1f} us  {calls} calls  {row['share']:6.1%}"
+            f"{row['op']:>40}  {row['us_per_step']:9.1f} us  {calls} calls  {row['share']:6.1%}"
         )
     return "\n".join(lines)
 
@@ -347,8 +352,11 @@ def main(args) -> int:
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
         return 0
     if args.profile:
-        result = run_profile(args.model, args.quant, args.prompt_tokens, args.gen_tokens)
-        write_report(f"profile-{_slug(args.model)}-{result['quant']}", [result])
+        result = run_profile(
+            args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.sequences
+        )
+        name = f"profile-{_slug(args.model)}-{result['quant']}"
+        write_report(name + (f"-seq{args.sequences}" if args.sequences > 1 else ""), [result])
         print(json.dumps(result) if args.json else _profile_table(result))
         return 0
     peers = [p for p in (args.peers or "").split(",") if p]

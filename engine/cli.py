@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="where a decode step's time goes, op by op"
     )
     bench.add_argument(
+        "--sequences",
+        type=_positive_int,
+        default=1,
+        help="sequences decoding together in the profiled steps (bench --profile)",
+    )
+    bench.add_argument(
         "--contention",
         action="store_true",
         help="decode at each thread count, idle and with one busy process per core",

@@ -134,11 +134,13 @@ def test_bench_profile_splits_a_decode_step_by_op(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("LAMINA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LAMINA_BENCH_RESULTS", str(tmp_path / "results"))
     argv = ["bench", "--profile", "--model", "random:llama-tiny", "--quant", "int8"]
-    assert main([*argv, "--prompt-tokens", "16", "--gen-tokens", "6", "--json"]) == 0
+    argv += ["--prompt-tokens", "16", "--gen-tokens", "6", "--sequences", "3", "--json"]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["sequences"] == 3
     ops = {row["op"]: row for row in result["ops"]}
-    layers = ops["attention"]["calls_per_token"]
-    norm_linears = sum(r["calls_per_token"] for op, r in ops.items() if op.startswith("norm_"))
+    layers = ops["attention"]["calls_per_step"]
+    norm_linears = sum(r["calls_per_step"] for op, r in ops.items() if op.startswith("norm_"))
     assert layers >= 1 and norm_linears == 2 * layers + 1  # the layers' two norms, the final
     assert any(op.startswith("linear_add_ ") and op.endswith("Int8Weight") for op in ops)
     assert "outside kernels" in ops
