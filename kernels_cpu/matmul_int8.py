@@ -234,6 +234,13 @@ def gemv_w8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
+def _whole_rows(w: np.ndarray) -> bool:
+    """Whether one SIMD call covers w's rows (no column blocks, no scalar tail): the rows the
+    scaled tiles take."""
+    return w.shape[1] % LANES == 0 and w.shape[1] <= KBLOCK
+
+
+@njit(cache=True, inline="always")
 def _block_tile(w, r, a, t, a_scale, scale, out, accumulate, sums) -> None:
     """Rows r..r+3 x the 4 or 2 tokens from t (as `sums` is shaped), scaled into `out`.
 
@@ -241,8 +248,7 @@ def _block_tile(w, r, a, t, a_scale, scale, out, accumulate, sums) -> None:
     stays in vector registers; others go through `_dot_tile`'s column blocks and scalar tail
     and `_store_tile`.
     """
-    k = w.shape[1]
-    if k % LANES == 0 and k <= KBLOCK:
+    if _whole_rows(w):
         if sums.shape[1] == 4:
             _scaled_4x4(w, r, a, t, a_scale, scale, out, accumulate)
         else:
@@ -262,10 +268,9 @@ def _edge_tiles(w, r, end, a, a_scale, scale, out, accumulate) -> None:
     quad = stack_tile(4, 1)
     one = stack_tile(1, 1)
     full = r + (end - r) // 4 * 4
-    whole = w.shape[1] % LANES == 0 and w.shape[1] <= KBLOCK
     if tokens % 2:
         for row in range(r, full, 4):
-            if whole:
+            if _whole_rows(w):
                 _scaled_4x1(w, row, a, tokens - 1, a_scale, scale, out, accumulate)
             else:
                 _dot_tile(w, row, a, tokens - 1, quad)
