@@ -112,7 +112,74 @@ class ColskipInt8Weight:
         return self.data_t.nbytes + self.scale.nbytes + extra
 
 
-Weight = DenseWeight | Int8Weight | SparseInt8Weight | ColskipInt8Weight
+@dataclass
+class BlockWeight:
+    """A group-quantized matrix: each group of `group` inputs of a row holds small integers q
+    with a scale d (and a minimum m for formats that have one): w = d * (q - zero) + m.
+
+    The layout is kernels_cpu.simd_blocks': `values` is (out, Kp / 2) uint8 with two 4-bit
+    values a byte, or (out, Kp) int8; rows are padded to Kp = matmul_blocks.padded_width
+    columns. `scale` and `mins` are (out, Kp / group) as float32, float16 bits (uint16), or
+    uint8 / int8 sub-scales that `scale_sup` / `mins_sup` (out, Kp / 256, float32) multiply,
+    as GGUF's K-quants store them. Every GGUF block type lamina runs is repacked into this
+    exactly (engine.loader.gguf_blocks); `kind` names where it came from ("Q4_K", "int4-g64").
+    """
+
+    values: np.ndarray
+    scale: np.ndarray
+    group: int
+    in_features: int
+    kind: str
+    zero: int = 0
+    scale_sup: np.ndarray | None = None
+    mins: np.ndarray | None = None
+    mins_sup: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.values.dtype == np.uint8 else 8
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.values, self.scale, self.scale_sup, self.mins, self.mins_sup, self.bias)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def layout(self) -> tuple:
+        """What two weights must share to be stacked into one (fused q/k/v, gate/up)."""
+        arrays = (self.values, self.scale, self.scale_sup, self.mins, self.mins_sup)
+        dtypes = tuple(None if a is None else a.dtype.str for a in arrays)
+        return (dtypes, self.group, self.in_features, self.zero, self.values.shape[1])
+
+
+@dataclass
+class StackedWeight:
+    """Linears that read the same input, in formats that cannot be concatenated (a Q4_K_M
+    file's Q4_K attn_q and Q6_K attn_v): one output, each part writing its own columns."""
+
+    parts: list
+    bias: np.ndarray | None = None
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.nbytes)
+
+
+Weight = (
+    DenseWeight | Int8Weight | SparseInt8Weight | ColskipInt8Weight | BlockWeight | StackedWeight
+)
 # The linear layers of a decoder block, by their LayerWeights field names.
 LAYER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
 

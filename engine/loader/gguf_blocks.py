@@ -1,0 +1,206 @@
+"""GGUF block types repacked, exactly, into lamina's block format (`BlockWeight`).
+
+Every type below becomes the layout of kernels_cpu.simd_blocks: values in 64-column chunks
+(4-bit ones two a byte, column j and j + 32 of a chunk sharing byte j; wider ones one signed
+byte each), the per-group scales and minimums in their own arrays. The repacked matrix
+dequantizes to the same float32 bits as the `gguf` package's dequantizer (the tests check
+every type), because it keeps the stored numbers and the order of the arithmetic:
+
+| GGUF | values | group | scale (x sup) | minimum | zero |
+|------|--------|-------|---------------|---------|------|
+| Q4_0 | 4-bit  | 32    | f16 d         | -       | 8    |
+| Q4_1 | 4-bit  | 32    | f16 d         | f16 m   | 0    |
+| Q5_0 | int8 q - 16 | 32 | f16 d       | -       | 0    |
+| Q5_1 | int8 q | 32    | f16 d         | f16 m   | 0    |
+| Q8_0 | int8 q | 32    | f16 d         | -       | 0    |
+| Q4_K | 4-bit (bytes as stored) | 32 | u8 sc x d | u8 m x -dmin | 0 |
+| Q5_K | int8 q | 32    | u8 sc x d     | u8 m x -dmin | 0 |
+| Q6_K | int8 q - 32 | 16 | i8 sc x d    | -       | 0    |
+
+So 4-bit types keep their size (Q4_0 4.5 bits a weight, Q4_K 4.6 against 4.5 in the file)
+and the 5- and 6-bit ones take a byte a value (Q6_K 8.6 bits against 6.6): the kernels then
+need one multiply step for every type. Other types are refused with the nearest supported one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import UnsupportedModelError
+from engine.weights import BlockWeight
+from kernels_cpu.matmul_blocks import padded_width
+
+# Bytes per block and columns per block of each supported type.
+BLOCK_BYTES = {
+    "Q4_0": (18, 32),
+    "Q4_1": (20, 32),
+    "Q5_0": (22, 32),
+    "Q5_1": (24, 32),
+    "Q8_0": (34, 32),
+    "Q4_K": (144, 256),
+    "Q5_K": (176, 256),
+    "Q6_K": (210, 256),
+}
+SUPPORTED = tuple(BLOCK_BYTES)
+# What to convert a file to when lamina cannot run its type (by llama-quantize).
+_NEAREST = {
+    "Q2_K": "Q4_K",
+    "Q3_K": "Q4_K",
+    "Q8_1": "Q8_0",
+    "Q8_K": "Q8_0",
+    "IQ4_NL": "Q4_0",
+    "IQ4_XS": "Q4_K",
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
+    "MXFP4": "Q4_0",
+}
+
+
+def check_supported(type_name: str, tensor: str) -> None:
+    """Refuse a block type lamina does not run, naming the nearest one it does."""
+    if type_name in BLOCK_BYTES:
+        return
+    nearest = _NEAREST.get(type_name, "Q4_K" if type_name.startswith("IQ") else "Q8_0")
+    raise UnsupportedModelError(
+        f"tensor {tensor} is GGUF type {type_name}, which lamina cannot run; supported: "
+        f"{', '.join(SUPPORTED)} (convert it with llama-quantize, e.g. to {nearest}), or load "
+        "it with --quant f32 / int8 to dequantize it"
+    )
+
+
+def repack(type_name: str, raw: np.ndarray, k: int) -> BlockWeight:
+    """The BlockWeight of a GGUF matrix whose rows (N, row bytes) uint8 hold k columns each."""
+    nbytes, cols = BLOCK_BYTES[type_name]
+    n = raw.shape[0]
+    if k % cols or raw.shape[1] != k // cols * nbytes:
+        raise UnsupportedModelError(
+            f"a {type_name} row of {k} columns must be {k // cols * nbytes} bytes, not "
+            f"{raw.shape[1]}"
+        )
+    blocks = raw.reshape(n, k // cols, nbytes)
+    return _REPACK[type_name](blocks, k)
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 (as uint16 bits) at byte `at` of every block: (N, blocks)."""
+    return np.ascontiguousarray(blocks[:, :, at : at + 2]).view(np.uint16)[:, :, 0]
+
+
+def _padded(array: np.ndarray, width: int) -> np.ndarray:
+    """array (N, w) with zero columns up to `width`, C-contiguous."""
+    if array.shape[1] == width:
+        return np.ascontiguousarray(array)
+    out = np.zeros((array.shape[0], width), array.dtype)
+    out[:, : array.shape[1]] = array
+    return out
+
+
+def _nibble_columns(qs: np.ndarray) -> np.ndarray:
+    """(N, blocks, 16) bytes of 32-column blocks (low nibbles columns 0-15, high 16-31) ->
+    (N, blocks, 32) values in column order."""
+    return np.concatenate([qs & 15, qs >> 4], axis=2)
+
+
+def _pack_chunks(q: np.ndarray, kp: int) -> np.ndarray:
+    """(N, k) 4-bit values in column order -> (N, kp / 2) bytes of 64-column chunks."""
+    q = _padded(q, kp).reshape(q.shape[0], kp // 64, 2, 32)
+    return (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(q.shape[0], kp // 2)
+
+
+def _fifth_bits(qh: np.ndarray, blocks: int) -> np.ndarray:
+    """(N, blocks, 4) bytes of little-endian 32-bit masks -> (N, blocks, 32) bit j << 4."""
+    bits = np.unpackbits(qh, axis=2, bitorder="little")
+    return (bits << 4).reshape(qh.shape[0], blocks, 32)
+
+
+def _legacy(blocks: np.ndarray, k: int, type_name: str) -> BlockWeight:
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 32-column blocks, an f16 scale (and minimum) first."""
+    n, nb, _ = blocks.shape
+    kp = padded_width(k, 32)
+    scale = _padded(_f16(blocks, 0), kp // 32)
+    has_min = type_name in ("Q4_1", "Q5_1")
+    mins = _padded(_f16(blocks, 2), kp // 32) if has_min else None
+    at = 4 if has_min else 2
+    zero = 0
+    if type_name == "Q8_0":
+        values = _padded(blocks[:, :, at:].view(np.int8).reshape(n, k), kp)
+    elif type_name in ("Q4_0", "Q4_1"):
+        q = _nibble_columns(blocks[:, :, at:]).reshape(n, k)
+        values = _pack_chunks(q, kp)
+        zero = 8 if type_name == "Q4_0" else 0
+    else:
+        high = _fifth_bits(blocks[:, :, at : at + 4], nb)
+        q = (_nibble_columns(blocks[:, :, at + 4 :]) | high).view(np.int8)
+        if type_name == "Q5_0":
+            q = q - np.int8(16)
+        values = _padded(q.reshape(n, k), kp)
+    return BlockWeight(values, scale, 32, k, type_name, zero, mins=mins)
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 6-bit sub-scales and sub-minimums of Q4_K / Q5_K blocks: (N, blocks, 12) bytes ->
+    two (N, blocks * 8) uint8 arrays."""
+    n, nb, _ = scales.shape
+    d, m, md = scales[:, :, 0:4], scales[:, :, 4:8], scales[:, :, 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=2)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=2)
+    return sc.reshape(n, nb * 8), mn.reshape(n, nb * 8)
+
+
+def _sup(blocks: np.ndarray, at: int, sign: float = 1.0) -> np.ndarray:
+    """The f16 super-block factor at byte `at` as float32 (N, blocks), exact."""
+    return np.ascontiguousarray(_f16(blocks, at).view(np.float16).astype(np.float32) * sign)
+
+
+def _q4_k(blocks: np.ndarray, k: int) -> BlockWeight:
+    n, nb, _ = blocks.shape
+    sc, mn = _k_scales(blocks[:, :, 4:16])
+    # 128 bytes a block: four 64-column chunks, byte j holding columns j and j + 32 — the
+    # kernels' layout already.
+    values = np.ascontiguousarray(blocks[:, :, 16:]).reshape(n, nb * 128)
+    return BlockWeight(values, sc, 32, k, "Q4_K", 0, _sup(blocks, 0), mn, _sup(blocks, 2, -1.0))
+
+
+def _q5_k(blocks: np.ndarray, k: int) -> BlockWeight:
+    n, nb, _ = blocks.shape
+    sc, mn = _k_scales(blocks[:, :, 4:16])
+    qh = blocks[:, :, 16:48]  # bit i of byte j: column 32 i + j of the block
+    qs = blocks[:, :, 48:].reshape(n, nb, 4, 32)
+    low = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, nb, 8, 32)
+    high = np.unpackbits(qh[:, :, None, :], axis=2, bitorder="little") << 4
+    values = (low | high).view(np.int8).reshape(n, k)
+    return BlockWeight(values, sc, 32, k, "Q5_K", 0, _sup(blocks, 0), mn, _sup(blocks, 2, -1.0))
+
+
+def _q6_k(blocks: np.ndarray, k: int) -> BlockWeight:
+    n, nb, _ = blocks.shape
+    ql = blocks[:, :, :128].reshape(n, nb, 2, 64)
+    qh = blocks[:, :, 128:192].reshape(n, nb, 2, 1, 32)
+    low = np.stack([ql & 15, ql >> 4], axis=3).reshape(n, nb, 2, 128)
+    high = ((qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3) << 4
+    q = (low | high.reshape(n, nb, 2, 128)).view(np.int8) - np.int8(32)
+    scale = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8).reshape(n, nb * 16)
+    return BlockWeight(q.reshape(n, k), scale, 16, k, "Q6_K", 0, _sup(blocks, 208))
+
+
+_REPACK = {
+    **{name: (lambda b, k, name=name: _legacy(b, k, name)) for name in SUPPORTED[:5]},
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
+
+
+def dequantize(weight: BlockWeight) -> np.ndarray:
+    """The float32 (N, K) matrix of a BlockWeight: d * (q - zero) + m, as GGUF computes it."""
+    from kernels_cpu.matmul_blocks import dequantize_rows_into
+
+    out = np.empty((weight.out_features, weight.in_features), np.float32)
+    ids = np.arange(weight.out_features, dtype=np.int64)
+    dequantize_rows_into(*block_arrays(weight), ids, out)
+    return out
+
+
+def block_arrays(w: BlockWeight) -> tuple:
+    """The leading arguments of the block kernels for w."""
+    return (w.values, w.scale, w.scale_sup, w.mins, w.mins_sup, w.group, w.zero)

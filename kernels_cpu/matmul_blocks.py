@@ -1,0 +1,282 @@
+"""Matmuls on group-quantized weights (4-bit and 8-bit values with per-group scales).
+
+Weights are stored as `simd_blocks` describes: w = d * (q - zero) + m per group of `group`
+columns, rows padded to a multiple of 64 columns (Kp). The activations are quantized on
+entry per 32 columns to int8 (the accuracy of llama.cpp's Q8_0 activations), with the two
+per-lane sums the tiles need, then multiplied in integers.
+
+One driver serves decode and prefill: up to two tokens walk the rows one at a time with a
+hand prefetch ahead (memory-bound: the job is to stream the weight bytes; 4-row tiles read
+four short streams at once and ran 15-50% slower, Zen 4, 5632 x 2048, out of cache), more
+tokens take 4-row x 4-token tiles so each weight chunk loaded and unpacked serves four
+tokens (compute-bound). Both
+tiles do the same operations per (row, token), so the two paths give the same bits.
+
+The input can be computed first from x into the scratch h (rmsnorm(x), or silu(gate) * up of
+x = [gate | up]), and the result can be added into `out`, as in `matmul_int8`.
+"""
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from kernels_cpu.activations import silu_mul_row
+from kernels_cpu.exact_math import EXACT_MATH
+from kernels_cpu.norms import rmsnorm_row
+from kernels_cpu.simd import host_kind, prefetch
+from kernels_cpu.simd_blocks import (
+    ACT_GROUP,
+    CHUNK,
+    LANES,
+    SUPER,
+    activation_offset,
+    make_block_tile,
+)
+
+KIND = host_kind()
+# Up to this many tokens, the GEMV's one-token tiles; beyond, 4-token tiles.
+GEMV_TOKENS = 2
+JOB_ROWS = 16  # output rows per parallel job
+# Bytes of the next rows the GEMV asks for ahead of reading them (see matmul_int8.gemv_w8).
+PREFETCH_BYTES = 8192
+
+_tile_1x1 = make_block_tile(KIND, 1, 1)
+_tile_1x2 = make_block_tile(KIND, 1, 2)
+_tile_4x1 = make_block_tile(KIND, 4, 1)
+_tile_4x4 = make_block_tile(KIND, 4, 4)
+
+
+def padded_width(k: int, group: int = CHUNK, two_level: bool = False) -> int:
+    """Columns of a block-format row holding k inputs: a multiple of the 64-column chunk, of
+    the group and, for two-level scales, of the 256-column super-block."""
+    unit = max(CHUNK, group, SUPER if two_level else 0)
+    return -(-k // unit) * unit
+
+
+def _offset(w):
+    """What the multiply step adds to each weight value of w (see simd_blocks)."""
+
+
+@overload(_offset)
+def _offset_impl(w):
+    offset = activation_offset(KIND, 8 if w.dtype == types.int8 else 4)
+    return lambda w: offset
+
+
+def packs_nibbles(w):
+    """Whether block-format values w hold two 4-bit values a byte (uint8) or one (int8)."""
+
+
+@overload(packs_nibbles)
+def _packs_nibbles_impl(w):
+    nibbles = w.dtype == types.uint8
+    return lambda w: nibbles
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float32 of a float16 given by its bits (uint16); exact."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+def scale_value(arr, r, g):
+    """arr[r, g] as float32, for scale arrays of any stored type."""
+
+
+@overload(scale_value)
+def _scale_value_impl(arr, r, g):
+    if arr.dtype == types.uint16:
+        return lambda arr, r, g: half_to_float(arr[r, g])
+    return lambda arr, r, g: np.float32(arr[r, g])
+
+
+@njit(cache=True, inline="always")
+def _factor(sub, sup, r, g, group):
+    """One group's scale (or minimum): sub[r, g], times its super-block's sup when given."""
+    value = scale_value(sub, r, g)
+    if sup is not None:
+        value = sup[r, g * group // SUPER] * value
+    return value
+
+
+@njit(cache=True, inline="always")
+def value_at(w, r, i):
+    """The integer q of column i in row r of block-format values w."""
+    if packs_nibbles(w):
+        chunk, pos = divmod(i, CHUNK)
+        byte = w[r, chunk * (CHUNK // 2) + pos % (CHUNK // 2)]
+        return np.int32(byte >> 4) if pos >= CHUNK // 2 else np.int32(byte & 15)
+    return np.int32(w[r, i])
+
+
+@njit(cache=True, fastmath=EXACT_MATH)
+def _quantize_row(src, t, k, start, xq, xinit, xs, xm) -> None:
+    """Row t of src (its first k columns, zeros after) to int8 per 32 columns, with each
+    4-column lane's start (-start * sum) and scaled sum."""
+    kp = xq.shape[1]
+    for b in range(kp // ACT_GROUP):
+        lo = b * ACT_GROUP
+        hi = min(lo + ACT_GROUP, k)
+        amax = np.float32(0.0)
+        for i in range(lo, hi):
+            amax = max(amax, abs(src[t, i]))
+        scale = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        for i in range(lo, lo + ACT_GROUP):
+            xq[t, i] = np.int8(np.rint(src[t, i] * inv)) if i < hi else 0
+        xs[t, b] = scale
+        for lane in range(b * ACT_GROUP // 4, (b + 1) * ACT_GROUP // 4):
+            total = np.int32(0)
+            for i in range(4 * lane, 4 * lane + 4):
+                total += np.int32(xq[t, i])
+            xinit[t, lane] = -start * total
+            xm[t, lane] = np.float32(total) * scale
+
+
+@njit(cache=True)
+def _prepare_row(x, t, k, h, norm, eps, start, xq, xinit, xs, xm) -> None:
+    """Quantize the linear's input for row t: x itself when h is None, else rmsnorm(x) (norm)
+    or silu(gate) * up of x (norm None) computed into h first."""
+    if h is None:
+        _quantize_row(x, t, k, start, xq, xinit, xs, xm)
+    else:
+        if norm is not None:
+            rmsnorm_row(x, t, norm, eps, h)
+        else:
+            silu_mul_row(x, t, h)
+        _quantize_row(h, t, k, start, xq, xinit, xs, xm)
+
+
+# A parallel twin of the serial loop in the driver (numba caches per Python function).
+@njit(cache=True, parallel=True)
+def _prepare_rows_parallel(x, k, h, norm, eps, start, xq, xinit, xs, xm) -> None:
+    for t in prange(x.shape[0]):
+        _prepare_row(x, t, k, h, norm, eps, start, xq, xinit, xs, xm)
+
+
+@njit(cache=True)
+def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm) -> None:
+    """Shapes the tiles rely on (they index without bounds checks)."""
+    tokens = x.shape[0]
+    kp = xq.shape[1]
+    n = out.shape[1]
+    if kp % CHUNK or kp % group or k > kp:
+        raise ValueError("xq must be (T, padded_width(K))")
+    width = kp // 2 if packs_nibbles(w) else kp
+    if w.shape[0] != n or w.shape[1] != width:
+        raise ValueError("w does not match out and the padded width")
+    if scale.shape[0] != n or scale.shape[1] * group != kp:
+        raise ValueError("scale must be (N, Kp / group)")
+    if mins is not None and mins.shape != scale.shape:
+        raise ValueError("mins must be shaped as scale")
+    gated = h is not None and norm is None
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError("x does not match the weight's inputs")
+    if h is not None and (h.shape[0] != tokens or h.shape[1] != k):
+        raise ValueError("h must be (T, K)")
+    if h is None and norm is not None:
+        raise ValueError("a fused rmsnorm needs the scratch h")
+    if out.shape[0] != tokens:
+        raise ValueError("out must be (T, N)")
+    if xq.shape[0] != tokens or xinit.shape != (tokens, kp // 4) or xm.shape != (tokens, kp // 4):
+        raise ValueError("xinit and xm must be (T, Kp / 4)")
+    if xs.shape != (tokens, kp // ACT_GROUP):
+        raise ValueError("xs must be (T, Kp / 32)")
+
+
+@njit(cache=True, parallel=True)
+def matmul_blocks_into(
+    x, w, scale, scale_sup, mins, mins_sup, group, zero, k, out, xq, xinit, xs, xm,
+    h=None, norm=None, eps=0.0, accumulate=False,
+):  # fmt: skip
+    """out (T, N) (+)= input (T, k) @ W.T for a block-format W (see simd_blocks for the
+    arrays), the input being x or, with scratch h, rmsnorm(x) / silu(gate) * up of x.
+
+    xq (T, Kp) int8, xinit (T, Kp / 4) int32, xs (T, Kp / 32) and xm (T, Kp / 4) float32 are
+    scratch for the quantized activations.
+    """
+    _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm)
+    start = zero + _offset(w)
+    tokens = x.shape[0]
+    n = out.shape[1]
+    row_bytes = w.shape[1]
+    jobs = (n + JOB_ROWS - 1) // JOB_ROWS
+    if tokens <= GEMV_TOKENS:
+        for t in range(tokens):
+            _prepare_row(x, t, k, h, norm, eps, start, xq, xinit, xs, xm)
+        for job in prange(jobs):
+            for row in range(job * JOB_ROWS, min(job * JOB_ROWS + JOB_ROWS, n)):
+                ahead = row * row_bytes + PREFETCH_BYTES
+                for off in range(0, row_bytes, 64):
+                    prefetch(w, ahead + off)
+                if tokens == 2:
+                    _tile_1x2(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                              0, out, accumulate)  # fmt: skip
+                else:
+                    _tile_1x1(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                              0, out, accumulate)  # fmt: skip
+        return
+    _prepare_rows_parallel(x, k, h, norm, eps, start, xq, xinit, xs, xm)
+    quads = tokens // 4 * 4
+    for job in prange(jobs):
+        r = job * JOB_ROWS
+        end = min(r + JOB_ROWS, n)
+        for row in range(r, end - 3, 4):
+            for t in range(0, quads, 4):
+                _tile_4x4(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                          t, out, accumulate)  # fmt: skip
+            for t in range(quads, tokens):
+                _tile_4x1(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                          t, out, accumulate)  # fmt: skip
+        for row in range(r + (end - r) // 4 * 4, end):
+            for t in range(tokens):
+                _tile_1x1(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                          t, out, accumulate)  # fmt: skip
+
+
+def activation_scratch(tokens: int, kp: int) -> tuple[np.ndarray, ...]:
+    """New scratch (xq, xinit, xs, xm) for `matmul_blocks_into` over kp (padded) inputs."""
+    return (
+        np.empty((tokens, kp), np.int8),
+        np.empty((tokens, kp // 4), np.int32),
+        np.empty((tokens, kp // ACT_GROUP), np.float32),
+        np.empty((tokens, kp // 4), np.float32),
+    )
+
+
+def matmul_blocks(x, w, scale, scale_sup, mins, mins_sup, group, zero, k) -> np.ndarray:
+    """`matmul_blocks_into` into a new (T, N) array, with its own scratch."""
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    scratch = activation_scratch(x.shape[0], scale.shape[1] * group)
+    matmul_blocks_into(x, w, scale, scale_sup, mins, mins_sup, group, zero, k, out, *scratch)
+    return out
+
+
+@njit(cache=True)
+def dequantize_rows_into(w, scale, scale_sup, mins, mins_sup, group, zero, ids, out) -> None:
+    """out (T, K) = rows `ids` of a block-format matrix as float32: d * (q - zero) + m, in
+    that order (the GGUF dequantizers' arithmetic). Embedding lookups; K = out.shape[1]."""
+    k = out.shape[1]
+    if out.shape[0] != ids.shape[0]:
+        raise ValueError("out must be (len(ids), K)")
+    for t in range(ids.shape[0]):
+        row = ids[t]
+        if row < 0 or row >= w.shape[0]:
+            raise IndexError("row id outside the matrix")
+        for g in range((k + group - 1) // group):
+            d = _factor(scale, scale_sup, row, g, group)
+            m = np.float32(0.0) if mins is None else _factor(mins, mins_sup, row, g, group)
+            for i in range(g * group, min(g * group + group, k)):
+                value = d * np.float32(value_at(w, row, i) - zero)
+                out[t, i] = value + m if mins is not None else value
+
+
+__all__ = ["LANES", "dequantize_rows_into", "matmul_blocks", "matmul_blocks_into", "padded_width"]
