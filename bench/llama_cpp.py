@@ -1,4 +1,5 @@
-"""llama.cpp's own tools as the peer: `llama-bench`, `llama-quantize` and `llama-server`.
+"""llama.cpp's own tools as the peer: `llama-bench`, `llama-quantize`, `llama-server` and
+`llama-perplexity`.
 
 llama-cpp-python's Python generate loop adds its own per-token overhead, so it understates
 llama.cpp. The fair peer is llama.cpp's C++ tools, built once on this machine with
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from kernels_cpu.jit_cache import cache_dir
 
-TOOLS = ("llama-bench", "llama-quantize", "llama-server")
+TOOLS = ("llama-bench", "llama-quantize", "llama-server", "llama-perplexity")
 # Keep the build small: no network, no tests or examples. The tools link llama.cpp's shared
 # libraries, copied next to them and found through LD_LIBRARY_PATH.
 _CMAKE_FLAGS = (

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from engine.engine_config import QUANTS, EngineConfig
 from engine.errors import InvalidInputError, LaminaError, OutputPathError
+from engine.quant.formats import GROUP_SIZES, WEIGHT_FORMATS
 from engine.sampling import SamplingParams, cli_fields, sampling_kwargs
 from engine.text_input import check_text
 
@@ -191,16 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="write a quantized checkpoint that loads mmapped")
     quant.add_argument("src", metavar="SRC", help='HF folder, .gguf file, or "default"')
     quant.add_argument("out", metavar="OUT", help="output folder (must not exist)")
-    quant.add_argument("--weights", choices=["int8", "f32"], default="int8", help="precision")
+    quant.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8", help="precision")
+    quant.add_argument(
+        "--group-size", type=int, choices=GROUP_SIZES, default=32, help="int4: inputs per scale"
+    )
+    quant.add_argument(
+        "--layer-weights",
+        action="append",
+        default=[],
+        metavar="KEY=FORMAT",
+        help="per-matrix precision; KEY is embed, lm_head, down, 3 or 3.down (repeatable), "
+        "e.g. embed=int8,lm_head=int8 as Q4_K_M keeps its head at 6 bits",
+    )
+    quant.add_argument(
+        "--method",
+        choices=["rtn", "gptq", "wanda", "magnitude"],
+        help="int4: rtn (round to nearest, default) or gptq (error compensation on "
+        "calibration text); sparsity: wanda (|weight| x input norm, default) or magnitude",
+    )
     sparse = quant.add_argument_group("sparsity (int8 only)")
     sparse.add_argument(
         "--sparsity", type=_fraction, default=0.0, help="share of each linear's weights pruned"
-    )
-    sparse.add_argument(
-        "--method",
-        choices=["wanda", "magnitude"],
-        default="wanda",
-        help="wanda: |weight| x input norm on calibration text; magnitude: |weight|",
     )
     sparse.add_argument(
         "--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8"
@@ -223,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of each linear's inputs zeroed at run time (TEAL thresholds)",
     )
-    sparse.add_argument("--calibration", metavar="FILE", help="calibration text (default: pydoc)")
+    quant.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration text for gptq, wanda and TEAL (default: pydoc)",
+    )
 
     bench = sub.add_parser("bench", help="measure speed against bandwidth and peer engines")
     bench.add_argument(
@@ -394,25 +410,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from engine.loader.checkpoint import save_checkpoint
+    from engine.loader.checkpoint import save_checkpoint, weights_format
     from engine.loader.model_loader import load_model
+    from engine.quant.formats import WeightPlan, parse_layer_weights
 
     out = Path(args.out)
     _check_new_folder(out)
     plan = _sparsity_plan(args)
+    weights = WeightPlan(args.weights, args.group_size, parse_layer_weights(args.layer_weights))
+    method = args.method or ("wanda" if plan.active else "rtn")
+    if (
+        method in ("rtn", "gptq")
+        and plan.active
+        or method in ("wanda", "magnitude")
+        and not plan.active
+    ):
+        raise InvalidInputError(
+            f"--method {method} is for {'int4 weights' if method in ('rtn', 'gptq') else 'sparsity'}"
+        )
     src = None if args.src == "default" else args.src
+    recipe = None
     if plan.active:
         from engine.quant.sparsify import sparsify
 
-        if args.weights != "int8":
+        if args.weights != "int8" or args.layer_weights:
             raise InvalidInputError("sparse checkpoints are int8: use --weights int8")
-        loaded = load_model(src, None)
+        loaded = load_model(src, "f32")
         sparsify(loaded, plan)
+        recipe = {"sparsity": plan.describe()}
+    elif method == "gptq":
+        from engine.quant.gptq import quantize_gptq
+
+        if "int4" not in (weights.default, *weights.overrides.values()):
+            raise InvalidInputError("--method gptq makes int4 weights: use --weights int4")
+        loaded = load_model(src, "f32")
+        recipe = quantize_gptq(loaded, weights, args.calibration)
     else:
-        loaded = load_model(src, args.weights)
-    save_checkpoint(loaded, out, plan.describe() if plan.active else None)
+        loaded = load_model(src, plan=weights)
+    save_checkpoint(loaded, out, recipe)
     size = (out / "model.safetensors").stat().st_size / 2**20
-    print(f"wrote {args.weights} checkpoint to {out} ({size:.1f} MiB of weights)")
+    print(f"wrote {weights_format(loaded.weights)} checkpoint to {out} ({size:.1f} MiB of weights)")
     return 0
 
 
@@ -450,7 +487,7 @@ def _sparsity_plan(args: argparse.Namespace):
         raise InvalidInputError(f"cannot read {args.calibration}: no such file")
     return SparsityPlan(
         sparsity=args.sparsity,
-        method=args.method,
+        method=args.method if args.method in ("wanda", "magnitude") else "wanda",
         pattern=args.pattern,
         activation_sparsity=args.activation_sparsity,
         reconstruct=args.reconstruct,

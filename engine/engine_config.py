@@ -18,13 +18,14 @@ from typing import Any
 from engine.backends.device import DEVICES
 from engine.errors import InvalidInputError
 from engine.kv_cache import DEFAULT_KV_FRACTION, KV_DTYPES
+from engine.quant.formats import WEIGHT_FORMATS
 from offload.placement import parse_memory_size
 
 DEFAULT_MAX_NUM_SEQS = 64
 # Tokens per forward pass. Prefill throughput on 2-8 cores is flat beyond a few hundred tokens,
 # and a bounded step keeps the decode latency of the other sequences bounded too.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
-QUANTS = ("f32", "int8")
+QUANTS = WEIGHT_FORMATS
 
 
 def memory_size(value: int | str) -> int:
@@ -53,7 +54,12 @@ class EngineConfig:
     )
     quant: str | None = field(
         default=None,
-        metadata=_option("weight precision, converted while loading (default: f32)", None, QUANTS),
+        metadata=_option(
+            "weight precision, converted while loading (default: a GGUF runs in its own "
+            "quantization, a float checkpoint in f32)",
+            None,
+            QUANTS,
+        ),
     )
     max_model_len: int | None = field(
         default=None, metadata=_option("cap the context window (default: the model's)", int)

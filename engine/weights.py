@@ -149,11 +149,22 @@ class BlockWeight:
         arrays = (self.values, self.scale, self.scale_sup, self.mins, self.mins_sup, self.bias)
         return sum(a.nbytes for a in arrays if a is not None)
 
+    @property
+    def kernel_arrays(self) -> tuple:
+        """(values, scale, scale_sup, mins, mins_sup, group, zero): the block kernels'
+        leading arguments, in their order."""
+        return (self.values, self.scale, self.scale_sup, self.mins, self.mins_sup, self.group,
+                self.zero)  # fmt: skip
+
     def layout(self) -> tuple:
         """What two weights must share to be stacked into one (fused q/k/v, gate/up)."""
-        arrays = (self.values, self.scale, self.scale_sup, self.mins, self.mins_sup)
+        arrays = (getattr(self, name) for name in BLOCK_ARRAYS)
         dtypes = tuple(None if a is None else a.dtype.str for a in arrays)
         return (dtypes, self.group, self.in_features, self.zero, self.values.shape[1])
+
+
+# BlockWeight's per-row arrays, which stacking rows concatenates.
+BLOCK_ARRAYS = ("values", "scale", "scale_sup", "mins", "mins_sup")
 
 
 @dataclass
@@ -194,6 +205,13 @@ class LayerWeights:
     ffn_norm: np.ndarray
     gate_up: Weight
     down: Weight
+
+    def __post_init__(self) -> None:
+        # Read-only, whatever the loader produced (a mapped file's view or a new array):
+        # numba compiles a kernel once per argument type, and writability is part of it.
+        for norm in (self.attn_norm, self.ffn_norm):
+            if isinstance(norm, np.ndarray):
+                norm.setflags(write=False)
 
     @property
     def nbytes(self) -> int:

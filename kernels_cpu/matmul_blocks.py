@@ -53,6 +53,15 @@ def padded_width(k: int, group: int = CHUNK, two_level: bool = False) -> int:
     return -(-k // unit) * unit
 
 
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(N, Kp) 4-bit values in column order (uint8 0..15, Kp a multiple of 64) -> the
+    (N, Kp / 2) bytes of the 4-bit layout: byte j of a 64-column chunk holds columns j (low
+    nibble) and j + 32 (high)."""
+    n, kp = q.shape
+    pairs = q.reshape(n, kp // CHUNK, 2, CHUNK // 2)
+    return (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(n, kp // 2)
+
+
 def _offset(w):
     """What the multiply step adds to each weight value of w (see simd_blocks)."""
 
@@ -141,29 +150,32 @@ def _quantize_row(src, t, k, start, xq, xinit, xs, xm) -> None:
             xm[t, lane] = np.float32(total) * scale
 
 
+# The linear's input: x itself, rmsnorm(x), or silu(gate) * up of x = [gate | up].
+PLAIN, RMSNORM, GATED = 0, 1, 2
+
+
 @njit(cache=True)
-def _prepare_row(x, t, k, h, norm, eps, start, xq, xinit, xs, xm) -> None:
-    """Quantize the linear's input for row t: x itself when h is None, else rmsnorm(x) (norm)
-    or silu(gate) * up of x (norm None) computed into h first."""
-    if h is None:
+def _prepare_row(x, t, k, h, norm, eps, prologue, start, xq, xinit, xs, xm) -> None:
+    """Quantize row t of the linear's input, computed into h first unless it is x itself."""
+    if prologue == PLAIN:
         _quantize_row(x, t, k, start, xq, xinit, xs, xm)
+        return
+    if prologue == RMSNORM:
+        rmsnorm_row(x, t, norm, eps, h)
     else:
-        if norm is not None:
-            rmsnorm_row(x, t, norm, eps, h)
-        else:
-            silu_mul_row(x, t, h)
-        _quantize_row(h, t, k, start, xq, xinit, xs, xm)
+        silu_mul_row(x, t, h)
+    _quantize_row(h, t, k, start, xq, xinit, xs, xm)
 
 
 # A parallel twin of the serial loop in the driver (numba caches per Python function).
 @njit(cache=True, parallel=True)
-def _prepare_rows_parallel(x, k, h, norm, eps, start, xq, xinit, xs, xm) -> None:
+def _prepare_rows_parallel(x, k, h, norm, eps, prologue, start, xq, xinit, xs, xm) -> None:
     for t in prange(x.shape[0]):
-        _prepare_row(x, t, k, h, norm, eps, start, xq, xinit, xs, xm)
+        _prepare_row(x, t, k, h, norm, eps, prologue, start, xq, xinit, xs, xm)
 
 
 @njit(cache=True)
-def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm) -> None:
+def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologue) -> None:
     """Shapes the tiles rely on (they index without bounds checks)."""
     tokens = x.shape[0]
     kp = xq.shape[1]
@@ -177,13 +189,12 @@ def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm) -> None
         raise ValueError("scale must be (N, Kp / group)")
     if mins is not None and mins.shape != scale.shape:
         raise ValueError("mins must be shaped as scale")
-    gated = h is not None and norm is None
-    if x.shape[1] != (2 * k if gated else k):
+    if x.shape[1] != (2 * k if prologue == GATED else k):
         raise ValueError("x does not match the weight's inputs")
-    if h is not None and (h.shape[0] != tokens or h.shape[1] != k):
+    if prologue != PLAIN and (h.shape[0] != tokens or h.shape[1] != k):
         raise ValueError("h must be (T, K)")
-    if h is None and norm is not None:
-        raise ValueError("a fused rmsnorm needs the scratch h")
+    if prologue == RMSNORM and norm.shape[0] != k:
+        raise ValueError("norm must be (K,)")
     if out.shape[0] != tokens:
         raise ValueError("out must be (T, N)")
     if xq.shape[0] != tokens or xinit.shape != (tokens, kp // 4) or xm.shape != (tokens, kp // 4):
@@ -195,25 +206,34 @@ def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm) -> None
 @njit(cache=True, parallel=True)
 def matmul_blocks_into(
     x, w, scale, scale_sup, mins, mins_sup, group, zero, k, out, xq, xinit, xs, xm,
-    h=None, norm=None, eps=0.0, accumulate=False,
+    h, norm, eps, prologue, accumulate,
 ):  # fmt: skip
     """out (T, N) (+)= input (T, k) @ W.T for a block-format W (see simd_blocks for the
-    arrays), the input being x or, with scratch h, rmsnorm(x) / silu(gate) * up of x.
+    arrays); the input is x (prologue PLAIN), rmsnorm(x) with weights norm (K,) and eps
+    (RMSNORM) or silu(gate) * up of x (T, 2K) (GATED), the last two computed into h (T, K).
 
     xq (T, Kp) int8, xinit (T, Kp / 4) int32, xs (T, Kp / 32) and xm (T, Kp / 4) float32 are
-    scratch for the quantized activations.
+    scratch for the quantized activations. h and norm are arrays whatever the prologue, so
+    one compiled driver serves every linear of a weight format (each distinct argument type
+    costs a compilation of seconds).
     """
-    _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm)
+    _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologue)
     start = zero + _offset(w)
     tokens = x.shape[0]
     n = out.shape[1]
     row_bytes = w.shape[1]
-    jobs = (n + JOB_ROWS - 1) // JOB_ROWS
-    if tokens <= GEMV_TOKENS:
+    gemv = tokens <= GEMV_TOKENS
+    if gemv:
         for t in range(tokens):
-            _prepare_row(x, t, k, h, norm, eps, start, xq, xinit, xs, xm)
-        for job in prange(jobs):
-            for row in range(job * JOB_ROWS, min(job * JOB_ROWS + JOB_ROWS, n)):
+            _prepare_row(x, t, k, h, norm, eps, prologue, start, xq, xinit, xs, xm)
+    else:
+        _prepare_rows_parallel(x, k, h, norm, eps, prologue, start, xq, xinit, xs, xm)
+    quads = tokens // 4 * 4
+    for job in prange((n + JOB_ROWS - 1) // JOB_ROWS):
+        r = job * JOB_ROWS
+        end = min(r + JOB_ROWS, n)
+        if gemv:
+            for row in range(r, end):
                 ahead = row * row_bytes + PREFETCH_BYTES
                 for off in range(0, row_bytes, 64):
                     prefetch(w, ahead + off)
@@ -223,12 +243,7 @@ def matmul_blocks_into(
                 else:
                     _tile_1x1(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
                               0, out, accumulate)  # fmt: skip
-        return
-    _prepare_rows_parallel(x, k, h, norm, eps, start, xq, xinit, xs, xm)
-    quads = tokens // 4 * 4
-    for job in prange(jobs):
-        r = job * JOB_ROWS
-        end = min(r + JOB_ROWS, n)
+            continue
         for row in range(r, end - 3, 4):
             for t in range(0, quads, 4):
                 _tile_4x4(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
@@ -256,7 +271,11 @@ def matmul_blocks(x, w, scale, scale_sup, mins, mins_sup, group, zero, k) -> np.
     """`matmul_blocks_into` into a new (T, N) array, with its own scratch."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     scratch = activation_scratch(x.shape[0], scale.shape[1] * group)
-    matmul_blocks_into(x, w, scale, scale_sup, mins, mins_sup, group, zero, k, out, *scratch)
+    h, norm = np.empty((x.shape[0], k), np.float32), np.empty(0, np.float32)
+    matmul_blocks_into(
+        x, w, scale, scale_sup, mins, mins_sup, group, zero, k, out, *scratch, h, norm, 0.0,
+        PLAIN, False,
+    )  # fmt: skip
     return out
 
 

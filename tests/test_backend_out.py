@@ -23,6 +23,7 @@ from numba.core.runtime import _nrt_python, rtsys
 import kernels_gpu
 from engine.backends.cpu import CPUBackend
 from engine.kv_cache import ForwardBatch, PagedKVCache
+from engine.quant.int4 import quantize_int4
 from engine.weights import ColskipInt8Weight, DenseWeight, Int8Weight, SparseInt8Weight
 from kernels_cpu.colskip_int8 import to_input_major
 from kernels_cpu.sparse_int8 import pack_bitmask
@@ -32,9 +33,9 @@ from tests.cudasim import pooled_blocks
 # bookkeeping), of which no more when the shapes grow tenfold. The larger shapes' arrays are
 # several KiB, so any activation or scratch allocated per call would show.
 SMALL, GROWTH = 4096, 1024
-FORMATS = ["dense", "int8", "sparse", "colskip"]
+FORMATS = ["dense", "int8", "sparse", "colskip", "int4"]
 # Per format, token counts that take each kernel: numba GEMV / BLAS; int8 GEMV / GEMM.
-PATHS = {"dense": [1, 8], "int8": [1, 3], "sparse": [1, 3], "colskip": [1, 3]}
+PATHS = {"dense": [1, 8], "int8": [1, 3], "sparse": [1, 3], "colskip": [1, 3], "int4": [1, 3]}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,8 @@ def make_weight(rng: np.random.Generator, fmt: str, n: int, k: int, bias: bool):
     b = rand(rng, n) if bias else None
     if fmt == "dense":
         return DenseWeight(rand(rng, n, k), b)
+    if fmt == "int4":
+        return quantize_int4(DenseWeight(rand(rng, n, k), b), group=int(rng.choice([32, 64, 128])))
     w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
     w[rng.random((n, k)) < 0.5] = 0
     scale = rng.random(n).astype(np.float32) / 100

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from engine.backends.cpu import CPUBackend
 from engine.kv_cache import ForwardBatch, PagedKVCache
-from engine.weights import ColskipInt8Weight, DenseWeight, SparseInt8Weight
+from engine.loader.gguf_blocks import dequantize
+from engine.weights import BlockWeight, ColskipInt8Weight, DenseWeight, SparseInt8Weight
 from kernels_cpu.sparse_int8 import unpack_bitmask
 from tests.test_backend_out import FORMATS, make_weight
 
@@ -34,6 +35,8 @@ def dequantized(w) -> np.ndarray:
     """The float64 (N, K) matrix a weight of any format stands for."""
     if isinstance(w, DenseWeight):
         return w.data.astype(np.float64)
+    if isinstance(w, BlockWeight):
+        return dequantize(w).astype(np.float64)
     if isinstance(w, SparseInt8Weight):
         data = unpack_bitmask(w.mask, w.values, w.row_ptr, w.in_features)
     elif isinstance(w, ColskipInt8Weight):
@@ -53,11 +56,12 @@ def silu_mul_ref(gate_up: np.ndarray) -> np.ndarray:
     return gate / (1 + np.exp(-gate)) * up
 
 
-def assert_linear_close(got, h, w_ref, bias=None):
-    """Within the int16 activation rounding (2**-15 of each row's largest input) of the exact
-    product, plus float32 rounding."""
+def assert_linear_close(got, h, w_ref, bias=None, step=2e-4):
+    """Within the activation rounding of the exact product (`step` of each row's largest
+    input: int16 activations by default, 1/254 of a block's for int8 ones), plus float32
+    rounding."""
     want = h @ w_ref.T + (0 if bias is None else bias)
-    bound = 2e-4 * np.abs(h).max(axis=1, keepdims=True) * np.abs(w_ref).sum(axis=1)
+    bound = step * np.abs(h).max(axis=1, keepdims=True) * np.abs(w_ref).sum(axis=1)
     assert np.all(np.abs(got - want) <= bound + 1e-4 * (1 + np.abs(want))), np.abs(got - want).max()
 
 
@@ -80,7 +84,7 @@ def test_norm_linear_is_rmsnorm_then_linear(fmt, tokens, n, k, bias, seed):
     x = rng.standard_normal((tokens, k)).astype(np.float32) * 3
     norm = rng.standard_normal(k).astype(np.float32)
     got = CPUBackend().norm_linear(x, norm, 1e-5, w)
-    assert_linear_close(got, rmsnorm_ref(x, norm, 1e-5), dequantized(w), w.bias)
+    assert_linear_close(got, rmsnorm_ref(x, norm, 1e-5), dequantized(w), w.bias, step_of(w))
 
 
 @settings(max_examples=40, deadline=None)
@@ -93,17 +97,23 @@ def test_linear_add_adds_the_linear_into_the_residual(fmt, tokens, n, k, gated, 
     before = residual.astype(np.float64)
     assert CPUBackend().linear_add_(residual, x, w, gated=gated) is residual
     h = silu_mul_ref(x) if gated else x.astype(np.float64)
-    assert_linear_close(residual - before, h, dequantized(w))
+    assert_linear_close(residual - before, h, dequantized(w), step=step_of(w))
 
 
-def test_fused_int8_linears_give_the_composed_bits():
-    """The int8 kernels' prologue and epilogue are the standalone kernels' own row functions:
-    fusing changes no bit, in the GEMV (1-2 tokens) or the GEMM."""
+def step_of(w) -> float:
+    """The activations' rounding step: int8 per 32 inputs for block formats, else int16."""
+    return 1 / 250 if isinstance(w, BlockWeight) else 2e-4
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fused_linears_give_the_composed_bits(fmt):
+    """The int8 and block kernels' prologue and epilogue are the standalone kernels' own row
+    functions: fusing changes no bit, in the GEMV (1-2 tokens) or the GEMM."""
     import kernels_cpu
 
     rng = np.random.default_rng(0)
     be = CPUBackend()
-    w = make_weight(rng, "int8", 33, 96, bias=False)
+    w = make_weight(rng, fmt, 33, 96, bias=False)
     norm = rng.standard_normal(96).astype(np.float32)
     for tokens in (1, 2, 3, 16):
         x = rng.standard_normal((tokens, 96)).astype(np.float32)

@@ -18,15 +18,24 @@ import kernels_cpu
 from engine.kv_cache import ForwardBatch
 from engine.weights import (
     LAYER_LINEARS,
+    BlockWeight,
     ColskipInt8Weight,
     DenseWeight,
     Int8Weight,
     ModelWeights,
     SparseInt8Weight,
+    StackedWeight,
     Weight,
 )
 from kernels_cpu.colskip_int8 import colskip_matmul_w8
 from kernels_cpu.gemv_f32 import matmul_f32_into
+from kernels_cpu.matmul_blocks import (
+    GATED,
+    PLAIN,
+    RMSNORM,
+    dequantize_rows_into,
+    matmul_blocks_into,
+)
 from kernels_cpu.matmul_int8 import (
     INT16_MAX,
     embed_rows_w8_into,
@@ -42,6 +51,9 @@ SMALL_BATCH = 4
 # Up to this many tokens the int8 GEMV (one token at a time over each row) beats the GEMM's
 # 4-row x 2-token tiles; from 3 tokens the tiles' reuse wins (1.3-2x at 4-8 tokens).
 INT8_GEMV_TOKENS = 2
+# The block kernels' norm argument when there is none: read-only, as the layers' norms are.
+_NO_NORM = np.empty(0, np.float32)
+_NO_NORM.setflags(write=False)
 # Found once: building a controller scans the loaded libraries (~0.3 ms); limiting is ~12 us.
 _BLAS = ThreadpoolController()
 
@@ -108,9 +120,11 @@ class CPUBackend:
         self, table: Weight, token_ids: np.ndarray, *, out: np.ndarray | None = None
     ) -> np.ndarray:
         if out is None:
-            out = np.empty((len(token_ids), table.data.shape[1]), dtype=np.float32)
+            out = np.empty((len(token_ids), table.in_features), dtype=np.float32)
         if isinstance(table, Int8Weight):
             embed_rows_w8_into(table.data, table.scale, token_ids, out)
+        elif isinstance(table, BlockWeight):
+            dequantize_rows_into(*table.kernel_arrays, token_ids, out)
         else:
             kernels_cpu.take_rows_into(table.data, token_ids, out)
         return out
@@ -158,6 +172,10 @@ class CPUBackend:
             h = self.scratch.take("h", (tokens, weight.in_features), np.float32)
         if type(weight) is Int8Weight:
             self._linear_int8(x, weight, out, h, norm, eps, accumulate)
+        elif type(weight) is BlockWeight:
+            self._linear_blocks(x, weight, out, h, norm, eps, accumulate)
+        elif type(weight) is StackedWeight:
+            self._linear_stacked(x, weight, out, h, norm, eps, accumulate)
         else:
             self._composed(x, weight, out, h, norm, eps, accumulate)
         if weight.bias is not None:
@@ -175,17 +193,42 @@ class CPUBackend:
                 x, weight.data, weight.scale, INT16_MAX, out, a, a_scale, h, norm, eps, accumulate
             )
 
+    def _linear_blocks(self, x, weight: BlockWeight, out, h, norm, eps, accumulate) -> None:
+        """Block formats (GGUF types, int4) run the prologue and the add themselves."""
+        tokens = x.shape[0]
+        kp = weight.scale.shape[1] * weight.group
+        take = self.scratch.take
+        scratch = (
+            take("blocks_xq", (tokens, kp), np.int8),
+            take("blocks_xinit", (tokens, kp // 4), np.int32),
+            take("blocks_xs", (tokens, kp // 32), np.float32),
+            take("blocks_xm", (tokens, kp // 4), np.float32),
+        )
+        k = weight.in_features
+        if h is None:
+            prologue, h = PLAIN, take("h", (tokens, k), np.float32)
+        else:
+            prologue = GATED if norm is None else RMSNORM
+        norm = _NO_NORM if norm is None else norm
+        matmul_blocks_into(
+            x, *weight.kernel_arrays, k, out, *scratch, h, norm, eps, prologue, accumulate
+        )
+
+    def _linear_stacked(self, x, weight: StackedWeight, out, h, norm, eps, accumulate) -> None:
+        """Parts in different formats: the prologue once, then each part into its columns."""
+        x = _prologue(x, h, norm, eps)
+        start = 0
+        for part in weight.parts:
+            columns = out[:, start : start + part.out_features]
+            self._linear(x, part, columns, accumulate=accumulate)
+            start += part.out_features
+
     def _composed(self, x, weight: Weight, out, h, norm, eps, accumulate) -> None:
         """A format whose kernel fuses nothing: the prologue, the kernel and the add in turn."""
         kernel = _LINEAR_KERNELS.get(type(weight))
         if kernel is None:
             raise TypeError(f"CPUBackend has no kernel for {type(weight).__name__}")
-        if h is not None:
-            if norm is not None:
-                kernels_cpu.rmsnorm_into(x, norm, eps, h)
-            else:
-                kernels_cpu.silu_mul_into(x, h)
-            x = h
+        x = _prologue(x, h, norm, eps)
         if accumulate:
             result = self.scratch.take("linear_out", out.shape, np.float32)
             kernel(self, x, weight, result)
@@ -314,6 +357,18 @@ _LINEAR_KERNELS = {
     SparseInt8Weight: CPUBackend._linear_sparse,
     ColskipInt8Weight: CPUBackend._linear_colskip,
 }
+
+
+def _prologue(x: np.ndarray, h: np.ndarray | None, norm: np.ndarray | None, eps: float):
+    """A linear's input computed apart: rmsnorm(x) or the gate product into h (x itself
+    when h is None)."""
+    if h is None:
+        return x
+    if norm is not None:
+        kernels_cpu.rmsnorm_into(x, norm, eps, h)
+    else:
+        kernels_cpu.silu_mul_into(x, h)
+    return h
 
 
 def _unpacked(w: SparseInt8Weight) -> Int8Weight:

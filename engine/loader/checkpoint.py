@@ -23,13 +23,16 @@ from safetensors.numpy import save_file
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.tensor_source import read_safetensors_header
 from engine.weights import (
+    BLOCK_ARRAYS,
     LAYER_LINEARS,
+    BlockWeight,
     ColskipInt8Weight,
     DenseWeight,
     Int8Weight,
     LayerWeights,
     ModelWeights,
     SparseInt8Weight,
+    StackedWeight,
     Weight,
 )
 from offload.streaming import LayerStream, TensorSpec
@@ -37,15 +40,30 @@ from offload.streaming import LayerStream, TensorSpec
 FORMAT_VERSION = 1
 # The tensor name endings of int8 and f32 layers (Int8Weight, DenseWeight and the norms).
 _STREAMABLE_PARTS = {"data", "scale", "bias", "attn_norm", "ffn_norm"}
-_DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "I64": np.int64}
 
 
 def weights_format(weights: ModelWeights) -> str:
-    return "f32" if isinstance(weights.layers[0].qkv, DenseWeight) else "int8"
+    """The precision of the decoder's linears: f32, int8, int4 (lamina's own 4-bit) or the
+    GGUF block types a file runs in ("Q4_1", "Q4_K+Q6_K")."""
+    first = weights.layers[0]
+    kinds: dict[str, None] = {}
+    for name in LAYER_LINEARS:
+        weight = getattr(first, name)
+        for part in weight.parts if isinstance(weight, StackedWeight) else [weight]:
+            if isinstance(part, DenseWeight):
+                kinds["f32"] = None
+            elif isinstance(part, BlockWeight):
+                kinds.update(dict.fromkeys(part.kind.split("+")))
+            else:
+                kinds["int8"] = None
+    names = ["int4" if kind.startswith("int4") else kind for kind in kinds]
+    return "+".join(dict.fromkeys(names))
 
 
-def save_checkpoint(loaded, out: Path, sparsity: dict | None = None) -> None:
-    """Write `loaded` (a LoadedModel) to folder `out`; `sparsity` records how it was pruned."""
+def save_checkpoint(loaded, out: Path, recipe: dict | None = None) -> None:
+    """Write `loaded` (a LoadedModel) to folder `out`; `recipe` records how it was made
+    (pruning, GPTQ calibration) in config.json's "lamina" entry."""
     out.mkdir(parents=True, exist_ok=True)
     w = loaded.weights
     fmt = weights_format(w)
@@ -67,8 +85,7 @@ def save_checkpoint(loaded, out: Path, sparsity: dict | None = None) -> None:
     config = loaded.config.to_hf()
     config["tie_word_embeddings"] = tied
     config["lamina"] = {"format": FORMAT_VERSION, "weights": fmt}
-    if sparsity:
-        config["lamina"]["sparsity"] = sparsity
+    config["lamina"].update(recipe or {})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"eos_token_id": list(loaded.config.eos_token_ids), **loaded.sampling_defaults}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -86,6 +103,21 @@ def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
 
 def _put(tensors: dict[str, np.ndarray], name: str, weight: Weight) -> None:
     """Store a weight under name.<part>; the parts present tell the loader its type."""
+    if weight.bias is not None:
+        tensors[name + ".bias"] = weight.bias
+    if isinstance(weight, StackedWeight):
+        tensors[name + ".parts"] = np.array([len(weight.parts)], dtype=np.int64)
+        for j, part in enumerate(weight.parts):
+            _put(tensors, f"{name}.part{j}", part)
+        return
+    if isinstance(weight, BlockWeight):
+        for field in BLOCK_ARRAYS:
+            if getattr(weight, field) is not None:
+                tensors[f"{name}.{field}"] = getattr(weight, field)
+        layout = [weight.group, weight.in_features, weight.zero]
+        tensors[name + ".block_layout"] = np.array(layout, dtype=np.int64)
+        tensors[name + ".block_kind"] = np.frombuffer(weight.kind.encode(), dtype=np.uint8)
+        return
     if isinstance(weight, SparseInt8Weight):
         tensors[name + ".mask"] = weight.mask
         tensors[name + ".values"] = weight.values
@@ -98,8 +130,6 @@ def _put(tensors: dict[str, np.ndarray], name: str, weight: Weight) -> None:
         tensors[name + ".data"] = weight.data
     if not isinstance(weight, DenseWeight):
         tensors[name + ".scale"] = weight.scale
-    if weight.bias is not None:
-        tensors[name + ".bias"] = weight.bias
 
 
 def load_checkpoint_weights(folder: Path, num_layers: int) -> ModelWeights:
@@ -134,6 +164,19 @@ def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
 
     try:
         bias = arrays.get(name + ".bias")
+        if name + ".parts" in arrays:
+            count = int(part(".parts")[0])
+            parts = [_weight(arrays, f"{name}.part{j}", path) for j in range(count)]
+            return StackedWeight(parts, bias)
+        if name + ".block_layout" in arrays:
+            group, k, zero = (int(v) for v in part(".block_layout"))
+            kind = part(".block_kind").tobytes().decode()
+            fields = {f: arrays.get(f"{name}.{f}") for f in BLOCK_ARRAYS}
+            if fields["values"] is None or fields["scale"] is None:
+                raise KeyError(f"{name}.values" if fields["values"] is None else f"{name}.scale")
+            return BlockWeight(
+                group=group, in_features=k, kind=kind, zero=zero, bias=bias, **fields
+            )
         if name + ".mask" in arrays:
             k = int(part(".in_features")[0])
             return SparseInt8Weight(
@@ -209,8 +252,8 @@ def open_layer_stream(
             if spec.name.rsplit(".", 1)[1] not in _STREAMABLE_PARTS:
                 raise UnsupportedModelError(
                     f"streaming layers from disk supports int8 and f32 checkpoints, but tensor "
-                    f"{spec.name!r} of {path} belongs to a sparse format: raise --cpu-memory so "
-                    "every layer fits, or quantize without sparsity"
+                    f"{spec.name!r} of {path} belongs to a sparse or block (4-bit, GGUF) "
+                    "format: raise --cpu-memory so every layer fits, or use an int8 checkpoint"
                 )
     return LayerStream(
         path,

@@ -28,7 +28,7 @@ import numpy as np
 
 from engine.errors import UnsupportedModelError
 from engine.weights import BlockWeight
-from kernels_cpu.matmul_blocks import padded_width
+from kernels_cpu.matmul_blocks import pack_nibbles, padded_width
 
 # Bytes per block and columns per block of each supported type.
 BLOCK_BYTES = {
@@ -101,12 +101,6 @@ def _nibble_columns(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 15, qs >> 4], axis=2)
 
 
-def _pack_chunks(q: np.ndarray, kp: int) -> np.ndarray:
-    """(N, k) 4-bit values in column order -> (N, kp / 2) bytes of 64-column chunks."""
-    q = _padded(q, kp).reshape(q.shape[0], kp // 64, 2, 32)
-    return (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(q.shape[0], kp // 2)
-
-
 def _fifth_bits(qh: np.ndarray, blocks: int) -> np.ndarray:
     """(N, blocks, 4) bytes of little-endian 32-bit masks -> (N, blocks, 32) bit j << 4."""
     bits = np.unpackbits(qh, axis=2, bitorder="little")
@@ -126,7 +120,7 @@ def _legacy(blocks: np.ndarray, k: int, type_name: str) -> BlockWeight:
         values = _padded(blocks[:, :, at:].view(np.int8).reshape(n, k), kp)
     elif type_name in ("Q4_0", "Q4_1"):
         q = _nibble_columns(blocks[:, :, at:]).reshape(n, k)
-        values = _pack_chunks(q, kp)
+        values = pack_nibbles(_padded(q, kp))
         zero = 8 if type_name == "Q4_0" else 0
     else:
         high = _fifth_bits(blocks[:, :, at : at + 4], nb)
@@ -197,10 +191,5 @@ def dequantize(weight: BlockWeight) -> np.ndarray:
 
     out = np.empty((weight.out_features, weight.in_features), np.float32)
     ids = np.arange(weight.out_features, dtype=np.int64)
-    dequantize_rows_into(*block_arrays(weight), ids, out)
+    dequantize_rows_into(*weight.kernel_arrays, ids, out)
     return out
-
-
-def block_arrays(w: BlockWeight) -> tuple:
-    """The leading arguments of the block kernels for w."""
-    return (w.values, w.scale, w.scale_sup, w.mins, w.mins_sup, w.group, w.zero)

@@ -21,8 +21,8 @@ from engine.loader.default_model import default_model_path
 from engine.loader.gguf_file import gguf_metadata, open_gguf
 from engine.loader.tensor_source import GGUFSource, SafetensorsSource
 from engine.loader.tokenizer import Tokenizer, load_hf_tokenizer, tokenizer_from_gguf
-from engine.loader.weights_builder import Quantizer, build_weights
-from engine.quant.int8 import quantizer_for
+from engine.loader.weights_builder import build_weights
+from engine.quant.formats import Quantizer, WeightPlan
 from engine.sampling import SamplingParams
 from engine.weights import ModelWeights
 
@@ -42,14 +42,20 @@ class LoadedModel:
     checkpoint: Path | None = None
 
 
-def load_model(model: str | Path | None = None, quant: str | None = None) -> LoadedModel:
+def load_model(
+    model: str | Path | None = None, quant: str | None = None, plan: WeightPlan | None = None
+) -> LoadedModel:
     """Load `model` (a folder, a .gguf file, or None for the default model).
 
-    quant: None/"f32" keeps float32 weights; "int8" quantizes each matrix as it is loaded.
+    quant: None runs a GGUF in its own quantization (its block types, as llama.cpp does) and
+    a float checkpoint in float32; "f32", "int8" or "int4" converts each matrix as it loads.
+    `plan` (instead of quant) chooses per matrix, as `lamina quantize --layer-weights` does.
     A missing, corrupt or inconsistent model raises a LaminaError (ModelLoadError or
     UnsupportedModelError) with a one-line message that names the file.
     """
-    quantize = quantizer_for(quant)
+    plan = plan or WeightPlan(quant)
+    quant = plan.default if not plan.overrides else "mixed"
+    quantize = plan.quantizer()
     start = time.perf_counter()
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
@@ -58,7 +64,7 @@ def load_model(model: str | Path | None = None, quant: str | None = None) -> Loa
         if path.is_dir():
             loaded = _load_hf_folder(path, quant, quantize)
         elif _is_gguf(path):
-            loaded = _load_gguf(path, quantize)
+            loaded = _load_gguf(path, quantize, native=quant is None)
         else:
             raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a GGUF file")
     loaded.load_s = time.perf_counter() - start
@@ -141,7 +147,7 @@ def _sampling_defaults(gen: dict[str, Any], gen_path: Path) -> dict[str, Any]:
     return defaults
 
 
-def _load_gguf(path: Path, quantize: Quantizer | None) -> LoadedModel:
+def _load_gguf(path: Path, quantize: Quantizer | None, native: bool) -> LoadedModel:
     reader = open_gguf(path)
     meta = gguf_metadata(reader, path)
     config = ModelConfig.from_gguf(meta, _rope_freq_factors(reader))
@@ -154,7 +160,7 @@ def _load_gguf(path: Path, quantize: Quantizer | None) -> LoadedModel:
     config = dataclasses.replace(
         config, tie_word_embeddings=not source.has("lm_head.weight"), eos_token_ids=eos
     )
-    weights = build_weights(config, source, str(path), quantize)
+    weights = build_weights(config, source, str(path), quantize, native)
     return LoadedModel(path, config, weights, tokenizer, {})
 
 

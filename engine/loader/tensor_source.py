@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,8 +17,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from engine.errors import ModelLoadError
+from engine.loader.gguf_blocks import check_supported, repack
+from engine.weights import BlockWeight, DenseWeight
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_GGUF_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 # Bytes per element of the safetensors dtypes, to check a header before trusting its offsets.
 _SAFETENSORS_ITEMSIZE = {
     "BOOL": 1,
@@ -252,6 +256,24 @@ class GGUFSource:
         known = {self.gguf_name(n) for n in used} | {"rope_freqs.weight"}
         return [n for n in self._tensors if n not in known]
 
+    def load_native(self, name: str) -> BlockWeight | DenseWeight:
+        """Matrix `name` in the file's own quantization: a BlockWeight repacked exactly from
+        its blocks (see gguf_blocks), or float32 for float tensors."""
+        tensor = self._tensors[self.gguf_name(name)]
+        type_name = tensor.tensor_type.name
+        if type_name in _GGUF_FLOAT_TYPES:
+            return DenseWeight(self.load(name))
+        check_supported(type_name, self.describe(name))
+        n, k = self.shape(name)
+        raw = np.asarray(tensor.data).reshape(n, -1)
+        if self._permute_qk and ".self_attn.q_proj." in name:
+            raw = _unpermute_rows(raw, self._heads)
+        elif self._permute_qk and ".self_attn.k_proj." in name:
+            raw = _unpermute_rows(raw, self._kv_heads)
+        weight = repack(type_name, raw, k)
+        _release(tensor.data)
+        return weight
+
     def load(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 
@@ -270,6 +292,23 @@ class GGUFSource:
         elif self._permute_qk and ".self_attn.k_proj." in name:
             arr = _unpermute_rows(arr, self._kv_heads)
         return arr
+
+
+def _release(view: np.ndarray) -> None:
+    """Drop the mapped file pages behind `view` from this process's resident set once they
+    are repacked (the page cache keeps them): peak RSS stays near the repacked size instead
+    of the repacked size plus the file."""
+    base = view
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = view.__array_interface__["data"][0]
+    origin = np.frombuffer(base, np.uint8, count=1).__array_interface__["data"][0]
+    page = mmap.PAGESIZE
+    lo = (start - origin) // page * page
+    hi = start - origin + view.nbytes
+    base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:

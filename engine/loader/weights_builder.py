@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.tensor_source import TensorSource
-from engine.weights import DenseWeight, LayerWeights, ModelWeights, Weight
+from engine.quant.formats import Quantizer
+from engine.weights import (
+    BLOCK_ARRAYS,
+    BlockWeight,
+    DenseWeight,
+    LayerWeights,
+    ModelWeights,
+    StackedWeight,
+    Weight,
+)
 
 
 class _Reader:
     """Fetches tensors by Hugging Face name, reports missing or mis-shaped ones by name, and
     remembers what it read so that tensors the model would silently ignore can be refused."""
 
-    def __init__(self, source: TensorSource, where: str) -> None:
+    def __init__(self, source: TensorSource, where: str, native: bool) -> None:
         self.source = source
         self.where = where
+        self.native = native
         self.used: set[str] = set()
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        self._check(name, shape)
+        return self.source.load(name)
+
+    def matrix(self, name: str, shape: tuple[int, int]) -> Weight:
+        """A weight matrix: in the file's own quantization when loading natively."""
+        self._check(name, shape)
+        if self.native:
+            return self.source.load_native(name)
+        return DenseWeight(self.source.load(name))
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
         if not self.source.has(name):
             raise ModelLoadError(f"{self.where} has no tensor {self.source.describe(name)}")
         found = self.source.shape(name)
@@ -31,16 +52,15 @@ class _Reader:
                 f"but the config implies {shape}"
             )
         self.used.add(name)
-        return self.source.load(name)
 
     def optional(self, name: str, shape: tuple[int, ...], required: bool) -> np.ndarray | None:
         return self.get(name, shape) if required or self.source.has(name) else None
 
-    def linear(self, prefix: str, shape: tuple[int, int], bias: bool = False) -> DenseWeight:
+    def linear(self, prefix: str, shape: tuple[int, int], bias: bool = False) -> Weight:
         """`prefix`.weight, plus `prefix`.bias when the config requires it or the file has it."""
-        return DenseWeight(
-            self.get(prefix + ".weight", shape), self.optional(prefix + ".bias", shape[:1], bias)
-        )
+        weight = self.matrix(prefix + ".weight", shape)
+        weight.bias = self.optional(prefix + ".bias", shape[:1], bias)
+        return weight
 
     def refuse_unused(self) -> None:
         unused = self.source.unused(self.used)
@@ -52,30 +72,32 @@ class _Reader:
             )
 
 
-Quantizer = Callable[[DenseWeight], Weight]
-
-
-def _keep(weight: DenseWeight) -> Weight:
+def _keep(weight: Weight, name: str) -> Weight:
     return weight
 
 
 def build_weights(
-    config: ModelConfig, source: TensorSource, where: str, quantize: Quantizer | None = None
+    config: ModelConfig,
+    source: TensorSource,
+    where: str,
+    quantize: Quantizer | None = None,
+    native: bool = False,
 ) -> ModelWeights:
     """Load and fuse all weights of `config`'s model from `source` (described as `where`).
 
     `quantize` is applied to each matrix as soon as it is loaded, so peak memory stays near
     the quantized size plus one float32 layer, however large the float32 model would be.
+    `native`: keep each matrix in the file's own quantization (a GGUF's block types).
     """
-    r = _Reader(source, where)
+    r = _Reader(source, where, native)
     c = config
     q = quantize or _keep
-    embed = q(DenseWeight(r.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))))
+    embed = q(r.matrix("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)), "embed")
     layers = [_build_layer(r, c, i, q) for i in range(c.num_layers)]
     final_norm = r.get("model.norm.weight", (c.hidden_size,))
     # As transformers does, a stored lm_head wins even when the config says embeddings are tied.
     if source.has("lm_head.weight") or not c.tie_word_embeddings:
-        lm_head = q(r.linear("lm_head", (c.vocab_size, c.hidden_size)))
+        lm_head = q(r.linear("lm_head", (c.vocab_size, c.hidden_size)), "lm_head")
     else:
         lm_head = embed
     r.refuse_unused()
@@ -92,18 +114,53 @@ def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeigh
     up = r.linear(p + "mlp.up_proj", (c.intermediate_size, h), c.mlp_bias)
     return LayerWeights(
         attn_norm=r.get(p + "input_layernorm.weight", (h,)),
-        qkv=q(_fuse(qp, kp, vp)),
-        o_proj=q(r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias)),
+        qkv=q(_fuse(qp, kp, vp), f"layers.{i}.qkv"),
+        o_proj=q(r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias), f"layers.{i}.o_proj"),
         ffn_norm=r.get(p + "post_attention_layernorm.weight", (h,)),
-        gate_up=q(_fuse(gate, up)),
-        down=q(r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias)),
+        gate_up=q(_fuse(gate, up), f"layers.{i}.gate_up"),
+        down=q(
+            r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias), f"layers.{i}.down"
+        ),
     )
 
 
-def _fuse(*parts: DenseWeight) -> DenseWeight:
-    """Stack linears that read the same input into one, so a layer makes fewer matmul calls."""
-    data = np.concatenate([w.data for w in parts])
-    if all(w.bias is None for w in parts):
-        return DenseWeight(data)
-    biases = [w.bias if w.bias is not None else np.zeros(w.out_features, np.float32) for w in parts]
-    return DenseWeight(data, np.concatenate(biases))
+def _fuse(*parts: Weight) -> Weight:
+    """Stack linears that read the same input into one, so a layer makes fewer matmul calls.
+
+    Float matrices, and block-format ones of one layout, are concatenated; a mix (a Q4_K_M
+    file's Q4_K attn_q with its Q6_K attn_v) becomes a StackedWeight of concatenated runs.
+    """
+    bias = None
+    if any(w.bias is not None for w in parts):
+        bias = np.concatenate(
+            [w.bias if w.bias is not None else np.zeros(w.out_features, np.float32) for w in parts]
+        )
+    runs: list[list[Weight]] = []
+    for w in parts:
+        if runs and _layout(runs[-1][0]) == _layout(w):
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    fused = [_concatenated(run) for run in runs]
+    if len(fused) == 1:
+        fused[0].bias = bias
+        return fused[0]
+    return StackedWeight(fused, bias)
+
+
+def _layout(w: Weight) -> tuple:
+    return w.layout() if isinstance(w, BlockWeight) else (type(w).__name__,)
+
+
+def _concatenated(run: list[Weight]) -> Weight:
+    first = run[0]
+    if len(run) == 1:
+        return dataclasses.replace(first, bias=None)
+    if isinstance(first, BlockWeight):
+        stack = [
+            None if first_arr is None else np.concatenate([getattr(w, f) for w in run])
+            for f, first_arr in ((f, getattr(first, f)) for f in BLOCK_ARRAYS)
+        ]
+        kinds = "+".join(dict.fromkeys(w.kind for w in run))
+        return dataclasses.replace(first, **dict(zip(BLOCK_ARRAYS, stack)), kind=kinds, bias=None)
+    return DenseWeight(np.concatenate([w.data for w in run]))

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.errors import InvalidInputError
 from engine.weights import DenseWeight, Int8Weight
-
-QUANT_METHODS = ("int8",)
 
 
 def quantize_int8(weight: DenseWeight) -> Int8Weight:
@@ -19,14 +16,3 @@ def quantize_int8(weight: DenseWeight) -> Int8Weight:
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
     return Int8Weight(q, scale, weight.bias)
-
-
-def quantizer_for(quant: str | None):
-    """The per-weight transform for a `--quant` choice (None: keep float32)."""
-    if quant is None or quant == "f32":
-        return None
-    if quant == "int8":
-        return quantize_int8
-    raise InvalidInputError(
-        f"unknown quantization {quant!r}; choose from f32, {', '.join(QUANT_METHODS)}"
-    )

@@ -22,9 +22,9 @@ import re
 import numpy as np
 
 from engine.errors import InvalidInputError
+from engine.quant.error_feedback import compensated_sweep
 
 PRUNE_METHODS = ("magnitude", "wanda")
-_BLOCK = 128  # columns per lazy-update block of `reconstruct`
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -91,33 +91,14 @@ def keep_mask(scores: np.ndarray, sparsity: float, pattern: str = "unstructured"
 def reconstruct(
     weight: np.ndarray, mask: np.ndarray, gram: np.ndarray, damping: float = 0.01
 ) -> np.ndarray:
-    """Zero the weights outside `mask` and update the kept ones to keep W X close (SparseGPT).
+    """Zero the weights outside `mask` and update the kept ones to keep W X close (SparseGPT):
+    the sequential optimal-brain-surgeon update of `compensated_sweep`, each column's target
+    being its masked value. Returns a new float32 (out, in) matrix with exactly the mask's
+    zeros."""
 
-    `gram` is X^T X (in, in) of the layer's calibration inputs. With H = gram + damping *
-    mean(diag) * I and U the upper Cholesky factor of H^-1, each column i in turn is set to its
-    masked value and its error, divided by U[i, i], is propagated to the columns after it
-    through U[i, i + 1:]: the sequential optimal-brain-surgeon update that SparseGPT runs.
-    Returns a new float32 (out, in) matrix with exactly the mask's zeros.
-    """
-    w = weight.astype(np.float64)
-    h = gram.astype(np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damping * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
-    cols = w.shape[1]
-    # Column by column inside a block; the block's errors reach later columns in one matmul.
-    for b0 in range(0, cols, _BLOCK):
-        b1 = min(b0 + _BLOCK, cols)
-        block = w[:, b0:b1].copy()
-        errors = np.zeros_like(block)
-        for j in range(b1 - b0):
-            i = b0 + j
-            err = np.where(mask[:, i], 0.0, block[:, j]) / hinv[i, i]
-            block[:, j:] -= err[:, None] * hinv[i, i:b1][None, :]
-            errors[:, j] = err
-        w[:, b0:b1] = block
-        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+    def target(i: int, block: np.ndarray, j: int) -> np.ndarray:
+        return np.where(mask[:, i], block[:, j], 0.0)
+
+    w = compensated_sweep(weight, gram, target, damping)
     w[~mask] = 0.0
     return w.astype(np.float32)

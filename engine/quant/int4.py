@@ -1,0 +1,56 @@
+"""Group-wise 4-bit weights made by lamina: round-to-nearest (RTN) or GPTQ.
+
+Each group of `group` inputs of a row gets a float16 scale d and minimum m, and values
+q = round((w - m) / d) in 0..15, so w ~ d * q + m: llama.cpp's Q4_1 layout at group 32, at
+4 + 32 / group bits a weight (5 at 32, 4.5 at 64, 4.25 at 128). The asymmetric grid fits
+each group's range, which matters for the skewed rows of small models. The result is a
+`BlockWeight`, run by the same kernels as GGUF's 4-bit types.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.weights import BlockWeight, DenseWeight
+from kernels_cpu.matmul_blocks import pack_nibbles, padded_width
+
+
+def group_grid(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (scale, minimum) of w (N, Kp), rounded to float16 as they are stored and
+    returned as float32: (N, Kp / group) each. A constant group gets scale 0."""
+    n, kp = w.shape
+    groups = w.reshape(n, kp // group, group)
+    low, high = groups.min(axis=2), groups.max(axis=2)
+    scale = ((high - low) / 15).astype(np.float16).astype(np.float32)
+    minimum = low.astype(np.float16).astype(np.float32)
+    return scale, minimum
+
+
+def quantize_to_grid(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> np.ndarray:
+    """Values q (uint8, 0..15) nearest to w on each group's grid d * q + m."""
+    n, kp = w.shape
+    group = kp // scale.shape[1]
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    groups = (w.reshape(n, kp // group, group) - minimum[:, :, None]) * inv[:, :, None]
+    return np.clip(np.rint(groups), 0, 15).astype(np.uint8).reshape(n, kp)
+
+
+def to_block_weight(
+    q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, k: int, kind: str, bias=None
+) -> BlockWeight:
+    """The BlockWeight of 4-bit values q (N, Kp) with float32 scales and minimums (exact in
+    float16)."""
+    group = q.shape[1] // scale.shape[1]
+    halves = (a.astype(np.float16).view(np.uint16) for a in (scale, minimum))
+    return BlockWeight(pack_nibbles(q), next(halves), group, k, kind, mins=next(halves), bias=bias)
+
+
+def quantize_int4(weight: DenseWeight, group: int = 32) -> BlockWeight:
+    """Round-to-nearest 4-bit quantization of a float matrix, groups of `group` inputs."""
+    n, k = weight.data.shape
+    kp = padded_width(k, group)
+    w = np.zeros((n, kp), np.float32)
+    w[:, :k] = weight.data
+    scale, minimum = group_grid(w, group)
+    q = quantize_to_grid(w, scale, minimum)
+    return to_block_weight(q, scale, minimum, k, f"int4-g{group}", weight.bias)
