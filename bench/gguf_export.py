@@ -8,6 +8,7 @@ Tests use the export to check lamina's GGUF reader; the bench uses both for its 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -63,7 +64,19 @@ def _tensors(folder: Path):
         yield from load_file(path).items()
 
 
-def export_gguf(folder: Path, out: Path, tokenizer_gguf: Path, half: bool = False) -> Path:
+def export_gguf(
+    folder: Path,
+    out: Path,
+    tokenizer_gguf: Path,
+    half: bool = False,
+    qtype: Callable[[str], str | None] | None = None,
+) -> Path:
+    """Write the Hugging Face model in `folder` as a GGUF, as llama.cpp's converter does.
+
+    `half` stores matrices as float16; `qtype` maps a GGUF tensor name to the block type its
+    matrix is stored in (one the gguf package can quantize: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or
+    None to keep it float.
+    """
     cfg = json.loads((folder / "config.json").read_text())
     arch = cfg["model_type"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -92,6 +105,11 @@ def export_gguf(folder: Path, out: Path, tokenizer_gguf: Path, half: bool = Fals
                 tensor = _permute(tensor, heads)
             elif arch == "llama" and module == "self_attn.k_proj":
                 tensor = _permute(tensor, kv_heads)
+        block_type = qtype(gguf_name) if qtype and tensor.ndim == 2 else None
+        if block_type:
+            kind = gguf.GGMLQuantizationType[block_type]
+            w.add_tensor(gguf_name, gguf.quants.quantize(tensor, kind), raw_dtype=kind)
+            continue
         if half and tensor.ndim == 2:
             tensor = tensor.astype(np.float16)
         w.add_tensor(gguf_name, tensor)

@@ -80,7 +80,8 @@ def build_tools(log=sys.stderr) -> Path:
         _run([str(cmake_bin), "-S", str(source), "-B", str(build), "-G", "Ninja",
               f"-DCMAKE_MAKE_PROGRAM={ninja_bin}", *_CMAKE_FLAGS])  # fmt: skip
         _run([str(ninja_bin), "-C", str(build), *TOOLS])
-        shutil.copytree(build / "bin", out, symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # a cache from a build with fewer tools
+        shutil.copytree(build / "bin", out, symlinks=True)
     return out
 
 

@@ -23,18 +23,32 @@ def installed(peer: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# The llama.cpp type a lamina precision is compared with: its own int8 and 4-bit types.
+_PEER_TYPE = {"int8": "Q8_0", "int4": "Q4_0"}
+
+
 def llama_cpp_gguf(model_path: Path, quant: str | None, cache: Path) -> Path:
-    """The GGUF llama.cpp should run: for an int8 comparison, Q8_0 of the same weights made
-    by llama.cpp's own llama-quantize (a GGUF source is requantized from its own type)."""
-    if model_path.is_dir():
-        source = cache / "model-f16.gguf"
-        if not source.exists():
-            export_gguf(model_path, source, default_model_path(), half=True)
-    else:
-        source = model_path
-    if quant != "int8":
-        return source
-    return quantize(build_tools(), source, "Q8_0", cache / f"{source.stem}-Q8_0.gguf")
+    """The GGUF llama.cpp should run: for an int8 (int4) comparison, Q8_0 (Q4_0) of the same
+    weights made by llama.cpp's own llama-quantize (a GGUF source is requantized from its own
+    type); otherwise the model's own GGUF."""
+    if quant not in _PEER_TYPE:
+        return model_path if model_path.is_file() else _source_gguf(model_path, cache)
+    return gguf_of_type(model_path, _PEER_TYPE[quant], cache)
+
+
+def gguf_of_type(model_path: Path, qtype: str, cache: Path) -> Path:
+    """The model as llama-quantize writes it in `qtype` (from an f16 export of a folder)."""
+    source = _source_gguf(model_path, cache)
+    return quantize(build_tools(), source, qtype, cache / f"{source.stem}-{qtype}.gguf")
+
+
+def _source_gguf(model_path: Path, cache: Path) -> Path:
+    if model_path.is_file():
+        return model_path
+    source = cache / "model-f16.gguf"
+    if not source.exists():
+        export_gguf(model_path, source, default_model_path(), half=True)
+    return source
 
 
 def transformers_figures(model_path: Path, ids: list[int], gen: int, runs: int) -> dict:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from bench.bandwidth import bandwidth_figures
 from bench.llama_cpp import build_tools, llama_bench
-from bench.peers import installed, llama_cpp_gguf, transformers_figures
+from bench.peers import gguf_of_type, installed, llama_cpp_gguf, transformers_figures
 from bench.random_model import random_model_path
 from bench.report import write_report
 from bench.timing import KernelTimer
+from engine.loader.checkpoint import weights_format
 from kernels_cpu.jit_cache import cache_dir
 
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
@@ -75,7 +76,7 @@ def lamina_figures(
             between()
     t, p = statistics.median(ttft), statistics.median(tpot)
     return {
-        "weights": quant or "f32",
+        "weights": weights_format(llm.loaded.weights),
         "load_s": llm.loaded.load_s,
         "ttft_s": t,
         "tpot_s": p,
@@ -143,9 +144,15 @@ def run_e2e(
     gen: int,
     runs: int,
     peers: list[str],
+    gguf_type: str | None = None,
 ) -> dict:
+    """Decode and prefill speed, start-up, bandwidth ratio and the peers on the same weights.
+    `gguf_type`: both engines run the model as llama-quantize makes it in that type (lamina
+    in the file's own quantization)."""
     path = resolve_model(model)
-    result: dict = {"model": model or "default", "path": str(path), "quant": quant or "f32"}
+    if gguf_type:
+        path = gguf_of_type(path, gguf_type, _gguf_cache(path))
+    result: dict = {"model": model or "default", "path": str(path), "quant": quant}
     result["prompt_tokens"], result["gen_tokens"], result["runs"] = prompt, gen, runs
     result.update(startup_figures(path, quant))
     result.update(bandwidth_figures())
@@ -155,6 +162,7 @@ def run_e2e(
         between = _llama_bench_round(path, quant, prompt, gen, peer_runs)
     figures, ids = lamina_figures(path, quant, prompt, gen, runs, between)
     result.update(figures)
+    result["quant"] = figures["weights"]
     result["bandwidth_limit_tok_s"] = result["bandwidth_gbps"] * 1e9 / result["bytes_per_token"]
     result["decode_vs_bandwidth_limit"] = result["decode_tok_s"] / result["bandwidth_limit_tok_s"]
     result["peers"], result["peers_skipped"] = {}, []
@@ -290,11 +298,16 @@ def _llama_bench_round(
     on the same weights quantized by llama-quantize; appended to `runs`."""
     import numba
 
-    cache = cache_dir() / f"gguf-{path.stem if path.is_file() else path.name}"
-    cache.mkdir(parents=True, exist_ok=True)
-    gguf = llama_cpp_gguf(path, quant, cache)
+    gguf = llama_cpp_gguf(path, quant, _gguf_cache(path))
     tools, threads = build_tools(), numba.config.NUMBA_NUM_THREADS
     return lambda: runs.append(llama_bench(tools, gguf, threads, prompt, gen, reps=1))
+
+
+def _gguf_cache(path: Path) -> Path:
+    """Where the GGUFs made from model `path` for the peers are kept."""
+    cache = cache_dir() / f"gguf-{path.stem if path.is_file() else path.name}"
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
 
 
 def _median_llama_bench(runs: list[dict]) -> dict:
@@ -386,7 +399,10 @@ def main(args) -> int:
         write_report(f"batch-{_slug(args.model)}-{result['quant']}{kv}", [result])
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
         return 0
-    result = run_e2e(args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.runs, peers)
+    result = run_e2e(
+        args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.runs, peers,
+        args.gguf_type,
+    )  # fmt: skip
     write_report(f"e2e-{_slug(args.model)}-{result['quant']}", [result])
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0

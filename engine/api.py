@@ -22,7 +22,7 @@ from engine.engine_loop import EngineLoop
 from engine.errors import InvalidInputError, LaminaError
 from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
-from engine.perplexity import PerplexityResult, sliding_window_nll
+from engine.perplexity import PerplexityResult, half_chunk_nll, sliding_window_nll
 from engine.sampling import SamplingParams
 from engine.text_input import check_text
 from offload.placement import PlacementPlan
@@ -159,13 +159,22 @@ class LLM:
         return self._engine.prompt_logits(ids)
 
     def perplexity(
-        self, text: str, context: int | None = None, stride: int | None = None
+        self,
+        text: str,
+        context: int | None = None,
+        stride: int | None = None,
+        chunks: int | None = None,
     ) -> PerplexityResult:
         """Sliding-window perplexity of `text` (context defaults to min(1024, max_model_len),
-        stride to half the context)."""
+        stride to half the context). With `chunks`, llama-perplexity's scheme instead: that
+        many back-to-back chunks of `context` tokens, each scoring its second half."""
         context = min(context or 1024, self.max_model_len)
         check_text(text, "the text")
         ids = self.tokenizer.encode(text)
+        if chunks is not None:
+            tok = self.tokenizer
+            bos = tok.bos_token_id if tok.add_bos_token else None
+            return half_chunk_nll(self._engine.prompt_logits, ids, context, chunks, bos)
         return sliding_window_nll(self._engine.prompt_logits, ids, context, stride or context // 2)
 
     def generate(

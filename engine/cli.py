@@ -194,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("out", metavar="OUT", help="output folder (must not exist)")
     quant.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8", help="precision")
     quant.add_argument(
-        "--group-size", type=int, choices=GROUP_SIZES, default=32, help="int4: inputs per scale"
+        "--group-size",
+        type=_integer,
+        choices=GROUP_SIZES,
+        default=32,
+        help="int4: inputs per scale",
     )
     quant.add_argument(
         "--layer-weights",
@@ -256,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", "-m", help="model path, or random:llama-1b (default model if absent)"
     )
     bench.add_argument("--quant", choices=QUANTS, default=None)
+    bench.add_argument(
+        "--gguf-type",
+        metavar="QTYPE",
+        help="run the model as llama-quantize makes it in QTYPE (Q4_0, Q4_K_M, ...), in "
+        "both engines",
+    )
     bench.add_argument("--prompt-tokens", type=_positive_int, default=128)
     bench.add_argument("--gen-tokens", type=_positive_int, default=64)
     bench.add_argument("--runs", type=_positive_int, default=5, help="runs per figure (median)")
@@ -292,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ppl)
     ppl.add_argument("--context", type=_positive_int, default=1024, help="window length in tokens")
     ppl.add_argument("--stride", type=_positive_int, help="window step (default: context / 2)")
+    ppl.add_argument(
+        "--chunks",
+        type=_positive_int,
+        help="score as llama-perplexity does instead: N chunks of --context tokens, each "
+        "scoring its second half",
+    )
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("file", metavar="FILE", help="UTF-8 text file, or - for stdin")
     return parser
@@ -518,7 +534,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
                 f"{args.file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
             ) from None
     llm = _load(args)
-    result = llm.perplexity(text, args.context, args.stride)
+    if args.chunks is not None and args.stride is not None:
+        raise InvalidInputError("--stride applies to sliding windows, not to --chunks")
+    result = llm.perplexity(text, args.context, args.stride, args.chunks)
     if args.json:
         # The weights as loaded: a checkpoint has its own precision, given --quant or not.
         quant = weights_format(llm.loaded.weights)

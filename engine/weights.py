@@ -118,8 +118,8 @@ class BlockWeight:
     with a scale d (and a minimum m for formats that have one): w = d * (q - zero) + m.
 
     The layout is kernels_cpu.simd_blocks': `values` is (out, Kp / 2) uint8 with two 4-bit
-    values a byte, or (out, Kp) int8; rows are padded to Kp = matmul_blocks.padded_width
-    columns. `scale` and `mins` are (out, Kp / group) as float32, float16 bits (uint16), or
+    values a byte, or (out, Kp) int8; 6-bit values keep their low 4 bits there and their upper
+    two in `high` (out, Kp / 4). Rows are padded to Kp = matmul_blocks.padded_width columns. `scale` and `mins` are (out, Kp / group) as float32, float16 bits (uint16), or
     uint8 / int8 sub-scales that `scale_sup` / `mins_sup` (out, Kp / 256, float32) multiply,
     as GGUF's K-quants store them. Every GGUF block type lamina runs is repacked into this
     exactly (engine.loader.gguf_blocks); `kind` names where it came from ("Q4_K", "int4-g64").
@@ -131,6 +131,7 @@ class BlockWeight:
     in_features: int
     kind: str
     zero: int = 0
+    high: np.ndarray | None = None
     scale_sup: np.ndarray | None = None
     mins: np.ndarray | None = None
     mins_sup: np.ndarray | None = None
@@ -142,19 +143,21 @@ class BlockWeight:
 
     @property
     def bits(self) -> int:
-        return 4 if self.values.dtype == np.uint8 else 8
+        if self.values.dtype == np.int8:
+            return 8
+        return 4 if self.high is None else 6
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.values, self.scale, self.scale_sup, self.mins, self.mins_sup, self.bias)
+        arrays = [getattr(self, name) for name in BLOCK_ARRAYS] + [self.bias]
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
     def kernel_arrays(self) -> tuple:
-        """(values, scale, scale_sup, mins, mins_sup, group, zero): the block kernels'
+        """(values, high, scale, scale_sup, mins, mins_sup, group, zero): the block kernels'
         leading arguments, in their order."""
-        return (self.values, self.scale, self.scale_sup, self.mins, self.mins_sup, self.group,
-                self.zero)  # fmt: skip
+        return (self.values, self.high, self.scale, self.scale_sup, self.mins, self.mins_sup,
+                self.group, self.zero)  # fmt: skip
 
     def layout(self) -> tuple:
         """What two weights must share to be stacked into one (fused q/k/v, gate/up)."""
@@ -164,7 +167,7 @@ class BlockWeight:
 
 
 # BlockWeight's per-row arrays, which stacking rows concatenates.
-BLOCK_ARRAYS = ("values", "scale", "scale_sup", "mins", "mins_sup")
+BLOCK_ARRAYS = ("values", "high", "scale", "scale_sup", "mins", "mins_sup")
 
 
 @dataclass

@@ -53,13 +53,22 @@ def padded_width(k: int, group: int = CHUNK, two_level: bool = False) -> int:
     return -(-k // unit) * unit
 
 
+def pack_high_bits(q: np.ndarray) -> np.ndarray:
+    """(N, Kp) 6-bit values in column order -> the (N, Kp / 4) bytes of their upper two
+    bits: byte j of a chunk's 16 holds columns j, j + 16, j + 32 and j + 48, from bit 0."""
+    n, kp = q.shape
+    planes = (q >> 4).reshape(n, kp // CHUNK, 4, CHUNK // 4)
+    packed = planes[:, :, 0] | planes[:, :, 1] << 2 | planes[:, :, 2] << 4 | planes[:, :, 3] << 6
+    return packed.reshape(n, kp // 4)
+
+
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """(N, Kp) 4-bit values in column order (uint8 0..15, Kp a multiple of 64) -> the
+    """(N, Kp) values in column order (uint8, their low 4 bits; Kp a multiple of 64) -> the
     (N, Kp / 2) bytes of the 4-bit layout: byte j of a 64-column chunk holds columns j (low
     nibble) and j + 32 (high)."""
     n, kp = q.shape
     pairs = q.reshape(n, kp // CHUNK, 2, CHUNK // 2)
-    return (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(n, kp // 2)
+    return ((pairs[:, :, 0, :] & 15) | (pairs[:, :, 1, :] << 4)).reshape(n, kp // 2)
 
 
 def _offset(w):
@@ -117,13 +126,17 @@ def _factor(sub, sup, r, g, group):
 
 
 @njit(cache=True, inline="always")
-def value_at(w, r, i):
-    """The integer q of column i in row r of block-format values w."""
-    if packs_nibbles(w):
-        chunk, pos = divmod(i, CHUNK)
-        byte = w[r, chunk * (CHUNK // 2) + pos % (CHUNK // 2)]
-        return np.int32(byte >> 4) if pos >= CHUNK // 2 else np.int32(byte & 15)
-    return np.int32(w[r, i])
+def value_at(w, high, r, i):
+    """The integer q of column i in row r of block-format values w (and high bits `high`)."""
+    if not packs_nibbles(w):
+        return np.int32(w[r, i])
+    chunk, pos = divmod(i, CHUNK)
+    byte = w[r, chunk * (CHUNK // 2) + pos % (CHUNK // 2)]
+    q = np.int32(byte >> 4) if pos >= CHUNK // 2 else np.int32(byte & 15)
+    if high is not None:
+        plane = high[r, chunk * (CHUNK // 4) + pos % (CHUNK // 4)]
+        q |= np.int32((plane >> (2 * (pos // (CHUNK // 4)))) & 3) << 4
+    return q
 
 
 @njit(cache=True, fastmath=EXACT_MATH)
@@ -175,7 +188,7 @@ def _prepare_rows_parallel(x, k, h, norm, eps, prologue, start, xq, xinit, xs, x
 
 
 @njit(cache=True)
-def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologue) -> None:
+def _check(x, w, high, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologue) -> None:
     """Shapes the tiles rely on (they index without bounds checks)."""
     tokens = x.shape[0]
     kp = xq.shape[1]
@@ -185,6 +198,8 @@ def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologu
     width = kp // 2 if packs_nibbles(w) else kp
     if w.shape[0] != n or w.shape[1] != width:
         raise ValueError("w does not match out and the padded width")
+    if high is not None and (high.shape[0] != n or high.shape[1] * 4 != kp):
+        raise ValueError("high must be (N, Kp / 4)")
     if scale.shape[0] != n or scale.shape[1] * group != kp:
         raise ValueError("scale must be (N, Kp / group)")
     if mins is not None and mins.shape != scale.shape:
@@ -205,7 +220,7 @@ def _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologu
 
 @njit(cache=True, parallel=True)
 def matmul_blocks_into(
-    x, w, scale, scale_sup, mins, mins_sup, group, zero, k, out, xq, xinit, xs, xm,
+    x, w, high, scale, scale_sup, mins, mins_sup, group, zero, k, out, xq, xinit, xs, xm,
     h, norm, eps, prologue, accumulate,
 ):  # fmt: skip
     """out (T, N) (+)= input (T, k) @ W.T for a block-format W (see simd_blocks for the
@@ -217,7 +232,7 @@ def matmul_blocks_into(
     one compiled driver serves every linear of a weight format (each distinct argument type
     costs a compilation of seconds).
     """
-    _check(x, w, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologue)
+    _check(x, w, high, scale, mins, group, k, out, xq, xinit, xs, xm, h, norm, prologue)
     start = zero + _offset(w)
     tokens = x.shape[0]
     n = out.shape[1]
@@ -238,22 +253,22 @@ def matmul_blocks_into(
                 for off in range(0, row_bytes, 64):
                     prefetch(w, ahead + off)
                 if tokens == 2:
-                    _tile_1x2(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                    _tile_1x2(w, high, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
                               0, out, accumulate)  # fmt: skip
                 else:
-                    _tile_1x1(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                    _tile_1x1(w, high, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
                               0, out, accumulate)  # fmt: skip
             continue
         for row in range(r, end - 3, 4):
             for t in range(0, quads, 4):
-                _tile_4x4(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                _tile_4x4(w, high, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
                           t, out, accumulate)  # fmt: skip
             for t in range(quads, tokens):
-                _tile_4x1(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                _tile_4x1(w, high, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
                           t, out, accumulate)  # fmt: skip
         for row in range(r + (end - r) // 4 * 4, end):
             for t in range(tokens):
-                _tile_1x1(w, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
+                _tile_1x1(w, high, scale, scale_sup, mins, mins_sup, group, row, xq, xinit, xs, xm,
                           t, out, accumulate)  # fmt: skip
 
 
@@ -267,20 +282,20 @@ def activation_scratch(tokens: int, kp: int) -> tuple[np.ndarray, ...]:
     )
 
 
-def matmul_blocks(x, w, scale, scale_sup, mins, mins_sup, group, zero, k) -> np.ndarray:
+def matmul_blocks(x, w, high, scale, scale_sup, mins, mins_sup, group, zero, k) -> np.ndarray:
     """`matmul_blocks_into` into a new (T, N) array, with its own scratch."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     scratch = activation_scratch(x.shape[0], scale.shape[1] * group)
     h, norm = np.empty((x.shape[0], k), np.float32), np.empty(0, np.float32)
     matmul_blocks_into(
-        x, w, scale, scale_sup, mins, mins_sup, group, zero, k, out, *scratch, h, norm, 0.0,
+        x, w, high, scale, scale_sup, mins, mins_sup, group, zero, k, out, *scratch, h, norm, 0.0,
         PLAIN, False,
     )  # fmt: skip
     return out
 
 
 @njit(cache=True)
-def dequantize_rows_into(w, scale, scale_sup, mins, mins_sup, group, zero, ids, out) -> None:
+def dequantize_rows_into(w, high, scale, scale_sup, mins, mins_sup, group, zero, ids, out) -> None:
     """out (T, K) = rows `ids` of a block-format matrix as float32: d * (q - zero) + m, in
     that order (the GGUF dequantizers' arithmetic). Embedding lookups; K = out.shape[1]."""
     k = out.shape[1]
@@ -294,7 +309,7 @@ def dequantize_rows_into(w, scale, scale_sup, mins, mins_sup, group, zero, ids, 
             d = _factor(scale, scale_sup, row, g, group)
             m = np.float32(0.0) if mins is None else _factor(mins, mins_sup, row, g, group)
             for i in range(g * group, min(g * group + group, k)):
-                value = d * np.float32(value_at(w, row, i) - zero)
+                value = d * np.float32(value_at(w, high, row, i) - zero)
                 out[t, i] = value + m if mins is not None else value
 
 

@@ -117,6 +117,20 @@ def _int_dot(builder: ir.IRBuilder, kind: str, bits: int, init, w, x) -> ir.Valu
     return builder.add(init, sums)
 
 
+def _two_bit_planes(builder: ir.IRBuilder, planes: ir.Value) -> ir.Value:
+    """16 bytes of 2-bit fields (column j, j + 16, j + 32, j + 48 of a chunk in byte j, from
+    bit 0) -> the 64 columns' bits 4 and 5, in column order."""
+    three = ir.Constant(planes.type, [3] * 16)
+    parts = [
+        builder.and_(builder.lshr(planes, ir.Constant(planes.type, [2 * p] * 16)), three)
+        for p in range(4)
+    ]
+    both = _concat(
+        builder, _concat(builder, parts[0], parts[1]), _concat(builder, parts[2], parts[3])
+    )
+    return builder.shl(both, ir.Constant(both.type, [4] * 64))
+
+
 def _to_float(builder: ir.IRBuilder, value: ir.Value, dtype) -> ir.Value:
     """Scale values as stored (float32, float16 bits in uint16, uint8 or int8) to float32."""
     n = value.type.count
@@ -222,11 +236,13 @@ _SCALE_TYPES = (types.float32, types.uint16, types.uint8, types.int8)
 
 
 def make_block_tile(kind: str, rows: int, tokens: int):
-    """A numba intrinsic tile(w, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs, xm,
-    t, out, accumulate) that computes out[t + j, r + i] (+)= row r + i . token t + j for
+    """A numba intrinsic tile(w, high, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs,
+    xm, t, out, accumulate) that computes out[t + j, r + i] (+)= row r + i . token t + j for
     i < rows, j < tokens.
 
-    w: (N, Kp / 2) uint8 paired nibbles (4-bit) or (N, Kp) int8 values (8-bit); scale and
+    w: (N, Kp / 2) uint8 paired nibbles (4-bit) or (N, Kp) int8 values (8-bit); high: None,
+    or (N, Kp / 4) uint8 holding the upper two bits of 6-bit values whose low four are the
+    nibbles of w (byte j of a chunk's 16: columns j, j + 16, j + 32, j + 48, from bit 0); scale and
     mins (N, Kp / group) as float32, float16 bits (uint16), uint8 or int8; scale_sup and
     mins_sup (N, Kp / 256) float32 second levels or None; mins None for formats without
     one; group one of GROUPS (any other leaves those factors zero). xq (T, Kp) int8 activations, xinit (T, Kp / 4) int32
@@ -238,11 +254,14 @@ def make_block_tile(kind: str, rows: int, tokens: int):
         raise ValueError("a block tile has a power of two of outputs")
 
     @intrinsic
-    def tile(typingctx, w, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs, xm, t,
-             out, accumulate):  # fmt: skip
+    def tile(typingctx, w, high, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs, xm,
+             t, out, accumulate):  # fmt: skip
         if not isinstance(group, types.Integer):
             return None
         if not (_is_array(w, (types.uint8, types.int8)) and _is_array(scale, _SCALE_TYPES)):
+            return None
+        has_high = not isinstance(high, types.NoneType)
+        if has_high and not (_is_array(high, (types.uint8,)) and w.dtype == types.uint8):
             return None
         has_min = not isinstance(mins, types.NoneType)
         if has_min and not _is_array(mins, _SCALE_TYPES):
@@ -252,8 +271,8 @@ def make_block_tile(kind: str, rows: int, tokens: int):
                 return None
         if not isinstance(accumulate, types.Boolean):
             return None
-        argtypes = (w, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs, xm, t, out,
-                    accumulate)  # fmt: skip
+        argtypes = (w, high, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs, xm, t,
+                    out, accumulate)  # fmt: skip
         sig = types.none(*argtypes)
         bits = 4 if w.dtype == types.uint8 else 8
 
@@ -263,10 +282,10 @@ def make_block_tile(kind: str, rows: int, tokens: int):
                     return None
                 return context.make_array(signature.args[i])(context, builder, args[i])
 
-            w_a, sc_a, scs_a, mn_a, mns_a = (arr(i) for i in range(5))
-            xq_a, xi_a, xs_a, xm_a, out_a = (arr(i) for i in (7, 8, 9, 10, 12))
+            w_a, hi_a, sc_a, scs_a, mn_a, mns_a = (arr(i) for i in range(6))
+            xq_a, xi_a, xs_a, xm_a, out_a = (arr(i) for i in (8, 9, 10, 11, 13))
             r0, t0, g = (
-                context.cast(builder, args[i], signature.args[i], types.intp) for i in (6, 11, 5)
+                context.cast(builder, args[i], signature.args[i], types.intp) for i in (7, 12, 6)
             )
             intp = r0.type
             kp = cgutils.unpack_tuple(builder, xq_a.shape)[1]
@@ -312,12 +331,16 @@ def make_block_tile(kind: str, rows: int, tokens: int):
                     low = builder.and_(packed, ir.Constant(packed.type, [15] * 32))
                     high = builder.lshr(packed, ir.Constant(packed.type, [4] * 32))
                     wv = _concat(builder, low, high)
+                    if hi_a is not None:
+                        hi_row = _row_pointer(builder, hi_a, row_ids[i], _I8)
+                        planes = _load_vec(builder, hi_row, builder.mul(c, intp(16)), _vec(_I8, 16))
+                        wv = builder.or_(wv, _two_bit_planes(builder, planes))
                 else:
                     wv = _load_vec(builder, w_rows[i], builder.mul(c, intp(CHUNK)), _vec(_I8, 64))
-                d = _group_lanes(builder, sc_a, signature.args[1], scs_a, row_ids[i], c, g)
+                d = _group_lanes(builder, sc_a, signature.args[2], scs_a, row_ids[i], c, g)
                 m = None
                 if has_min:
-                    m = _group_lanes(builder, mn_a, signature.args[3], mns_a, row_ids[i], c, g)
+                    m = _group_lanes(builder, mn_a, signature.args[4], mns_a, row_ids[i], c, g)
                 for j in range(tokens):
                     dot = _int_dot(builder, kind, bits, inits[j], wv, xs_v[j])
                     both = builder.fmul(d, x_scales[j])
@@ -350,7 +373,7 @@ def make_block_tile(kind: str, rows: int, tokens: int):
                 row_ptr = _row_pointer(builder, out_a, tok_ids[j], _F32)
                 ptr = builder.bitcast(builder.gep(row_ptr, [r0]), _vec(_F32, rows).as_pointer())
                 old = builder.load(ptr, align=4)
-                builder.store(builder.select(args[13], builder.fadd(old, part), part), ptr, align=4)
+                builder.store(builder.select(args[14], builder.fadd(old, part), part), ptr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen

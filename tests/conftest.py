@@ -58,6 +58,8 @@ def hf_default_model(default_gguf: Path):
 
 @pytest.fixture(scope="session")
 def default_llm():
+    """The default model in float32: the reference the other precisions are compared with,
+    and what transformers computes (it runs without --quant in its own Q4_1)."""
     from engine import LLM
 
-    return LLM()
+    return LLM(quant="f32")

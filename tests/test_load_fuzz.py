@@ -174,7 +174,7 @@ def tiny_folder(tmp_path_factory, tiny_gguf) -> Path:
     import transformers
 
     folder = tmp_path_factory.mktemp("hf")
-    loaded = load_model(tiny_gguf.path)
+    loaded = load_model(tiny_gguf.path, "f32")  # float arrays to write back
     loaded.tokenizer.save(folder)
     config = transformers.LlamaConfig(
         vocab_size=loaded.config.vocab_size,

@@ -1,4 +1,5 @@
-"""Sliding-window perplexity against the Hugging Face perplexity-guide loop on transformers."""
+"""Perplexity against transformers: the Hugging Face guide's sliding windows, and
+llama-perplexity's half-chunk scheme written out on transformers' logits."""
 
 from __future__ import annotations
 
@@ -46,6 +47,30 @@ def test_matches_transformers_guide(context, stride, tmp_path, hf_tokenizer):
     ours = llm.perplexity(llm.tokenizer.decode(ids), context, stride)
     ref = hf_guide_perplexity(hf, llm.tokenizer.encode(llm.tokenizer.decode(ids)), context, stride)
     assert ours.perplexity == pytest.approx(ref, rel=1e-4)
+
+
+def half_chunk_perplexity(model, ids: list[int], context: int, chunks: int) -> float:
+    """llama-perplexity's loop (perplexity.cpp): chunk c of `context` tokens scores tokens
+    first + 1 .. context - 1 from the logits at first .. context - 2, first = context / 2."""
+    nll, count = 0.0, 0
+    for c in range(chunks):
+        window = torch.tensor([ids[c * context : (c + 1) * context]])
+        with torch.no_grad():
+            logits = model(window).logits[0].double()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for j in range(context // 2, context - 1):
+            nll -= float(log_probs[j, window[0, j + 1]])
+            count += 1
+    return math.exp(nll / count)
+
+
+def test_half_chunks_match_llama_perplexity_scheme(tmp_path, hf_tokenizer):
+    hf = build_tiny_model("llama-gqa-untied", tmp_path, hf_tokenizer)
+    llm = LLM(tmp_path)
+    ids = llm.tokenizer.encode(TEXT)
+    ours = llm.perplexity(TEXT, context=64, chunks=3)
+    assert ours.windows == 3 and ours.scored_tokens == 3 * 31
+    assert ours.perplexity == pytest.approx(half_chunk_perplexity(hf, ids, 64, 3), rel=1e-4)
 
 
 def test_int8_perplexity_within_one_percent_of_float32(default_llm):

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
 from engine.backends.cpu import SMALL_BATCH, CPUBackend
-from engine.quant.int8 import quantize_int8, quantizer_for
+from engine.quant.formats import WeightPlan
+from engine.quant.int8 import quantize_int8
 from engine.weights import DenseWeight
 
 
@@ -47,8 +48,8 @@ def test_backend_int8_linear_matches_dequantized_float(tokens):
 
 
 def test_unknown_quant_is_refused():
-    with pytest.raises(ValueError, match="int4"):
-        quantizer_for("int4")
+    with pytest.raises(ValueError, match="int3.*f32, int8, int4"):
+        WeightPlan("int3")
 
 
 @pytest.fixture(scope="module")

@@ -333,7 +333,8 @@ def test_cli_serves_on_loopback_with_a_key():
         url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "Hi", "max_tokens": 2}
         assert httpx.post(url, json=body).status_code == 401
-        reply = httpx.post(url, json=body, headers={"Authorization": "Bearer k"})
+        # no read timeout: the first request may compile kernels on a loaded machine
+        reply = httpx.post(url, json=body, headers={"Authorization": "Bearer k"}, timeout=None)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
     finally:
         proc.terminate()

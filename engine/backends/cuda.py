@@ -24,11 +24,13 @@ from engine.errors import LaminaError
 from engine.kv_cache import ForwardBatch
 from engine.weights import (
     LAYER_LINEARS,
+    BlockWeight,
     ColskipInt8Weight,
     DenseWeight,
     Int8Weight,
     ModelWeights,
     SparseInt8Weight,
+    StackedWeight,
     Weight,
 )
 from kernels_gpu import activations, elementwise, embedding, norms, rope
@@ -51,6 +53,8 @@ INT16_MAX = 32767
 _NO_KERNEL = {
     SparseInt8Weight: "sparse int8 (bitmask, from `lamina quantize --sparsity`)",
     ColskipInt8Weight: "activation-sparse int8 (from `lamina quantize --activation-sparsity`)",
+    BlockWeight: "4-bit and GGUF block-type (a GGUF run as it is, or --quant int4)",
+    StackedWeight: "GGUF block-type (a GGUF run as it is)",
 }
 
 
@@ -317,5 +321,5 @@ def _check_kernel(weight: Weight) -> None:
     what = _NO_KERNEL.get(type(weight), type(weight).__name__)
     raise LaminaError(
         f"the CUDA backend has no kernel for {what} weights; run this model with "
-        "--device cpu, or quantize it without sparsity"
+        "--device cpu, or with --quant int8 (or f32)"
     )

@@ -6,20 +6,21 @@ byte each), the per-group scales and minimums in their own arrays. The repacked 
 dequantizes to the same float32 bits as the `gguf` package's dequantizer (the tests check
 every type), because it keeps the stored numbers and the order of the arithmetic:
 
-| GGUF | values | group | scale (x sup) | minimum | zero |
-|------|--------|-------|---------------|---------|------|
-| Q4_0 | 4-bit  | 32    | f16 d         | -       | 8    |
-| Q4_1 | 4-bit  | 32    | f16 d         | f16 m   | 0    |
-| Q5_0 | int8 q - 16 | 32 | f16 d       | -       | 0    |
-| Q5_1 | int8 q | 32    | f16 d         | f16 m   | 0    |
-| Q8_0 | int8 q | 32    | f16 d         | -       | 0    |
-| Q4_K | 4-bit (bytes as stored) | 32 | u8 sc x d | u8 m x -dmin | 0 |
-| Q5_K | int8 q | 32    | u8 sc x d     | u8 m x -dmin | 0 |
-| Q6_K | int8 q - 32 | 16 | i8 sc x d    | -       | 0    |
+| GGUF | values | group | scale (x sup) | minimum | zero | bits a weight (file) |
+|------|--------|-------|---------------|---------|------|------|
+| Q4_0 | 4-bit  | 32    | f16 d         | -       | 8    | 4.5 (4.5) |
+| Q4_1 | 4-bit  | 32    | f16 d         | f16 m   | 0    | 5.0 (5.0) |
+| Q5_0 | 6-bit  | 32    | f16 d         | -       | 16   | 6.5 (5.5) |
+| Q5_1 | 6-bit  | 32    | f16 d         | f16 m   | 0    | 7.0 (6.0) |
+| Q8_0 | int8   | 32    | f16 d         | -       | 0    | 8.5 (8.5) |
+| Q4_K | 4-bit (bytes as stored) | 32 | u8 sc x d | u8 m x -dmin | 0 | 4.6 (4.5) |
+| Q5_K | 6-bit  | 32    | u8 sc x d     | u8 m x -dmin | 0 | 6.6 (5.5) |
+| Q6_K | 6-bit  | 16    | i8 sc x d     | -       | 32   | 6.6 (6.6) |
 
-So 4-bit types keep their size (Q4_0 4.5 bits a weight, Q4_K 4.6 against 4.5 in the file)
-and the 5- and 6-bit ones take a byte a value (Q6_K 8.6 bits against 6.6): the kernels then
-need one multiply step for every type. Other types are refused with the nearest supported one.
+6-bit values keep their low four bits as 4-bit ones do and their top two in a plane of their
+own, so the 5-bit types (top bit zero) cost a fifth more than their file and the rest what
+their file does. One multiply step serves every type. Other types are refused with the
+nearest supported one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from engine.errors import UnsupportedModelError
 from engine.weights import BlockWeight
-from kernels_cpu.matmul_blocks import pack_nibbles, padded_width
+from kernels_cpu.matmul_blocks import pack_high_bits, pack_nibbles, padded_width
 
 # Bytes per block and columns per block of each supported type.
 BLOCK_BYTES = {
@@ -115,20 +116,24 @@ def _legacy(blocks: np.ndarray, k: int, type_name: str) -> BlockWeight:
     has_min = type_name in ("Q4_1", "Q5_1")
     mins = _padded(_f16(blocks, 2), kp // 32) if has_min else None
     at = 4 if has_min else 2
-    zero = 0
     if type_name == "Q8_0":
         values = _padded(blocks[:, :, at:].view(np.int8).reshape(n, k), kp)
-    elif type_name in ("Q4_0", "Q4_1"):
+        return BlockWeight(values, scale, 32, k, type_name)
+    if type_name in ("Q4_0", "Q4_1"):
         q = _nibble_columns(blocks[:, :, at:]).reshape(n, k)
-        values = pack_nibbles(_padded(q, kp))
         zero = 8 if type_name == "Q4_0" else 0
-    else:
-        high = _fifth_bits(blocks[:, :, at : at + 4], nb)
-        q = (_nibble_columns(blocks[:, :, at + 4 :]) | high).view(np.int8)
-        if type_name == "Q5_0":
-            q = q - np.int8(16)
-        values = _padded(q.reshape(n, k), kp)
-    return BlockWeight(values, scale, 32, k, type_name, zero, mins=mins)
+        return BlockWeight(pack_nibbles(_padded(q, kp)), scale, 32, k, type_name, zero, mins=mins)
+    high = _fifth_bits(blocks[:, :, at : at + 4], nb)
+    q = (_nibble_columns(blocks[:, :, at + 4 :]) | high).reshape(n, k)
+    zero = 16 if type_name == "Q5_0" else 0
+    return _six_bit(q, kp, scale, 32, k, type_name, zero, mins=mins)
+
+
+def _six_bit(q: np.ndarray, kp: int, scale, group, k, kind, zero, **levels) -> BlockWeight:
+    """A BlockWeight of values q (N, k) below 64, split into low nibbles and high bits."""
+    q = _padded(q, kp)
+    values, high = pack_nibbles(q), pack_high_bits(q)
+    return BlockWeight(values, scale, group, k, kind, zero, high=high, **levels)
 
 
 def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +157,8 @@ def _q4_k(blocks: np.ndarray, k: int) -> BlockWeight:
     # 128 bytes a block: four 64-column chunks, byte j holding columns j and j + 32 — the
     # kernels' layout already.
     values = np.ascontiguousarray(blocks[:, :, 16:]).reshape(n, nb * 128)
-    return BlockWeight(values, sc, 32, k, "Q4_K", 0, _sup(blocks, 0), mn, _sup(blocks, 2, -1.0))
+    levels = {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, -1.0)}
+    return BlockWeight(values, sc, 32, k, "Q4_K", **levels)
 
 
 def _q5_k(blocks: np.ndarray, k: int) -> BlockWeight:
@@ -162,8 +168,9 @@ def _q5_k(blocks: np.ndarray, k: int) -> BlockWeight:
     qs = blocks[:, :, 48:].reshape(n, nb, 4, 32)
     low = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, nb, 8, 32)
     high = np.unpackbits(qh[:, :, None, :], axis=2, bitorder="little") << 4
-    values = (low | high).view(np.int8).reshape(n, k)
-    return BlockWeight(values, sc, 32, k, "Q5_K", 0, _sup(blocks, 0), mn, _sup(blocks, 2, -1.0))
+    q = (low | high).reshape(n, k)
+    levels = {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, -1.0)}
+    return _six_bit(q, k, sc, 32, k, "Q5_K", 0, **levels)
 
 
 def _q6_k(blocks: np.ndarray, k: int) -> BlockWeight:
@@ -172,9 +179,9 @@ def _q6_k(blocks: np.ndarray, k: int) -> BlockWeight:
     qh = blocks[:, :, 128:192].reshape(n, nb, 2, 1, 32)
     low = np.stack([ql & 15, ql >> 4], axis=3).reshape(n, nb, 2, 128)
     high = ((qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3) << 4
-    q = (low | high.reshape(n, nb, 2, 128)).view(np.int8) - np.int8(32)
+    q = (low | high.reshape(n, nb, 2, 128)).reshape(n, k)
     scale = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8).reshape(n, nb * 16)
-    return BlockWeight(q.reshape(n, k), scale, 16, k, "Q6_K", 0, _sup(blocks, 208))
+    return _six_bit(q, k, scale, 16, k, "Q6_K", 32, scale_sup=_sup(blocks, 208))
 
 
 _REPACK = {

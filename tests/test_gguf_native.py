@@ -1,0 +1,111 @@
+"""GGUF files run in their own quantization: the block types end to end, memory while loading.
+
+The reference is the same file dequantized to float32 by the `gguf` package (`--quant f32`),
+whose float path test_model_parity checks against transformers: running the blocks natively
+may differ from it only by the int8 rounding of the activations.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.gguf_export import export_gguf
+from engine import LLM, SamplingParams
+from engine.loader.default_model import default_model_path
+from engine.weights import BlockWeight, StackedWeight
+from tests.tiny_models import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def mixed_types(name: str) -> str | None:
+    """A file mixing every legacy type: attn_v in Q8_0 (so q/k/v stack across layouts), the
+    embedding in Q8_0, the other matrices cycling through the 4- and 5-bit types."""
+    if name.endswith("attn_v.weight") or name == "token_embd.weight":
+        return "Q8_0"
+    return LEGACY[sum(map(ord, name)) % len(LEGACY)]
+
+
+def logit_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Mean |difference| per position, as a share of the reference's logit range; worst."""
+    spread = ref.max(axis=1) - ref.min(axis=1)
+    return float((np.abs(ours - ref).mean(axis=1) / spread).max())
+
+
+def test_a_gguf_of_mixed_block_types_runs_natively(tmp_path, hf_tokenizer):
+    build_tiny_model("llama-gqa-untied", tmp_path / "hf", hf_tokenizer)
+    path = export_gguf(
+        tmp_path / "hf", tmp_path / "m.gguf", default_model_path(), qtype=mixed_types
+    )
+    native, reference = LLM(path), LLM(path, quant="f32")
+    layer = native.loaded.weights.layers[0]
+    assert isinstance(layer.qkv, StackedWeight) and isinstance(layer.down, BlockWeight)
+    assert native.loaded.weights.embed.kind == "Q8_0"
+    ids = list(range(300, 340))
+    assert logit_error(native.prompt_logits(ids), reference.prompt_logits(ids)) < 0.01
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    one = native.generate([ids], params)[0].token_ids
+    batched = native.generate([ids, ids[:20], ids[5:]], params)[0].token_ids
+    assert one == batched  # batched rows give the bits of one-by-one rows
+
+
+def test_the_default_model_runs_in_its_own_quantization(default_llm):
+    """No flags: the default Q4_1 GGUF keeps its blocks (Q8_0 embedding), close to float32
+    and greedy-equal on most tokens."""
+    native = LLM()
+    w = native.loaded.weights
+    assert w.layers[0].qkv.kind == "Q4_1" and w.embed.kind == "Q8_0"
+    assert w.nbytes < 0.3 * default_llm.loaded.weights.nbytes
+    text = "The quick brown fox jumps over the lazy dog. In 1492, Columbus sailed the ocean blue."
+    assert logit_error(native.prompt_logits(text), default_llm.prompt_logits(text)) < 0.03
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = ["The capital of France is", "Water boils at", "def add(a, b):"]
+    same = sum(
+        a == b
+        for prompt in prompts
+        for a, b in zip(
+            native.generate(prompt, params)[0].token_ids,
+            default_llm.generate(prompt, params)[0].token_ids,
+            strict=True,
+        )
+    )
+    assert same >= 0.75 * 16 * len(prompts)
+
+
+_LOAD_PEAK = """
+import json, resource, sys
+from engine.loader.model_loader import load_model
+import engine.backends.cpu  # the engine's imports, before the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded = load_model(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_kb": after - before, "weights": loaded.weights.nbytes}))
+"""
+
+
+def test_loading_a_gguf_keeps_peak_memory_near_the_file_size():
+    """Peak RSS while loading the default GGUF grows by at most 1.3x the file's size: the
+    blocks are repacked tensor by tensor and the mapped pages released as they go."""
+    path = default_model_path()
+    run = subprocess.run(
+        [sys.executable, "-c", _LOAD_PEAK, str(path)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    size = path.stat().st_size
+    assert figures["weights"] <= 1.1 * size
+    assert figures["growth_kb"] * 1024 <= 1.3 * size, (figures, size)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_gguf_converts_on_load_when_asked(quant):
+    weights = LLM(quant=quant).loaded.weights
+    qkv = weights.layers[0].qkv
+    assert (isinstance(qkv, BlockWeight) and qkv.kind == "int4-g32") == (quant == "int4")
