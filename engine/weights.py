@@ -117,11 +117,14 @@ class BlockWeight:
     """A group-quantized matrix: each group of `group` inputs of a row holds small integers q
     with a scale d (and a minimum m for formats that have one): w = d * (q - zero) + m.
 
-    The layout is kernels_cpu.simd_blocks': `values` is (out, Kp / 2) uint8 with two 4-bit
-    values a byte, or (out, Kp) int8; 6-bit values keep their low 4 bits there and their upper
-    two in `high` (out, Kp / 4). Rows are padded to Kp = matmul_blocks.padded_width columns. `scale` and `mins` are (out, Kp / group) as float32, float16 bits (uint16), or
-    uint8 / int8 sub-scales that `scale_sup` / `mins_sup` (out, Kp / 256, float32) multiply,
-    as GGUF's K-quants store them. Every GGUF block type lamina runs is repacked into this
+    The layout is kernels_cpu.simd_blocks': rows interleaved 16 at a time (groups =
+    ceil(out / 16) rows of each array), inputs padded to Kp = matmul_blocks.padded_width.
+    `values` holds 4-bit values (uint8, Kp * 8 bytes a group) or 8-bit ones (int8, Kp * 16);
+    6-bit values keep their low 4 bits there and their top two in `high`. `scale` and `mins`
+    hold a factor per group of inputs and row, as float32, float16 bits (uint16), or uint8 /
+    int8 sub-factors that `scale_sup` / `mins_sup` (float32, per 256 inputs) multiply, as
+    GGUF's K-quants store them. `from_rows` builds them from row-major values and factors;
+    every GGUF block type lamina runs is repacked into this
     exactly (engine.loader.gguf_blocks); `kind` names where it came from ("Q4_K", "int4-g64").
     """
 
@@ -129,6 +132,7 @@ class BlockWeight:
     scale: np.ndarray
     group: int
     in_features: int
+    out_features: int
     kind: str
     zero: int = 0
     high: np.ndarray | None = None
@@ -137,9 +141,28 @@ class BlockWeight:
     mins_sup: np.ndarray | None = None
     bias: np.ndarray | None = None
 
-    @property
-    def out_features(self) -> int:
-        return self.values.shape[0]
+    @classmethod
+    def from_rows(
+        cls,
+        q: np.ndarray,
+        bits: int,
+        scale: np.ndarray,
+        in_features: int,
+        kind: str,
+        zero: int = 0,
+        **factors: np.ndarray | None,
+    ) -> BlockWeight:
+        """The weight of row-major values q (N, Kp: uint8 for 4 and 6 bits, int8 for 8) and
+        row-major factors (N, Kp / group) and (N, Kp / 256) for the second levels, given as
+        scale_sup, mins, mins_sup (and bias) keywords."""
+        from kernels_cpu.matmul_blocks import interleave_factors, interleave_values
+
+        values, high = interleave_values(q, bits)
+        bias = factors.pop("bias", None)
+        grouped = {name: interleave_factors(a) for name, a in factors.items()}
+        group = q.shape[1] // scale.shape[1]
+        return cls(values, interleave_factors(scale), group, in_features, q.shape[0], kind,
+                   zero, high, bias=bias, **grouped)  # fmt: skip
 
     @property
     def bits(self) -> int:

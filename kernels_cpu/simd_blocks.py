@@ -1,16 +1,21 @@
-"""SIMD tiles for group-quantized weights (4-bit and 8-bit values with per-group scales).
+"""SIMD tiles for group-quantized weights (4-, 6- and 8-bit values with per-group scales).
 
 A block format stores each group of G consecutive inputs of a row as small integers q with a
 float scale d (and, for formats with a minimum, a float m): w = d * (q - zero) + m. The
 activations are quantized per 32 inputs to int8 with a float scale s (`matmul_blocks`), so
-a product over a group is an exact integer dot times d * s. This is the arithmetic of
+a product over 32 inputs is an exact integer dot times d * s. This is the arithmetic of
 llama.cpp's own CPU kernels, and of GGUF's Q4_0 ... Q6_K, which lamina repacks into it.
 
-The tile walks the columns in chunks of 64. A chunk's integer products land in 16 int32
-lanes, lane i holding the sum over columns 4i..4i+3; each lane is converted to float and
-accumulated with one fused multiply-add by its group's d * s, so a (row, token) pair keeps a
-16-lane float accumulator, summed by a fixed tree at the end. The multiply step is the one
-instruction the CPU is best at, picked once at import:
+Rows are interleaved sixteen at a time, so that the 16 int32 lanes of a vector are 16 rows:
+one multiply step takes 4 inputs of each of the 16 rows (64 bytes) against the same 4
+activation bytes broadcast, and after the 8 steps of a 32-input block one conversion and one
+fused multiply-add by the 16 rows' d times the token's s (and one more for the minimums)
+finish the block for all 16 rows. The scaling is shared by 16 rows and the weights by every
+token of a tile, and the result is already a vector of 16 outputs: no horizontal sums. (An
+earlier layout put 4 columns of one row in each lane: it paid the conversion and scaling per
+row, and ran prefill at half llama.cpp's speed.)
+
+The multiply step is the instruction the CPU is best at, picked once at import:
 
 - ``avx512vnni``: vpdpbusd (unsigned x signed bytes, 4 products per lane, accumulated in one
   instruction). 8-bit weights are signed, so they are offset by 128 (a xor) and the offset's
@@ -19,19 +24,20 @@ instruction the CPU is best at, picked once at import:
   weights take the sign trick (|w| times x with w's sign), so no int16 sum can saturate;
 - ``portable``: widen, multiply, add; LLVM lowers it for any target.
 
-The starting value of each lane comes from the caller (`xinit`): minus the zero point times
-the lane's activation sum, so the dot is over q - zero, exactly. The minimum's share, m times
-the sum of s * x over the group, is a second multiply-add per lane from `xm` (s times each
-lane's activation sum).
+Each block starts from minus the zero point times the block's activation sum, so the dot is
+over q - zero, exactly. Each (row, token) pair goes through the same operations in the same
+order whatever the tile, so a GEMV, a GEMM and any batch give the same bits for a token.
 
-Each (row, token) pair goes through the same operations in the same order whatever the
-tile's shape, so a GEMV, a GEMM and any batch give the same bits for a token.
-
-4-bit rows hold 32 bytes per chunk: byte j carries column j in its low nibble and column
-j + 32 in its high one, so a chunk unpacks with one mask and one shift into column order.
+Layout of one 16-row group (`matmul_blocks.interleave_rows` writes it), per 32-input block:
+8-bit values take 8 steps of 64 bytes (row r's 4 bytes at 4 r); 4-bit values take 4 steps
+of 64 bytes, the low nibbles holding step p and the high ones step p + 4; 6-bit values are
+4-bit ones plus 2 x 64 bytes of their top two bits (step q + 2 j in bits 2 j, 2 j + 1 of
+load q). Scales and minimums hold the 16 rows' values of a group side by side.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from llvmlite import ir
 from numba import types
@@ -40,9 +46,9 @@ from numba.extending import intrinsic
 
 from kernels_cpu.simd import _declare, _row_pointer
 
-CHUNK = 64  # columns per step; the padded width of every block-format row is a multiple
-LANES = 16  # int32 lanes per chunk, 4 columns each
-ACT_GROUP = 32  # activations share one int8 scale per 32 columns
+ROWS = 16  # rows per interleaved group: the int32 lanes of a vector
+BLOCK = 32  # inputs per activation scale, and per step of the tiles
+CHUNK = 64  # the padded width of every block-format row is a multiple
 SUPER = 256  # columns per super-block (the second scale level of the K-quants)
 GROUPS = (16, 32, 64, 128)
 
@@ -117,20 +123,6 @@ def _int_dot(builder: ir.IRBuilder, kind: str, bits: int, init, w, x) -> ir.Valu
     return builder.add(init, sums)
 
 
-def _two_bit_planes(builder: ir.IRBuilder, planes: ir.Value) -> ir.Value:
-    """16 bytes of 2-bit fields (column j, j + 16, j + 32, j + 48 of a chunk in byte j, from
-    bit 0) -> the 64 columns' bits 4 and 5, in column order."""
-    three = ir.Constant(planes.type, [3] * 16)
-    parts = [
-        builder.and_(builder.lshr(planes, ir.Constant(planes.type, [2 * p] * 16)), three)
-        for p in range(4)
-    ]
-    both = _concat(
-        builder, _concat(builder, parts[0], parts[1]), _concat(builder, parts[2], parts[3])
-    )
-    return builder.shl(both, ir.Constant(both.type, [4] * 64))
-
-
 def _to_float(builder: ir.IRBuilder, value: ir.Value, dtype) -> ir.Value:
     """Scale values as stored (float32, float16 bits in uint16, uint8 or int8) to float32."""
     n = value.type.count
@@ -144,83 +136,12 @@ def _to_float(builder: ir.IRBuilder, value: ir.Value, dtype) -> ir.Value:
     return builder.sitofp(value, target)
 
 
-def _group_lanes(builder, arr, arr_type, sup, row, chunk, group) -> ir.Value:
-    """The 16-lane vector of this row's per-group factor over one chunk: arr[row, g] (times
-    sup[row, g // (SUPER / group)] when the format has a second level) for each lane's g.
-
-    `group` is a run-time value: one branch per size in GROUPS, which the loop-invariant
-    switch makes free (or LLVM unswitches), so one compiled kernel serves every group size.
-    """
-    intp = chunk.type
-    elem = arr_type.dtype
-    row_ptr = _row_pointer(builder, arr, row, _llvm_elem(elem))
-    factor = None
-    if sup is not None:
-        sup_ptr = _row_pointer(builder, sup, row, _F32)
-        factor = builder.load(builder.gep(sup_ptr, [builder.udiv(chunk, intp(SUPER // CHUNK))]))
-    v16f = _vec(_F32, LANES)
-    merge = builder.append_basic_block("group.merge")
-    cases = []
-    switch = builder.switch(group, merge)
-    for size in GROUPS:
-        block = builder.append_basic_block(f"group.{size}")
-        switch.add_case(ir.Constant(group.type, size), block)
-        builder.position_at_end(block)
-        per_chunk = max(CHUNK // size, 1)
-        if size <= CHUNK:
-            first = builder.mul(chunk, intp(per_chunk))
-        else:
-            first = builder.udiv(chunk, intp(size // CHUNK))
-        stored = _load_vec(builder, row_ptr, first, _vec(_llvm_elem(elem), per_chunk))
-        values = _to_float(builder, stored, elem)
-        if factor is not None:
-            splat = builder.insert_element(ir.Constant(values.type, None), factor, _I32(0))
-            values = builder.fmul(
-                builder.shuffle_vector(splat, splat, _mask([0] * per_chunk)), values
-            )
-        lanes = [(4 * i) // size if size <= CHUNK else 0 for i in range(LANES)]
-        cases.append((builder.shuffle_vector(values, values, _mask(lanes)), builder.block))
-        builder.branch(merge)
-    builder.position_at_end(merge)
-    result = builder.phi(v16f)
-    result.add_incoming(ir.Constant(v16f, None), switch.parent)
-    for value, block in cases:
-        result.add_incoming(value, block)
-    return result
-
-
 def _llvm_elem(dtype) -> ir.Type:
     if dtype == types.float32:
         return _F32
     if dtype == types.uint16:
         return _I16
     return _I8
-
-
-def _pair_sums(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
-    """[a0+a1, a2+a3, ..., b0+b1, ...]: the two vectors' adjacent lanes summed."""
-    n = a.type.count
-    even = builder.shuffle_vector(a, b, _mask(list(range(0, 2 * n, 2))))
-    odd = builder.shuffle_vector(a, b, _mask(list(range(1, 2 * n, 2))))
-    return builder.fadd(even, odd)
-
-
-def _float_lane_sums(builder: ir.IRBuilder, accs: list[ir.Value]) -> ir.Value:
-    """<len(accs) x float>: each accumulator's lanes summed by the same balanced tree (adjacent
-    lanes, then adjacent pairs, ...) whatever the number of accumulators, which share the
-    shuffles. len(accs) is a power of two."""
-    level = accs if len(accs) > 1 else [accs[0], accs[0]]
-    level = [_pair_sums(builder, a, b) for a, b in zip(level[::2], level[1::2])]
-    span = LANES // 2
-    while span > 1:
-        if len(level) == 1:
-            level = [_pair_sums(builder, level[0], level[0])]
-        else:
-            level = [_pair_sums(builder, a, b) for a, b in zip(level[::2], level[1::2])]
-        span //= 2
-    while len(level) > 1:
-        level = [_concat(builder, a, b) for a, b in zip(level[::2], level[1::2])]
-    return builder.shuffle_vector(level[0], level[0], _mask(list(range(len(accs)))))
 
 
 def _is_array(x, dtypes=None) -> bool:
@@ -235,29 +156,194 @@ def _is_array(x, dtypes=None) -> bool:
 _SCALE_TYPES = (types.float32, types.uint16, types.uint8, types.int8)
 
 
-def make_block_tile(kind: str, rows: int, tokens: int):
-    """A numba intrinsic tile(w, high, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs,
-    xm, t, out, accumulate) that computes out[t + j, r + i] (+)= row r + i . token t + j for
-    i < rows, j < tokens.
+def _splat(builder: ir.IRBuilder, value: ir.Value, n: int = ROWS) -> ir.Value:
+    vec = builder.insert_element(ir.Constant(_vec(value.type, n), None), value, _I32(0))
+    return builder.shuffle_vector(vec, vec, _mask([0] * n))
 
-    w: (N, Kp / 2) uint8 paired nibbles (4-bit) or (N, Kp) int8 values (8-bit); high: None,
-    or (N, Kp / 4) uint8 holding the upper two bits of 6-bit values whose low four are the
-    nibbles of w (byte j of a chunk's 16: columns j, j + 16, j + 32, j + 48, from bit 0); scale and
-    mins (N, Kp / group) as float32, float16 bits (uint16), uint8 or int8; scale_sup and
-    mins_sup (N, Kp / 256) float32 second levels or None; mins None for formats without
-    one; group one of GROUPS (any other leaves those factors zero). xq (T, Kp) int8 activations, xinit (T, Kp / 4) int32
-    lane starts, xs (T, Kp / 32) float32 activation scales, xm (T, Kp / 4) float32 lane sums
-    times their scale (read only with mins); out (T, N) float32. All C-contiguous.
-    rows * tokens must be a power of two.
+
+def _row_factors(builder, arr, dtype, sup, group_row, index, sup_index) -> ir.Value:
+    """16 rows' factor for one group: arr's 16 values at `index` (as float), times sup's
+    16 at `sup_index` when the format has a second level."""
+    base = _row_pointer(builder, arr, group_row, _llvm_elem(dtype))
+    elem = _llvm_elem(dtype)
+    start = builder.mul(index, index.type(ROWS))
+    values = _to_float(builder, _load_vec(builder, base, start, _vec(elem, ROWS)), dtype)
+    if sup is None:
+        return values
+    sup_base = _row_pointer(builder, sup, group_row, _F32)
+    factor = _load_vec(
+        builder, sup_base, builder.mul(sup_index, index.type(ROWS)), _vec(_F32, ROWS)
+    )
+    return builder.fmul(factor, values)
+
+
+def _block_weights(builder, w_row, hi_row, bits, b) -> list[ir.Value]:
+    """The 8 steps' 64-byte weight vectors of block b of one row group."""
+    v64 = _vec(_I8, 64)
+    intp = b.type
+    if bits == 8:
+        return [
+            _load_vec(
+                builder,
+                w_row,
+                builder.mul(builder.add(builder.mul(b, intp(8)), intp(s)), intp(64)),
+                v64,
+            )
+            for s in range(8)
+        ]
+    fifteen, four = ir.Constant(v64, [15] * 64), ir.Constant(v64, [4] * 64)
+    steps = [None] * 8
+    for p in range(4):
+        at = builder.mul(builder.add(builder.mul(b, intp(4)), intp(p)), intp(64))
+        packed = _load_vec(builder, w_row, at, v64)
+        steps[p] = builder.and_(packed, fifteen)
+        steps[p + 4] = builder.lshr(packed, four)
+    if hi_row is not None:
+        three = ir.Constant(v64, [3] * 64)
+        for q in range(2):
+            at = builder.mul(builder.add(builder.mul(b, intp(2)), intp(q)), intp(64))
+            planes = _load_vec(builder, hi_row, at, v64)
+            for j in range(4):
+                s = q + 2 * j
+                bits2 = builder.and_(builder.lshr(planes, ir.Constant(v64, [2 * j] * 64)), three)
+                steps[s] = builder.or_(steps[s], builder.shl(bits2, four))
+    return steps
+
+
+@dataclass
+class _TileOperands:
+    """What the block loop of a tile reads: pointers to the row group's arrays and to each
+    token's activation rows, and the formats' static choices."""
+
+    kind: str
+    bits: int
+    blocks: ir.Value
+    w_row: ir.Value
+    hi_row: ir.Value | None
+    scale: tuple  # (array, dtype, second level or None)
+    mins: tuple | None
+    group_row: ir.Value
+    x_rows: list
+    sum_rows: list
+    s_rows: list
+    m_rows: list
+    neg_start: ir.Value
+    prefetch: bool
+
+
+# How far ahead of the block it reads a GEMV tile asks for its weights, in bytes. A burst of
+# hints per 16-row group (16 KB at 2048 inputs) left a core at 28-35 GB/s; a hint per line,
+# 4 KB ahead: 64 GB/s (2 KB: 60, 8 KB: 52, 16 KB: 49), Zen 4, 5632 x 2048 Q4_0, 2 threads.
+PREFETCH_AHEAD = 4096
+
+
+def _prefetch_ahead(builder: ir.IRBuilder, w_row: ir.Value, b: ir.Value, bits: int) -> None:
+    """Ask for the cache lines of the block PREFETCH_AHEAD bytes past block b: a steady
+    stream of hints, one per line read, rather than a burst per row group."""
+    intp = b.type
+    block_bytes = 512 if bits == 8 else 256
+    fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(),
+                  [_I8.as_pointer(), _I32, _I32, _I32])  # fmt: skip
+    base = builder.bitcast(w_row, _I8.as_pointer())
+    start = builder.add(builder.mul(b, intp(block_bytes)), intp(PREFETCH_AHEAD))
+    for line in range(0, block_bytes, 64):
+        ptr = builder.gep(base, [builder.add(start, intp(line))])
+        builder.call(fn, [ptr, _I32(0), _I32(3), _I32(1)])
+
+
+def _emit_block_loop(builder: ir.IRBuilder, o: _TileOperands, halves: bool, per_scale) -> list:
+    """The loop over 32-input blocks; returns each token's 16-lane float sums after it.
+
+    `halves`: two scale groups a block (group 16), their dots kept apart; otherwise one dot a
+    block, scaled by group b // per_scale."""
+    intp = o.blocks.type
+    v16f = _vec(_F32, ROWS)
+    fma = _declare(builder.module, "llvm.fma.v16f32", v16f, [v16f, v16f, v16f])
+    zero = ir.Constant(v16f, None)
+    entry = builder.block
+    loop = builder.append_basic_block("rows.loop")
+    done = builder.append_basic_block("rows.done")
+    builder.cbranch(builder.icmp_unsigned(">", o.blocks, intp(0)), loop, done)
+    builder.position_at_end(loop)
+    b = builder.phi(intp)
+    accs = [builder.phi(v16f) for _ in o.x_rows]
+    steps = _block_weights(builder, o.w_row, o.hi_row, o.bits, b)
+    if o.prefetch:
+        _prefetch_ahead(builder, o.w_row, b, o.bits)
+    sup_index = builder.udiv(b, intp(SUPER // BLOCK))
+    if halves:
+        index = [builder.mul(b, intp(2)), builder.add(builder.mul(b, intp(2)), intp(1))]
+    else:
+        index = [builder.udiv(b, per_scale)]
+    arr, dtype, sup = o.scale
+    d = [_row_factors(builder, arr, dtype, sup, o.group_row, i, sup_index) for i in index]
+    m = []
+    if o.mins is not None:
+        arr, dtype, sup = o.mins
+        m = [_row_factors(builder, arr, dtype, sup, o.group_row, i, sup_index) for i in index]
+    two = builder.mul(b, intp(2))
+    new = []
+    for j, acc in enumerate(accs):
+        sums = [
+            builder.load(builder.gep(o.sum_rows[j], [builder.add(two, intp(h))])) for h in (0, 1)
+        ]
+        sums = sums if halves else [builder.add(sums[0], sums[1])]
+        lanes = [_splat(builder, builder.mul(total, o.neg_start)) for total in sums]
+        for s in range(8):
+            word = builder.load(
+                builder.gep(o.x_rows[j], [builder.add(builder.mul(b, intp(8)), intp(s))]), align=1
+            )
+            x = builder.bitcast(_splat(builder, word), _vec(_I8, 64))
+            part = s // 4 if halves else 0
+            lanes[part] = _int_dot(builder, o.kind, o.bits, lanes[part], steps[s], x)
+        scale_x = _splat(builder, builder.load(builder.gep(o.s_rows[j], [b])))
+        for part, dots in enumerate(lanes):
+            both = builder.fmul(d[part], scale_x)
+            acc = builder.call(fma, [builder.sitofp(dots, v16f), both, acc])
+        if m:
+            xm = [
+                builder.load(builder.gep(o.m_rows[j], [builder.add(two, intp(h))])) for h in (0, 1)
+            ]
+            xm = xm if halves else [builder.fadd(xm[0], xm[1])]
+            for part, value in enumerate(xm):
+                acc = builder.call(fma, [m[part], _splat(builder, value), acc])
+        new.append(acc)
+    next_b = builder.add(b, intp(1))
+    body_end = builder.block
+    builder.cbranch(builder.icmp_unsigned("<", next_b, o.blocks), loop, done)
+    b.add_incoming(intp(0), entry)
+    b.add_incoming(next_b, body_end)
+    for acc, value in zip(accs, new, strict=True):
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(value, body_end)
+    builder.position_at_end(done)
+    finals = []
+    for value in new:
+        final = builder.phi(v16f)
+        final.add_incoming(zero, entry)
+        final.add_incoming(value, body_end)
+        finals.append(final)
+    return finals
+
+
+def make_rows_tile(kind: str, tokens: int):
+    """A numba intrinsic tile(w, high, scale, scale_sup, mins, mins_sup, group, g, xq, xsum,
+    xs, xm, start, t, out, accumulate): out[t + j, 16 g + r] (+)= row 16 g + r . token t + j
+    for the 16 rows of group g (fewer in a last group: out's width bounds the stores) and
+    j < tokens.
+
+    w: (groups, Kp * 8) uint8 4-bit values or (groups, Kp * 16) int8 values, high None or
+    (groups, Kp * 4) uint8 top bits of 6-bit values; scale, mins: (groups, Kp / group * 16)
+    float32, float16 bits (uint16), uint8 or int8; scale_sup, mins_sup: (groups, Kp / 256 *
+    16) float32 or None; mins None for formats without; group one of GROUPS. xq (T, Kp) int8
+    activations; xsum (T, Kp / 16) int32 sums of each 16 of them; xs (T, Kp / 32) float32
+    scales; xm (T, Kp / 16) float32 sums times their scale (read with mins); start the zero
+    point plus the step's weight offset; out (T, N) float32.
     """
-    if rows * tokens & (rows * tokens - 1):
-        raise ValueError("a block tile has a power of two of outputs")
 
     @intrinsic
-    def tile(typingctx, w, high, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs, xm,
-             t, out, accumulate):  # fmt: skip
-        if not isinstance(group, types.Integer):
-            return None
+    def tile(typingctx, w, high, scale, scale_sup, mins, mins_sup, group, g, xq, xsum, xs, xm,
+             start, t, out, accumulate):  # fmt: skip
         if not (_is_array(w, (types.uint8, types.int8)) and _is_array(scale, _SCALE_TYPES)):
             return None
         has_high = not isinstance(high, types.NoneType)
@@ -269,11 +355,10 @@ def make_block_tile(kind: str, rows: int, tokens: int):
         for sup in (scale_sup, mins_sup):
             if not isinstance(sup, types.NoneType) and not _is_array(sup, (types.float32,)):
                 return None
-        if not isinstance(accumulate, types.Boolean):
+        if not isinstance(accumulate, types.Boolean) or not isinstance(out, types.Array):
             return None
-        argtypes = (w, high, scale, scale_sup, mins, mins_sup, group, r, xq, xinit, xs, xm, t,
-                    out, accumulate)  # fmt: skip
-        sig = types.none(*argtypes)
+        argtypes = (w, high, scale, scale_sup, mins, mins_sup, group, g, xq, xsum, xs, xm,
+                    start, t, out, accumulate)  # fmt: skip
         bits = 4 if w.dtype == types.uint8 else 8
 
         def codegen(context, builder, signature, args):
@@ -283,99 +368,69 @@ def make_block_tile(kind: str, rows: int, tokens: int):
                 return context.make_array(signature.args[i])(context, builder, args[i])
 
             w_a, hi_a, sc_a, scs_a, mn_a, mns_a = (arr(i) for i in range(6))
-            xq_a, xi_a, xs_a, xm_a, out_a = (arr(i) for i in (8, 9, 10, 11, 13))
-            r0, t0, g = (
-                context.cast(builder, args[i], signature.args[i], types.intp) for i in (7, 12, 6)
+            xq_a, xsum_a, xs_a, xm_a, out_a = (arr(i) for i in (8, 9, 10, 11, 14))
+            size, g0, zero_pt, t0 = (
+                context.cast(builder, args[i], signature.args[i], types.intp)
+                for i in (6, 7, 12, 13)
             )
-            intp = r0.type
+            intp = g0.type
             kp = cgutils.unpack_tuple(builder, xq_a.shape)[1]
-            chunks = builder.udiv(kp, intp(CHUNK))
-            w_rows = [
-                _row_pointer(builder, w_a, builder.add(r0, intp(i)), _I8) for i in range(rows)
-            ]
-            row_ids = [builder.add(r0, intp(i)) for i in range(rows)]
-            tok_ids = [builder.add(t0, intp(j)) for j in range(tokens)]
-            x_rows = [_row_pointer(builder, xq_a, tid, _I8) for tid in tok_ids]
-            i_rows = [_row_pointer(builder, xi_a, tid, _I32) for tid in tok_ids]
-            s_rows = [_row_pointer(builder, xs_a, tid, _F32) for tid in tok_ids]
-            m_rows = [_row_pointer(builder, xm_a, tid, _F32) for tid in tok_ids]
-            v16f = _vec(_F32, LANES)
-            fma = _declare(builder.module, "llvm.fma.v16f32", v16f, [v16f, v16f, v16f])
-            zero = ir.Constant(v16f, None)
-
-            entry = builder.block
-            loop = builder.append_basic_block("blocks.loop")
-            done = builder.append_basic_block("blocks.done")
-            builder.cbranch(builder.icmp_unsigned(">", chunks, intp(0)), loop, done)
-            builder.position_at_end(loop)
-            c = builder.phi(intp)
-            accs = [builder.phi(v16f) for _ in range(rows * tokens)]
-            xs_v, inits, x_scales, x_mins = [], [], [], []
-            for j in range(tokens):
-                xs_v.append(
-                    _load_vec(builder, x_rows[j], builder.mul(c, intp(CHUNK)), _vec(_I8, 64))
-                )
-                inits.append(
-                    _load_vec(builder, i_rows[j], builder.mul(c, intp(LANES)), _vec(_I32, 16))
-                )
-                pair = _load_vec(builder, s_rows[j], builder.mul(c, intp(2)), _vec(_F32, 2))
-                x_scales.append(
-                    builder.shuffle_vector(pair, pair, _mask([i // 8 for i in range(16)]))
-                )
-                if has_min:
-                    x_mins.append(_load_vec(builder, m_rows[j], builder.mul(c, intp(LANES)), v16f))
-            new = []
-            for i in range(rows):
-                if bits == 4:
-                    packed = _load_vec(builder, w_rows[i], builder.mul(c, intp(32)), _vec(_I8, 32))
-                    low = builder.and_(packed, ir.Constant(packed.type, [15] * 32))
-                    high = builder.lshr(packed, ir.Constant(packed.type, [4] * 32))
-                    wv = _concat(builder, low, high)
-                    if hi_a is not None:
-                        hi_row = _row_pointer(builder, hi_a, row_ids[i], _I8)
-                        planes = _load_vec(builder, hi_row, builder.mul(c, intp(16)), _vec(_I8, 16))
-                        wv = builder.or_(wv, _two_bit_planes(builder, planes))
-                else:
-                    wv = _load_vec(builder, w_rows[i], builder.mul(c, intp(CHUNK)), _vec(_I8, 64))
-                d = _group_lanes(builder, sc_a, signature.args[2], scs_a, row_ids[i], c, g)
-                m = None
-                if has_min:
-                    m = _group_lanes(builder, mn_a, signature.args[4], mns_a, row_ids[i], c, g)
-                for j in range(tokens):
-                    dot = _int_dot(builder, kind, bits, inits[j], wv, xs_v[j])
-                    both = builder.fmul(d, x_scales[j])
-                    acc = builder.call(fma, [builder.sitofp(dot, v16f), both, accs[i * tokens + j]])
-                    if m is not None:
-                        acc = builder.call(fma, [m, x_mins[j], acc])
-                    new.append(acc)
-            next_c = builder.add(c, intp(1))
-            body_end = builder.block
-            builder.cbranch(builder.icmp_unsigned("<", next_c, chunks), loop, done)
-            c.add_incoming(intp(0), entry)
-            c.add_incoming(next_c, body_end)
-            for acc, value in zip(accs, new, strict=True):
-                acc.add_incoming(zero, entry)
-                acc.add_incoming(value, body_end)
-
-            builder.position_at_end(done)
+            tok = [builder.add(t0, intp(j)) for j in range(tokens)]
+            operands = _TileOperands(
+                kind=kind,
+                bits=bits,
+                blocks=builder.udiv(kp, intp(BLOCK)),
+                w_row=_row_pointer(builder, w_a, g0, _I8),
+                hi_row=None if hi_a is None else _row_pointer(builder, hi_a, g0, _I8),
+                scale=(sc_a, signature.args[2].dtype, scs_a),
+                mins=None if mn_a is None else (mn_a, signature.args[4].dtype, mns_a),
+                group_row=g0,
+                x_rows=[_row_pointer(builder, xq_a, tid, _I32) for tid in tok],
+                sum_rows=[_row_pointer(builder, xsum_a, tid, _I32) for tid in tok],
+                s_rows=[_row_pointer(builder, xs_a, tid, _F32) for tid in tok],
+                m_rows=[_row_pointer(builder, xm_a, tid, _F32) for tid in tok],
+                neg_start=builder.trunc(builder.neg(zero_pt), _I32),
+                prefetch=tokens <= 2,
+            )
+            # Groups of 16 inputs (Q6_K) take two scales a block; larger groups one, shared
+            # by group / 32 blocks. The two loops are emitted apart, the choice made once.
+            halves_block = builder.append_basic_block("rows.halves")
+            whole_block = builder.append_basic_block("rows.whole")
+            merge = builder.append_basic_block("rows.store")
+            halves = builder.icmp_unsigned("==", size, intp(16))
+            builder.cbranch(halves, halves_block, whole_block)
+            results = []
+            for block, two in ((halves_block, True), (whole_block, False)):
+                builder.position_at_end(block)
+                per_scale = builder.udiv(size, intp(BLOCK))
+                accs = _emit_block_loop(builder, operands, two, per_scale)
+                results.append((accs, builder.block))
+                builder.branch(merge)
+            builder.position_at_end(merge)
+            v16f = _vec(_F32, ROWS)
             finals = []
-            for value in new:
-                final = builder.phi(v16f)
-                final.add_incoming(zero, entry)
-                final.add_incoming(value, body_end)
-                finals.append(final)
-            by_token = [finals[i * tokens + j] for j in range(tokens) for i in range(rows)]
-            sums = _float_lane_sums(builder, by_token)
             for j in range(tokens):
-                part = builder.shuffle_vector(
-                    sums, sums, _mask(list(range(j * rows, (j + 1) * rows)))
-                )
-                row_ptr = _row_pointer(builder, out_a, tok_ids[j], _F32)
-                ptr = builder.bitcast(builder.gep(row_ptr, [r0]), _vec(_F32, rows).as_pointer())
-                old = builder.load(ptr, align=4)
-                builder.store(builder.select(args[14], builder.fadd(old, part), part), ptr, align=4)
+                final = builder.phi(v16f)
+                for accs, pred in results:
+                    final.add_incoming(accs[j], pred)
+                finals.append(final)
+            n = cgutils.unpack_tuple(builder, out_a.shape)[1]
+            valid = builder.sub(n, builder.mul(g0, intp(ROWS)))
+            lane_ids = ir.Constant(_vec(intp, ROWS), list(range(ROWS)))
+            mask = builder.icmp_signed("<", lane_ids, _splat(builder, valid))
+            v16p = v16f.as_pointer()
+            load_m = _declare(builder.module, "llvm.masked.load.v16f32.p0", v16f,
+                              [v16p, _I32, mask.type, v16f])  # fmt: skip
+            store_m = _declare(builder.module, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                               [v16f, v16p, _I32, mask.type])  # fmt: skip
+            for j in range(tokens):
+                row_ptr = _row_pointer(builder, out_a, tok[j], _F32)
+                ptr = builder.bitcast(builder.gep(row_ptr, [builder.mul(g0, intp(ROWS))]), v16p)
+                old = builder.call(load_m, [ptr, _I32(4), mask, ir.Constant(v16f, None)])
+                value = builder.select(args[15], builder.fadd(old, finals[j]), finals[j])
+                builder.call(store_m, [value, ptr, _I32(4), mask])
             return context.get_dummy_value()
 
-        return sig, codegen
+        return types.none(*argtypes), codegen
 
     return tile

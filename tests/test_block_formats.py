@@ -118,8 +118,8 @@ def test_blocks_matmul_matches_numpy(fmt, tokens, n, k, seed):
     w = block_weight(rng, fmt, n, k)
     k = w.in_features
     x = (rng.standard_normal((tokens, k)) * 3).astype(np.float32)
-    got = matmul_blocks(x, *w.kernel_arrays, k)
-    kp = w.scale.shape[1] * w.group
+    got = matmul_blocks(x, *w.kernel_arrays, k, n)
+    kp = w.scale.shape[1] * w.group // 16
     w_ref = np.zeros((n, kp))
     w_ref[:, :k] = dequantize(w)
     xq = quantized_activations(x, kp)
@@ -135,9 +135,9 @@ def test_blocks_batched_rows_equal_one_by_one(fmt, tokens, seed):
     rng = np.random.default_rng(seed)
     w = block_weight(rng, fmt, 21, 512)
     x = rng.standard_normal((tokens, w.in_features)).astype(np.float32)
-    batched = matmul_blocks(x, *w.kernel_arrays, w.in_features)
+    batched = matmul_blocks(x, *w.kernel_arrays, w.in_features, 21)
     for t in range(tokens):
-        alone = matmul_blocks(x[t : t + 1], *w.kernel_arrays, w.in_features)
+        alone = matmul_blocks(x[t : t + 1], *w.kernel_arrays, w.in_features, 21)
         assert np.array_equal(batched[t : t + 1], alone)
 
 
@@ -145,7 +145,7 @@ def test_blocks_matmul_refuses_mismatched_scratch():
     rng = np.random.default_rng(0)
     w = block_weight(rng, "Q8_0", 4, 64)
     with pytest.raises(ValueError, match="x does not match"):
-        matmul_blocks(np.zeros((1, 32), np.float32), *w.kernel_arrays, 64)
+        matmul_blocks(np.zeros((1, 32), np.float32), *w.kernel_arrays, 64, 4)
 
 
 def _step_assembly(kind: str, bits: int, cpu: str) -> str:

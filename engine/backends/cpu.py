@@ -124,7 +124,7 @@ class CPUBackend:
         if isinstance(table, Int8Weight):
             embed_rows_w8_into(table.data, table.scale, token_ids, out)
         elif isinstance(table, BlockWeight):
-            dequantize_rows_into(*table.kernel_arrays, token_ids, out)
+            dequantize_rows_into(*table.kernel_arrays, table.out_features, token_ids, out)
         else:
             kernels_cpu.take_rows_into(table.data, token_ids, out)
         return out
@@ -196,13 +196,13 @@ class CPUBackend:
     def _linear_blocks(self, x, weight: BlockWeight, out, h, norm, eps, accumulate) -> None:
         """Block formats (GGUF types, int4) run the prologue and the add themselves."""
         tokens = x.shape[0]
-        kp = weight.scale.shape[1] * weight.group
+        kp = weight.scale.shape[1] * weight.group // 16  # 16 rows' factors side by side
         take = self.scratch.take
         scratch = (
             take("blocks_xq", (tokens, kp), np.int8),
-            take("blocks_xinit", (tokens, kp // 4), np.int32),
+            take("blocks_xsum", (tokens, kp // 16), np.int32),
             take("blocks_xs", (tokens, kp // 32), np.float32),
-            take("blocks_xm", (tokens, kp // 4), np.float32),
+            take("blocks_xm", (tokens, kp // 16), np.float32),
         )
         k = weight.in_features
         if h is None:

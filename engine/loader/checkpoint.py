@@ -114,7 +114,7 @@ def _put(tensors: dict[str, np.ndarray], name: str, weight: Weight) -> None:
         for field in BLOCK_ARRAYS:
             if getattr(weight, field) is not None:
                 tensors[f"{name}.{field}"] = getattr(weight, field)
-        layout = [weight.group, weight.in_features, weight.zero]
+        layout = [weight.group, weight.in_features, weight.out_features, weight.zero]
         tensors[name + ".block_layout"] = np.array(layout, dtype=np.int64)
         tensors[name + ".block_kind"] = np.frombuffer(weight.kind.encode(), dtype=np.uint8)
         return
@@ -169,14 +169,15 @@ def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
             parts = [_weight(arrays, f"{name}.part{j}", path) for j in range(count)]
             return StackedWeight(parts, bias)
         if name + ".block_layout" in arrays:
-            group, k, zero = (int(v) for v in part(".block_layout"))
+            group, k, n, zero = (int(v) for v in part(".block_layout"))
             kind = part(".block_kind").tobytes().decode()
             fields = {f: arrays.get(f"{name}.{f}") for f in BLOCK_ARRAYS}
             if fields["values"] is None or fields["scale"] is None:
                 raise KeyError(f"{name}.values" if fields["values"] is None else f"{name}.scale")
             return BlockWeight(
-                group=group, in_features=k, kind=kind, zero=zero, bias=bias, **fields
-            )
+                group=group, in_features=k, out_features=n, kind=kind, zero=zero, bias=bias,
+                **fields,
+            )  # fmt: skip
         if name + ".mask" in arrays:
             k = int(part(".in_features")[0])
             return SparseInt8Weight(

@@ -29,7 +29,7 @@ import numpy as np
 
 from engine.errors import UnsupportedModelError
 from engine.weights import BlockWeight
-from kernels_cpu.matmul_blocks import pack_high_bits, pack_nibbles, padded_width
+from kernels_cpu.matmul_blocks import padded_width
 
 # Bytes per block and columns per block of each supported type.
 BLOCK_BYTES = {
@@ -117,23 +117,16 @@ def _legacy(blocks: np.ndarray, k: int, type_name: str) -> BlockWeight:
     mins = _padded(_f16(blocks, 2), kp // 32) if has_min else None
     at = 4 if has_min else 2
     if type_name == "Q8_0":
-        values = _padded(blocks[:, :, at:].view(np.int8).reshape(n, k), kp)
-        return BlockWeight(values, scale, 32, k, type_name)
+        q = _padded(blocks[:, :, at:].view(np.int8).reshape(n, k), kp)
+        return BlockWeight.from_rows(q, 8, scale, k, type_name)
     if type_name in ("Q4_0", "Q4_1"):
-        q = _nibble_columns(blocks[:, :, at:]).reshape(n, k)
+        q = _padded(_nibble_columns(blocks[:, :, at:]).reshape(n, k), kp)
         zero = 8 if type_name == "Q4_0" else 0
-        return BlockWeight(pack_nibbles(_padded(q, kp)), scale, 32, k, type_name, zero, mins=mins)
+        return BlockWeight.from_rows(q, 4, scale, k, type_name, zero, mins=mins)
     high = _fifth_bits(blocks[:, :, at : at + 4], nb)
-    q = (_nibble_columns(blocks[:, :, at + 4 :]) | high).reshape(n, k)
+    q = _padded((_nibble_columns(blocks[:, :, at + 4 :]) | high).reshape(n, k), kp)
     zero = 16 if type_name == "Q5_0" else 0
-    return _six_bit(q, kp, scale, 32, k, type_name, zero, mins=mins)
-
-
-def _six_bit(q: np.ndarray, kp: int, scale, group, k, kind, zero, **levels) -> BlockWeight:
-    """A BlockWeight of values q (N, k) below 64, split into low nibbles and high bits."""
-    q = _padded(q, kp)
-    values, high = pack_nibbles(q), pack_high_bits(q)
-    return BlockWeight(values, scale, group, k, kind, zero, high=high, **levels)
+    return BlockWeight.from_rows(q, 6, scale, k, type_name, zero, mins=mins)
 
 
 def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,26 +144,29 @@ def _sup(blocks: np.ndarray, at: int, sign: float = 1.0) -> np.ndarray:
     return np.ascontiguousarray(_f16(blocks, at).view(np.float16).astype(np.float32) * sign)
 
 
+def _k_levels(blocks: np.ndarray) -> dict:
+    """Q4_K / Q5_K's second levels and minimums, as BlockWeight.from_rows takes them."""
+    _, mn = _k_scales(blocks[:, :, 4:16])
+    return {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, -1.0)}
+
+
 def _q4_k(blocks: np.ndarray, k: int) -> BlockWeight:
     n, nb, _ = blocks.shape
-    sc, mn = _k_scales(blocks[:, :, 4:16])
-    # 128 bytes a block: four 64-column chunks, byte j holding columns j and j + 32 — the
-    # kernels' layout already.
-    values = np.ascontiguousarray(blocks[:, :, 16:]).reshape(n, nb * 128)
-    levels = {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, -1.0)}
-    return BlockWeight(values, sc, 32, k, "Q4_K", **levels)
+    sc, _ = _k_scales(blocks[:, :, 4:16])
+    qs = blocks[:, :, 16:].reshape(n, nb, 4, 32)  # chunk c: columns 64 c + j (low), + 32 (high)
+    q = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, k)
+    return BlockWeight.from_rows(q, 4, sc, k, "Q4_K", **_k_levels(blocks))
 
 
 def _q5_k(blocks: np.ndarray, k: int) -> BlockWeight:
     n, nb, _ = blocks.shape
-    sc, mn = _k_scales(blocks[:, :, 4:16])
+    sc, _ = _k_scales(blocks[:, :, 4:16])
     qh = blocks[:, :, 16:48]  # bit i of byte j: column 32 i + j of the block
     qs = blocks[:, :, 48:].reshape(n, nb, 4, 32)
     low = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, nb, 8, 32)
     high = np.unpackbits(qh[:, :, None, :], axis=2, bitorder="little") << 4
     q = (low | high).reshape(n, k)
-    levels = {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, -1.0)}
-    return _six_bit(q, k, sc, 32, k, "Q5_K", 0, **levels)
+    return BlockWeight.from_rows(q, 6, sc, k, "Q5_K", **_k_levels(blocks))
 
 
 def _q6_k(blocks: np.ndarray, k: int) -> BlockWeight:
@@ -181,7 +177,7 @@ def _q6_k(blocks: np.ndarray, k: int) -> BlockWeight:
     high = ((qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3) << 4
     q = (low | high.reshape(n, nb, 2, 128)).reshape(n, k)
     scale = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8).reshape(n, nb * 16)
-    return _six_bit(q, k, scale, 16, k, "Q6_K", 32, scale_sup=_sup(blocks, 208))
+    return BlockWeight.from_rows(q, 6, scale, k, "Q6_K", 32, scale_sup=_sup(blocks, 208))
 
 
 _REPACK = {
@@ -196,7 +192,7 @@ def dequantize(weight: BlockWeight) -> np.ndarray:
     """The float32 (N, K) matrix of a BlockWeight: d * (q - zero) + m, as GGUF computes it."""
     from kernels_cpu.matmul_blocks import dequantize_rows_into
 
-    out = np.empty((weight.out_features, weight.in_features), np.float32)
-    ids = np.arange(weight.out_features, dtype=np.int64)
-    dequantize_rows_into(*weight.kernel_arrays, ids, out)
+    n = weight.out_features
+    out = np.empty((n, weight.in_features), np.float32)
+    dequantize_rows_into(*weight.kernel_arrays, n, np.arange(n, dtype=np.int64), out)
     return out

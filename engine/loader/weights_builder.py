@@ -137,7 +137,9 @@ def _fuse(*parts: Weight) -> Weight:
         )
     runs: list[list[Weight]] = []
     for w in parts:
-        if runs and _layout(runs[-1][0]) == _layout(w):
+        # interleaved block rows concatenate in whole groups of 16
+        whole = not isinstance(w, BlockWeight) or runs and runs[-1][-1].out_features % 16 == 0
+        if runs and whole and _layout(runs[-1][0]) == _layout(w):
             runs[-1].append(w)
         else:
             runs.append([w])
@@ -162,5 +164,7 @@ def _concatenated(run: list[Weight]) -> Weight:
             for f, first_arr in ((f, getattr(first, f)) for f in BLOCK_ARRAYS)
         ]
         kinds = "+".join(dict.fromkeys(w.kind for w in run))
-        return dataclasses.replace(first, **dict(zip(BLOCK_ARRAYS, stack)), kind=kinds, bias=None)
+        rows = sum(w.out_features for w in run)
+        fields = dict(zip(BLOCK_ARRAYS, stack, strict=True))
+        return dataclasses.replace(first, **fields, kind=kinds, out_features=rows, bias=None)
     return DenseWeight(np.concatenate([w.data for w in run]))

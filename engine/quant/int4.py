@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.weights import BlockWeight, DenseWeight
-from kernels_cpu.matmul_blocks import pack_nibbles, padded_width
+from kernels_cpu.matmul_blocks import padded_width
 
 
 def group_grid(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,9 +40,8 @@ def to_block_weight(
 ) -> BlockWeight:
     """The BlockWeight of 4-bit values q (N, Kp) with float32 scales and minimums (exact in
     float16)."""
-    group = q.shape[1] // scale.shape[1]
-    halves = (a.astype(np.float16).view(np.uint16) for a in (scale, minimum))
-    return BlockWeight(pack_nibbles(q), next(halves), group, k, kind, mins=next(halves), bias=bias)
+    halves = [a.astype(np.float16).view(np.uint16) for a in (scale, minimum)]
+    return BlockWeight.from_rows(q, 4, halves[0], k, kind, mins=halves[1], bias=bias)
 
 
 def quantize_int4(weight: DenseWeight, group: int = 32) -> BlockWeight:
