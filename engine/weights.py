@@ -122,7 +122,7 @@ class BlockWeight:
     `values` holds 4-bit values (uint8, Kp * 8 bytes a group) or 8-bit ones (int8, Kp * 16);
     6-bit values keep their low 4 bits there and their top two in `high`. `scale` and `mins`
     hold a factor per group of inputs and row, as float32, float16 bits (uint16), or uint8 /
-    int8 sub-factors that `scale_sup` / `mins_sup` (float32, per 256 inputs) multiply, as
+    int8 sub-factors that `scale_sup` / `mins_sup` (float16 bits, per 256 inputs) multiply, as
     GGUF's K-quants store them. `from_rows` builds them from row-major values and factors;
     every GGUF block type lamina runs is repacked into this
     exactly (engine.loader.gguf_blocks); `kind` names where it came from ("Q4_K", "int4-g64").

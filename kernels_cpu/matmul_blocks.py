@@ -140,7 +140,7 @@ def _factor(sub, sup, r, g, group):
     """Row r's factor for group g: sub's (times its super-block's sup when given)."""
     value = scale_value(sub, r // ROWS, g * ROWS + r % ROWS)
     if sup is not None:
-        value = sup[r // ROWS, (g * group // SUPER) * ROWS + r % ROWS] * value
+        value = half_to_float(sup[r // ROWS, (g * group // SUPER) * ROWS + r % ROWS]) * value
     return value
 
 

@@ -170,11 +170,11 @@ def _row_factors(builder, arr, dtype, sup, group_row, index, sup_index) -> ir.Va
     values = _to_float(builder, _load_vec(builder, base, start, _vec(elem, ROWS)), dtype)
     if sup is None:
         return values
-    sup_base = _row_pointer(builder, sup, group_row, _F32)
-    factor = _load_vec(
-        builder, sup_base, builder.mul(sup_index, index.type(ROWS)), _vec(_F32, ROWS)
+    sup_base = _row_pointer(builder, sup, group_row, _I16)
+    halves = _load_vec(
+        builder, sup_base, builder.mul(sup_index, index.type(ROWS)), _vec(_I16, ROWS)
     )
-    return builder.fmul(factor, values)
+    return builder.fmul(_to_float(builder, halves, types.uint16), values)
 
 
 def _block_weights(builder, w_row, hi_row, bits, b) -> list[ir.Value]:
@@ -335,7 +335,7 @@ def make_rows_tile(kind: str, tokens: int):
     w: (groups, Kp * 8) uint8 4-bit values or (groups, Kp * 16) int8 values, high None or
     (groups, Kp * 4) uint8 top bits of 6-bit values; scale, mins: (groups, Kp / group * 16)
     float32, float16 bits (uint16), uint8 or int8; scale_sup, mins_sup: (groups, Kp / 256 *
-    16) float32 or None; mins None for formats without; group one of GROUPS. xq (T, Kp) int8
+    16) float16 bits or None; mins None for formats without; group one of GROUPS. xq (T, Kp) int8
     activations; xsum (T, Kp / 16) int32 sums of each 16 of them; xs (T, Kp / 32) float32
     scales; xm (T, Kp / 16) float32 sums times their scale (read with mins); start the zero
     point plus the step's weight offset; out (T, N) float32.
@@ -353,7 +353,7 @@ def make_rows_tile(kind: str, tokens: int):
         if has_min and not _is_array(mins, _SCALE_TYPES):
             return None
         for sup in (scale_sup, mins_sup):
-            if not isinstance(sup, types.NoneType) and not _is_array(sup, (types.float32,)):
+            if not isinstance(sup, types.NoneType) and not _is_array(sup, (types.uint16,)):
                 return None
         if not isinstance(accumulate, types.Boolean) or not isinstance(out, types.Array):
             return None

@@ -13,9 +13,9 @@ every type), because it keeps the stored numbers and the order of the arithmetic
 | Q5_0 | 6-bit  | 32    | f16 d         | -       | 16   | 6.5 (5.5) |
 | Q5_1 | 6-bit  | 32    | f16 d         | f16 m   | 0    | 7.0 (6.0) |
 | Q8_0 | int8   | 32    | f16 d         | -       | 0    | 8.5 (8.5) |
-| Q4_K | 4-bit (bytes as stored) | 32 | u8 sc x d | u8 m x -dmin | 0 | 4.6 (4.5) |
-| Q5_K | 6-bit  | 32    | u8 sc x d     | u8 m x -dmin | 0 | 6.6 (5.5) |
-| Q6_K | 6-bit  | 16    | i8 sc x d     | -       | 32   | 6.6 (6.6) |
+| Q4_K | 4-bit  | 32    | u8 sc x f16 d | u8 m x f16 -dmin | 0 | 4.6 (4.5) |
+| Q5_K | 6-bit  | 32    | u8 sc x f16 d | u8 m x f16 -dmin | 0 | 6.6 (5.5) |
+| Q6_K | 6-bit  | 16    | i8 sc x f16 d | -       | 32   | 6.6 (6.6) |
 
 6-bit values keep their low four bits as 4-bit ones do and their top two in a plane of their
 own, so the 5-bit types (top bit zero) cost a fifth more than their file and the rest what
@@ -139,15 +139,17 @@ def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.reshape(n, nb * 8), mn.reshape(n, nb * 8)
 
 
-def _sup(blocks: np.ndarray, at: int, sign: float = 1.0) -> np.ndarray:
-    """The f16 super-block factor at byte `at` as float32 (N, blocks), exact."""
-    return np.ascontiguousarray(_f16(blocks, at).view(np.float16).astype(np.float32) * sign)
+def _sup(blocks: np.ndarray, at: int, negate: bool = False) -> np.ndarray:
+    """The f16 super-block factor at byte `at` (N, blocks), as float16 bits; negated by its
+    sign bit, which is exact."""
+    bits = _f16(blocks, at)
+    return bits ^ np.uint16(0x8000) if negate else bits
 
 
 def _k_levels(blocks: np.ndarray) -> dict:
     """Q4_K / Q5_K's second levels and minimums, as BlockWeight.from_rows takes them."""
     _, mn = _k_scales(blocks[:, :, 4:16])
-    return {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, -1.0)}
+    return {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, negate=True)}
 
 
 def _q4_k(blocks: np.ndarray, k: int) -> BlockWeight:
