@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,23 @@ def llama_bench(tools: Path, gguf: Path, threads: int, prompt: int, gen: int, re
     return parse_llama_bench(_run(cmd, _env(tools)), depth=prompt)
 
 
+def llama_perplexity(tools: Path, gguf: Path, text: Path, context: int, chunks: int) -> float:
+    """`llama-perplexity`'s final estimate on `text`: `chunks` chunks of `context` tokens."""
+    import numba
+
+    cmd = [str(tools / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(context),
+           "--chunks", str(chunks), "-t", str(numba.config.NUMBA_NUM_THREADS)]  # fmt: skip
+    return parse_perplexity(_run_all(cmd, _env(tools)))
+
+
+def parse_perplexity(log: str) -> float:
+    """The PPL of llama-perplexity's `Final estimate: PPL = 11.6700 +/- 0.43480` line."""
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
+    if match is None:
+        raise RuntimeError(f"llama-perplexity printed no final estimate:\n{log[-2000:]}")
+    return float(match.group(1))
+
+
 def server_command(
     tools: Path, gguf: Path, alias: str, slots: int, context_per_slot: int
 ) -> tuple[list[str], dict[str, str]]:
@@ -143,6 +161,14 @@ def parse_llama_bench(text: str, depth: int = 0) -> dict:
 def _env(tools: Path) -> dict[str, str]:
     """The tools' environment: their shared libraries beside them, a plain locale."""
     return {**os.environ, "LC_ALL": "C", "LD_LIBRARY_PATH": str(tools)}
+
+
+def _run_all(cmd: list[str], env: dict[str, str]) -> str:
+    """Run a tool that reports on stderr; both streams."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:

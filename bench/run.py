@@ -333,6 +333,14 @@ def main(args) -> int:
         for row in rows:
             print(json.dumps(row) if args.json else _kernel_line(row))
         return 0
+    if args.what == "perplexity":
+        from bench.perplexity_peer import perplexity_table
+
+        rows = perplexity_table()
+        write_report("perplexity", rows)
+        for row in rows:
+            print(json.dumps(row))
+        return 0
     if args.what == "sparsity":
         from bench.sparsity import quality_table, speed_table
 

@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what",
         nargs="?",
-        choices=["e2e", "kernels", "sparsity", "serve"],
+        choices=["e2e", "kernels", "sparsity", "serve", "perplexity"],
         default="e2e",
         help="what to measure",
     )

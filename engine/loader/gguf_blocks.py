@@ -25,10 +25,13 @@ nearest supported one.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import numpy as np
 
 from engine.errors import UnsupportedModelError
-from engine.weights import BlockWeight
+from engine.weights import BLOCK_ARRAYS, BlockWeight
 from kernels_cpu.matmul_blocks import padded_width
 
 # Bytes per block and columns per block of each supported type.
@@ -43,6 +46,7 @@ BLOCK_BYTES = {
     "Q6_K": (210, 256),
 }
 SUPPORTED = tuple(BLOCK_BYTES)
+CHUNK_ROWS = 256  # rows repacked at a time (a multiple of the 16-row groups)
 # What to convert a file to when lamina cannot run its type (by llama-quantize).
 _NEAREST = {
     "Q2_K": "Q4_K",
@@ -69,8 +73,14 @@ def check_supported(type_name: str, tensor: str) -> None:
     )
 
 
-def repack(type_name: str, raw: np.ndarray, k: int) -> BlockWeight:
-    """The BlockWeight of a GGUF matrix whose rows (N, row bytes) uint8 hold k columns each."""
+def repack(
+    type_name: str, raw: np.ndarray, k: int, done: Callable[[np.ndarray], None] | None = None
+) -> BlockWeight:
+    """The BlockWeight of a GGUF matrix whose rows (N, row bytes) uint8 hold k columns each.
+
+    Rows are repacked CHUNK_ROWS at a time into the final arrays, so numpy's temporaries stay
+    small (and in cache) and peak memory is the result plus one chunk; `done` gets each
+    chunk of `raw` once it is repacked (to release its mapped pages)."""
     nbytes, cols = BLOCK_BYTES[type_name]
     n = raw.shape[0]
     if k % cols or raw.shape[1] != k // cols * nbytes:
@@ -78,8 +88,25 @@ def repack(type_name: str, raw: np.ndarray, k: int) -> BlockWeight:
             f"a {type_name} row of {k} columns must be {k // cols * nbytes} bytes, not "
             f"{raw.shape[1]}"
         )
-    blocks = raw.reshape(n, k // cols, nbytes)
-    return _REPACK[type_name](blocks, k)
+    arrays: dict[str, np.ndarray] = {}
+    first = None
+    for r0 in range(0, n, CHUNK_ROWS):
+        chunk = raw[r0 : r0 + CHUNK_ROWS]
+        part = _REPACK[type_name](chunk.reshape(len(chunk), k // cols, nbytes), k)
+        if first is None:
+            first = part
+            arrays = {
+                name: np.empty((-(-n // 16), a.shape[1]), a.dtype)
+                for name in BLOCK_ARRAYS
+                if (a := getattr(part, name)) is not None
+            }
+        g0 = r0 // 16
+        for name, out in arrays.items():
+            piece = getattr(part, name)
+            out[g0 : g0 + len(piece)] = piece
+        if done is not None:
+            done(chunk)
+    return dataclasses.replace(first, out_features=n, **arrays)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:

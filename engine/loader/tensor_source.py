@@ -270,9 +270,7 @@ class GGUFSource:
             raw = _unpermute_rows(raw, self._heads)
         elif self._permute_qk and ".self_attn.k_proj." in name:
             raw = _unpermute_rows(raw, self._kv_heads)
-        weight = repack(type_name, raw, k)
-        _release(tensor.data)
-        return weight
+        return repack(type_name, raw, k, done=_release)
 
     def load(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
