@@ -321,12 +321,18 @@ def _load(args: argparse.Namespace):
     import dataclasses
 
     from engine.api import LLM
+    from engine.loader.checkpoint import weights_format
 
     llm = LLM(**dataclasses.asdict(EngineConfig.from_cli(args)))
     # Said where a person watches (or asked with --verbose), not into captured stderr,
     # where a bad input's error must stay the only line.
     if sys.stderr.isatty() or getattr(args, "verbose", False):
         print(f"lamina: {llm.device_choice.describe()}", file=sys.stderr)
+    if getattr(args, "verbose", False):
+        loaded = llm.loaded
+        weights = weights_format(loaded.weights)
+        note = f"; {loaded.note}" if loaded.note else ""
+        print(f"lamina: {weights} weights loaded in {loaded.load_s:.2f} s{note}", file=sys.stderr)
     return llm
 
 

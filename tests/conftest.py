@@ -63,3 +63,11 @@ def default_llm():
     from engine import LLM
 
     return LLM(quant="f32")
+
+
+@pytest.fixture(scope="session")
+def native_llm():
+    """The default model as users get it: no flags, its GGUF's own Q4_1 blocks."""
+    from engine import LLM
+
+    return LLM()

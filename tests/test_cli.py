@@ -20,14 +20,14 @@ from engine.chat_session import ChatSession
 from engine.cli import build_parser, main
 
 
-def test_generate_json_matches_api(default_llm, capsys):
+def test_generate_json_matches_api(native_llm, capsys):
     prompt = "The capital of France is"
     code = main(["generate", "--temperature", "0", "--max-tokens", "12", "--json", prompt])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("text", "token_ids", "finish_reason", "ttft_s", "tpot_s", "tokens_per_s"):
         assert key in result
-    expected = default_llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0]
+    expected = native_llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0]
     assert result["token_ids"] == expected.token_ids
     assert result["text"] == expected.text
     assert result["finish_reason"] == expected.finish_reason

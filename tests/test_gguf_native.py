@@ -8,6 +8,8 @@ may differ from it only by the int8 rounding of the activations.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,8 @@ import pytest
 from bench.gguf_export import export_gguf
 from engine import LLM, SamplingParams
 from engine.loader.default_model import default_model_path
-from engine.weights import BlockWeight, StackedWeight
+from engine.loader.model_loader import load_model
+from engine.weights import BLOCK_ARRAYS, BlockWeight, StackedWeight
 from tests.tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +59,10 @@ def test_a_gguf_of_mixed_block_types_runs_natively(tmp_path, hf_tokenizer):
     assert one == batched  # batched rows give the bits of one-by-one rows
 
 
-def test_the_default_model_runs_in_its_own_quantization(default_llm):
+def test_the_default_model_runs_in_its_own_quantization(default_llm, native_llm):
     """No flags: the default Q4_1 GGUF keeps its blocks (Q8_0 embedding), close to float32
     and greedy-equal on most tokens."""
-    native = LLM()
+    native = native_llm
     w = native.loaded.weights
     assert w.layers[0].qkv.kind == "Q4_1" and w.embed.kind == "Q8_0"
     assert w.nbytes < 0.3 * default_llm.loaded.weights.nbytes
@@ -86,22 +89,51 @@ import engine.backends.cpu  # the engine's imports, before the baseline
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 loaded = load_model(sys.argv[1])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"growth_kb": after - before, "weights": loaded.weights.nbytes}))
+print(json.dumps({"growth_kb": after - before, "weights": loaded.weights.nbytes,
+                  "note": loaded.note}))
 """
 
 
-def test_loading_a_gguf_keeps_peak_memory_near_the_file_size():
-    """Peak RSS while loading the default GGUF grows by at most 1.3x the file's size: the
-    blocks are repacked tensor by tensor and the mapped pages released as they go."""
+def test_loading_a_gguf_keeps_peak_memory_near_the_file_size(tmp_path):
+    """Peak RSS while loading the default GGUF grows by at most 1.3x the file's size, when
+    repacking it (tensor by tensor, 256 rows at a time, mapped pages released as they go)
+    and when mapping the repacked layout from the cache."""
     path = default_model_path()
-    run = subprocess.run(
-        [sys.executable, "-c", _LOAD_PEAK, str(path)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    figures = json.loads(run.stdout.strip().splitlines()[-1])
     size = path.stat().st_size
-    assert figures["weights"] <= 1.1 * size
-    assert figures["growth_kb"] * 1024 <= 1.3 * size, (figures, size)
+    env = {**os.environ, "LAMINA_CACHE": str(tmp_path)}
+    for expected in ("cached at", "mapped from the cache"):
+        run = subprocess.run(
+            [sys.executable, "-c", _LOAD_PEAK, str(path)],
+            cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        figures = json.loads(run.stdout.strip().splitlines()[-1])
+        assert expected in figures["note"]
+        assert figures["weights"] <= 1.1 * size
+        assert figures["growth_kb"] * 1024 <= 1.3 * size, (figures, size)
+
+
+def test_the_repacked_layout_is_cached_by_the_files_identity(tmp_path, monkeypatch):
+    """A second load maps the cached layout (the same arrays); a changed file, or a bad
+    entry, is repacked again."""
+    monkeypatch.setenv("LAMINA_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    shutil.copyfile(default_model_path(), gguf)
+    first = load_model(gguf)
+    second = load_model(gguf)
+    assert "cached at" in first.note and "mapped from the cache" in second.note
+    a, b = first.weights.layers[2].gate_up, second.weights.layers[2].gate_up
+    for name in BLOCK_ARRAYS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or np.array_equal(x, y)
+    assert not b.values.flags.owndata and b.kind == a.kind
+    os.utime(gguf, ns=(1, 1))  # another modification time: another file
+    assert "cached at" in load_model(gguf).note
+    entries = list((tmp_path / "cache" / "repacked").rglob("*.safetensors"))
+    assert len(entries) == 1  # the older entry of the same file is gone
+    entries[0].write_bytes(b"not safetensors")
+    reloaded = load_model(gguf)
+    assert "bad cache entry" in reloaded.note and "cached at" in reloaded.note
+    assert load_model(gguf).weights.layers[0].qkv.kind == "Q4_1"
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

@@ -65,8 +65,21 @@ def save_checkpoint(loaded, out: Path, recipe: dict | None = None) -> None:
     """Write `loaded` (a LoadedModel) to folder `out`; `recipe` records how it was made
     (pruning, GPTQ calibration) in config.json's "lamina" entry."""
     out.mkdir(parents=True, exist_ok=True)
-    w = loaded.weights
-    fmt = weights_format(w)
+    fmt = weights_format(loaded.weights)
+    tied = save_weights_file(loaded.weights, out / "model.safetensors")
+    config = loaded.config.to_hf()
+    config["tie_word_embeddings"] = tied
+    config["lamina"] = {"format": FORMAT_VERSION, "weights": fmt}
+    config["lamina"].update(recipe or {})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"eos_token_id": list(loaded.config.eos_token_ids), **loaded.sampling_defaults}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    loaded.tokenizer.save(out)
+
+
+def save_weights_file(w: ModelWeights, path: Path) -> bool:
+    """Write the weights to one safetensors file as checkpoints hold them; whether the
+    output head is the embedding (tied)."""
     tensors: dict[str, np.ndarray] = {"final_norm": w.final_norm}
     _put(tensors, "embed", w.embed)
     tied = w.lm_head is w.embed
@@ -76,20 +89,11 @@ def save_checkpoint(loaded, out: Path, recipe: dict | None = None) -> None:
         tensors.update(layer_arrays(layer, i))
     meta = {
         "lamina.format": str(FORMAT_VERSION),
-        "lamina.weights": fmt,
+        "lamina.weights": weights_format(w),
         "lamina.tied": str(int(tied)),
     }
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()}, out / "model.safetensors", meta
-    )
-    config = loaded.config.to_hf()
-    config["tie_word_embeddings"] = tied
-    config["lamina"] = {"format": FORMAT_VERSION, "weights": fmt}
-    config["lamina"].update(recipe or {})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"eos_token_id": list(loaded.config.eos_token_ids), **loaded.sampling_defaults}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    loaded.tokenizer.save(out)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, meta)
+    return tied
 
 
 def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
@@ -137,6 +141,11 @@ def load_checkpoint_weights(folder: Path, num_layers: int) -> ModelWeights:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise ModelLoadError(f"{folder} is a lamina checkpoint without model.safetensors")
+    return load_weights_file(path, num_layers)
+
+
+def load_weights_file(path: Path, num_layers: int) -> ModelWeights:
+    """Memory-map a file `save_weights_file` wrote into ModelWeights (no copies)."""
     header, data_start = read_safetensors_header(path)
     meta = header.pop("__metadata__", {}) or {}
     if meta.get("lamina.format") != str(FORMAT_VERSION):

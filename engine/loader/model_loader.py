@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType
 
 from engine.config import ModelConfig
 from engine.errors import InvalidInputError, LaminaError, ModelLoadError
+from engine.loader import repack_cache
 from engine.loader.checkpoint import load_checkpoint_weights
 from engine.loader.default_model import default_model_path
 from engine.loader.gguf_file import gguf_metadata, open_gguf
@@ -40,6 +41,8 @@ class LoadedModel:
     load_s: float = 0.0
     # The lamina checkpoint folder the weights are memory-mapped from (None: loaded into RAM)
     checkpoint: Path | None = None
+    # How the weights were made, for --verbose: "GGUF blocks repacked (cached at ...)"
+    note: str = ""
 
 
 def load_model(
@@ -160,8 +163,15 @@ def _load_gguf(path: Path, quantize: Quantizer | None, native: bool) -> LoadedMo
     config = dataclasses.replace(
         config, tie_word_embeddings=not source.has("lm_head.weight"), eos_token_ids=eos
     )
-    weights = build_weights(config, source, str(path), quantize, native)
-    return LoadedModel(path, config, weights, tokenizer, {})
+    note = ""
+    weights = None
+    if native and repack_cache.enabled():
+        weights, note = repack_cache.load(path, config.num_layers)
+    if weights is None:
+        weights = build_weights(config, source, str(path), quantize, native)
+        if native and repack_cache.enabled():
+            note = "; ".join(filter(None, [note, repack_cache.store(path, weights)]))
+    return LoadedModel(path, config, weights, tokenizer, {}, note=note)
 
 
 def _rope_freq_factors(reader: Any) -> np.ndarray | None:
