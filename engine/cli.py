@@ -440,16 +440,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_new_folder(out)
     plan = _sparsity_plan(args)
     weights = WeightPlan(args.weights, args.group_size, parse_layer_weights(args.layer_weights))
+    _check_quantize_flags(args, plan.active, weights)
     method = args.method or ("wanda" if plan.active else "rtn")
-    if (
-        method in ("rtn", "gptq")
-        and plan.active
-        or method in ("wanda", "magnitude")
-        and not plan.active
-    ):
-        raise InvalidInputError(
-            f"--method {method} is for {'int4 weights' if method in ('rtn', 'gptq') else 'sparsity'}"
-        )
     src = None if args.src == "default" else args.src
     recipe = None
     if plan.active:
@@ -463,8 +455,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     elif method == "gptq":
         from engine.quant.gptq import quantize_gptq
 
-        if "int4" not in (weights.default, *weights.overrides.values()):
-            raise InvalidInputError("--method gptq makes int4 weights: use --weights int4")
         loaded = load_model(src, "f32")
         recipe = quantize_gptq(loaded, weights, args.calibration)
     else:
@@ -473,6 +463,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     size = (out / "model.safetensors").stat().st_size / 2**20
     print(f"wrote {weights_format(loaded.weights)} checkpoint to {out} ({size:.1f} MiB of weights)")
     return 0
+
+
+def _check_quantize_flags(args: argparse.Namespace, sparse: bool, weights) -> None:
+    """Refuse flags that the chosen kind of checkpoint would silently ignore."""
+    int4, method = weights.makes("int4"), args.method
+    if method in ("rtn", "gptq") and (sparse or not int4):
+        raise InvalidInputError(f"--method {method} rounds int4 weights: add --weights int4")
+    if method in ("wanda", "magnitude") and not sparse:
+        raise InvalidInputError(f"--method {method} prunes: add --sparsity or --pattern")
+    if args.group_size != 32 and not int4:
+        raise InvalidInputError("--group-size applies to int4 weights: add --weights int4")
+    if args.calibration is not None and not (sparse or method == "gptq"):
+        raise InvalidInputError("--calibration is read by --method gptq and by sparsity only")
 
 
 def _check_new_folder(out: Path) -> None:

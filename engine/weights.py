@@ -141,6 +141,14 @@ class BlockWeight:
     mins_sup: np.ndarray | None = None
     bias: np.ndarray | None = None
 
+    def __post_init__(self) -> None:
+        # Read-only, whether repacked, quantized or mapped from a file: numba compiles a
+        # kernel once per argument type, and writability is part of it.
+        for name in BLOCK_ARRAYS:
+            array = getattr(self, name)
+            if isinstance(array, np.ndarray):
+                array.setflags(write=False)
+
     @classmethod
     def from_rows(
         cls,
@@ -219,6 +227,19 @@ Weight = (
 )
 # The linear layers of a decoder block, by their LayerWeights field names.
 LAYER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
+
+
+def has_blocks(weights: ModelWeights) -> bool:
+    """Whether any matrix of the model is in a block format."""
+    layers = list(weights.layers)
+    matrices = [weights.embed, weights.lm_head]
+    matrices += [getattr(layer, name) for layer in layers for name in LAYER_LINEARS]
+    return any(
+        isinstance(m, BlockWeight)
+        or isinstance(m, StackedWeight)
+        and any(isinstance(p, BlockWeight) for p in m.parts)
+        for m in matrices
+    )
 
 
 @dataclass

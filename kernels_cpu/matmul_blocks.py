@@ -208,12 +208,22 @@ def _prepare_rows_parallel(x, k, h, norm, eps, prologue, xq, xsum, xs, xm) -> No
         _prepare_row(x, t, k, h, norm, eps, prologue, xq, xsum, xs, xm)
 
 
+@njit(cache=True, inline="always")
+def _fits_super(sup, groups, kp) -> bool:
+    return sup.shape[0] == groups and sup.shape[1] * SUPER == kp * ROWS
+
+
 @njit(cache=True)
-def _check(x, w, high, scale, mins, group, k, out, xq, xsum, xs, xm, h, norm, prologue) -> None:
+def _check(
+    x, w, high, scale, scale_sup, mins, mins_sup, group, k, out, xq, xsum, xs, xm, h, norm,
+    prologue,
+) -> None:  # fmt: skip
     """Shapes the tiles rely on (they index without bounds checks)."""
     tokens = x.shape[0]
     kp = xq.shape[1]
     groups = (out.shape[1] + ROWS - 1) // ROWS
+    if group != 16 and group != 32 and group != 64 and group != 128:
+        raise ValueError("group must be 16, 32, 64 or 128")
     if kp % CHUNK or kp % group or k > kp:
         raise ValueError("xq must be (T, padded_width(K))")
     width = kp * 8 if packs_nibbles(w) else kp * 16
@@ -225,6 +235,10 @@ def _check(x, w, high, scale, mins, group, k, out, xq, xsum, xs, xm, h, norm, pr
         raise ValueError("scale must be (groups, Kp / group * 16)")
     if mins is not None and mins.shape != scale.shape:
         raise ValueError("mins must be shaped as scale")
+    if scale_sup is not None and not _fits_super(scale_sup, groups, kp):
+        raise ValueError("scale_sup must be (groups, Kp / 256 * 16)")
+    if mins_sup is not None and not _fits_super(mins_sup, groups, kp):
+        raise ValueError("mins_sup must be (groups, Kp / 256 * 16)")
     if x.shape[1] != (2 * k if prologue == GATED else k):
         raise ValueError("x does not match the weight's inputs")
     if prologue != PLAIN and (h.shape[0] != tokens or h.shape[1] != k):
@@ -253,7 +267,12 @@ def matmul_blocks_into(
     so one compiled driver serves every linear of a weight format (each distinct argument
     type costs a compilation of seconds).
     """
-    _check(x, w, high, scale, mins, group, k, out, xq, xsum, xs, xm, h, norm, prologue)
+    _check(
+        x, w, high, scale, scale_sup, mins, mins_sup, group, k, out, xq, xsum, xs, xm, h, norm,
+        prologue,
+    )  # fmt: skip
+    if x.shape[0] == 0:
+        return
     start = zero + _offset(w)
     tokens = x.shape[0]
     groups = w.shape[0]

@@ -82,6 +82,14 @@ def test_layer_weights_mix_precisions(tmp_path, hf_tokenizer):
     assert isinstance(w.layers[1].down, Int8Weight) and isinstance(w.layers[0].down, BlockWeight)
 
 
+def test_a_tied_head_at_another_precision_is_untied():
+    """The default model ties its head to its embedding; a plan that stores them apart gets
+    two matrices, each as asked."""
+    w = load_model(None, plan=WeightPlan("int4", overrides={"lm_head": "int8"})).weights
+    assert isinstance(w.embed, BlockWeight) and isinstance(w.lm_head, Int8Weight)
+    assert load_model(None, plan=WeightPlan("int4")).weights.lm_head.kind == "int4-g32"
+
+
 def test_gptq_beats_round_to_nearest_on_its_calibration_error(hf_tokenizer):
     """GPTQ's compensated rounding leaves a smaller output error than RTN on the inputs it
     was calibrated on (the quantity it minimises), for the same grid family."""

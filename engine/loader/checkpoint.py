@@ -45,18 +45,18 @@ _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "
 
 def weights_format(weights: ModelWeights) -> str:
     """The precision of the decoder's linears: f32, int8, int4 (lamina's own 4-bit) or the
-    GGUF block types a file runs in ("Q4_1", "Q4_K+Q6_K")."""
-    first = weights.layers[0]
+    GGUF block types a file runs in ("Q4_1", "Q4_K+Q6_K"); several joined by "+"."""
     kinds: dict[str, None] = {}
-    for name in LAYER_LINEARS:
-        weight = getattr(first, name)
-        for part in weight.parts if isinstance(weight, StackedWeight) else [weight]:
-            if isinstance(part, DenseWeight):
-                kinds["f32"] = None
-            elif isinstance(part, BlockWeight):
-                kinds.update(dict.fromkeys(part.kind.split("+")))
-            else:
-                kinds["int8"] = None
+    for layer in weights.layers:
+        for name in LAYER_LINEARS:
+            weight = getattr(layer, name)
+            for part in weight.parts if isinstance(weight, StackedWeight) else [weight]:
+                if isinstance(part, DenseWeight):
+                    kinds["f32"] = None
+                elif isinstance(part, BlockWeight):
+                    kinds.update(dict.fromkeys(part.kind.split("+")))
+                else:
+                    kinds["int8"] = None
     names = ["int4" if kind.startswith("int4") else kind for kind in kinds]
     return "+".join(dict.fromkeys(names))
 
@@ -183,6 +183,7 @@ def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
             fields = {f: arrays.get(f"{name}.{f}") for f in BLOCK_ARRAYS}
             if fields["values"] is None or fields["scale"] is None:
                 raise KeyError(f"{name}.values" if fields["values"] is None else f"{name}.scale")
+            _check_block_arrays(name, fields, group, k, n, path)
             return BlockWeight(
                 group=group, in_features=k, out_features=n, kind=kind, zero=zero, bias=bias,
                 **fields,
@@ -200,6 +201,39 @@ def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
         return DenseWeight(part(".data"), bias)
     except KeyError as exc:
         raise ModelLoadError(f"{path} has no tensor {exc.args[0]!r}") from None
+
+
+def _check_block_arrays(name: str, fields: dict, group: int, k: int, n: int, path) -> None:
+    """A stored block weight's arrays fit its layout (the kernels index them unchecked)."""
+    from kernels_cpu.matmul_blocks import padded_width
+
+    groups, problem = -(-n // 16), None
+    if group not in (16, 32, 64, 128) or k < 1 or n < 1:
+        problem = f"group {group}, {n} x {k}"
+    else:
+        kp = fields["scale"].shape[1] * group // 16 if fields["scale"].ndim == 2 else -1
+        two_level = fields["scale_sup"] is not None
+        expected = {
+            "values": (groups, kp * (16 if fields["values"].dtype == np.int8 else 8)),
+            "high": (groups, kp * 4),
+            "scale": (groups, kp // group * 16),
+            "mins": (groups, kp // group * 16),
+            "scale_sup": (groups, kp // 256 * 16),
+            "mins_sup": (groups, kp // 256 * 16),
+        }
+        if kp != padded_width(k, group, two_level):
+            problem = f"{kp} padded inputs for {k}"
+        for field, shape in expected.items():
+            array = fields[field]
+            if array is not None and array.shape != shape:
+                problem = f"{field} of shape {array.shape}, expected {shape}"
+        sups = [fields[f] for f in ("scale_sup", "mins_sup") if fields[f] is not None]
+        if fields["high"] is not None and fields["values"].dtype != np.uint8:
+            problem = "high bits beside 8-bit values"
+        if any(a.dtype != np.uint16 for a in sups):
+            problem = "second-level factors that are not float16"
+    if problem:
+        raise ModelLoadError(f"{path}: block weight {name!r} has {problem}")
 
 
 def _vector(arrays: dict[str, Any], name: str, path: Path | str) -> np.ndarray:

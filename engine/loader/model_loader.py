@@ -25,7 +25,7 @@ from engine.loader.tokenizer import Tokenizer, load_hf_tokenizer, tokenizer_from
 from engine.loader.weights_builder import build_weights
 from engine.quant.formats import Quantizer, WeightPlan
 from engine.sampling import SamplingParams
-from engine.weights import ModelWeights
+from engine.weights import ModelWeights, has_blocks
 
 # generation_config.json fields that become SamplingParams defaults.
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "do_sample")
@@ -65,11 +65,12 @@ def load_model(
         raise ModelLoadError(f"model not found: {path} is neither a file nor a folder")
     with _naming(path):
         if path.is_dir():
-            loaded = _load_hf_folder(path, quant, quantize)
+            loaded = _load_hf_folder(path, quant, quantize, plan.unties())
         elif _is_gguf(path):
-            loaded = _load_gguf(path, quantize, native=quant is None)
+            loaded = _load_gguf(path, quantize, quant is None, plan.unties())
         else:
             raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a GGUF file")
+    plan.check_layers(loaded.config.num_layers)
     loaded.load_s = time.perf_counter() - start
     return loaded
 
@@ -109,7 +110,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_hf_folder(folder: Path, quant: str | None, quantize: Quantizer | None) -> LoadedModel:
+def _load_hf_folder(
+    folder: Path, quant: str | None, quantize: Quantizer | None, untie: bool = False
+) -> LoadedModel:
     """A Hugging Face folder, or a lamina checkpoint (an HF folder with fused, typed tensors)."""
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -133,7 +136,8 @@ def _load_hf_folder(folder: Path, quant: str | None, quantize: Quantizer | None)
     if checkpoint is not None:
         weights = load_checkpoint_weights(folder, config.num_layers)
     else:
-        weights = build_weights(config, SafetensorsSource(folder), str(folder), quantize)
+        source = SafetensorsSource(folder)
+        weights = build_weights(config, source, str(folder), quantize, untie=untie)
     defaults = _sampling_defaults(gen, gen_path)
     mapped_from = folder if checkpoint is not None else None
     return LoadedModel(folder, config, weights, tokenizer, defaults, checkpoint=mapped_from)
@@ -150,7 +154,9 @@ def _sampling_defaults(gen: dict[str, Any], gen_path: Path) -> dict[str, Any]:
     return defaults
 
 
-def _load_gguf(path: Path, quantize: Quantizer | None, native: bool) -> LoadedModel:
+def _load_gguf(
+    path: Path, quantize: Quantizer | None, native: bool, untie: bool = False
+) -> LoadedModel:
     reader = open_gguf(path)
     meta = gguf_metadata(reader, path)
     config = ModelConfig.from_gguf(meta, _rope_freq_factors(reader))
@@ -168,8 +174,8 @@ def _load_gguf(path: Path, quantize: Quantizer | None, native: bool) -> LoadedMo
     if native and repack_cache.enabled():
         weights, note = repack_cache.load(path, config.num_layers)
     if weights is None:
-        weights = build_weights(config, source, str(path), quantize, native)
-        if native and repack_cache.enabled():
+        weights = build_weights(config, source, str(path), quantize, native, untie)
+        if native and repack_cache.enabled() and has_blocks(weights):
             note = "; ".join(filter(None, [note, repack_cache.store(path, weights)]))
     return LoadedModel(path, config, weights, tokenizer, {}, note=note)
 

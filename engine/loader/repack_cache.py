@@ -4,28 +4,32 @@ Repacking a GGUF's blocks costs about 5 s per GB of file (numpy, every byte rewr
 16-row groups); mapping the result back costs nothing but the page cache. The first load of
 a file writes its repacked weights next to lamina's other caches, as a checkpoint's
 safetensors file; later loads map that file (the weights' pages are shared with the page
-cache, so they count once). An entry is keyed by the GGUF's resolved path, size and
-modification time and by the source of the repacking code, so an edited file or a new
-layout repacks again; a folder per GGUF keeps only its newest entry. Nothing here is
-needed for correctness: a cache that cannot be written or read is skipped (and said with
---verbose), and LAMINA_REPACK_CACHE=0 turns it off.
+cache, so they count once). An entry is keyed by the GGUF's resolved path, size,
+inode and modification and change times, and by the source of the code that shapes the
+weights (the loaders, the weight types, the kernels), so an edited file or a new layout
+repacks again. A folder per GGUF keeps only its newest entry, and the folders of GGUFs that
+no longer exist are removed when an entry is written. Nothing here is needed for
+correctness: a cache that cannot be written or read is skipped (and said with --verbose),
+and LAMINA_REPACK_CACHE=0 turns it off.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from engine.loader import checkpoint
 from engine.weights import ModelWeights
-from kernels_cpu.jit_cache import cache_dir
+from kernels_cpu.jit_cache import cache_dir, source_key
 
 ENV = "LAMINA_REPACK_CACHE"
-# The code whose output the cache holds: any edit makes new keys.
-_LAYOUT_SOURCES = ("engine/loader/gguf_blocks.py", "kernels_cpu/matmul_blocks.py")
 _ROOT = Path(__file__).resolve().parents[2]
+# The code whose output the cache holds: any edit makes new keys.
+_LAYOUT_FOLDERS = (_ROOT / "engine" / "loader", _ROOT / "kernels_cpu")
+_SOURCE_NOTE = "source.txt"  # in each GGUF's folder: the path it caches
 
 
 def enabled() -> bool:
@@ -36,11 +40,10 @@ def entry_path(gguf: Path) -> Path:
     """Where the repacked weights of `gguf` (as it is now) are cached."""
     resolved = gguf.resolve()
     stat = resolved.stat()
-    layout = hashlib.sha256()
-    for name in _LAYOUT_SOURCES:
-        layout.update((_ROOT / name).read_bytes())
+    layout = source_key(list(_LAYOUT_FOLDERS)) + (_ROOT / "engine" / "weights.py").read_text()
     folder = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
-    state = f"{stat.st_size}:{stat.st_mtime_ns}:{layout.hexdigest()}"
+    identity = (stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+    state = f"{identity}:{layout}"
     key = hashlib.sha256(state.encode()).hexdigest()[:16]
     return cache_dir() / "repacked" / folder / f"{key}.safetensors"
 
@@ -58,21 +61,32 @@ def load(gguf: Path, num_layers: int) -> tuple[ModelWeights | None, str]:
 
 
 def store(gguf: Path, weights: ModelWeights) -> str:
-    """Write `weights` as the cache entry of `gguf` (atomically), remove its older entries;
-    returns what happened."""
-    path = entry_path(gguf)
+    """Write `weights` as the cache entry of `gguf` (atomically), remove its older entries and
+    those of GGUFs that are gone; returns what happened."""
+    partial = None
     try:
+        path = entry_path(gguf)
         path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / _SOURCE_NOTE).write_text(str(gguf.resolve()), encoding="utf-8")
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as f:
             partial = Path(f.name)
-        try:
-            checkpoint.save_weights_file(weights, partial)
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
+        checkpoint.save_weights_file(weights, partial)
+        partial.replace(path)
         for old in path.parent.glob("*.safetensors"):
             if old != path:
                 old.unlink(missing_ok=True)
-    except OSError as exc:
-        return f"repacked layout not cached ({exc.strerror or exc})"
+        _prune(path.parent.parent)
+    except Exception as exc:  # noqa: BLE001 (a full disk or a read-only cache: never fatal)
+        return f"repacked layout not cached ({exc})"
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return f"repacked layout cached at {path}"
+
+
+def _prune(root: Path) -> None:
+    """Remove the cache folders of GGUF files that no longer exist."""
+    for folder in root.iterdir():
+        note = folder / _SOURCE_NOTE
+        if note.is_file() and not Path(note.read_text(encoding="utf-8")).exists():
+            shutil.rmtree(folder, ignore_errors=True)

@@ -82,22 +82,28 @@ def build_weights(
     where: str,
     quantize: Quantizer | None = None,
     native: bool = False,
+    untie: bool = False,
 ) -> ModelWeights:
     """Load and fuse all weights of `config`'s model from `source` (described as `where`).
 
     `quantize` is applied to each matrix as soon as it is loaded, so peak memory stays near
     the quantized size plus one float32 layer, however large the float32 model would be.
     `native`: keep each matrix in the file's own quantization (a GGUF's block types).
+    `untie`: give tied embeddings their own output head (quantized as "lm_head"), for a plan
+    that stores the two at different precisions.
     """
     r = _Reader(source, where, native)
     c = config
     q = quantize or _keep
-    embed = q(r.matrix("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)), "embed")
+    table = r.matrix("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+    embed = q(table, "embed")
     layers = [_build_layer(r, c, i, q) for i in range(c.num_layers)]
     final_norm = r.get("model.norm.weight", (c.hidden_size,))
     # As transformers does, a stored lm_head wins even when the config says embeddings are tied.
     if source.has("lm_head.weight") or not c.tie_word_embeddings:
         lm_head = q(r.linear("lm_head", (c.vocab_size, c.hidden_size)), "lm_head")
+    elif untie:
+        lm_head = q(table, "lm_head")
     else:
         lm_head = embed
     r.refuse_unused()

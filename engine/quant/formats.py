@@ -57,9 +57,23 @@ class WeightPlan:
                 return self.overrides[key]
         return self.default
 
-    @property
-    def converts(self) -> bool:
-        return any(v not in (None, "f32") for v in (self.default, *self.overrides.values()))
+    def unties(self) -> bool:
+        """Whether tied embeddings need their own output head: the plan stores the two at
+        different precisions."""
+        return self.format_for("embed") != self.format_for("lm_head")
+
+    def makes(self, fmt: str) -> bool:
+        """Whether any matrix gets format `fmt`."""
+        return fmt in (self.default, *self.overrides.values())
+
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse overrides naming a layer the model does not have."""
+        for key in self.overrides:
+            index = key.partition(".")[0]
+            if index.isdigit() and int(index) >= num_layers:
+                raise InvalidInputError(
+                    f"layer weights key {key!r}: the model has layers 0 to {num_layers - 1}"
+                )
 
     def quantizer(self) -> Quantizer | None:
         """The per-matrix transform (None: keep every matrix as loaded)."""
@@ -84,9 +98,10 @@ def _valid_key(key: str) -> bool:
     if key in ("embed", "lm_head"):
         return True
     index, _, name = key.partition(".")
+    canonical = index.isdigit() and str(int(index)) == index  # "3", not "03"
     if not name:
-        return key in LAYER_LINEARS or key.isdigit()
-    return index.isdigit() and name in LAYER_LINEARS
+        return key in LAYER_LINEARS or canonical
+    return canonical and name in LAYER_LINEARS
 
 
 def parse_layer_weights(items: list[str]) -> dict[str, str]:

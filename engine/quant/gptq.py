@@ -63,9 +63,10 @@ def quantize_gptq(loaded, plan: WeightPlan, calibration: str | None) -> dict:
             else:
                 setattr(layer, name, convert(weight, key))
             stats.pop((i, name), None)  # the Gram matrices of a big model fill the RAM
-    tied = weights.lm_head is weights.embed
-    weights.embed = convert(weights.embed, "embed")
-    weights.lm_head = weights.embed if tied else convert(weights.lm_head, "lm_head")
+    table, head = weights.embed, weights.lm_head
+    weights.embed = convert(table, "embed")
+    tied = head is table and not plan.unties()
+    weights.lm_head = weights.embed if tied else convert(head, "lm_head")
     return {
         "quantization": {
             "method": "gptq",
