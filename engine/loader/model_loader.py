@@ -165,6 +165,10 @@ def _load_gguf(
         path, reader, config.num_heads, config.num_kv_heads, permute_qk=arch in ("llama", "mistral")
     )
     tokenizer = tokenizer_from_gguf(meta)
+    # The parsed metadata (a vocabulary's worth of small arrays, ~70 MB) is no longer needed
+    # while the weights load: peak memory then stays near the weights' size.
+    del meta
+    reader.fields.clear()
     eos = _merge_ids(config.eos_token_ids, tokenizer.eos_token_ids)
     config = dataclasses.replace(
         config, tie_word_embeddings=not source.has("lm_head.weight"), eos_token_ids=eos

@@ -265,11 +265,14 @@ class GGUFSource:
             return DenseWeight(self.load(name))
         check_supported(type_name, self.describe(name))
         n, k = self.shape(name)
-        raw = np.asarray(tensor.data).reshape(n, -1)
+        mapped = np.asarray(tensor.data).reshape(n, -1)
+        raw = mapped
         if self._permute_qk and ".self_attn.q_proj." in name:
-            raw = _unpermute_rows(raw, self._heads)
+            raw = _unpermute_rows(mapped, self._heads)
         elif self._permute_qk and ".self_attn.k_proj." in name:
-            raw = _unpermute_rows(raw, self._kv_heads)
+            raw = _unpermute_rows(mapped, self._kv_heads)
+        if raw is not mapped:
+            _release(mapped)  # copied in a new row order: the mapped pages are done with
         return repack(type_name, raw, k, done=_release)
 
     def load(self, name: str) -> np.ndarray:
