@@ -70,9 +70,11 @@ def perplexity_table() -> list[dict]:
             for method in ("rtn", "gptq"):
                 out = Path(tmp) / f"int4-g{group}-{method}"
                 args = ["quantize", str(source), str(out), "--weights", "int4", "--group-size",
-                        str(group), "--method", method, "--calibration", str(calibration),
-                        "--layer-weights", HEAD]  # fmt: skip
-                main(args)
+                        str(group), "--method", method, "--layer-weights", HEAD]  # fmt: skip
+                if method == "gptq":
+                    args += ["--calibration", str(calibration)]
+                if main(args) != 0:
+                    raise RuntimeError(f"lamina {' '.join(args)} failed")
                 rows.append({"weights": f"lamina int4 g{group} {method}",
                              "lamina_ppl": _lamina_ppl(out, evaluation)})  # fmt: skip
     reference = next(r["llama.cpp_ppl"] for r in rows if "Q4_K_M" in r["weights"])
