@@ -139,32 +139,19 @@ def startup_figures(path: Path, quant: str | None) -> dict:
     return figures
 
 
-_LOAD = """
-import json, resource, sys, time
-from engine.loader.model_loader import load_model
-import engine.backends.cpu  # the engine's imports, before the baseline
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.perf_counter()
-loaded = load_model(sys.argv[1])
-seconds = time.perf_counter() - t0
-growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
-print(json.dumps({"load_s": seconds, "rss_growth": growth, "note": loaded.note}))
-"""
-
-
 def gguf_load_figures(path: Path, cache: Path) -> dict:
     """Loading a GGUF in its own quantization, in fresh processes with the page cache warm:
     the first time (repacking, and writing the repacked layout to an empty cache at `cache`)
     and the next (mapping it): seconds, and the peak RSS growth as a share of the file."""
+    from bench.load_memory import measure_load
+
     env = {**os.environ, "LAMINA_CACHE": str(cache)}
     size = path.stat().st_size
     figures = {"gguf_bytes": size}
     for label in ("first", "cached"):
-        run = subprocess.run([sys.executable, "-c", _LOAD, str(path)], env=env,
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        result = json.loads(run.stdout.strip().splitlines()[-1])
+        result = measure_load(path, env)
         figures[f"gguf_load_{label}_s"] = result["load_s"]
-        figures[f"gguf_load_{label}_peak_rss_vs_file"] = result["rss_growth"] / size
+        figures[f"gguf_load_{label}_peak_rss_vs_file"] = result["peak_growth"] / size
     return figures
 
 
