@@ -151,7 +151,8 @@ def gguf_load_figures(path: Path, cache: Path) -> dict:
     for label in ("first", "cached"):
         result = measure_load(path, env)
         figures[f"gguf_load_{label}_s"] = result["load_s"]
-        figures[f"gguf_load_{label}_peak_rss_vs_file"] = result["peak_growth"] / size
+        growth = result["peak_growth"]
+        figures[f"gguf_load_{label}_peak_rss_vs_file"] = None if growth is None else growth / size
     return figures
 
 

@@ -94,6 +94,8 @@ def test_loading_a_gguf_keeps_peak_memory_near_the_file_size(tmp_path):
     env = {**os.environ, "LAMINA_CACHE": str(tmp_path)}
     for expected in ("cached at", "mapped from the cache"):
         figures = measure_load(path, env)
+        if figures["peak_growth"] is None:
+            pytest.skip("this kernel cannot reset a process's peak RSS (/proc/self/clear_refs)")
         assert expected in figures["note"]
         assert figures["weights"] <= 1.1 * size
         assert figures["peak_growth"] <= 1.3 * size + FIXED_OVERHEAD, (figures, size)
