@@ -448,7 +448,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from engine.quant.sparsify import sparsify
 
         if args.weights != "int8" or args.layer_weights:
-            raise InvalidInputError("sparse checkpoints are int8: use --weights int8")
+            raise InvalidInputError(
+                "sparse checkpoints are int8 throughout: use --weights int8, no --layer-weights"
+            )
         loaded = load_model(src, "f32")
         sparsify(loaded, plan)
         recipe = {"sparsity": plan.describe()}
@@ -530,6 +532,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from engine.loader.checkpoint import weights_format
 
+    if args.chunks is not None and args.stride is not None:
+        raise InvalidInputError("--stride applies to sliding windows, not to --chunks")
     if args.file == "-":
         text = _read_stdin()
     else:
@@ -543,8 +547,6 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
                 f"{args.file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
             ) from None
     llm = _load(args)
-    if args.chunks is not None and args.stride is not None:
-        raise InvalidInputError("--stride applies to sliding windows, not to --chunks")
     result = llm.perplexity(text, args.context, args.stride, args.chunks)
     if args.json:
         # The weights as loaded: a checkpoint has its own precision, given --quant or not.

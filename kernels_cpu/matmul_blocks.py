@@ -28,6 +28,7 @@ from kernels_cpu.simd_blocks import (
     BLOCK,
     CHUNK,
     ROWS,
+    SUM_SPAN,
     SUPER,
     activation_offset,
     make_rows_tile,
@@ -38,9 +39,10 @@ KIND = host_kind()
 GEMV_TOKENS = 2
 JOB_GROUPS = 2  # 16-row groups per parallel job
 
-_tile_1 = make_rows_tile(KIND, 1)
-_tile_2 = make_rows_tile(KIND, 2)
-_tile_4 = make_rows_tile(KIND, 4)
+_tile_1 = make_rows_tile(KIND, 1, prefetch=True)
+_tile_2 = make_rows_tile(KIND, 2, prefetch=True)
+_tile_4 = make_rows_tile(KIND, 4, prefetch=False)  # compute-bound: weights stay cached
+_tile_1_gemm = make_rows_tile(KIND, 1, prefetch=False)
 
 
 def padded_width(k: int, group: int = CHUNK, two_level: bool = False) -> int:
@@ -51,7 +53,13 @@ def padded_width(k: int, group: int = CHUNK, two_level: bool = False) -> int:
 
 
 def row_groups(n: int) -> int:
+    """16-row groups holding n rows."""
     return -(-n // ROWS)
+
+
+def padded_inputs(scale: np.ndarray, group: int) -> int:
+    """Kp of a block-format matrix from its (groups, Kp / group * 16) scales."""
+    return scale.shape[1] * group // ROWS
 
 
 def _grouped(a: np.ndarray) -> np.ndarray:
@@ -178,7 +186,7 @@ def _quantize_row(src, t, k, xq, xsum, xs, xm) -> None:
         xs[t, b] = scale
         for half in range(2 * b, 2 * b + 2):
             total = np.int32(0)
-            for i in range(16 * half, 16 * half + 16):
+            for i in range(SUM_SPAN * half, SUM_SPAN * half + SUM_SPAN):
                 total += np.int32(xq[t, i])
             xsum[t, half] = total
             xm[t, half] = np.float32(total) * scale
@@ -297,24 +305,30 @@ def matmul_blocks_into(
                 _tile_4(w, high, scale, scale_sup, mins, mins_sup, group, g, xq, xsum, xs, xm,
                         start, t, out, accumulate)  # fmt: skip
             for t in range(quads, tokens):
-                _tile_1(w, high, scale, scale_sup, mins, mins_sup, group, g, xq, xsum, xs, xm,
+                _tile_1_gemm(w, high, scale, scale_sup, mins, mins_sup, group, g, xq, xsum, xs, xm,
                         start, t, out, accumulate)  # fmt: skip
+
+
+def activation_shapes(tokens: int, kp: int) -> tuple[tuple[tuple[int, int], type], ...]:
+    """(shape, dtype) of the scratch (xq, xsum, xs, xm) of `matmul_blocks_into` over kp
+    (padded) inputs."""
+    return (
+        ((tokens, kp), np.int8),
+        ((tokens, kp // SUM_SPAN), np.int32),
+        ((tokens, kp // BLOCK), np.float32),
+        ((tokens, kp // SUM_SPAN), np.float32),
+    )
 
 
 def activation_scratch(tokens: int, kp: int) -> tuple[np.ndarray, ...]:
     """New scratch (xq, xsum, xs, xm) for `matmul_blocks_into` over kp (padded) inputs."""
-    return (
-        np.empty((tokens, kp), np.int8),
-        np.empty((tokens, kp // 16), np.int32),
-        np.empty((tokens, kp // BLOCK), np.float32),
-        np.empty((tokens, kp // 16), np.float32),
-    )
+    return tuple(np.empty(shape, dtype) for shape, dtype in activation_shapes(tokens, kp))
 
 
 def matmul_blocks(x, w, high, scale, scale_sup, mins, mins_sup, group, zero, k, n) -> np.ndarray:
     """`matmul_blocks_into` into a new (T, n) array, with its own scratch."""
     out = np.empty((x.shape[0], n), np.float32)
-    scratch = activation_scratch(x.shape[0], scale.shape[1] * group // ROWS)
+    scratch = activation_scratch(x.shape[0], padded_inputs(scale, group))
     h, norm = np.empty((x.shape[0], k), np.float32), np.empty(0, np.float32)
     matmul_blocks_into(
         x, w, high, scale, scale_sup, mins, mins_sup, group, zero, k, out, *scratch, h, norm, 0.0,

@@ -48,6 +48,7 @@ from kernels_cpu.simd import _declare, _row_pointer
 
 ROWS = 16  # rows per interleaved group: the int32 lanes of a vector
 BLOCK = 32  # inputs per activation scale, and per step of the tiles
+SUM_SPAN = 16  # inputs per activation sum (the smallest group: Q6_K's)
 CHUNK = 64  # the padded width of every block-format row is a multiple
 SUPER = 256  # columns per super-block (the second scale level of the K-quants)
 GROUPS = (16, 32, 64, 128)
@@ -326,7 +327,7 @@ def _emit_block_loop(builder: ir.IRBuilder, o: _TileOperands, halves: bool, per_
     return finals
 
 
-def make_rows_tile(kind: str, tokens: int):
+def make_rows_tile(kind: str, tokens: int, prefetch: bool):
     """A numba intrinsic tile(w, high, scale, scale_sup, mins, mins_sup, group, g, xq, xsum,
     xs, xm, start, t, out, accumulate): out[t + j, 16 g + r] (+)= row 16 g + r . token t + j
     for the 16 rows of group g (fewer in a last group: out's width bounds the stores) and
@@ -338,7 +339,8 @@ def make_rows_tile(kind: str, tokens: int):
     16) float16 bits or None; mins None for formats without; group one of GROUPS. xq (T, Kp) int8
     activations; xsum (T, Kp / 16) int32 sums of each 16 of them; xs (T, Kp / 32) float32
     scales; xm (T, Kp / 16) float32 sums times their scale (read with mins); start the zero
-    point plus the step's weight offset; out (T, N) float32.
+    point plus the step's weight offset; out (T, N) float32. With `prefetch`, the block loop
+    hints the weights PREFETCH_AHEAD bytes ahead (the memory-bound GEMV's tiles).
     """
 
     @intrinsic
@@ -390,7 +392,7 @@ def make_rows_tile(kind: str, tokens: int):
                 s_rows=[_row_pointer(builder, xs_a, tid, _F32) for tid in tok],
                 m_rows=[_row_pointer(builder, xm_a, tid, _F32) for tid in tok],
                 neg_start=builder.trunc(builder.neg(zero_pt), _I32),
-                prefetch=tokens <= 2,
+                prefetch=prefetch,
             )
             # Groups of 16 inputs (Q6_K) take two scales a block; larger groups one, shared
             # by group / 32 blocks. The two loops are emitted apart, the choice made once.

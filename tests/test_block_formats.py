@@ -23,7 +23,7 @@ from engine.loader.gguf_blocks import BLOCK_BYTES, check_supported, dequantize, 
 from engine.quant.int4 import quantize_int4
 from engine.weights import DenseWeight
 from kernels_cpu import simd, simd_blocks
-from kernels_cpu.matmul_blocks import KIND, matmul_blocks
+from kernels_cpu.matmul_blocks import KIND, matmul_blocks, padded_inputs
 
 # Byte offsets of each type's float16 fields, set to finite values in random blocks.
 F16_FIELDS = {
@@ -119,7 +119,7 @@ def test_blocks_matmul_matches_numpy(fmt, tokens, n, k, seed):
     k = w.in_features
     x = (rng.standard_normal((tokens, k)) * 3).astype(np.float32)
     got = matmul_blocks(x, *w.kernel_arrays, k, n)
-    kp = w.scale.shape[1] * w.group // 16
+    kp = padded_inputs(w.scale, w.group)
     w_ref = np.zeros((n, kp))
     w_ref[:, :k] = dequantize(w)
     xq = quantized_activations(x, kp)

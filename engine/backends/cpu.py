@@ -33,8 +33,10 @@ from kernels_cpu.matmul_blocks import (
     GATED,
     PLAIN,
     RMSNORM,
+    activation_shapes,
     dequantize_rows_into,
     matmul_blocks_into,
+    padded_inputs,
 )
 from kernels_cpu.matmul_int8 import (
     INT16_MAX,
@@ -196,14 +198,9 @@ class CPUBackend:
     def _linear_blocks(self, x, weight: BlockWeight, out, h, norm, eps, accumulate) -> None:
         """Block formats (GGUF types, int4) run the prologue and the add themselves."""
         tokens = x.shape[0]
-        kp = weight.scale.shape[1] * weight.group // 16  # 16 rows' factors side by side
         take = self.scratch.take
-        scratch = (
-            take("blocks_xq", (tokens, kp), np.int8),
-            take("blocks_xsum", (tokens, kp // 16), np.int32),
-            take("blocks_xs", (tokens, kp // 32), np.float32),
-            take("blocks_xm", (tokens, kp // 16), np.float32),
-        )
+        shapes = activation_shapes(tokens, padded_inputs(weight.scale, weight.group))
+        scratch = [take(f"blocks_{i}", shape, dtype) for i, (shape, dtype) in enumerate(shapes)]
         k = weight.in_features
         if h is None:
             prologue, h = PLAIN, take("h", (tokens, k), np.float32)

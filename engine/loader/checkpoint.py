@@ -35,6 +35,8 @@ from engine.weights import (
     StackedWeight,
     Weight,
 )
+from kernels_cpu.matmul_blocks import padded_inputs, padded_width, row_groups
+from kernels_cpu.simd_blocks import GROUPS, ROWS, SUPER
 from offload.streaming import LayerStream, TensorSpec
 
 FORMAT_VERSION = 1
@@ -205,21 +207,20 @@ def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
 
 def _check_block_arrays(name: str, fields: dict, group: int, k: int, n: int, path) -> None:
     """A stored block weight's arrays fit its layout (the kernels index them unchecked)."""
-    from kernels_cpu.matmul_blocks import padded_width
-
-    groups, problem = -(-n // 16), None
-    if group not in (16, 32, 64, 128) or k < 1 or n < 1:
+    groups, problem = row_groups(n), None
+    if group not in GROUPS or k < 1 or n < 1:
         problem = f"group {group}, {n} x {k}"
     else:
-        kp = fields["scale"].shape[1] * group // 16 if fields["scale"].ndim == 2 else -1
+        kp = padded_inputs(fields["scale"], group) if fields["scale"].ndim == 2 else -1
         two_level = fields["scale_sup"] is not None
+        bytes_a_value = ROWS if fields["values"].dtype == np.int8 else ROWS // 2
         expected = {
-            "values": (groups, kp * (16 if fields["values"].dtype == np.int8 else 8)),
-            "high": (groups, kp * 4),
-            "scale": (groups, kp // group * 16),
-            "mins": (groups, kp // group * 16),
-            "scale_sup": (groups, kp // 256 * 16),
-            "mins_sup": (groups, kp // 256 * 16),
+            "values": (groups, kp * bytes_a_value),
+            "high": (groups, kp * ROWS // 4),
+            "scale": (groups, kp // group * ROWS),
+            "mins": (groups, kp // group * ROWS),
+            "scale_sup": (groups, kp // SUPER * ROWS),
+            "mins_sup": (groups, kp // SUPER * ROWS),
         }
         if kp != padded_width(k, group, two_level):
             problem = f"{kp} padded inputs for {k}"

@@ -1,8 +1,10 @@
 """GGUF block types repacked, exactly, into lamina's block format (`BlockWeight`).
 
-Every type below becomes the layout of kernels_cpu.simd_blocks: values in 64-column chunks
-(4-bit ones two a byte, column j and j + 32 of a chunk sharing byte j; wider ones one signed
-byte each), the per-group scales and minimums in their own arrays. The repacked matrix
+Every type below becomes the layout of kernels_cpu.simd_blocks (rows interleaved 16 at a
+time; 4-bit values two a byte, 6-bit ones as 4-bit plus a plane of their top bits, 8-bit ones
+a signed byte each; the per-group scales and minimums in their own arrays): each type's
+decoder below yields row-major values and factors, and `BlockWeight.from_rows` interleaves
+them. The repacked matrix
 dequantizes to the same float32 bits as the `gguf` package's dequantizer (the tests check
 every type), because it keeps the stored numbers and the order of the arithmetic:
 
@@ -32,7 +34,8 @@ import numpy as np
 
 from engine.errors import UnsupportedModelError
 from engine.weights import BLOCK_ARRAYS, BlockWeight
-from kernels_cpu.matmul_blocks import padded_width
+from kernels_cpu.matmul_blocks import padded_width, row_groups
+from kernels_cpu.simd_blocks import ROWS
 
 # Bytes per block and columns per block of each supported type.
 BLOCK_BYTES = {
@@ -96,11 +99,11 @@ def repack(
         if first is None:
             first = part
             arrays = {
-                name: np.empty((-(-n // 16), a.shape[1]), a.dtype)
+                name: np.empty((row_groups(n), a.shape[1]), a.dtype)
                 for name in BLOCK_ARRAYS
                 if (a := getattr(part, name)) is not None
             }
-        g0 = r0 // 16
+        g0 = r0 // ROWS
         for name, out in arrays.items():
             piece = getattr(part, name)
             out[g0 : g0 + len(piece)] = piece

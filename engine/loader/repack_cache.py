@@ -40,7 +40,8 @@ def entry_path(gguf: Path) -> Path:
     """Where the repacked weights of `gguf` (as it is now) are cached."""
     resolved = gguf.resolve()
     stat = resolved.stat()
-    layout = source_key(list(_LAYOUT_FOLDERS)) + (_ROOT / "engine" / "weights.py").read_text()
+    weights_source = hashlib.sha256((_ROOT / "engine" / "weights.py").read_bytes()).hexdigest()
+    layout = source_key(list(_LAYOUT_FOLDERS)) + weights_source
     folder = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     identity = (stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
     state = f"{identity}:{layout}"

@@ -19,6 +19,7 @@ from engine.weights import (
     StackedWeight,
     Weight,
 )
+from kernels_cpu.simd_blocks import ROWS
 
 
 class _Reader:
@@ -144,7 +145,9 @@ def _fuse(*parts: Weight) -> Weight:
     runs: list[list[Weight]] = []
     for w in parts:
         # interleaved block rows concatenate in whole groups of 16
-        whole = not isinstance(w, BlockWeight) or runs and runs[-1][-1].out_features % 16 == 0
+        whole = not isinstance(w, BlockWeight) or (
+            bool(runs) and runs[-1][-1].out_features % ROWS == 0
+        )
         if runs and whole and _layout(runs[-1][0]) == _layout(w):
             runs[-1].append(w)
         else:

@@ -19,7 +19,7 @@ from kernels_cpu.matmul_blocks import padded_width
 # them): 10-12% less squared error than min-max at groups of 64 and 128 on the default
 # model's linears.
 SHRINK = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
-_ROWS = 2048  # rows searched at a time: the candidates' temporaries stay small
+_SEARCH_ROWS = 2048  # rows searched at a time: the candidates' temporaries stay small
 
 
 def group_grid(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,9 +30,9 @@ def group_grid(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     n, kp = w.shape
     scale = np.empty((n, kp // group), np.float32)
     minimum = np.empty_like(scale)
-    for r0 in range(0, n, _ROWS):
-        part = w[r0 : r0 + _ROWS].reshape(-1, kp // group, group)
-        scale[r0 : r0 + _ROWS], minimum[r0 : r0 + _ROWS] = _best_grid(part)
+    for r0 in range(0, n, _SEARCH_ROWS):
+        rows = slice(r0, r0 + _SEARCH_ROWS)
+        scale[rows], minimum[rows] = _best_grid(w[rows].reshape(-1, kp // group, group))
     return scale, minimum
 
 
@@ -43,15 +43,14 @@ def _grid(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _best_grid(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     low, high = groups.min(axis=2), groups.max(axis=2)
-    best_scale, best_min = _grid(low, high)
-    best_err = None
+    best = None
     for factor in SHRINK:
         scale, minimum = _grid(low * factor, high * factor)
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
         q = np.clip(np.rint((groups - minimum[:, :, None]) * inv[:, :, None]), 0, 15)
         err = ((q * scale[:, :, None] + minimum[:, :, None] - groups) ** 2).sum(axis=2)
-        if best_err is None:
-            best_err = err
+        if best is None:
+            best, best_err, best_scale, best_min = factor, err, scale, minimum
             continue
         better = err < best_err
         best_err = np.where(better, err, best_err)
