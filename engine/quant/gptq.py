@@ -13,19 +13,17 @@ import numpy as np
 from engine.quant.calibration import calibration_text, collect_input_stats
 from engine.quant.error_feedback import BLOCK, compensated_sweep
 from engine.quant.formats import WeightPlan
-from engine.quant.int4 import group_grid, quantize_to_grid, to_block_weight
+from engine.quant.int4 import group_grid, padded_rows, quantize_to_grid, to_block_weight
 from engine.weights import LAYER_LINEARS, BlockWeight, DenseWeight
-from kernels_cpu.matmul_blocks import padded_width
 
 CALIBRATION_TOKENS = 4096
 
 
 def gptq_int4(weight: DenseWeight, gram: np.ndarray, group: int) -> BlockWeight:
     """The GPTQ 4-bit BlockWeight of a float matrix, given its inputs' Gram matrix (in, in)."""
-    n, k = weight.data.shape
-    kp = padded_width(k, group)
-    w = np.zeros((n, kp), np.float32)
-    w[:, :k] = weight.data
+    w = padded_rows(weight, group)
+    n, kp = w.shape
+    k = weight.in_features
     h = np.zeros((kp, kp))
     h[:k, :k] = gram
     scale = np.zeros((n, kp // group), np.float32)
@@ -43,7 +41,7 @@ def gptq_int4(weight: DenseWeight, gram: np.ndarray, group: int) -> BlockWeight:
 
     assert BLOCK % group == 0
     compensated_sweep(w, h, target)
-    return to_block_weight(q, scale, minimum, k, f"int4-g{group}", weight.bias)
+    return to_block_weight(q, scale, minimum, weight)
 
 
 def quantize_gptq(loaded, plan: WeightPlan, calibration: str | None) -> dict:

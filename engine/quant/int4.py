@@ -68,21 +68,28 @@ def quantize_to_grid(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> n
     return np.clip(np.rint(groups), 0, 15).astype(np.uint8).reshape(n, kp)
 
 
+def padded_rows(weight: DenseWeight, group: int) -> np.ndarray:
+    """The float32 matrix with zero columns up to the block layout's padded width."""
+    n, k = weight.data.shape
+    w = np.zeros((n, padded_width(k, group)), np.float32)
+    w[:, :k] = weight.data
+    return w
+
+
 def to_block_weight(
-    q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, k: int, kind: str, bias=None
+    q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, source: DenseWeight
 ) -> BlockWeight:
-    """The BlockWeight of 4-bit values q (N, Kp) with float32 scales and minimums (exact in
-    float16)."""
+    """The BlockWeight ("int4-g<group>") of 4-bit values q (N, Kp) with float32 scales and
+    minimums (exact in float16) quantized from `source` (its width and bias)."""
+    group = q.shape[1] // scale.shape[1]
     halves = [a.astype(np.float16).view(np.uint16) for a in (scale, minimum)]
-    return BlockWeight.from_rows(q, 4, halves[0], k, kind, mins=halves[1], bias=bias)
+    k = source.in_features
+    return BlockWeight.from_rows(q, 4, halves[0], k, f"int4-g{group}", mins=halves[1],
+                                 bias=source.bias)  # fmt: skip
 
 
 def quantize_int4(weight: DenseWeight, group: int = 32) -> BlockWeight:
     """Round-to-nearest 4-bit quantization of a float matrix, groups of `group` inputs."""
-    n, k = weight.data.shape
-    kp = padded_width(k, group)
-    w = np.zeros((n, kp), np.float32)
-    w[:, :k] = weight.data
+    w = padded_rows(weight, group)
     scale, minimum = group_grid(w, group)
-    q = quantize_to_grid(w, scale, minimum)
-    return to_block_weight(q, scale, minimum, k, f"int4-g{group}", weight.bias)
+    return to_block_weight(quantize_to_grid(w, scale, minimum), scale, minimum, weight)
