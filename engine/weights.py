@@ -27,6 +27,15 @@ class _Matrix:
         return self.data.shape[1]
 
 
+def read_only(*arrays: np.ndarray | None) -> None:
+    """Mark the numpy arrays among `arrays` read-only, whatever made them (a loader's new
+    array, a mapped file's view): numba compiles a kernel once per argument type, and
+    writability is part of it, so kernels see one type however the weights were loaded."""
+    for array in arrays:
+        if isinstance(array, np.ndarray):
+            array.setflags(write=False)
+
+
 @dataclass
 class DenseWeight(_Matrix):
     """A float32 matrix of shape (out_features, in_features) with an optional bias."""
@@ -142,12 +151,7 @@ class BlockWeight:
     bias: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        # Read-only, whether repacked, quantized or mapped from a file: numba compiles a
-        # kernel once per argument type, and writability is part of it.
-        for name in BLOCK_ARRAYS:
-            array = getattr(self, name)
-            if isinstance(array, np.ndarray):
-                array.setflags(write=False)
+        read_only(*(getattr(self, name) for name in BLOCK_ARRAYS))
 
     @classmethod
     def from_rows(
@@ -254,11 +258,7 @@ class LayerWeights:
     down: Weight
 
     def __post_init__(self) -> None:
-        # Read-only, whatever the loader produced (a mapped file's view or a new array):
-        # numba compiles a kernel once per argument type, and writability is part of it.
-        for norm in (self.attn_norm, self.ffn_norm):
-            if isinstance(norm, np.ndarray):
-                norm.setflags(write=False)
+        read_only(self.attn_norm, self.ffn_norm)
 
     @property
     def nbytes(self) -> int:

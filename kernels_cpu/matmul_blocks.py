@@ -1,7 +1,7 @@
 """Matmuls on group-quantized weights (4-, 6- and 8-bit values with per-group scales).
 
 Weights are stored as `simd_blocks` describes: w = d * (q - zero) + m per group of `group`
-columns, rows padded to a multiple of 64 columns (Kp) and interleaved 16 at a time
+columns, rows padded to a multiple of 32 columns (Kp) and interleaved 16 at a time
 (`interleave_rows`). The activations are quantized on entry per 32 columns to int8 (the
 accuracy of llama.cpp's Q8_0 activations), with the sums the tiles need, then multiplied in
 integers.
@@ -26,7 +26,7 @@ from kernels_cpu.norms import rmsnorm_row
 from kernels_cpu.simd import host_kind
 from kernels_cpu.simd_blocks import (
     BLOCK,
-    CHUNK,
+    GROUPS,
     ROWS,
     SUM_SPAN,
     SUPER,
@@ -45,10 +45,10 @@ _tile_4 = make_rows_tile(KIND, 4, prefetch=False)  # compute-bound: weights stay
 _tile_1_gemm = make_rows_tile(KIND, 1, prefetch=False)
 
 
-def padded_width(k: int, group: int = CHUNK, two_level: bool = False) -> int:
-    """Columns of a block-format row holding k inputs: a multiple of the 64-column chunk, of
-    the group and, for two-level scales, of the 256-column super-block."""
-    unit = max(CHUNK, group, SUPER if two_level else 0)
+def padded_width(k: int, group: int = BLOCK, two_level: bool = False) -> int:
+    """Columns of a block-format row holding k inputs: a multiple of the 32-input block, of
+    the group and, for two-level scales, of the 256-input super-block."""
+    unit = max(BLOCK, group, SUPER if two_level else 0)
     return -(-k // unit) * unit
 
 
@@ -230,9 +230,9 @@ def _check(
     tokens = x.shape[0]
     kp = xq.shape[1]
     groups = (out.shape[1] + ROWS - 1) // ROWS
-    if group != 16 and group != 32 and group != 64 and group != 128:
+    if group not in GROUPS:
         raise ValueError("group must be 16, 32, 64 or 128")
-    if kp % CHUNK or kp % group or k > kp:
+    if kp % BLOCK or kp % group or k > kp:
         raise ValueError("xq must be (T, padded_width(K))")
     width = kp * 8 if packs_nibbles(w) else kp * 16
     if w.shape[0] != groups or w.shape[1] != width:
@@ -356,6 +356,3 @@ def dequantize_rows_into(
             for i in range(g * group, min(g * group + group, k)):
                 value = d * np.float32(value_at(w, high, row, i) - zero)
                 out[t, i] = value + m if mins is not None else value
-
-
-__all__ = ["dequantize_rows_into", "matmul_blocks", "matmul_blocks_into", "padded_width"]

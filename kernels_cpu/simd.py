@@ -20,6 +20,7 @@ columns; the lanes are summed in int64.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import llvmlite.binding as llvm
 from llvmlite import ir
@@ -103,9 +104,55 @@ def _row_pointer(builder: ir.IRBuilder, array, row: ir.Value, elem: ir.Type) -> 
     return builder.bitcast(builder.gep(base, [builder.mul(row, row_stride)]), elem.as_pointer())
 
 
-def _load(builder: ir.IRBuilder, row_ptr: ir.Value, col: ir.Value, vec: ir.VectorType):
+def load(builder: ir.IRBuilder, row_ptr: ir.Value, col: ir.Value, vec: ir.VectorType):
+    """The vector `vec` at row_ptr[col] (unaligned)."""
     ptr = builder.bitcast(builder.gep(row_ptr, [col]), vec.as_pointer())
     return builder.load(ptr, align=1)
+
+
+def emit_counted_loop(
+    builder: ir.IRBuilder,
+    start: ir.Value,
+    stop: ir.Value,
+    step: ir.Value,
+    zeros: list[ir.Value],
+    body: Callable[[ir.Value, list[ir.Value]], list[ir.Value]],
+) -> list[ir.Value]:
+    """Emit `for i in range(start, stop, step)` carrying accumulators that start at `zeros`:
+    body(i, accumulators) emits one iteration and returns the new accumulators. Returns
+    their values after the loop (the zeros when it does not run), as phis in the block after
+    it, where the builder is left."""
+    entry = builder.block
+    loop = builder.append_basic_block("loop")
+    done = builder.append_basic_block("loop.done")
+    builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(start.type)
+    accs = [builder.phi(zero.type) for zero in zeros]
+    new = body(i, accs)
+    following = builder.add(i, step)
+    body_end = builder.block
+    builder.cbranch(builder.icmp_signed("<", following, stop), loop, done)
+    i.add_incoming(start, entry)
+    i.add_incoming(following, body_end)
+    for acc, zero, value in zip(accs, zeros, new, strict=True):
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(value, body_end)
+    builder.position_at_end(done)
+    finals = []
+    for zero, value in zip(zeros, new, strict=True):
+        final = builder.phi(zero.type)
+        final.add_incoming(zero, entry)
+        final.add_incoming(value, body_end)
+        finals.append(final)
+    return finals
+
+
+def emit_prefetch(builder: ir.IRBuilder, address: ir.Value) -> None:
+    """Hint the CPU to pull the cache line at `address` (an i8 pointer); never faults."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(), [i8p, i32, i32, i32])
+    builder.call(fn, [address, i32(0), i32(3), i32(1)])
 
 
 def _dot_loop(
@@ -120,42 +167,21 @@ def _dot_loop(
     [row r x token t] in row-major order, as phis in the block after the loop, where the
     builder is left."""
     n = lanes(kind)
-    intp = k0.type
     i8v = ir.VectorType(ir.IntType(8), n)
     i16v = ir.VectorType(ir.IntType(16), n)
-    i32v = ir.VectorType(ir.IntType(32), n // 2)
-    zero = ir.Constant(i32v, None)
-    entry = builder.block
-    loop = builder.append_basic_block("dot.loop")
-    done = builder.append_basic_block("dot.done")
-    builder.cbranch(builder.icmp_signed("<", k0, k1), loop, done)
+    zero = ir.Constant(ir.VectorType(ir.IntType(32), n // 2), None)
 
-    builder.position_at_end(loop)
-    col = builder.phi(intp)
-    accs = [builder.phi(i32v) for _ in range(len(w_rows) * len(a_rows))]
-    acts = [_load(builder, a, col, i16v) for a in a_rows]
-    new_accs = []
-    for r, w in enumerate(w_rows):
-        w16 = builder.sext(_load(builder, w, col, i8v), i16v)
-        for t, act in enumerate(acts):
-            new_accs.append(_madd(builder, kind, accs[r * len(a_rows) + t], w16, act))
-    next_col = builder.add(col, ir.Constant(intp, n))
-    body_end = builder.block
-    builder.cbranch(builder.icmp_signed("<", next_col, k1), loop, done)
-    col.add_incoming(k0, entry)
-    col.add_incoming(next_col, body_end)
-    for acc, new in zip(accs, new_accs, strict=True):
-        acc.add_incoming(zero, entry)
-        acc.add_incoming(new, body_end)
+    def body(col: ir.Value, accs: list[ir.Value]) -> list[ir.Value]:
+        acts = [load(builder, a, col, i16v) for a in a_rows]
+        new_accs = []
+        for r, w in enumerate(w_rows):
+            w16 = builder.sext(load(builder, w, col, i8v), i16v)
+            for t, act in enumerate(acts):
+                new_accs.append(_madd(builder, kind, accs[r * len(a_rows) + t], w16, act))
+        return new_accs
 
-    builder.position_at_end(done)
-    finals = []
-    for new in new_accs:
-        final = builder.phi(i32v)
-        final.add_incoming(zero, entry)
-        final.add_incoming(new, body_end)
-        finals.append(final)
-    return finals
+    zeros = [zero] * (len(w_rows) * len(a_rows))
+    return emit_counted_loop(builder, k0, k1, k0.type(n), zeros, body)
 
 
 def emit_dot_tile(
@@ -355,14 +381,7 @@ def prefetch(typingctx, array, byte_offset):
         arr = context.make_array(signature.args[0])(context, builder, args[0])
         offset = context.cast(builder, args[1], signature.args[1], types.intp)
         base = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
-        fn = _declare(
-            builder.module,
-            "llvm.prefetch.p0",
-            ir.VoidType(),
-            [ir.IntType(8).as_pointer()] + [ir.IntType(32)] * 3,
-        )
-        i32 = ir.IntType(32)
-        builder.call(fn, [builder.gep(base, [offset]), i32(0), i32(3), i32(1)])
+        emit_prefetch(builder, builder.gep(base, [offset]))
         return context.get_dummy_value()
 
     return sig, codegen

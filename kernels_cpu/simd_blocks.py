@@ -44,12 +44,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels_cpu.simd import _declare, _row_pointer
+from kernels_cpu.simd import _declare, _row_pointer, emit_counted_loop, emit_prefetch, load
 
 ROWS = 16  # rows per interleaved group: the int32 lanes of a vector
 BLOCK = 32  # inputs per activation scale, and per step of the tiles
 SUM_SPAN = 16  # inputs per activation sum (the smallest group: Q6_K's)
-CHUNK = 64  # the padded width of every block-format row is a multiple
 SUPER = 256  # columns per super-block (the second scale level of the K-quants)
 GROUPS = (16, 32, 64, 128)
 
@@ -83,11 +82,6 @@ def _concat(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
 def _half(builder: ir.IRBuilder, v: ir.Value, which: int) -> ir.Value:
     n = v.type.count // 2
     return builder.shuffle_vector(v, v, _mask(list(range(which * n, which * n + n))))
-
-
-def _load_vec(builder: ir.IRBuilder, row_ptr: ir.Value, index: ir.Value, vec: ir.VectorType):
-    ptr = builder.bitcast(builder.gep(row_ptr, [index]), vec.as_pointer())
-    return builder.load(ptr, align=1)
 
 
 def _int_dot(builder: ir.IRBuilder, kind: str, bits: int, init, w, x) -> ir.Value:
@@ -168,13 +162,11 @@ def _row_factors(builder, arr, dtype, sup, group_row, index, sup_index) -> ir.Va
     base = _row_pointer(builder, arr, group_row, _llvm_elem(dtype))
     elem = _llvm_elem(dtype)
     start = builder.mul(index, index.type(ROWS))
-    values = _to_float(builder, _load_vec(builder, base, start, _vec(elem, ROWS)), dtype)
+    values = _to_float(builder, load(builder, base, start, _vec(elem, ROWS)), dtype)
     if sup is None:
         return values
     sup_base = _row_pointer(builder, sup, group_row, _I16)
-    halves = _load_vec(
-        builder, sup_base, builder.mul(sup_index, index.type(ROWS)), _vec(_I16, ROWS)
-    )
+    halves = load(builder, sup_base, builder.mul(sup_index, index.type(ROWS)), _vec(_I16, ROWS))
     return builder.fmul(_to_float(builder, halves, types.uint16), values)
 
 
@@ -184,7 +176,7 @@ def _block_weights(builder, w_row, hi_row, bits, b) -> list[ir.Value]:
     intp = b.type
     if bits == 8:
         return [
-            _load_vec(
+            load(
                 builder,
                 w_row,
                 builder.mul(builder.add(builder.mul(b, intp(8)), intp(s)), intp(64)),
@@ -196,14 +188,14 @@ def _block_weights(builder, w_row, hi_row, bits, b) -> list[ir.Value]:
     steps = [None] * 8
     for p in range(4):
         at = builder.mul(builder.add(builder.mul(b, intp(4)), intp(p)), intp(64))
-        packed = _load_vec(builder, w_row, at, v64)
+        packed = load(builder, w_row, at, v64)
         steps[p] = builder.and_(packed, fifteen)
         steps[p + 4] = builder.lshr(packed, four)
     if hi_row is not None:
         three = ir.Constant(v64, [3] * 64)
         for q in range(2):
             at = builder.mul(builder.add(builder.mul(b, intp(2)), intp(q)), intp(64))
-            planes = _load_vec(builder, hi_row, at, v64)
+            planes = load(builder, hi_row, at, v64)
             for j in range(4):
                 s = q + 2 * j
                 bits2 = builder.and_(builder.lshr(planes, ir.Constant(v64, [2 * j] * 64)), three)
@@ -243,13 +235,10 @@ def _prefetch_ahead(builder: ir.IRBuilder, w_row: ir.Value, b: ir.Value, bits: i
     stream of hints, one per line read, rather than a burst per row group."""
     intp = b.type
     block_bytes = 512 if bits == 8 else 256
-    fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(),
-                  [_I8.as_pointer(), _I32, _I32, _I32])  # fmt: skip
     base = builder.bitcast(w_row, _I8.as_pointer())
     start = builder.add(builder.mul(b, intp(block_bytes)), intp(PREFETCH_AHEAD))
     for line in range(0, block_bytes, 64):
-        ptr = builder.gep(base, [builder.add(start, intp(line))])
-        builder.call(fn, [ptr, _I32(0), _I32(3), _I32(1)])
+        emit_prefetch(builder, builder.gep(base, [builder.add(start, intp(line))]))
 
 
 def _emit_block_loop(builder: ir.IRBuilder, o: _TileOperands, halves: bool, per_scale) -> list:
@@ -260,71 +249,51 @@ def _emit_block_loop(builder: ir.IRBuilder, o: _TileOperands, halves: bool, per_
     intp = o.blocks.type
     v16f = _vec(_F32, ROWS)
     fma = _declare(builder.module, "llvm.fma.v16f32", v16f, [v16f, v16f, v16f])
-    zero = ir.Constant(v16f, None)
-    entry = builder.block
-    loop = builder.append_basic_block("rows.loop")
-    done = builder.append_basic_block("rows.done")
-    builder.cbranch(builder.icmp_unsigned(">", o.blocks, intp(0)), loop, done)
-    builder.position_at_end(loop)
-    b = builder.phi(intp)
-    accs = [builder.phi(v16f) for _ in o.x_rows]
-    steps = _block_weights(builder, o.w_row, o.hi_row, o.bits, b)
-    if o.prefetch:
-        _prefetch_ahead(builder, o.w_row, b, o.bits)
-    sup_index = builder.udiv(b, intp(SUPER // BLOCK))
-    if halves:
-        index = [builder.mul(b, intp(2)), builder.add(builder.mul(b, intp(2)), intp(1))]
-    else:
-        index = [builder.udiv(b, per_scale)]
-    arr, dtype, sup = o.scale
-    d = [_row_factors(builder, arr, dtype, sup, o.group_row, i, sup_index) for i in index]
-    m = []
-    if o.mins is not None:
-        arr, dtype, sup = o.mins
-        m = [_row_factors(builder, arr, dtype, sup, o.group_row, i, sup_index) for i in index]
-    two = builder.mul(b, intp(2))
-    new = []
-    for j, acc in enumerate(accs):
-        sums = [
-            builder.load(builder.gep(o.sum_rows[j], [builder.add(two, intp(h))])) for h in (0, 1)
-        ]
-        sums = sums if halves else [builder.add(sums[0], sums[1])]
-        lanes = [_splat(builder, builder.mul(total, o.neg_start)) for total in sums]
-        for s in range(8):
-            word = builder.load(
-                builder.gep(o.x_rows[j], [builder.add(builder.mul(b, intp(8)), intp(s))]), align=1
-            )
-            x = builder.bitcast(_splat(builder, word), _vec(_I8, 64))
-            part = s // 4 if halves else 0
-            lanes[part] = _int_dot(builder, o.kind, o.bits, lanes[part], steps[s], x)
-        scale_x = _splat(builder, builder.load(builder.gep(o.s_rows[j], [b])))
-        for part, dots in enumerate(lanes):
-            both = builder.fmul(d[part], scale_x)
-            acc = builder.call(fma, [builder.sitofp(dots, v16f), both, acc])
-        if m:
-            xm = [
-                builder.load(builder.gep(o.m_rows[j], [builder.add(two, intp(h))])) for h in (0, 1)
+
+    def block(b: ir.Value, accs: list[ir.Value]) -> list[ir.Value]:
+        steps = _block_weights(builder, o.w_row, o.hi_row, o.bits, b)
+        if o.prefetch:
+            _prefetch_ahead(builder, o.w_row, b, o.bits)
+        sup_index = builder.udiv(b, intp(SUPER // BLOCK))
+        two = builder.mul(b, intp(2))
+        index = [two, builder.add(two, intp(1))] if halves else [builder.udiv(b, per_scale)]
+        arr, dtype, sup = o.scale
+        d = [_row_factors(builder, arr, dtype, sup, o.group_row, i, sup_index) for i in index]
+        m = []
+        if o.mins is not None:
+            arr, dtype, sup = o.mins
+            m = [_row_factors(builder, arr, dtype, sup, o.group_row, i, sup_index) for i in index]
+        new = []
+        for j, acc in enumerate(accs):
+            sums = [
+                builder.load(builder.gep(o.sum_rows[j], [builder.add(two, intp(h))]))
+                for h in (0, 1)
             ]
-            xm = xm if halves else [builder.fadd(xm[0], xm[1])]
-            for part, value in enumerate(xm):
-                acc = builder.call(fma, [m[part], _splat(builder, value), acc])
-        new.append(acc)
-    next_b = builder.add(b, intp(1))
-    body_end = builder.block
-    builder.cbranch(builder.icmp_unsigned("<", next_b, o.blocks), loop, done)
-    b.add_incoming(intp(0), entry)
-    b.add_incoming(next_b, body_end)
-    for acc, value in zip(accs, new, strict=True):
-        acc.add_incoming(zero, entry)
-        acc.add_incoming(value, body_end)
-    builder.position_at_end(done)
-    finals = []
-    for value in new:
-        final = builder.phi(v16f)
-        final.add_incoming(zero, entry)
-        final.add_incoming(value, body_end)
-        finals.append(final)
-    return finals
+            sums = sums if halves else [builder.add(sums[0], sums[1])]
+            lanes = [_splat(builder, builder.mul(total, o.neg_start)) for total in sums]
+            for s in range(8):
+                at = builder.add(builder.mul(b, intp(8)), intp(s))
+                word = builder.load(builder.gep(o.x_rows[j], [at]), align=1)
+                x = builder.bitcast(_splat(builder, word), _vec(_I8, 64))
+                part = s // 4 if halves else 0
+                lanes[part] = _int_dot(builder, o.kind, o.bits, lanes[part], steps[s], x)
+            scale_x = _splat(builder, builder.load(builder.gep(o.s_rows[j], [b])))
+            for part, dots in enumerate(lanes):
+                both = builder.fmul(d[part], scale_x)
+                acc = builder.call(fma, [builder.sitofp(dots, v16f), both, acc])
+            if m:
+                xm = [
+                    builder.load(builder.gep(o.m_rows[j], [builder.add(two, intp(h))]))
+                    for h in (0, 1)
+                ]
+                xm = xm if halves else [builder.fadd(xm[0], xm[1])]
+                for part, value in enumerate(xm):
+                    acc = builder.call(fma, [m[part], _splat(builder, value), acc])
+            new.append(acc)
+        return new
+
+    zeros = [ir.Constant(v16f, None)] * len(o.x_rows)
+    return emit_counted_loop(builder, intp(0), o.blocks, intp(1), zeros, block)
 
 
 def make_rows_tile(kind: str, tokens: int, prefetch: bool):

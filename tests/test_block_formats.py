@@ -10,7 +10,6 @@ step against the instruction each kind is meant to emit.
 from __future__ import annotations
 
 import gguf
-import llvmlite.binding as llvm
 import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
@@ -24,6 +23,7 @@ from engine.quant.int4 import quantize_int4
 from engine.weights import DenseWeight
 from kernels_cpu import simd, simd_blocks
 from kernels_cpu.matmul_blocks import KIND, matmul_blocks, padded_inputs
+from tests.test_simd import assembly_for
 
 # Byte offsets of each type's float16 fields, set to finite values in random blocks.
 F16_FIELDS = {
@@ -149,9 +149,7 @@ def test_blocks_matmul_refuses_mismatched_scratch():
 
 
 def _step_assembly(kind: str, bits: int, cpu: str) -> str:
-    """The machine code of one chunk's multiply step, compiled for `cpu`."""
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
+    """The machine code of one multiply step (64 bytes of weights), compiled for `cpu`."""
     module = ir.Module(name="step")
     v64 = ir.VectorType(ir.IntType(8), 64)
     v16 = ir.VectorType(ir.IntType(32), 16)
@@ -161,10 +159,7 @@ def _step_assembly(kind: str, bits: int, cpu: str) -> str:
     acc, w, x = (builder.load(arg) for arg in fn.args)
     builder.store(simd_blocks._int_dot(builder, kind, bits, acc, w, x), fn.args[0])
     builder.ret_void()
-    parsed = llvm.parse_assembly(str(module))
-    parsed.verify()
-    machine = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=cpu)
-    return machine.emit_assembly(parsed)
+    return assembly_for(module, cpu)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -1,10 +1,10 @@
-"""The int8 kernels on every multiply-add kind narrower than this CPU's best.
+"""The int8 and block kernels on every multiply-add kind narrower than this CPU's best.
 
 The kernels are compiled for one kind, chosen at import (`kernels_cpu.simd.host_kind`), so the
 AVX2 and portable paths never run on an AVX-512 machine unless asked: LAMINA_ISA picks one in a
-fresh process, which reruns the int8 matmul tests (numpy references, GEMM rows equal to GEMV
-rows bit for bit) on it. The kinds wider than this CPU are checked for their instructions in
-test_simd instead.
+fresh process, which reruns the int8 and block-format matmul tests (numpy references, GEMM
+rows equal to GEMV rows bit for bit) on it. The kinds wider than this CPU are checked for their
+instructions in test_simd and test_block_formats instead.
 """
 
 from __future__ import annotations
@@ -22,12 +22,19 @@ NARROWER = simd.KINDS[simd.KINDS.index(simd.best_kind()) + 1 :]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The kernel tests each kind reruns: the int8 matmuls, and the block formats' matmuls.
+SUITES = {"int8": ("tests/test_kernels_cpu.py", "w8"),
+          "blocks": ("tests/test_block_formats.py", "matmul or batched")}  # fmt: skip
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
 @pytest.mark.parametrize("kind", NARROWER)
-def test_int8_matmul_tests_pass_on_a_narrower_kind(kind):
+def test_matmul_tests_pass_on_a_narrower_kind(kind, suite):
     env = {**os.environ, simd.ISA_ENV: kind}
+    path, selection = SUITES[suite]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         "tests/test_kernels_cpu.py", "-k", "w8"],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path,
+         "-k", selection],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

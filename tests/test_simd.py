@@ -116,9 +116,18 @@ def test_extreme_values_do_not_overflow_within_a_block():
     assert sums[0, 0] == -127 * 32767 * k
 
 
-def _assembly(kind: str, cpu: str) -> str:
+def assembly_for(module: ir.Module, cpu: str) -> str:
+    """The x86-64 machine code of an LLVM module, compiled for `cpu` (which the host may
+    lack): how the SIMD paths this machine cannot run are checked."""
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    parsed = llvm.parse_assembly(str(module))
+    parsed.verify()
+    machine = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=cpu)
+    return machine.emit_assembly(parsed)
+
+
+def _assembly(kind: str, cpu: str) -> str:
     module = ir.Module(name="dot")
     i64 = ir.IntType(64)
     fn_type = ir.FunctionType(
@@ -128,10 +137,7 @@ def _assembly(kind: str, cpu: str) -> str:
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     (dot,) = simd.emit_dot_tile(builder, kind, [fn.args[0]], [fn.args[1]], i64(0), fn.args[2])
     builder.ret(dot)
-    parsed = llvm.parse_assembly(str(module))
-    parsed.verify()
-    machine = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=cpu)
-    return machine.emit_assembly(parsed)
+    return assembly_for(module, cpu)
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,8 @@ SMALL_BATCH = 4
 # Up to this many tokens the int8 GEMV (one token at a time over each row) beats the GEMM's
 # 4-row x 2-token tiles; from 3 tokens the tiles' reuse wins (1.3-2x at 4-8 tokens).
 INT8_GEMV_TOKENS = 2
+# Scratch names of the block kernels' quantized activations (matmul_blocks.activation_shapes).
+_BLOCK_SCRATCH = ("blocks_xq", "blocks_xsum", "blocks_xs", "blocks_xm")
 # The block kernels' norm argument when there is none: read-only, as the layers' norms are.
 _NO_NORM = np.empty(0, np.float32)
 _NO_NORM.setflags(write=False)
@@ -200,7 +202,10 @@ class CPUBackend:
         tokens = x.shape[0]
         take = self.scratch.take
         shapes = activation_shapes(tokens, padded_inputs(weight.scale, weight.group))
-        scratch = [take(f"blocks_{i}", shape, dtype) for i, (shape, dtype) in enumerate(shapes)]
+        scratch = [
+            take(name, shape, dtype)
+            for name, (shape, dtype) in zip(_BLOCK_SCRATCH, shapes, strict=True)
+        ]
         k = weight.in_features
         if h is None:
             prologue, h = PLAIN, take("h", (tokens, k), np.float32)

@@ -49,6 +49,7 @@ BLOCK_BYTES = {
     "Q6_K": (210, 256),
 }
 SUPPORTED = tuple(BLOCK_BYTES)
+_LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # 32-input blocks, an f16 scale first
 CHUNK_ROWS = 256  # rows repacked at a time (a multiple of the 16-row groups)
 # What to convert a file to when lamina cannot run its type (by llama-quantize).
 _NEAREST = {
@@ -176,29 +177,30 @@ def _sup(blocks: np.ndarray, at: int, negate: bool = False) -> np.ndarray:
     return bits ^ np.uint16(0x8000) if negate else bits
 
 
-def _k_levels(blocks: np.ndarray) -> dict:
-    """Q4_K / Q5_K's second levels and minimums, as BlockWeight.from_rows takes them."""
-    _, mn = _k_scales(blocks[:, :, 4:16])
-    return {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, negate=True)}
+def _k_levels(blocks: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Q4_K / Q5_K's sub-scales, and their second levels and minimums as keywords of
+    BlockWeight.from_rows."""
+    sc, mn = _k_scales(blocks[:, :, 4:16])
+    return sc, {"scale_sup": _sup(blocks, 0), "mins": mn, "mins_sup": _sup(blocks, 2, True)}
 
 
 def _q4_k(blocks: np.ndarray, k: int) -> BlockWeight:
     n, nb, _ = blocks.shape
-    sc, _ = _k_scales(blocks[:, :, 4:16])
+    sc, levels = _k_levels(blocks)
     qs = blocks[:, :, 16:].reshape(n, nb, 4, 32)  # chunk c: columns 64 c + j (low), + 32 (high)
     q = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, k)
-    return BlockWeight.from_rows(q, 4, sc, k, "Q4_K", **_k_levels(blocks))
+    return BlockWeight.from_rows(q, 4, sc, k, "Q4_K", **levels)
 
 
 def _q5_k(blocks: np.ndarray, k: int) -> BlockWeight:
     n, nb, _ = blocks.shape
-    sc, _ = _k_scales(blocks[:, :, 4:16])
+    sc, levels = _k_levels(blocks)
     qh = blocks[:, :, 16:48]  # bit i of byte j: column 32 i + j of the block
     qs = blocks[:, :, 48:].reshape(n, nb, 4, 32)
     low = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, nb, 8, 32)
     high = np.unpackbits(qh[:, :, None, :], axis=2, bitorder="little") << 4
     q = (low | high).reshape(n, k)
-    return BlockWeight.from_rows(q, 6, sc, k, "Q5_K", **_k_levels(blocks))
+    return BlockWeight.from_rows(q, 6, sc, k, "Q5_K", **levels)
 
 
 def _q6_k(blocks: np.ndarray, k: int) -> BlockWeight:
@@ -213,7 +215,7 @@ def _q6_k(blocks: np.ndarray, k: int) -> BlockWeight:
 
 
 _REPACK = {
-    **{name: (lambda b, k, name=name: _legacy(b, k, name)) for name in SUPPORTED[:5]},
+    **{name: (lambda b, k, name=name: _legacy(b, k, name)) for name in _LEGACY},
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,

@@ -15,6 +15,7 @@ and LAMINA_REPACK_CACHE=0 turns it off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -36,12 +37,18 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+@functools.cache
+def _layout_key() -> str:
+    """A hash of the code that shapes cached weights (it does not change while running)."""
+    weights_source = hashlib.sha256((_ROOT / "engine" / "weights.py").read_bytes()).hexdigest()
+    return source_key(list(_LAYOUT_FOLDERS)) + weights_source
+
+
 def entry_path(gguf: Path) -> Path:
     """Where the repacked weights of `gguf` (as it is now) are cached."""
     resolved = gguf.resolve()
     stat = resolved.stat()
-    weights_source = hashlib.sha256((_ROOT / "engine" / "weights.py").read_bytes()).hexdigest()
-    layout = source_key(list(_LAYOUT_FOLDERS)) + weights_source
+    layout = _layout_key()
     folder = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     identity = (stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
     state = f"{identity}:{layout}"
