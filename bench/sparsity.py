@@ -117,3 +117,57 @@ def speed_table(runs: int) -> dict:
             result[f"{name}_decode_tok_s"] / result["dense_int8_decode_tok_s"]
         )
     return result
+
+
+INT4_GROUP = 128
+PEER_TYPES = ("Q4_K_M", "Q4_0")
+
+
+def _int4_variants(path, level: float):
+    """The random model at int4 (groups of INT4_GROUP, embedding and head int8), dense and
+    with `level` activation sparsity (thresholds from 512 calibration tokens)."""
+    from bench.perplexity_peer import HEAD
+    from engine import LLM
+    from engine.quant.formats import WeightPlan, convert_weights, parse_layer_weights
+    from engine.quant.sparsify import SparsityPlan, quantize_skipping
+
+    plan = WeightPlan("int4", INT4_GROUP, parse_layer_weights([HEAD]))
+    dense = LLM(path, kv_cache_mb=256)
+    convert_weights(dense.loaded.weights, plan)
+    sparse = LLM(path, kv_cache_mb=256)
+    skipping = SparsityPlan(activation_sparsity=level, calibration_tokens=512)
+    quantize_skipping(sparse.loaded, plan, skipping, "rtn")
+    return {"int4": dense, f"int4_activation_sparse_{round(level * 100)}": sparse}
+
+
+def speed_table_int4(runs: int, level: float = 0.4) -> dict:
+    """Decode of the random 1.1B model (16-token prompt, GEN_TOKENS generated): lamina's
+    int4 dense and activation-sparse against llama.cpp's Q4_K_M and Q4_0 of the same
+    weights (llama-bench tg at the same context), in interleaved rounds; medians."""
+    import numba
+
+    from bench.llama_cpp import build_tools, llama_bench
+    from bench.peers import gguf_of_type
+    from bench.run import _gguf_cache
+
+    path = resolve_model(SPEED_MODEL)
+    tools, threads = build_tools(), numba.config.NUMBA_NUM_THREADS
+    ggufs = {q: gguf_of_type(path, q, _gguf_cache(path)) for q in PEER_TYPES}
+    llms = _int4_variants(path, level)
+    samples: dict[str, list[float]] = {name: [] for name in [*llms, *ggufs]}
+    for _ in range(runs):
+        for name, llm in llms.items():
+            samples[name].append(decode_tok_s(llm, 1))
+        for qtype, gguf in ggufs.items():
+            figures = llama_bench(tools, gguf, threads, 16, GEN_TOKENS, reps=1)
+            samples[qtype].extend(figures["decode_samples_tok_s"])
+    result = {"model": SPEED_MODEL, "group": INT4_GROUP, "activation_sparsity": level,
+              "rounds": runs}  # fmt: skip
+    for name, values in samples.items():
+        result[f"{name}_decode_tok_s"] = statistics.median(values)
+    for name in llms:
+        result[f"{name}_weights_mb"] = llms[name].loaded.weights.nbytes / 2**20
+        for qtype in PEER_TYPES:
+            ratio = result[f"{name}_decode_tok_s"] / result[f"{qtype}_decode_tok_s"]
+            result[f"{name}_vs_llama.cpp_{qtype}"] = ratio
+    return result

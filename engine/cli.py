@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="int4: rtn (round to nearest, default) or gptq (error compensation on "
         "calibration text); sparsity: wanda (|weight| x input norm, default) or magnitude",
     )
-    sparse = quant.add_argument_group("sparsity (int8 only)")
+    sparse = quant.add_argument_group("sparsity (weight sparsity: int8 only)")
     sparse.add_argument(
         "--sparsity", type=_fraction, default=0.0, help="share of each linear's weights pruned"
     )
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation-sparsity",
         type=_fraction,
         default=0.0,
-        help="share of each linear's inputs zeroed at run time (TEAL thresholds)",
+        help="share of each linear's inputs zeroed at run time (TEAL thresholds); "
+        "int8 or int4 weights",
     )
     quant.add_argument(
         "--calibration",
@@ -441,10 +442,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     plan = _sparsity_plan(args)
     weights = WeightPlan(args.weights, args.group_size, parse_layer_weights(args.layer_weights))
     _check_quantize_flags(args, plan.active, weights)
-    method = args.method or ("wanda" if plan.active else "rtn")
+    int4 = weights.makes("int4")
+    method = args.method or ("wanda" if plan.active and not int4 else "rtn")
     src = None if args.src == "default" else args.src
     recipe = None
-    if plan.active:
+    if plan.active and int4:
+        from engine.quant.sparsify import quantize_skipping
+
+        loaded = load_model(src, "f32")
+        recipe = quantize_skipping(loaded, weights, plan, method)
+    elif plan.active:
         from engine.quant.sparsify import sparsify
 
         if args.weights != "int8" or args.layer_weights:
@@ -470,10 +477,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _check_quantize_flags(args: argparse.Namespace, sparse: bool, weights) -> None:
     """Refuse flags that the chosen kind of checkpoint would silently ignore."""
     int4, method = weights.makes("int4"), args.method
-    if method in ("rtn", "gptq") and (sparse or not int4):
+    if method in ("rtn", "gptq") and not int4:
         raise InvalidInputError(f"--method {method} rounds int4 weights: add --weights int4")
     if method in ("wanda", "magnitude") and not sparse:
         raise InvalidInputError(f"--method {method} prunes: add --sparsity or --pattern")
+    if method in ("wanda", "magnitude") and int4:
+        raise InvalidInputError(f"--method {method} prunes int8 weights; int4 takes rtn or gptq")
     if args.group_size != 32 and not int4:
         raise InvalidInputError("--group-size applies to int4 weights: add --weights int4")
     if args.calibration is not None and not (sparse or method == "gptq"):

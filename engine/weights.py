@@ -122,6 +122,38 @@ class ColskipInt8Weight:
 
 
 @dataclass
+class ColskipBlockWeight:
+    """A 4-bit matrix stored input-major for activation sparsity (TEAL), as
+    kernels_cpu.colskip_blocks reads it.
+
+    Row k of `values` (Kp, Np / 2) holds input k's 4-bit values for every output, so inputs
+    with |x| <= threshold are rows never read; `scale` and `mins` (Kp / group, Np) hold each
+    group's and output's float16 scale d and minimum m: w = d * q + m. threshold was
+    calibrated to zero a chosen share of this layer's inputs.
+    """
+
+    values: np.ndarray
+    scale: np.ndarray
+    mins: np.ndarray
+    in_features: int
+    out_features: int
+    threshold: float
+    bias: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        read_only(self.values, self.scale, self.mins)
+
+    @property
+    def group(self) -> int:
+        return self.values.shape[0] // self.scale.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.values, self.scale, self.mins, self.bias)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass
 class BlockWeight:
     """A group-quantized matrix: each group of `group` inputs of a row holds small integers q
     with a scale d (and a minimum m for formats that have one): w = d * (q - zero) + m.
@@ -227,7 +259,13 @@ class StackedWeight:
 
 
 Weight = (
-    DenseWeight | Int8Weight | SparseInt8Weight | ColskipInt8Weight | BlockWeight | StackedWeight
+    DenseWeight
+    | Int8Weight
+    | SparseInt8Weight
+    | ColskipInt8Weight
+    | ColskipBlockWeight
+    | BlockWeight
+    | StackedWeight
 )
 # The linear layers of a decoder block, by their LayerWeights field names.
 LAYER_LINEARS = ("qkv", "o_proj", "gate_up", "down")

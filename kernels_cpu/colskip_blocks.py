@@ -52,6 +52,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kernels_cpu.activations import silu_mul_row
+from kernels_cpu.matmul_blocks import GATED, PLAIN, RMSNORM
+from kernels_cpu.norms import rmsnorm_row
 from kernels_cpu.simd import _declare, _row_pointer, emit_counted_loop, emit_prefetch, host_kind
 from kernels_cpu.simd_blocks import _int_dot, _mask, _splat, _to_float, _vec
 
@@ -70,6 +73,8 @@ _F32 = ir.FloatType()
 _LOW_OUTPUT = np.array([16 * ((p % 16) // 4) + 4 * (p // 16) + p % 4 for p in range(64)])
 
 Scratch = Callable[[str, tuple[int, ...], type], np.ndarray]
+_NO_NORM = np.empty(0, np.float32)  # the norm argument without an rmsnorm prologue
+_NO_NORM.setflags(write=False)
 
 
 def padded_outputs(n: int) -> int:
@@ -403,12 +408,21 @@ def _group_rows(values, idx, xq, acc, q0, q1, t, pair) -> None:
 
 
 @njit(cache=True, parallel=True)
-def _colskip_pass(x, threshold, values, scale, mins, out, keep, xqd, idx, quad_start, xq, xs, xm,
-                  parts, accs) -> None:  # fmt: skip
+def _colskip_pass(x, k, h, norm, eps, prologue, threshold, values, scale, mins, out, accumulate,
+                  keep, xqd, idx, quad_start, xq, xs, xm, parts, accs) -> None:  # fmt: skip
+    """One pass over the weight for the tokens of x (see colskip_matmul_w4_into)."""
     tokens, n = out.shape
     kp = values.shape[0]
     groups = scale.shape[0]
-    _compact_into(x, threshold, kp // groups, keep, xqd, idx, quad_start, xq, xs, xm)
+    if prologue == PLAIN:
+        _compact_into(x, threshold, kp // groups, keep, xqd, idx, quad_start, xq, xs, xm)
+    else:
+        for t in range(tokens):
+            if prologue == RMSNORM:
+                rmsnorm_row(x, t, norm, eps, h)
+            else:
+                silu_mul_row(x, t, h)
+        _compact_into(h, threshold, kp // groups, keep, xqd, idx, quad_start, xq, xs, xm)
     jobs = parts.shape[0]
     for job in prange(jobs):
         part, acc = parts[job], accs[job]
@@ -432,22 +446,29 @@ def _colskip_pass(x, threshold, values, scale, mins, out, keep, xqd, idx, quad_s
                 total = parts[0, t, col]
                 for job in range(1, jobs):
                     total += parts[job, t, col]
-                out[t, col] = total
+                out[t, col] = out[t, col] + total if accumulate else total
 
 
-def colskip_matmul_w4(
+def colskip_matmul_w4_into(
     x: np.ndarray,
     values: np.ndarray,
     scale: np.ndarray,
     mins: np.ndarray,
     threshold: float,
-    n: int,
+    k: int,
+    out: np.ndarray,
     *,
-    out: np.ndarray | None = None,
+    h: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
+    eps: float = 0.0,
+    prologue: int = PLAIN,
+    accumulate: bool = False,
     scratch: Scratch | None = None,
 ) -> np.ndarray:
-    """x (T, K) float32 @ W.T -> (T, n), W[o, k] = d * q + m per group of inputs, with every
-    |x[t, k]| <= threshold taken as 0 and the rows of inputs no token keeps never read.
+    """out (T, N) (+)= input (T, k) @ W.T, W[o, i] = d * q + m per group of inputs, with
+    every input entry of magnitude <= threshold taken as 0 and the rows of inputs no token
+    keeps never read. The input is x (prologue PLAIN), rmsnorm(x) with weights norm and eps
+    (RMSNORM) or silu(gate) * up of x (T, 2k) (GATED), the last two computed into h (T, k).
 
     values (Kp, Np / 2) uint8 from interleave_outputs; scale and mins (Kp / G, Np) float16
     bits from factors_by_group. Activations are quantized to int8 per group of G inputs (the
@@ -468,14 +489,19 @@ def colskip_matmul_w4(
     for name, a in (("scale", scale), ("mins", mins)):
         if a.dtype != np.uint16 or a.shape != (groups, 2 * half):
             raise ValueError(f"{name} must be (Kp / G, Np) float16 bits")
-    if x.ndim != 2 or x.shape[1] > kp or n > 2 * half:
-        raise ValueError(f"shapes do not match: x {x.shape}, values {values.shape}, n {n}")
-    tokens = x.shape[0]
-    if out is None:
-        out = np.empty((tokens, n), np.float32)
-    elif out.shape != (tokens, n) or out.dtype != np.float32:
-        raise ValueError(f"out must be a float32 {(tokens, n)} array")
+    tokens, n = out.shape
+    width = 2 * k if prologue == GATED else k
+    if x.ndim != 2 or x.shape != (tokens, width) or k > kp or n > 2 * half:
+        raise ValueError(
+            f"shapes do not match: x {x.shape}, values {values.shape}, out {out.shape}"
+        )
     take = scratch or _new_array
+    if prologue != PLAIN and (h is None or h.shape != (tokens, k)):
+        raise ValueError(f"h must be ({tokens}, {k}) for a prologue")
+    if prologue == RMSNORM and (norm is None or norm.shape != (k,)):
+        raise ValueError(f"norm must be ({k},)")
+    h = take("colskip4.h", (tokens, k), np.float32) if h is None else h
+    norm = _NO_NORM if norm is None else norm
     size = entries(kp, kp // groups)
     step = min(tokens, PASS_TOKENS)
     jobs = max(1, min(numba.get_num_threads(), groups))
@@ -484,17 +510,27 @@ def colskip_matmul_w4(
     quad_start = take("colskip4.quads", (groups + 1,), np.intp)
     parts = take("colskip4.parts", (jobs, step, 2 * half), np.float32)
     accs = take("colskip4.accs", (jobs, step, 2 * half), np.int32)
+    threshold = max(threshold, 0.0)
     for t0 in range(0, tokens, PASS_TOKENS):
         t1 = min(tokens, t0 + PASS_TOKENS)
         rows = t1 - t0
         _colskip_pass(
-            np.ascontiguousarray(x[t0:t1]), max(threshold, 0.0), values, scale, mins, out[t0:t1],
-            keep, take("colskip4.xqd", (rows, kp), np.int8), idx, quad_start,
-            take("colskip4.xq", (rows, size), np.int8),
+            x[t0:t1], k, h[t0:t1], norm, eps, prologue, threshold, values, scale, mins,
+            out[t0:t1], accumulate, keep, take("colskip4.xqd", (rows, kp), np.int8), idx,
+            quad_start, take("colskip4.xq", (rows, size), np.int8),
             take("colskip4.xs", (rows, groups), np.float32),
             take("colskip4.xm", (rows, groups), np.float32), parts, accs,
         )  # fmt: skip
     return out
+
+
+def colskip_matmul_w4(
+    x: np.ndarray, values: np.ndarray, scale: np.ndarray, mins: np.ndarray, threshold: float,
+    n: int,
+) -> np.ndarray:  # fmt: skip
+    """`colskip_matmul_w4_into` of x (T, K) into a new (T, n) array."""
+    out = np.empty((x.shape[0], n), np.float32)
+    return colskip_matmul_w4_into(x, values, scale, mins, threshold, x.shape[1], out)
 
 
 def _new_array(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:

@@ -98,6 +98,22 @@ def interleave_factors(a: np.ndarray | None) -> np.ndarray | None:
     return np.ascontiguousarray(_grouped(a)).reshape(row_groups(a.shape[0]), -1)
 
 
+def deinterleave_nibbles(values: np.ndarray, n: int) -> np.ndarray:
+    """The row-major values (n, Kp) uint8 of 4-bit `values` in the tiles' layout: the
+    inverse of interleave_values(q, 4)."""
+    groups, width = values.shape
+    blocks = width // 256
+    packed = values.reshape(groups, blocks, 4, ROWS, 4)  # (group, block, step, row, byte)
+    steps = np.concatenate([packed & 15, packed >> 4], axis=2)
+    return steps.transpose(0, 3, 1, 2, 4).reshape(groups * ROWS, blocks * BLOCK)[:n]
+
+
+def deinterleave_factors(a: np.ndarray, n: int) -> np.ndarray:
+    """The per-row factors (n, C) of interleaved ones: the inverse of interleave_factors."""
+    groups = a.shape[0]
+    return a.reshape(groups, -1, ROWS).transpose(0, 2, 1).reshape(groups * ROWS, -1)[:n]
+
+
 def _offset(w):
     """What the multiply step adds to each weight value of w (see simd_blocks)."""
 

@@ -19,6 +19,7 @@ from engine.kv_cache import ForwardBatch
 from engine.weights import (
     LAYER_LINEARS,
     BlockWeight,
+    ColskipBlockWeight,
     ColskipInt8Weight,
     DenseWeight,
     Int8Weight,
@@ -27,6 +28,7 @@ from engine.weights import (
     StackedWeight,
     Weight,
 )
+from kernels_cpu.colskip_blocks import colskip_matmul_w4_into
 from kernels_cpu.colskip_int8 import colskip_matmul_w8
 from kernels_cpu.gemv_f32 import matmul_f32_into
 from kernels_cpu.matmul_blocks import (
@@ -163,7 +165,8 @@ class CPUBackend:
         accumulate: bool = False,
     ) -> np.ndarray:
         """The three linear ops: an rmsnorm (`norm`) or gate product (`gated`) before, an add
-        into `out` (`accumulate`) after. Int8 kernels fuse both; other formats compose."""
+        into `out` (`accumulate`) after. The int8, block and activation-sparse int4 kernels
+        fuse both; other formats compose."""
         tokens = x.shape[0]
         if accumulate and weight.bias is not None:  # out += (x @ W + b), rounded as unfused
             result = self.scratch.take("biased_out", out.shape, np.float32)
@@ -180,6 +183,8 @@ class CPUBackend:
             self._linear_blocks(x, weight, out, h, norm, eps, accumulate)
         elif type(weight) is StackedWeight:
             self._linear_stacked(x, weight, out, h, norm, eps, accumulate)
+        elif type(weight) is ColskipBlockWeight:
+            self._linear_colskip4(x, weight, out, h, norm, eps, accumulate)
         else:
             self._composed(x, weight, out, h, norm, eps, accumulate)
         if weight.bias is not None:
@@ -215,6 +220,14 @@ class CPUBackend:
         matmul_blocks_into(
             x, *weight.kernel_arrays, k, out, *scratch, h, norm, eps, prologue, accumulate
         )
+
+    def _linear_colskip4(self, x, w: ColskipBlockWeight, out, h, norm, eps, accumulate) -> None:
+        """Activation-sparse int4 runs the prologue and the add itself."""
+        prologue = PLAIN if h is None else (GATED if norm is None else RMSNORM)
+        colskip_matmul_w4_into(
+            x, w.values, w.scale, w.mins, w.threshold, w.in_features, out, h=h, norm=norm,
+            eps=eps, prologue=prologue, accumulate=accumulate, scratch=self.scratch.take,
+        )  # fmt: skip
 
     def _linear_stacked(self, x, weight: StackedWeight, out, h, norm, eps, accumulate) -> None:
         """Parts in different formats: the prologue once, then each part into its columns."""

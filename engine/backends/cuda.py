@@ -25,6 +25,7 @@ from engine.kv_cache import ForwardBatch
 from engine.weights import (
     LAYER_LINEARS,
     BlockWeight,
+    ColskipBlockWeight,
     ColskipInt8Weight,
     DenseWeight,
     Int8Weight,
@@ -53,6 +54,8 @@ INT16_MAX = 32767
 _NO_KERNEL = {
     SparseInt8Weight: "sparse int8 (bitmask, from `lamina quantize --sparsity`)",
     ColskipInt8Weight: "activation-sparse int8 (from `lamina quantize --activation-sparsity`)",
+    ColskipBlockWeight: "activation-sparse int4 (from `lamina quantize --weights int4 "
+    "--activation-sparsity`)",
     BlockWeight: "4-bit and GGUF block-type (a GGUF run as it is, or --quant int4)",
     StackedWeight: "GGUF block-type (a GGUF run as it is)",
 }

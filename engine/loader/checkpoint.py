@@ -26,6 +26,7 @@ from engine.weights import (
     BLOCK_ARRAYS,
     LAYER_LINEARS,
     BlockWeight,
+    ColskipBlockWeight,
     ColskipInt8Weight,
     DenseWeight,
     Int8Weight,
@@ -35,6 +36,8 @@ from engine.weights import (
     StackedWeight,
     Weight,
 )
+from kernels_cpu.colskip_blocks import GROUPS as SKIP_GROUPS
+from kernels_cpu.colskip_blocks import padded_outputs
 from kernels_cpu.matmul_blocks import padded_inputs, padded_width, row_groups
 from kernels_cpu.simd_blocks import GROUPS, ROWS, SUPER
 from offload.streaming import LayerStream, TensorSpec
@@ -57,6 +60,8 @@ def weights_format(weights: ModelWeights) -> str:
                     kinds["f32"] = None
                 elif isinstance(part, BlockWeight):
                     kinds.update(dict.fromkeys(part.kind.split("+")))
+                elif isinstance(part, ColskipBlockWeight):
+                    kinds["int4"] = None
                 else:
                     kinds["int8"] = None
     names = ["int4" if kind.startswith("int4") else kind for kind in kinds]
@@ -124,6 +129,14 @@ def _put(tensors: dict[str, np.ndarray], name: str, weight: Weight) -> None:
         tensors[name + ".block_layout"] = np.array(layout, dtype=np.int64)
         tensors[name + ".block_kind"] = np.frombuffer(weight.kind.encode(), dtype=np.uint8)
         return
+    if isinstance(weight, ColskipBlockWeight):
+        tensors[name + ".values_t"] = weight.values
+        tensors[name + ".scale_t"] = weight.scale
+        tensors[name + ".mins_t"] = weight.mins
+        shape = [weight.in_features, weight.out_features]
+        tensors[name + ".shape_t"] = np.array(shape, dtype=np.int64)
+        tensors[name + ".act_threshold"] = np.array([weight.threshold], dtype=np.float32)
+        return
     if isinstance(weight, SparseInt8Weight):
         tensors[name + ".mask"] = weight.mask
         tensors[name + ".values"] = weight.values
@@ -190,6 +203,12 @@ def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
                 group=group, in_features=k, out_features=n, kind=kind, zero=zero, bias=bias,
                 **fields,
             )  # fmt: skip
+        if name + ".values_t" in arrays:
+            k, n = (int(v) for v in part(".shape_t"))
+            values, scale, mins = part(".values_t"), part(".scale_t"), part(".mins_t")
+            _check_colskip_arrays(name, values, scale, mins, k, n, path)
+            threshold = float(part(".act_threshold")[0])
+            return ColskipBlockWeight(values, scale, mins, k, n, threshold, bias)
         if name + ".mask" in arrays:
             k = int(part(".in_features")[0])
             return SparseInt8Weight(
@@ -235,6 +254,23 @@ def _check_block_arrays(name: str, fields: dict, group: int, k: int, n: int, pat
             problem = "second-level factors that are not float16"
     if problem:
         raise ModelLoadError(f"{path}: block weight {name!r} has {problem}")
+
+
+def _check_colskip_arrays(name: str, values, scale, mins, k: int, n: int, path) -> None:
+    """A stored activation-sparse 4-bit weight's arrays fit its shape (the kernel indexes
+    them unchecked)."""
+    groups = scale.shape[0] if scale.ndim == 2 and scale.shape[0] else 0
+    group = values.shape[0] // groups if groups and values.ndim == 2 else 0
+    expected_kp = -(-k // group) * group if group in SKIP_GROUPS else -1
+    problem = None
+    if group not in SKIP_GROUPS or values.shape[0] != expected_kp:
+        problem = f"values of shape {values.shape} and scales {scale.shape} for {k} inputs"
+    elif values.dtype != np.uint8 or values.shape[1] * 2 != padded_outputs(n):
+        problem = f"values of shape {values.shape} and type {values.dtype} for {n} outputs"
+    elif any(a.dtype != np.uint16 or a.shape != (groups, padded_outputs(n)) for a in (scale, mins)):
+        problem = f"scales or minimums not float16 of shape {(groups, padded_outputs(n))}"
+    if problem:
+        raise ModelLoadError(f"{path}: activation-sparse weight {name!r} has {problem}")
 
 
 def _vector(arrays: dict[str, Any], name: str, path: Path | str) -> np.ndarray:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidInputError
-from engine.weights import LAYER_LINEARS, DenseWeight, Weight
+from engine.weights import LAYER_LINEARS, DenseWeight, ModelWeights, Weight
 
 WEIGHT_FORMATS = ("f32", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -92,6 +92,28 @@ class WeightPlan:
 
             return quantize_int4(weight, self.group_size)
         return weight
+
+
+def convert_weights(
+    weights: ModelWeights,
+    plan: WeightPlan,
+    linear: Callable[[DenseWeight, int, str], Weight | None] | None = None,
+) -> None:
+    """Convert every float matrix of `weights` in place as `plan` says. `linear(weight, i,
+    name)`, when given, converts decoder linear `name` of layer i instead (None: as `plan`
+    says), so that a calibrated method can take the ones it handles."""
+    convert = plan.quantizer() or (lambda w, name: w)
+    for i, layer in enumerate(weights.layers):
+        for name in LAYER_LINEARS:
+            weight = getattr(layer, name)
+            done = linear(weight, i, name) if linear else None
+            setattr(
+                layer, name, done if done is not None else convert(weight, f"layers.{i}.{name}")
+            )
+    table, head = weights.embed, weights.lm_head
+    weights.embed = convert(table, "embed")
+    tied = head is table and not plan.unties()
+    weights.lm_head = weights.embed if tied else convert(head, "lm_head")
 
 
 def _valid_key(key: str) -> bool:

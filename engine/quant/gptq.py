@@ -12,9 +12,9 @@ import numpy as np
 
 from engine.quant.calibration import calibration_text, collect_input_stats
 from engine.quant.error_feedback import BLOCK, compensated_sweep
-from engine.quant.formats import WeightPlan
+from engine.quant.formats import WeightPlan, convert_weights
 from engine.quant.int4 import group_grid, padded_rows, quantize_to_grid, to_block_weight
-from engine.weights import LAYER_LINEARS, BlockWeight, DenseWeight
+from engine.weights import BlockWeight, DenseWeight
 
 CALIBRATION_TOKENS = 4096
 
@@ -44,27 +44,22 @@ def gptq_int4(weight: DenseWeight, gram: np.ndarray, group: int) -> BlockWeight:
     return to_block_weight(q, scale, minimum, weight)
 
 
-def quantize_gptq(loaded, plan: WeightPlan, calibration: str | None) -> dict:
+def quantize_gptq(loaded, plan: WeightPlan, calibration: str | None, stats=None) -> dict:
     """Convert the float model `loaded` in place: its decoder linears that `plan` makes int4
     by GPTQ, every other matrix as `plan` says (round to nearest for an int4 embedding or
-    head, which have no calibrated inputs). Returns the recipe a checkpoint records."""
-    weights = loaded.weights
-    text = calibration_text(calibration)
-    stats = collect_input_stats(loaded, text, CALIBRATION_TOKENS, gram=True)
-    convert = plan.quantizer() or (lambda w, name: w)
-    for i, layer in enumerate(weights.layers):
-        for name in LAYER_LINEARS:
-            weight = getattr(layer, name)
-            key = f"layers.{i}.{name}"
-            if plan.format_for(key) == "int4":
-                setattr(layer, name, gptq_int4(weight, stats[(i, name)].gram, plan.group_size))
-            else:
-                setattr(layer, name, convert(weight, key))
-            stats.pop((i, name), None)  # the Gram matrices of a big model fill the RAM
-    table, head = weights.embed, weights.lm_head
-    weights.embed = convert(table, "embed")
-    tied = head is table and not plan.unties()
-    weights.lm_head = weights.embed if tied else convert(head, "lm_head")
+    head, which have no calibrated inputs). `stats`: collect_input_stats' result with Gram
+    matrices, if already gathered (it is consumed). Returns the recipe a checkpoint records."""
+    if stats is None:
+        text = calibration_text(calibration)
+        stats = collect_input_stats(loaded, text, CALIBRATION_TOKENS, gram=True)
+
+    def linear(weight: DenseWeight, i: int, name: str) -> BlockWeight | None:
+        gram = stats.pop((i, name)).gram  # the Gram matrices of a big model fill the RAM
+        if plan.format_for(f"layers.{i}.{name}") != "int4":
+            return None
+        return gptq_int4(weight, gram, plan.group_size)
+
+    convert_weights(loaded.weights, plan, linear)
     return {
         "quantization": {
             "method": "gptq",

@@ -4,8 +4,9 @@ Weight sparsity prunes each decoder linear (magnitude or Wanda, unstructured or 
 optional SparseGPT-style reconstruction), quantizes it to per-row int8 (zeros stay exactly
 zero) and stores it in the bitmask format of `SparseInt8Weight`. Activation sparsity
 calibrates, for each linear, the |x| threshold below which the chosen share of its inputs
-fall, and stores the weight input-major (`ColskipInt8Weight`) so that decode skips the rows
-of zeroed inputs. Embeddings and the output head stay dense int8.
+fall, and stores the weight input-major (`ColskipInt8Weight`, or `ColskipBlockWeight` for
+int4 ones, `quantize_skipping`) so that decode skips the rows of zeroed inputs. Embeddings
+and the output head stay dense.
 """
 
 from __future__ import annotations
@@ -16,17 +17,23 @@ import numpy as np
 
 from engine.errors import InvalidInputError
 from engine.quant.calibration import InputStats, calibration_text, collect_input_stats
+from engine.quant.formats import WeightPlan, convert_weights
 from engine.quant.int8 import quantize_int8
 from engine.quant.prune import PRUNE_METHODS, keep_mask, parse_pattern, prune_scores, reconstruct
 from engine.weights import (
     LAYER_LINEARS,
+    BlockWeight,
+    ColskipBlockWeight,
     ColskipInt8Weight,
     DenseWeight,
     Int8Weight,
     SparseInt8Weight,
     Weight,
 )
+from kernels_cpu.colskip_blocks import GROUPS as SKIP_GROUPS
+from kernels_cpu.colskip_blocks import factors_by_group, interleave_outputs
 from kernels_cpu.colskip_int8 import to_input_major
+from kernels_cpu.matmul_blocks import deinterleave_factors, deinterleave_nibbles
 from kernels_cpu.sparse_int8 import pack_bitmask
 
 
@@ -152,3 +159,67 @@ def _sparse_linear(
 def to_sparse(weight: Int8Weight) -> SparseInt8Weight:
     mask, values, row_ptr = pack_bitmask(weight.data)
     return SparseInt8Weight(mask, values, row_ptr, weight.scale, weight.in_features, weight.bias)
+
+
+def quantize_skipping(loaded, weights: WeightPlan, plan: SparsityPlan, method: str) -> dict:
+    """Quantize the float model `loaded` in place as `weights` says (int4 by round-to-nearest
+    or GPTQ, `method`), then store each decoder linear input-major with its TEAL threshold:
+    int4 as ColskipBlockWeight, int8 as ColskipInt8Weight. Weight sparsity does not combine
+    with int4. Returns the recipe a checkpoint records."""
+    if plan.sparsity > 0 or any(plan.overrides.values()) or plan.reconstruct:
+        raise InvalidInputError(
+            "weight sparsity (--sparsity, --pattern, --layer-sparsity, --reconstruct) makes "
+            "int8 checkpoints; with int4 weights use --activation-sparsity alone"
+        )
+    for i in range(loaded.config.num_layers):
+        for name in LAYER_LINEARS:
+            if weights.format_for(f"layers.{i}.{name}") not in ("int4", "int8"):
+                raise InvalidInputError(
+                    f"--activation-sparsity runs int4 and int8 linears; --layer-weights "
+                    f"keeps layer {i}'s {name} in float32"
+                )
+    text = calibration_text(plan.calibration)
+    stats = collect_input_stats(loaded, text, plan.calibration_tokens, gram=method == "gptq")
+    fraction = plan.activation_sparsity
+    thresholds = {key: s.threshold(fraction) for key, s in stats.items()}
+    if method == "gptq":
+        from engine.quant.gptq import quantize_gptq
+
+        recipe = quantize_gptq(loaded, weights, plan.calibration, stats)
+    else:
+        convert_weights(loaded.weights, weights)
+        recipe = {"quantization": {"method": "rtn", "group_size": weights.group_size}}
+    for i, layer in enumerate(loaded.weights.layers):
+        for name in LAYER_LINEARS:
+            weight, threshold = getattr(layer, name), thresholds[(i, name)]
+            if isinstance(weight, BlockWeight):
+                skipping = to_colskip_blocks(weight, threshold)
+            else:
+                skipping = ColskipInt8Weight(
+                    to_input_major(weight.data), weight.scale, threshold, weight.bias
+                )
+            setattr(layer, name, skipping)
+    recipe["sparsity"] = plan.describe()
+    return recipe
+
+
+def to_colskip_blocks(weight: BlockWeight, threshold: float) -> ColskipBlockWeight:
+    """lamina's 4-bit weight (float16 scale and minimum a group, `quantize_int4`) in the
+    input-major layout of the activation-sparse kernel, the same values and factors."""
+    if not (
+        weight.bits == 4
+        and weight.mins is not None
+        and weight.scale.dtype == np.uint16
+        and weight.scale_sup is None
+        and weight.zero == 0
+        and weight.group in SKIP_GROUPS
+    ):
+        raise TypeError(f"{weight.kind} weights have no activation-sparse layout")
+    n = weight.out_features
+    q = deinterleave_nibbles(weight.values, n)
+    scale, mins = (
+        factors_by_group(deinterleave_factors(a, n)) for a in (weight.scale, weight.mins)
+    )
+    return ColskipBlockWeight(
+        interleave_outputs(q), scale, mins, weight.in_features, n, threshold, weight.bias
+    )
