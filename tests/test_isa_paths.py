@@ -1,9 +1,10 @@
-"""The int8 and block kernels on every multiply-add kind narrower than this CPU's best.
+"""The int8, block and activation-sparse 4-bit kernels on every multiply-add kind narrower
+than this CPU's best.
 
 The kernels are compiled for one kind, chosen at import (`kernels_cpu.simd.host_kind`), so the
 AVX2 and portable paths never run on an AVX-512 machine unless asked: LAMINA_ISA picks one in a
-fresh process, which reruns the int8 and block-format matmul tests (numpy references, GEMM
-rows equal to GEMV rows bit for bit) on it. The kinds wider than this CPU are checked for their
+fresh process, which reruns the int8, block-format and activation-sparse matmul tests (numpy
+references, GEMM rows equal to GEMV rows bit for bit) on it. The kinds wider than this CPU are checked for their
 instructions in test_simd and test_block_formats instead.
 """
 
@@ -22,9 +23,10 @@ NARROWER = simd.KINDS[simd.KINDS.index(simd.best_kind()) + 1 :]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The kernel tests each kind reruns: the int8 matmuls, and the block formats' matmuls.
+# The kernel tests each kind reruns: the int8 matmuls, the block formats' and int4 skipping's.
 SUITES = {"int8": ("tests/test_kernels_cpu.py", "w8"),
-          "blocks": ("tests/test_block_formats.py", "matmul or batched")}  # fmt: skip
+          "blocks": ("tests/test_block_formats.py", "matmul or batched"),
+          "colskip4": ("tests/test_colskip_blocks.py", "matmul or prologue or read or nan")}  # fmt: skip
 
 
 @pytest.mark.parametrize("suite", sorted(SUITES))

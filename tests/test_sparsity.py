@@ -7,9 +7,25 @@ import pytest
 
 from engine import LLM
 from engine.cli import main
+from engine.errors import ModelLoadError
+from engine.loader.checkpoint import load_weights_file, save_weights_file
 from engine.loader.model_loader import load_model
-from engine.quant.sparsify import SparsityPlan, sparsify, to_sparse
-from engine.weights import LAYER_LINEARS, ColskipInt8Weight, Int8Weight, SparseInt8Weight
+from engine.quant.formats import WeightPlan
+from engine.quant.sparsify import (
+    SparsityPlan,
+    quantize_skipping,
+    sparsify,
+    to_colskip_blocks,
+    to_sparse,
+)
+from engine.weights import (
+    LAYER_LINEARS,
+    BlockWeight,
+    ColskipBlockWeight,
+    ColskipInt8Weight,
+    Int8Weight,
+    SparseInt8Weight,
+)
 from kernels_cpu.colskip_int8 import to_input_major
 from kernels_cpu.sparse_int8 import unpack_bitmask
 from tests.tiny_models import build_tiny_model
@@ -75,12 +91,15 @@ def test_sparse_format_at_zero_sparsity_gives_the_dense_logits(tiny):
     assert np.array_equal(dense.prompt_logits(TEXT), expected)
 
 
-def test_activation_sparse_checkpoint_zeroes_about_the_asked_share(tiny, tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "kind"), [([], ColskipInt8Weight), (["--weights", "int4"], ColskipBlockWeight)]
+)
+def test_activation_sparse_checkpoint_zeroes_about_the_asked_share(tiny, tmp_path, flags, kind):
     out = tmp_path / "ck"
-    assert main(["quantize", str(tiny), str(out), "--activation-sparsity", "0.4"]) == 0
+    assert main(["quantize", str(tiny), str(out), "--activation-sparsity", "0.4", *flags]) == 0
     llm = LLM(out)
     weights = list(linears(llm))
-    assert all(isinstance(w, ColskipInt8Weight) and w.threshold > 0 for w in weights)
+    assert all(isinstance(w, kind) and w.threshold > 0 for w in weights)
     # independent check: the share of inputs at or under each threshold, on other text
     seen: dict[int, list[np.ndarray]] = {}
     backend = llm.backend
@@ -115,10 +134,57 @@ def test_activation_sparsity_at_zero_threshold_matches_dense_int8(tiny):
     np.testing.assert_allclose(got, expected, atol=2e-3 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_int4_activation_sparse_checkpoint_round_trips_with_identical_logits(
+    tiny, tmp_path, method
+):
+    flags = ["--weights", "int4", "--group-size", "64", "--method", method]
+    assert main(["quantize", str(tiny), str(tmp_path / "ck"), *flags, "--activation-sparsity",
+                 "0.3"]) == 0  # fmt: skip
+    from_disk = LLM(tmp_path / "ck")
+    in_memory = LLM(tiny)
+    plan = SparsityPlan(activation_sparsity=0.3)
+    quantize_skipping(in_memory.loaded, WeightPlan("int4", 64), plan, method)
+    assert all(isinstance(w, ColskipBlockWeight) for w in linears(from_disk))
+    assert np.array_equal(from_disk.prompt_logits(TEXT), in_memory.prompt_logits(TEXT))
+
+
+def test_int4_activation_sparsity_at_zero_threshold_matches_dense_int4(tiny):
+    llm = LLM(tiny, quant="int4")
+    expected = llm.prompt_logits(TEXT)
+    for layer in llm.loaded.weights.layers:
+        for name in LAYER_LINEARS:
+            weight = getattr(layer, name)
+            assert isinstance(weight, BlockWeight)
+            setattr(layer, name, to_colskip_blocks(weight, 0.0))
+    got = llm.prompt_logits(TEXT)  # both round activations per 32 inputs (the int4 group)
+    np.testing.assert_allclose(got, expected, atol=2e-3 * np.abs(expected).max())
+
+
+def test_a_damaged_int4_activation_sparse_weight_is_refused(tiny, tmp_path):
+    plan = SparsityPlan(activation_sparsity=0.3)
+    loaded = load_model(tiny)
+    quantize_skipping(loaded, WeightPlan("int4", 32), plan, "rtn")
+    weights = loaded.weights
+    down = weights.layers[0].down
+    weights.layers[0].down = ColskipBlockWeight(
+        down.values[:-32], down.scale, down.mins, down.in_features, down.out_features, 0.1
+    )
+    save_weights_file(weights, tmp_path / "w.safetensors")
+    with pytest.raises(ModelLoadError, match="activation-sparse weight 'layers.0.down'"):
+        load_weights_file(tmp_path / "w.safetensors", len(weights.layers))
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--sparsity", "0.5", "--weights", "f32"], "int8"),
+        (["--sparsity", "0.5", "--weights", "int4"], "with int4 weights use --activation"),
+        (["--activation-sparsity", "0.4", "--weights", "int4", "--method", "wanda"], "rtn or gptq"),
+        (
+            ["--activation-sparsity", "0.4", "--weights", "int4", "--layer-weights", "down=f32"],
+            "float32",
+        ),
         (["--sparsity", "0.5", "--pattern", "3-4"], "pattern"),
         (["--sparsity", "0.7", "--pattern", "2:4"], "means sparsity 0.5"),
         (["--sparsity", "0.5", "--layer-sparsity", "mlp=0.2"], "not a linear name"),
