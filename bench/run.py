@@ -361,13 +361,22 @@ def main(args) -> int:
             print(json.dumps(row))
         return 0
     if args.what == "sparsity":
-        from bench.sparsity import quality_table, speed_table
+        from bench.sparsity import (
+            quality_table,
+            quality_table_int4,
+            speed_table,
+            speed_table_int4,
+        )
 
         rows = quality_table(args.runs)
         write_report("sparsity-quality", rows)
         speed = speed_table(args.runs)
         write_report("sparsity-speed", [speed])
-        for row in [*rows, speed]:
+        rows_int4 = quality_table_int4(args.runs)
+        write_report("sparsity-int4-quality", rows_int4)
+        speed_int4 = speed_table_int4(args.runs)
+        write_report("sparsity-int4-speed", [speed_int4])
+        for row in [*rows, speed, *rows_int4, speed_int4]:
             print(json.dumps(row) if args.json else json.dumps(row, indent=2))
         return 0
     if args.cpu_memory is not None:

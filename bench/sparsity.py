@@ -4,7 +4,10 @@
   calibration text is their beginning) with int8 weights pruned by Wanda and by magnitude,
   and with activation sparsity, at 0, 25, 40 and 50%, with the decode speed at each point;
 - speed: decode tok/s of the random 1.1B model (bandwidth-bound), dense int8 against 50%
-  weight-sparse and 40% activation-sparse int8, measured in the same run.
+  weight-sparse and 40% activation-sparse int8, measured in the same run;
+- int4: the same two tables for 4-bit weights with activation sparsity (groups of
+  INT4_GROUP, embedding and head int8): perplexity on the default model, and decode of the
+  random 1.1B model against llama.cpp's Q4_K_M and Q4_0 of the same weights, interleaved.
 """
 
 from __future__ import annotations
@@ -123,21 +126,38 @@ INT4_GROUP = 128
 PEER_TYPES = ("Q4_K_M", "Q4_0")
 
 
-def _int4_variants(path, level: float):
-    """The random model at int4 (groups of INT4_GROUP, embedding and head int8), dense and
-    with `level` activation sparsity (thresholds from 512 calibration tokens)."""
+def _int4_variant(path, level: float, tokens: int):
+    """The float model at `path` at int4 (groups of INT4_GROUP, embedding and head int8),
+    with `level` activation sparsity (thresholds from `tokens` calibration tokens) if > 0."""
     from bench.perplexity_peer import HEAD
     from engine import LLM
     from engine.quant.formats import WeightPlan, convert_weights, parse_layer_weights
     from engine.quant.sparsify import SparsityPlan, quantize_skipping
 
     plan = WeightPlan("int4", INT4_GROUP, parse_layer_weights([HEAD]))
-    dense = LLM(path, kv_cache_mb=256)
-    convert_weights(dense.loaded.weights, plan)
-    sparse = LLM(path, kv_cache_mb=256)
-    skipping = SparsityPlan(activation_sparsity=level, calibration_tokens=512)
-    quantize_skipping(sparse.loaded, plan, skipping, "rtn")
-    return {"int4": dense, f"int4_activation_sparse_{round(level * 100)}": sparse}
+    llm = LLM(path, quant="f32", kv_cache_mb=1024)
+    if level == 0:
+        convert_weights(llm.loaded.weights, plan)
+    else:
+        skipping = SparsityPlan(activation_sparsity=level, calibration_tokens=tokens)
+        quantize_skipping(llm.loaded, plan, skipping, "rtn")
+    return llm
+
+
+def quality_table_int4(runs: int) -> list[dict]:
+    """Perplexity and decode speed of the default model at int4, dense and at each level."""
+    path = resolve_model(None)
+    text = held_out_text()
+    rows = []
+    for level in (0.0, *LEVELS):
+        llm = _int4_variant(path, level, 4096)
+        ppl = llm.perplexity(text, context=EVAL_CONTEXT, stride=EVAL_CONTEXT // 2)
+        rows.append({"kind": f"int4-g{INT4_GROUP}", "activation_sparsity": level,
+                     "perplexity": ppl.perplexity, "decode_tok_s": decode_tok_s(llm, runs)})  # fmt: skip
+    for row in rows:
+        row["perplexity_vs_dense"] = row["perplexity"] / rows[0]["perplexity"]
+        row["decode_vs_dense"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
+    return rows
 
 
 def speed_table_int4(runs: int, level: float = 0.4) -> dict:
@@ -153,7 +173,8 @@ def speed_table_int4(runs: int, level: float = 0.4) -> dict:
     path = resolve_model(SPEED_MODEL)
     tools, threads = build_tools(), numba.config.NUMBA_NUM_THREADS
     ggufs = {q: gguf_of_type(path, q, _gguf_cache(path)) for q in PEER_TYPES}
-    llms = _int4_variants(path, level)
+    llms = {"int4": _int4_variant(path, 0.0, 0),
+            f"int4_activation_sparse_{round(level * 100)}": _int4_variant(path, level, 512)}  # fmt: skip
     samples: dict[str, list[float]] = {name: [] for name in [*llms, *ggufs]}
     for _ in range(runs):
         for name, llm in llms.items():
@@ -165,8 +186,8 @@ def speed_table_int4(runs: int, level: float = 0.4) -> dict:
               "rounds": runs}  # fmt: skip
     for name, values in samples.items():
         result[f"{name}_decode_tok_s"] = statistics.median(values)
-    for name in llms:
-        result[f"{name}_weights_mb"] = llms[name].loaded.weights.nbytes / 2**20
+    for name, llm in llms.items():
+        result[f"{name}_weights_mb"] = llm.loaded.weights.nbytes / 2**20
         for qtype in PEER_TYPES:
             ratio = result[f"{name}_decode_tok_s"] / result[f"{qtype}_decode_tok_s"]
             result[f"{name}_vs_llama.cpp_{qtype}"] = ratio

@@ -15,30 +15,36 @@ lane o holds the 4 rows' values of output o. The nibbles are laid out so that th
 (which work within 16-byte lanes) leave outputs in order: byte p = 16 L + 4 v + i of a
 64-byte chunk holds output 16 v + 4 L + i in its low nibble and that plus 64 in its high one.
 
-Each pass streams PASSES quads (16 rows) front to back, adding into int32 accumulators of
-every output (in L1/L2), and after a group's last pass one float step adds
-float(dot) * d * s + m * s * sum(q_x) into a float partial (s: the activation scale).
-Each line read asks for the same line of the row one pass ahead in the list. Each thread
-takes a share of the groups into its own partial; the partials are summed at the end.
+Each thread takes a share of the outputs (whole 128-output chunks). For each group, a pass
+streams PASSES quads (16 rows) through the thread's chunks, adding into int32 accumulators
+(in L1/L2), and after the group's last pass one float step adds
+float(dot) * d * s + m * s * sum(q_x) into a float row of the outputs (s: the activation
+scale). Each line read asks for the same line of the row one pass ahead in the list. The
+listing and the activations' rounding run once, before the threads start.
 
-Why this shape, measured on Zen 4 (2 cores, 5 layers of the random 1.1B model's shapes,
-group 128, times relative to the dense block GEMV `matmul_blocks` on the same weights):
-- Whole rows streamed: 1.26x the dense time with nothing skipped, 0.82x at 40% skipped,
-  0.73x at 50%. The skipped rows are bytes never fetched, because each kept row is a long
-  sequential run the hardware prefetcher follows and ends where it ends.
-- Walking 64-byte columns across the kept rows instead (accumulators in registers, rows
-  stored whole or in 128-output chunks) ran 1.16-1.54x with nothing skipped, but skipping
-  40% saved only 0-18%: the prefetchers fetched the skipped lines between the kept ones.
-- The unpacks are the cost over the dense kernel, whose layout is already interleaved (8
-  shuffles per 512 weights, on fewer ports than the multiply-adds). Storing 4 inputs
-  pre-interleaved would skip only when all 4 are dropped: 2.6% of the time at 40%.
+Measured on Zen 4 (2 cores, avx512vnni, group 128, one token, each shape's weights 400 MB
+so that they stream from memory), time against the dense block GEMV `matmul_blocks` on the
+same weights, nothing skipped / 40% of the inputs skipped:
+- 11264 x 2048: 1.28x / 0.85x; 2048 x 5632: 1.36x / 1.00x; 2048 x 2048: 1.39x / 1.05x.
+- The skipped rows are bytes never fetched, but a stream of kept rows with holes reads
+  memory at about 75-80% of the rate of a sequential pass, and each weight costs more work
+  than in the dense kernel, whose layout is already interleaved: 8 unpacks per 512 weights,
+  the int32 accumulators' loads and stores, and a fixed 5-10 us a call (the listing, the
+  scratch). On the 576-wide default model it is slower than dense.
+- Tried and measured worse or no better: walking 64-byte columns across the kept rows with
+  accumulators in registers (rows stored whole, or in 128-, 256- and 512-output chunks):
+  1.16-1.54x with nothing skipped, and skipping 40% saved only 0-18% (the hardware
+  prefetchers fetch the skipped lines between the kept ones); the interleave done with
+  shifts and bit selects instead of unpacks; 4, 8 or 32 rows a pass; prefetching 1 or 2
+  passes ahead, or 512 B to 2 KB ahead in the row, or not at all; threads splitting the
+  groups (each its own partial, summed at the end) instead of the outputs.
+- Storing 4 inputs pre-interleaved would need no unpacks but would skip only when all 4
+  are dropped: 2.6% of the time at 40%.
 
 With several tokens an input is read if any token keeps it; each token's dropped inputs
 multiply as zeros. The union of many tokens' kept inputs is nearly every input, so sparsity
-only pays at decode; prefill pays the unpacks once per token.
-
-Rounding: each thread sums its groups in order, then the partials are added, so the float32
-rounding (not the exact value) depends on the thread count.
+only pays at decode; prefill pays the unpacks once per token. Each output sums its groups
+in order whatever the thread count, so the result does not depend on it.
 """
 
 from __future__ import annotations
@@ -140,9 +146,9 @@ def _interleave(builder: ir.IRBuilder, rows: list[ir.Value]) -> list[ir.Value]:
 
 
 def make_stream(kind: str, passes: int, tokens: int):
-    """A numba intrinsic stream(values, idx, xq, acc, qd, t): for j < tokens and every
-    output o of the padded width, acc[t + j, o] += sum of values[row, o] * xq[t + j, i] over
-    the listed rows row = idx[i], 4 qd <= i < 4 (qd + passes).
+    """A numba intrinsic stream(values, idx, xq, acc, qd, t, c0, c1): for j < tokens and the
+    outputs o of chunks [c0, c1) (128 each), acc[t + j, o] += sum of values[row, o] *
+    xq[t + j, i] over the listed rows row = idx[i], 4 qd <= i < 4 (qd + passes).
 
     values (Kp, Np / 2) uint8 (interleave_outputs); idx (entries,) intp; xq (T, entries)
     int8; acc (T, Np) int32. Each line read asks for the same line of row idx[i + 4 passes],
@@ -150,16 +156,18 @@ def make_stream(kind: str, passes: int, tokens: int):
     """
 
     @intrinsic
-    def stream(typingctx, values, idx, xq, acc, qd, t):
+    def stream(typingctx, values, idx, xq, acc, qd, t, c0, c1):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (values, xq, acc)):
             return None
-        sig = types.none(values, idx, xq, acc, qd, t)
+        sig = types.none(values, idx, xq, acc, qd, t, c0, c1)
 
         def codegen(context, builder, signature, args):
             v_a, idx_a, xq_a, acc_a = (
                 context.make_array(signature.args[i])(context, builder, args[i]) for i in range(4)
             )
-            q0, t0 = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (4, 5))
+            q0, t0, first_chunk, end_chunk = (
+                context.cast(builder, args[i], signature.args[i], types.intp) for i in (4, 5, 6, 7)
+            )
             intp = q0.type
             v64b, v16i = _vec(_I8, 64), _vec(_I32, 16)
             row_bytes = cgutils.unpack_tuple(builder, v_a.shape)[1]
@@ -222,8 +230,7 @@ def make_stream(kind: str, passes: int, tokens: int):
                     builder.store(value, ptr, align=4)
                 return []
 
-            chunks = builder.udiv(row_bytes, intp(64))
-            emit_counted_loop(builder, intp(0), chunks, intp(1), [], chunk)
+            emit_counted_loop(builder, first_chunk, end_chunk, intp(1), [], chunk)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -232,18 +239,20 @@ def make_stream(kind: str, passes: int, tokens: int):
 
 
 @intrinsic
-def _flush(typingctx, acc, part, scale, mins, xs, xm, g, t):
+def _flush(typingctx, acc, part, scale, mins, xs, xm, g, t, o0, o1):
     """part[t, o] += acc[t, o] * scale[g, o] * xs[t, g] + mins[g, o] * xm[t, g] and
-    acc[t, o] = 0, for every output o of the padded width (float16 factors)."""
+    acc[t, o] = 0, for the outputs o0 <= o < o1 (multiples of 16; float16 factors)."""
     if not all(isinstance(a, types.Array) and a.layout == "C" for a in (acc, part, scale, mins)):
         return None
-    sig = types.none(acc, part, scale, mins, xs, xm, g, t)
+    sig = types.none(acc, part, scale, mins, xs, xm, g, t, o0, o1)
 
     def codegen(context, builder, signature, args):
         acc_a, part_a, sc_a, mn_a, xs_a, xm_a = (
             context.make_array(signature.args[i])(context, builder, args[i]) for i in range(6)
         )
-        g0, t0 = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (6, 7))
+        g0, t0, first, end = (
+            context.cast(builder, args[i], signature.args[i], types.intp) for i in (6, 7, 8, 9)
+        )
         intp = g0.type
         v16f, v16i, v16h = _vec(_F32, 16), _vec(_I32, 16), _vec(_I16, 16)
         fma = _declare(builder.module, "llvm.fma.v16f32", v16f, [v16f, v16f, v16f])
@@ -268,8 +277,7 @@ def _flush(typingctx, acc, part, scale, mins, xs, xm, g, t):
             builder.store(ir.Constant(v16i, None), acc_ptr, align=4)
             return []
 
-        n = cgutils.unpack_tuple(builder, part_a.shape)[1]
-        emit_counted_loop(builder, intp(0), n, intp(16), [], body)
+        emit_counted_loop(builder, first, end, intp(16), [], body)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -378,38 +386,28 @@ def _compact_into(x, threshold, group, keep, xqd, idx, quad_start, xq, xs, xm) -
     return count // QUAD
 
 
-@njit(cache=True)
-def _split(quad_start, jobs, job) -> tuple[int, int]:
-    """Groups [g0, g1) of one job: about equal shares of the quads."""
-    groups = quad_start.shape[0] - 1
-    total = quad_start[groups]
-    lo, hi = total * job // jobs, total * (job + 1) // jobs
-    g0 = np.searchsorted(quad_start[:groups], lo, side="left") if job else 0
-    g1 = np.searchsorted(quad_start[:groups], hi, side="left") if job + 1 < jobs else groups
-    return g0, g1
-
-
 @njit(cache=True, inline="always")
-def _group_rows(values, idx, xq, acc, q0, q1, t, pair) -> None:
-    """Stream a group's quads [q0, q1) for token t (and t + 1 with `pair`) into acc."""
+def _group_rows(values, idx, xq, acc, q0, q1, t, pair, c0, c1) -> None:
+    """Stream a group's quads [q0, q1) for token t (and t + 1 with `pair`) into acc, over
+    the chunks [c0, c1)."""
     qd = q0
     while qd + PASSES <= q1:
         if pair:
-            _stream_wide_2(values, idx, xq, acc, qd, t)
+            _stream_wide_2(values, idx, xq, acc, qd, t, c0, c1)
         else:
-            _stream_wide(values, idx, xq, acc, qd, t)
+            _stream_wide(values, idx, xq, acc, qd, t, c0, c1)
         qd += PASSES
     while qd < q1:
         if pair:
-            _stream_one_2(values, idx, xq, acc, qd, t)
+            _stream_one_2(values, idx, xq, acc, qd, t, c0, c1)
         else:
-            _stream_one(values, idx, xq, acc, qd, t)
+            _stream_one(values, idx, xq, acc, qd, t, c0, c1)
         qd += 1
 
 
 @njit(cache=True, parallel=True)
 def _colskip_pass(x, k, h, norm, eps, prologue, threshold, values, scale, mins, out, accumulate,
-                  keep, xqd, idx, quad_start, xq, xs, xm, parts, accs) -> None:  # fmt: skip
+                  keep, xqd, idx, quad_start, xq, xs, xm, wide, acc, jobs) -> None:  # fmt: skip
     """One pass over the weight for the tokens of x (see colskip_matmul_w4_into)."""
     tokens, n = out.shape
     kp = values.shape[0]
@@ -423,30 +421,25 @@ def _colskip_pass(x, k, h, norm, eps, prologue, threshold, values, scale, mins, 
             else:
                 silu_mul_row(x, t, h)
         _compact_into(h, threshold, kp // groups, keep, xqd, idx, quad_start, xq, xs, xm)
-    jobs = parts.shape[0]
+    chunks = values.shape[1] // 64
     for job in prange(jobs):
-        part, acc = parts[job], accs[job]
-        part[:tokens] = 0
-        acc[:tokens] = 0
-        g0, g1 = _split(quad_start, jobs, job)
-        for g in range(g0, g1):
+        c0, c1 = job * chunks // jobs, (job + 1) * chunks // jobs
+        o0, o1 = c0 * CHUNK, c1 * CHUNK
+        wide[:tokens, o0:o1] = 0
+        acc[:tokens, o0:o1] = 0
+        for g in range(groups):
             q0, q1 = quad_start[g], quad_start[g + 1]
             if q0 == q1:
                 continue
             for t in range(0, tokens - 1, 2):
-                _group_rows(values, idx, xq, acc, q0, q1, t, True)
+                _group_rows(values, idx, xq, acc, q0, q1, t, True, c0, c1)
             if tokens % 2:
-                _group_rows(values, idx, xq, acc, q0, q1, tokens - 1, False)
+                _group_rows(values, idx, xq, acc, q0, q1, tokens - 1, False, c0, c1)
             for t in range(tokens):
-                _flush(acc, part, scale, mins, xs, xm, g, t)
-    width = 1024
-    for c in prange((n + width - 1) // width):
+                _flush(acc, wide, scale, mins, xs, xm, g, t, o0, o1)
         for t in range(tokens):
-            for col in range(c * width, min(n, c * width + width)):
-                total = parts[0, t, col]
-                for job in range(1, jobs):
-                    total += parts[job, t, col]
-                out[t, col] = out[t, col] + total if accumulate else total
+            for col in range(o0, min(o1, n)):
+                out[t, col] = out[t, col] + wide[t, col] if accumulate else wide[t, col]
 
 
 def colskip_matmul_w4_into(
@@ -504,12 +497,12 @@ def colskip_matmul_w4_into(
     norm = _NO_NORM if norm is None else norm
     size = entries(kp, kp // groups)
     step = min(tokens, PASS_TOKENS)
-    jobs = max(1, min(numba.get_num_threads(), groups))
+    jobs = max(1, min(numba.get_num_threads(), half // 64))
     keep = take("colskip4.keep", (kp,), np.uint8)
     idx = take("colskip4.idx", (size,), np.intp)
     quad_start = take("colskip4.quads", (groups + 1,), np.intp)
-    parts = take("colskip4.parts", (jobs, step, 2 * half), np.float32)
-    accs = take("colskip4.accs", (jobs, step, 2 * half), np.int32)
+    wide = take("colskip4.wide", (step, 2 * half), np.float32)
+    acc = take("colskip4.acc", (step, 2 * half), np.int32)
     threshold = max(threshold, 0.0)
     for t0 in range(0, tokens, PASS_TOKENS):
         t1 = min(tokens, t0 + PASS_TOKENS)
@@ -519,7 +512,7 @@ def colskip_matmul_w4_into(
             out[t0:t1], accumulate, keep, take("colskip4.xqd", (rows, kp), np.int8), idx,
             quad_start, take("colskip4.xq", (rows, size), np.int8),
             take("colskip4.xs", (rows, groups), np.float32),
-            take("colskip4.xm", (rows, groups), np.float32), parts, accs,
+            take("colskip4.xm", (rows, groups), np.float32), wide, acc, jobs,
         )  # fmt: skip
     return out
 
