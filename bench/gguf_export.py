@@ -15,17 +15,8 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
+from engine.loader.tensor_source import GGUF_LAYER_NAMES
+
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -100,7 +91,7 @@ def export_gguf(
         else:
             parts = name.split(".")
             module = ".".join(parts[3:-1])
-            gguf_name = f"blk.{parts[2]}.{_NAMES[module]}.{parts[-1]}"
+            gguf_name = f"blk.{parts[2]}.{GGUF_LAYER_NAMES[module]}.{parts[-1]}"
             if arch == "llama" and module == "self_attn.q_proj":
                 tensor = _permute(tensor, heads)
             elif arch == "llama" and module == "self_attn.k_proj":

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 # HF `architectures` entries and GGUF `general.architecture` values we accept, mapped to ours.
 _ARCH_ALIASES = {
@@ -26,6 +26,8 @@ _ARCH_ALIASES = {
     "MistralForCausalLM": "mistral",
     "qwen2": "qwen2",
     "Qwen2ForCausalLM": "qwen2",
+    "qwen3": "qwen3",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -116,6 +118,7 @@ class ModelConfig:
     o_bias: bool = False  # required o_proj bias (llama with attention_bias)
     mlp_bias: bool = False  # required gate/up/down biases (llama with mlp_bias)
     sliding_window: int | None = None
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k before rope (qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -168,7 +171,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json that `from_hf` (and transformers) read back to this config."""
-        model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}[self.architecture]
+        model_type = self.architecture
         rope: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
         if self.rope.rope_type != "default":
             rope["factor"] = self.rope.factor
@@ -231,6 +234,7 @@ class ModelConfig:
             tie_word_embeddings=f.flag("tie_word_embeddings", False),
             qkv_bias=arch == "qwen2" or f.flag("attention_bias", False),
             o_bias=arch != "qwen2" and f.flag("attention_bias", False),
+            qk_norm=arch == "qwen3",
             mlp_bias=f.flag("mlp_bias", False),
             sliding_window=window,
             bos_token_id=f.token_id("bos_token_id"),
@@ -266,6 +270,7 @@ class ModelConfig:
             rope=_rope_from_gguf(f, p, freq_factors),
             tie_word_embeddings=False,  # decided by the loader from the tensors present
             qkv_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
             sliding_window=window or None,
             bos_token_id=f.token_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids=f.token_ids("tokenizer.ggml.eos_token_id"),

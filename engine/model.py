@@ -1,4 +1,4 @@
-"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2), written against a Backend.
+"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3), written against a Backend.
 
 No numba and no formats here: the Backend chooses kernels by weight type and device, the KV
 cache hides behind `Backend.attention`, and the layers come from a LayerSource, fetched and
@@ -89,6 +89,8 @@ class Transformer:
             layer = self.layers.fetch(i)
             try:
                 qkv = be.norm_linear(x, layer.attn_norm, eps, layer.qkv, out=buf("qkv"))
+                if c.qk_norm:
+                    be.qk_norm_(qkv, layer.q_norm, layer.k_norm, eps, c.num_heads, c.num_kv_heads)
                 attn = be.attention(
                     i, qkv, batch, c.num_heads, self.inv_freq, self.scale, self.window,
                     out=buf("attn"),

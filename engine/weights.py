@@ -294,14 +294,17 @@ class LayerWeights:
     ffn_norm: np.ndarray
     gate_up: Weight
     down: Weight
+    q_norm: np.ndarray | None = None  # (head_dim,) per-head norms of q and k (qwen3)
+    k_norm: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        read_only(self.attn_norm, self.ffn_norm)
+        read_only(self.attn_norm, self.ffn_norm, self.q_norm, self.k_norm)
 
     @property
     def nbytes(self) -> int:
         linears = sum(getattr(self, name).nbytes for name in LAYER_LINEARS)
-        return self.attn_norm.nbytes + self.ffn_norm.nbytes + linears
+        norms = (self.attn_norm, self.ffn_norm, self.q_norm, self.k_norm)
+        return sum(n.nbytes for n in norms if n is not None) + linears
 
 
 @dataclass

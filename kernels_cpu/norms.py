@@ -36,3 +36,19 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     out = np.empty_like(x)
     rmsnorm_into(x, weight, eps, out)
     return out
+
+
+@njit(cache=True, fastmath=EXACT_MATH)
+def head_rmsnorm_(x: np.ndarray, start: int, heads: int, weight: np.ndarray, eps: float) -> None:
+    """In place: each of the `heads` heads of D = len(weight) columns from column `start` of
+    every row of x, rmsnormed with `weight` (Qwen3's q and k norms, before rope)."""
+    dim = weight.shape[0]
+    if start < 0 or start + heads * dim > x.shape[1]:
+        raise ValueError("the heads run past x's columns")
+    for t in range(x.shape[0]):
+        for h in range(heads):
+            base = start + h * dim
+            acc = np.float64(sum_squares(x[t, base : base + dim]))
+            inv = np.float32(1.0 / np.sqrt(acc / dim + eps))
+            for i in range(dim):
+                x[t, base + i] = weight[i] * (x[t, base + i] * inv)

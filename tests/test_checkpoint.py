@@ -48,7 +48,12 @@ def test_default_model_int8_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "weights"),
-    [("qwen2-bias-tied", "int8"), ("llama-all-biases", "f32"), ("llama-gqa-untied", "int4")],
+    [
+        ("qwen2-bias-tied", "int8"),
+        ("llama-all-biases", "f32"),
+        ("llama-gqa-untied", "int4"),
+        ("qwen3-qknorm-tied", "int8"),
+    ],
 )
 def test_tiny_model_round_trip(name, weights, tmp_path, hf_tokenizer):
     build_tiny_model(name, tmp_path / "hf", hf_tokenizer)

@@ -42,10 +42,10 @@ def fast_simulator():
         yield
 
 
-def build_toy_llama(folder, tied: bool, seed: int = 0, layers: int = 2) -> None:
+def build_toy_llama(folder, tied: bool, seed: int = 0, layers: int = 2, qwen3=False) -> None:
     """A random Llama (`layers` layers, hidden 16, 2 query heads on 1 kv head, ffn 32,
     attention biases) with a word-level tokenizer `w0 .. w31`, saved as a Hugging Face
-    folder."""
+    folder; with `qwen3`, a Qwen3 (the same plus per-head q and k norms)."""
     hidden, ffn, heads, kv_heads, head_dim = 16, 32, 2, 1, 8
     rng = np.random.default_rng(seed)
 
@@ -71,11 +71,14 @@ def build_toy_llama(folder, tied: bool, seed: int = 0, layers: int = 2) -> None:
         tensors[p + "mlp.down_proj.weight"] = rand(hidden, ffn)
         tensors[p + "input_layernorm.weight"] = 1 + rand(hidden)
         tensors[p + "post_attention_layernorm.weight"] = 1 + rand(hidden)
+        if qwen3:
+            tensors[p + "self_attn.q_norm.weight"] = 1 + rand(head_dim)
+            tensors[p + "self_attn.k_norm.weight"] = 1 + rand(head_dim)
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", {"format": "pt"})
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": "qwen3" if qwen3 else "llama",
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM"],
         "vocab_size": VOCAB,
         "hidden_size": hidden,
         "intermediate_size": ffn,
@@ -152,6 +155,13 @@ def test_f32_tied_prompt_logits_match_cpu(tied):
     cpu, gpu = on_both(tied)
     assert gpu.loaded.weights.lm_head is gpu.loaded.weights.embed
     # Float32 all the way: summation orders and libm differ (measured: 3e-7 of the range).
+    assert_logits_close(gpu.prompt_logits(PROMPTS[0]), cpu.prompt_logits(PROMPTS[0]), 3e-6)
+
+
+def test_qwen3_head_norms_match_cpu(tmp_path):
+    build_toy_llama(tmp_path / "qwen3", tied=False, qwen3=True)
+    cpu, gpu = on_both(tmp_path / "qwen3")
+    assert gpu.config.qk_norm
     assert_logits_close(gpu.prompt_logits(PROMPTS[0]), cpu.prompt_logits(PROMPTS[0]), 3e-6)
 
 

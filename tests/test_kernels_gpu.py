@@ -142,6 +142,18 @@ def test_rmsnorm_equals_cpu(tokens, dim, seed):
 
 
 @FEW
+@given(tokens=st.sampled_from([1, 3]), heads=st.sampled_from([1, 3]), seed=st.integers(0, 99))
+def test_head_rmsnorm_equals_cpu(tokens, heads, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, tokens, 5 + 2 * heads * 16), rand(rng, 16)
+    d_x, d_w = on_device(x, w)
+    norms.head_rmsnorm_(d_x, 5, heads, d_w, 1e-6)
+    want = x.copy()
+    kernels_cpu.norms.head_rmsnorm_(want, 5, heads, w, 1e-6)
+    np.testing.assert_allclose(d_x.copy_to_host(), want, rtol=1e-6, atol=1e-7)
+
+
+@FEW
 @given(
     tokens=st.sampled_from([1, 3]),
     heads=st.integers(1, 3),

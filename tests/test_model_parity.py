@@ -110,7 +110,10 @@ def test_half_precision_sharded_checkpoint(dtype, tmp_path, tokenizer_for_tiny):
     assert_logits_close(LLM(tmp_path).prompt_logits(ids), hf_logits(hf, ids))
 
 
-@pytest.mark.parametrize(("name", "half"), [("llama-gqa-untied", True), ("qwen2-bias-tied", False)])
+@pytest.mark.parametrize(
+    ("name", "half"),
+    [("llama-gqa-untied", True), ("qwen2-bias-tied", False), ("qwen3-qknorm-tied", False)],
+)
 def test_gguf_export_of_tiny_model(name, half, tmp_path, tokenizer_for_tiny, default_gguf):
     """A GGUF written like llama.cpp's converter (llama Q/K permuted, qwen2 not) loads right."""
     from bench.gguf_export import export_gguf

@@ -357,3 +357,18 @@ def test_streaming_bench_reports_its_figures(small_int8):
     assert result["cpu_memory_mb"] == budget / MiB
     assert "6 streamed from disk" in result["placement"]
     assert result["page_cache"].startswith("dropped")
+
+
+def test_qwen3_head_norms_stream_with_their_layer(tmp_path, hf_tokenizer):
+    """A Qwen3 int8 checkpoint streamed from disk: its q and k norms travel with each layer."""
+    from engine.cli import main
+    from tests.tiny_models import build_tiny_model
+
+    build_tiny_model("qwen3-qknorm-tied", tmp_path / "hf", hf_tokenizer)
+    checkpoint = tmp_path / "ck"
+    assert main(["quantize", str(tmp_path / "hf"), str(checkpoint)]) == 0
+    resident = LLM(checkpoint, max_model_len=256)
+    with LLM(checkpoint, max_model_len=256, cpu_memory=budget_for(checkpoint, 1)) as streamed:
+        assert Tier.DISK in streamed.placement.tiers
+        ids = PROMPT[:20]
+        assert np.array_equal(streamed.prompt_logits(ids), resident.prompt_logits(ids))

@@ -61,6 +61,17 @@ VARIANTS = {
         "Qwen2ForCausalLM",
         {"tie_word_embeddings": True, "num_attention_heads": 8, "num_key_value_heads": 2},
     ),
+    # q/k norms, and a head_dim other than hidden / heads
+    "qwen3-qknorm-tied": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        {"tie_word_embeddings": True, "head_dim": 32, "num_hidden_layers": 4},
+    ),
+    "qwen3-bias-untied": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        {"tie_word_embeddings": False, "attention_bias": True, "num_key_value_heads": 1},
+    ),
 }
 
 
@@ -70,10 +81,12 @@ def build_tiny_model(name: str, folder: Path, tokenizer, dtype=torch.float32, sh
     config = getattr(transformers, config_cls)(**{**BASE, **overrides})
     torch.manual_seed(sum(map(ord, name)))
     model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # HF initialises biases to zero; make them matter
-        for module in model.modules():
+    with torch.no_grad():  # HF initialises biases to zero and q/k norms to one; make them matter
+        for path, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0.0, 0.5)
+            if path.endswith(("q_norm", "k_norm")):
+                module.weight.normal_(1.0, 0.3)
     model.to(dtype).save_pretrained(folder, max_shard_size="2MB" if shard else "10GB")
     tokenizer.save_pretrained(folder)
     return model.to(torch.float32)

@@ -71,6 +71,14 @@ class Backend(Protocol):
         queries over its own blocks; -> (T, H * D)."""
         ...
 
+    def qk_norm_(
+        self, qkv: Array, q_norm: Array, k_norm: Array, eps: float, heads: int, kv_heads: int
+    ) -> Array:
+        """In place on the fused projections qkv (T, (H + 2 Hkv) D): each of the H query
+        heads rmsnormed with q_norm (D,), each of the Hkv key heads with k_norm (Qwen3, before
+        rope); returns qkv."""
+        ...
+
     def take_rows(self, x: Array, rows: np.ndarray, *, out: Array | None = None) -> Array: ...
 
     def to_numpy(self, x: Array) -> np.ndarray: ...

@@ -47,6 +47,7 @@ from kernels_cpu.matmul_int8 import (
     gemv_w8,
     gemv_w8_into,
 )
+from kernels_cpu.norms import head_rmsnorm_
 from kernels_cpu.paged_attention import attend_qkv_into, attention_scratch_shape
 from kernels_cpu.sparse_int8 import padded_columns, sparse_matmul_w8, unpack_bitmask
 
@@ -346,6 +347,19 @@ class CPUBackend:
         kernels_cpu.rope_angles_into(batch.positions, inv_freq, cos, sin)
         self._rope_tables.append((inv_freq, cos, sin))
         return cos, sin
+
+    def qk_norm_(
+        self,
+        qkv: np.ndarray,
+        q_norm: np.ndarray,
+        k_norm: np.ndarray,
+        eps: float,
+        heads: int,
+        kv_heads: int,
+    ) -> np.ndarray:
+        head_rmsnorm_(qkv, 0, heads, q_norm, eps)
+        head_rmsnorm_(qkv, heads * q_norm.shape[0], kv_heads, k_norm, eps)
+        return qkv
 
     def take_rows(
         self, x: np.ndarray, rows: np.ndarray, *, out: np.ndarray | None = None

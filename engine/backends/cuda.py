@@ -141,6 +141,9 @@ class CUDABackend:
         for layer in (weights.layers[i] for i in chosen):
             layer.attn_norm = self._to_device(layer.attn_norm)
             layer.ffn_norm = self._to_device(layer.ffn_norm)
+            if layer.q_norm is not None:
+                layer.q_norm = self._to_device(layer.q_norm)
+                layer.k_norm = self._to_device(layer.k_norm)
             for name in LAYER_LINEARS:
                 setattr(layer, name, move(getattr(layer, name)))
         self.stream.synchronize()
@@ -288,6 +291,19 @@ class CUDABackend:
                 q, kc, vc, ks, vs, *where, scale, window, splits, out3, s, parts
             )
         return out3.reshape(tokens, heads * dim) if out is None else out
+
+    def qk_norm_(
+        self,
+        qkv: DeviceArray,
+        q_norm: DeviceArray,
+        k_norm: DeviceArray,
+        eps: float,
+        heads: int,
+        kv_heads: int,
+    ) -> DeviceArray:
+        norms.head_rmsnorm_(qkv, 0, heads, q_norm, eps, self.stream)
+        norms.head_rmsnorm_(qkv, heads * q_norm.shape[0], kv_heads, k_norm, eps, self.stream)
+        return qkv
 
     def take_rows(
         self, x: DeviceArray, rows: np.ndarray, *, out: DeviceArray | None = None

@@ -44,7 +44,7 @@ from offload.streaming import LayerStream, TensorSpec
 
 FORMAT_VERSION = 1
 # The tensor name endings of int8 and f32 layers (Int8Weight, DenseWeight and the norms).
-_STREAMABLE_PARTS = {"data", "scale", "bias", "attn_norm", "ffn_norm"}
+_STREAMABLE_PARTS = {"data", "scale", "bias", "attn_norm", "ffn_norm", "q_norm", "k_norm"}
 _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "I64": np.int64}
 
 
@@ -107,6 +107,9 @@ def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
     """Decoder layer i's arrays under their checkpoint names (layers.i.qkv.data, ...):
     what `build_layer` turns back into the layer."""
     tensors = {f"layers.{i}.attn_norm": layer.attn_norm, f"layers.{i}.ffn_norm": layer.ffn_norm}
+    for name in ("q_norm", "k_norm"):
+        if getattr(layer, name) is not None:
+            tensors[f"layers.{i}.{name}"] = getattr(layer, name)
     for name in LAYER_LINEARS:
         _put(tensors, f"layers.{i}.{name}", getattr(layer, name))
     return tensors
@@ -290,6 +293,8 @@ def build_layer(arrays: dict[str, Any], i: int, path: Path | str) -> LayerWeight
         ffn_norm=_vector(arrays, p + "ffn_norm", path),
         gate_up=_weight(arrays, p + "gate_up", path),
         down=_weight(arrays, p + "down", path),
+        q_norm=arrays.get(p + "q_norm"),
+        k_norm=arrays.get(p + "k_norm"),
     )
 
 

@@ -199,7 +199,7 @@ def _is_count(value: Any) -> bool:
 
 
 # GGUF tensor names for the Hugging Face names the builder asks for.
-_GGUF_LAYER_NAMES = {
+GGUF_LAYER_NAMES = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
@@ -209,6 +209,8 @@ _GGUF_LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 _GGUF_GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -238,8 +240,8 @@ class GGUFSource:
         if name in _GGUF_GLOBAL_NAMES:
             return _GGUF_GLOBAL_NAMES[name]
         m = _LAYER_RE.match(name)
-        if m and m.group(2) in _GGUF_LAYER_NAMES:
-            return f"blk.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+        if m and m.group(2) in GGUF_LAYER_NAMES:
+            return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
         return name
 
     def has(self, name: str) -> bool:

@@ -117,6 +117,10 @@ def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeigh
     qp = r.linear(p + "self_attn.q_proj", (c.q_size, h), c.qkv_bias)
     kp = r.linear(p + "self_attn.k_proj", (c.kv_size, h), c.qkv_bias)
     vp = r.linear(p + "self_attn.v_proj", (c.kv_size, h), c.qkv_bias)
+    head_norms = {}
+    if c.qk_norm:
+        head_norms = {f"{t}_norm": r.get(p + f"self_attn.{t}_norm.weight", (c.head_dim,))
+                      for t in ("q", "k")}  # fmt: skip
     gate = r.linear(p + "mlp.gate_proj", (c.intermediate_size, h), c.mlp_bias)
     up = r.linear(p + "mlp.up_proj", (c.intermediate_size, h), c.mlp_bias)
     return LayerWeights(
@@ -128,6 +132,7 @@ def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeigh
         down=q(
             r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias), f"layers.{i}.down"
         ),
+        **head_norms,
     )
 
 
