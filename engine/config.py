@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # HF `architectures` entries and GGUF `general.architecture` values we accept, mapped to ours.
 _ARCH_ALIASES = {
@@ -28,9 +28,13 @@ _ARCH_ALIASES = {
     "Qwen2ForCausalLM": "qwen2",
     "qwen3": "qwen3",
     "Qwen3ForCausalLM": "qwen3",
+    "phi3": "phi3",
+    "Phi3ForCausalLM": "phi3",
 }
 
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+# Older names transformers still reads.
+_ROPE_ALIASES = {"su": "longrope"}
 # No model has 2**31 of anything per layer: larger sizes come from corrupt files.
 _MAX_SIZE = 2**31 - 1
 
@@ -47,6 +51,18 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
     # GGUF files may carry llama3 scaling pre-computed as per-frequency divisors.
     freq_factors: tuple[float, ...] | None = None
+    # YaRN's ramp bounds (in rotations) and whether they round to whole dimensions.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    # The factor on cos and sin (YaRN, LongRoPE); None: derived from `factor` as
+    # transformers derives it.
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    # LongRoPE's per-frequency divisors below and above original_max_position_embeddings.
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -73,17 +89,77 @@ class RopeConfig:
         ):
             raise ModelLoadError("model config: rope frequency factors must be positive numbers")
 
-    def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Inverse frequencies (head_dim // 2,), computed as transformers computes them."""
+    @property
+    def varies_with_length(self) -> bool:
+        """Whether the frequencies depend on the sequence length (dynamic NTK, LongRoPE)."""
+        return self.rope_type in ("dynamic", "longrope")
+
+    def inv_freq(self, head_dim: int, seq_len: int = 0) -> np.ndarray:
+        """Inverse frequencies (head_dim // 2,), computed as transformers computes them, for
+        a pass whose longest sequence is `seq_len` tokens (read by dynamic NTK and LongRoPE,
+        which transformers recomputes from the pass's largest position)."""
         exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
-        inv = (1.0 / (np.float32(self.theta) ** exponents)).astype(np.float32)
+        theta = np.float32(self.theta)
+        if self.rope_type == "dynamic" and seq_len > self.original_max_position_embeddings:
+            grown = self.factor * seq_len / self.original_max_position_embeddings - (
+                self.factor - 1
+            )
+            theta = np.float32(self.theta * grown ** (head_dim / (head_dim - 2)))
+        inv = (1.0 / (theta**exponents)).astype(np.float32)
         if self.freq_factors is not None:
             return (inv / np.asarray(self.freq_factors, dtype=np.float32)).astype(np.float32)
         if self.rope_type == "linear":
             return (inv / np.float32(self.factor)).astype(np.float32)
         if self.rope_type == "llama3":
             return _llama3_inv_freq(inv, self)
+        if self.rope_type == "yarn":
+            return _yarn_inv_freq(theta**exponents, self, head_dim)
+        if self.rope_type == "longrope":
+            long = seq_len > self.original_max_position_embeddings
+            factors = np.asarray(self.long_factor if long else self.short_factor, np.float32)
+            return (1.0 / (factors * theta**exponents)).astype(np.float32)
         return inv
+
+    def cos_sin_factor(self) -> float:
+        """What transformers multiplies cos and sin by (YaRN's and LongRoPE's attention
+        factor; 1 otherwise). Scaling q and k by it scales their products by its square."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.rope_type == "yarn":
+            if self.mscale and self.mscale_all_dim:
+                return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(
+                    self.factor, self.mscale_all_dim
+                )
+            return _yarn_mscale(self.factor, 1.0)
+        if self.rope_type == "longrope" and self.factor > 1:
+            original = self.original_max_position_embeddings
+            return math.sqrt(1 + math.log(self.factor) / math.log(original))
+        return 1.0
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(pos_freqs: np.ndarray, rope: RopeConfig, dim: int) -> np.ndarray:
+    """YaRN: interpolated low frequencies, extrapolated high ones, a linear ramp between the
+    dimensions that turn beta_slow and beta_fast times over the original context."""
+
+    def correction_dim(rotations: float) -> float:
+        original = rope.original_max_position_embeddings
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers does, against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = (1 - ramp).astype(np.float32)
+    inv_extra = (1.0 / pos_freqs).astype(np.float32)
+    inv_inter = (1.0 / (np.float32(rope.factor) * pos_freqs)).astype(np.float32)
+    return (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32)
 
 
 def _llama3_inv_freq(inv: np.ndarray, rope: RopeConfig) -> np.ndarray:
@@ -119,6 +195,7 @@ class ModelConfig:
     mlp_bias: bool = False  # required gate/up/down biases (llama with mlp_bias)
     sliding_window: int | None = None
     qk_norm: bool = False  # an RMSNorm over each head of q and of k before rope (qwen3)
+    fused_projections: bool = False  # q/k/v and gate/up stored fused (phi3's qkv_proj)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -147,6 +224,13 @@ class ModelConfig:
             raise ModelLoadError(
                 f"model config: sliding_window must be at least 1, got {self.sliding_window}"
             )
+        for name in ("short_factor", "long_factor"):
+            values = getattr(self.rope, name)
+            if values is not None and len(values) != self.head_dim // 2:
+                raise ModelLoadError(
+                    f"model config: {len(values)} rope {name} values for head_dim "
+                    f"{self.head_dim}; expected {self.head_dim // 2}"
+                )
         factors = self.rope.freq_factors
         if factors is not None and len(factors) != self.head_dim // 2:
             raise ModelLoadError(
@@ -160,6 +244,19 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UnsupportedModelError(f"odd head_dim {self.head_dim} is not supported by RoPE")
+
+    @property
+    def context_limit(self) -> int:
+        """The longest context the model is meant for: max_position_embeddings, stretched by
+        the factor of dynamic NTK, and of YaRN over its original context (as vLLM derives
+        it)."""
+        rope = self.rope
+        if rope.rope_type == "dynamic":
+            return int(self.max_position_embeddings * rope.factor)
+        if rope.rope_type == "yarn":
+            stretched = int(rope.original_max_position_embeddings * rope.factor)
+            return max(stretched, self.max_position_embeddings)
+        return self.max_position_embeddings
 
     @property
     def q_size(self) -> int:
@@ -181,6 +278,15 @@ class ModelConfig:
                 high_freq_factor=self.rope.high_freq_factor,
                 original_max_position_embeddings=self.rope.original_max_position_embeddings,
             )
+        if self.rope.rope_type in ("yarn", "longrope"):
+            rope["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+            rope["attention_factor"] = self.rope.cos_sin_factor()
+        if self.rope.rope_type == "yarn":
+            rope.update(beta_fast=self.rope.beta_fast, beta_slow=self.rope.beta_slow,
+                        truncate=self.rope.truncate)  # fmt: skip
+        if self.rope.rope_type == "longrope":
+            rope.update(short_factor=list(self.rope.short_factor),
+                        long_factor=list(self.rope.long_factor))  # fmt: skip
         cfg: dict[str, Any] = {
             "model_type": model_type,
             "vocab_size": self.vocab_size,
@@ -217,7 +323,7 @@ class ModelConfig:
         hidden = f.integer("hidden_size")
         heads = f.integer("num_attention_heads")
         window = None
-        if arch == "mistral" or f.flag("use_sliding_window", False):
+        if arch in ("mistral", "phi3") or f.flag("use_sliding_window", False):
             window = f.integer("sliding_window", None) or None
         return cls(
             architecture=arch,
@@ -235,6 +341,7 @@ class ModelConfig:
             qkv_bias=arch == "qwen2" or f.flag("attention_bias", False),
             o_bias=arch != "qwen2" and f.flag("attention_bias", False),
             qk_norm=arch == "qwen3",
+            fused_projections=arch == "phi3",
             mlp_bias=f.flag("mlp_bias", False),
             sliding_window=window,
             bos_token_id=f.token_id("bos_token_id"),
@@ -271,6 +378,7 @@ class ModelConfig:
             tie_word_embeddings=False,  # decided by the loader from the tensors present
             qkv_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
+            fused_projections=arch == "phi3",
             sliding_window=window or None,
             bos_token_id=f.token_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids=f.token_ids("tokenizer.ggml.eos_token_id"),
@@ -382,6 +490,11 @@ def _rope_from_hf(cfg: dict[str, Any], f: _Fields) -> RopeConfig:
     r = _Fields(params, "config.json rope_parameters")
     theta = r.number("rope_theta", f.number("rope_theta", 10000.0))
     rope_type = r.text("rope_type", r.text("type", "default"))
+    rope_type = _ROPE_ALIASES.get(rope_type, rope_type)
+    if r.number("partial_rotary_factor", f.number("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedModelError(
+            "partial rotary embeddings (partial_rotary_factor) are not supported"
+        )
     if rope_type not in _ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})"
@@ -391,14 +504,43 @@ def _rope_from_hf(cfg: dict[str, Any], f: _Fields) -> RopeConfig:
         if not isinstance(factors, list) or not all(_is_number(v) for v in factors):
             raise f.invalid("lamina_rope_freq_factors", factors, "a list of numbers")
         return RopeConfig(theta=theta, freq_factors=tuple(float(v) for v in factors))
+    max_positions = f.integer("max_position_embeddings", 2048)
+    # Dynamic NTK grows past max_position_embeddings; the others read the original context
+    # from the rope parameters, or (Phi-3) from the top level of config.json.
+    original = r.integer("original_max_position_embeddings", None) or f.integer(
+        "original_max_position_embeddings", None
+    )
+    if rope_type == "dynamic":
+        original = max_positions
+    factor = r.number("factor", None)
+    if factor is None:  # YaRN and LongRoPE derive it as transformers does
+        factor = max_positions / original if original and rope_type in ("yarn", "longrope") else 1.0
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
-        factor=r.number("factor", 1.0),
+        factor=factor,
         low_freq_factor=r.number("low_freq_factor", 1.0),
         high_freq_factor=r.number("high_freq_factor", 4.0),
-        original_max_position_embeddings=r.integer("original_max_position_embeddings", 8192),
+        original_max_position_embeddings=original or 8192,
+        beta_fast=r.number("beta_fast", 32.0),
+        beta_slow=r.number("beta_slow", 1.0),
+        truncate=r.flag("truncate", True),
+        attention_factor=r.number("attention_factor", None),
+        mscale=r.number("mscale", None),
+        mscale_all_dim=r.number("mscale_all_dim", None),
+        short_factor=_factors(r, "short_factor", rope_type),
+        long_factor=_factors(r, "long_factor", rope_type),
     )
+
+
+def _factors(r: _Fields, key: str, rope_type: str) -> tuple[float, ...] | None:
+    """LongRoPE's per-frequency factor list `key` (required for longrope)."""
+    value = r.values.get(key)
+    if rope_type != "longrope":
+        return None
+    if not isinstance(value, list) or not value or not all(_is_number(v) and v > 0 for v in value):
+        raise r.invalid(key, value, "a list of positive numbers")
+    return tuple(float(v) for v in value)
 
 
 def _rope_from_gguf(f: _Fields, p: str, freq_factors: np.ndarray | None) -> RopeConfig:
@@ -411,4 +553,13 @@ def _rope_from_gguf(f: _Fields, p: str, freq_factors: np.ndarray | None) -> Rope
         return RopeConfig(theta=theta)
     if scaling == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)
+    if scaling == "yarn":  # the attention factor derived from `factor`, as transformers does
+        return RopeConfig(
+            theta=theta,
+            rope_type="yarn",
+            factor=factor,
+            original_max_position_embeddings=f.integer(p + "rope.scaling.original_context_length"),
+            beta_fast=f.number(p + "rope.scaling.yarn_beta_fast", 32.0),
+            beta_slow=f.number(p + "rope.scaling.yarn_beta_slow", 1.0),
+        )
     raise UnsupportedModelError(f"GGUF rope scaling type {scaling!r} is not supported")

@@ -1,4 +1,4 @@
-"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3), written against a Backend.
+"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3, Phi-3), against a Backend.
 
 No numba and no formats here: the Backend chooses kernels by weight type and device, the KV
 cache hides behind `Backend.attention`, and the layers come from a LayerSource, fetched and
@@ -71,7 +71,8 @@ class Transformer:
         self.layers = layers
         self.backend = backend
         self.inv_freq = config.rope.inv_freq(config.head_dim)
-        self.scale = 1.0 / math.sqrt(config.head_dim)
+        # YaRN and LongRoPE scale cos and sin, so q . k by the factor's square.
+        self.scale = config.rope.cos_sin_factor() ** 2 / math.sqrt(config.head_dim)
         self.window = config.sliding_window or 0
 
     def forward(self, batch: ForwardBatch, ws: Workspace) -> np.ndarray:
@@ -84,6 +85,9 @@ class Transformer:
         be, w, c = self.backend, self.weights, self.config
         eps = c.rms_norm_eps
         buf = ws.views(len(batch.token_ids)).get
+        inv_freq = self.inv_freq
+        if c.rope.varies_with_length:  # from the pass's largest position, as transformers does
+            inv_freq = c.rope.inv_freq(c.head_dim, int(batch.positions.max()) + 1)
         x = be.embed(w.embed, batch.token_ids, out=buf("x"))
         for i in range(c.num_layers):
             layer = self.layers.fetch(i)
@@ -92,7 +96,7 @@ class Transformer:
                 if c.qk_norm:
                     be.qk_norm_(qkv, layer.q_norm, layer.k_norm, eps, c.num_heads, c.num_kv_heads)
                 attn = be.attention(
-                    i, qkv, batch, c.num_heads, self.inv_freq, self.scale, self.window,
+                    i, qkv, batch, c.num_heads, inv_freq, self.scale, self.window,
                     out=buf("attn"),
                 )  # fmt: skip
                 be.linear_add_(x, attn, layer.o_proj)

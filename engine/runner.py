@@ -46,7 +46,7 @@ class ModelRunner:
         self.threads = ThreadPolicy(config.threads)  # the user's count, or adapted to the load
         self.threads.apply()  # placement times kernels (sparse or dense) with it
         model_config = loaded.config
-        limit = model_config.max_position_embeddings
+        limit = model_config.context_limit
         self.max_model_len = min(config.max_model_len or limit, limit)
         memory = cache_memory(loaded, backend, config)
         self.cache = self._make_cache(model_config, config, memory)

@@ -53,6 +53,8 @@ def test_default_model_int8_round_trip(tmp_path):
         ("llama-all-biases", "f32"),
         ("llama-gqa-untied", "int4"),
         ("qwen3-qknorm-tied", "int8"),
+        ("phi3-longrope", "int8"),
+        ("llama-yarn", "f32"),
     ],
 )
 def test_tiny_model_round_trip(name, weights, tmp_path, hf_tokenizer):

@@ -44,8 +44,8 @@ def test_unknown_architecture(tiny_folder, tmp_path):
 
 def test_unsupported_rope_scaling(tiny_folder, tmp_path):
     folder = copy_model(tiny_folder, tmp_path / "m")
-    edit_config(folder, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    edit_config(folder, rope_parameters={"rope_type": "proportional", "rope_theta": 1e4})
+    with pytest.raises(UnsupportedModelError, match="proportional"):
         load_model(folder)
 
 

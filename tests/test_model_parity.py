@@ -92,6 +92,8 @@ def test_tiny_models_match_transformers(name, tmp_path, tokenizer_for_tiny):
     hf = build_tiny_model(name, tmp_path, tokenizer_for_tiny)
     llm = LLM(tmp_path)
     assert llm.config.architecture == name.split("-")[0]
+    rope = hf.config.rope_parameters.get("rope_type", "default")
+    assert llm.config.rope.rope_type == rope
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(3, 49152, size=40)]  # longer than mistral's window
     assert_logits_close(llm.prompt_logits(ids), hf_logits(hf, ids))
@@ -112,7 +114,12 @@ def test_half_precision_sharded_checkpoint(dtype, tmp_path, tokenizer_for_tiny):
 
 @pytest.mark.parametrize(
     ("name", "half"),
-    [("llama-gqa-untied", True), ("qwen2-bias-tied", False), ("qwen3-qknorm-tied", False)],
+    [
+        ("llama-gqa-untied", True),
+        ("qwen2-bias-tied", False),
+        ("qwen3-qknorm-tied", False),
+        ("phi3-fused", False),
+    ],
 )
 def test_gguf_export_of_tiny_model(name, half, tmp_path, tokenizer_for_tiny, default_gguf):
     """A GGUF written like llama.cpp's converter (llama Q/K permuted, qwen2 not) loads right."""

@@ -67,6 +67,37 @@ VARIANTS = {
         "Qwen3ForCausalLM",
         {"tie_word_embeddings": True, "head_dim": 32, "num_hidden_layers": 4},
     ),
+    "llama-yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
+    ),
+    # dynamic NTK stretches past max_position_embeddings: the 40-token tests cross 24
+    "llama-dynamic-ntk": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"max_position_embeddings": 24, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    ),
+    "phi3-fused": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False}),
+    # LongRoPE switches to its long factors past 32 positions, within the 40-token tests
+    "phi3-longrope": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {
+            "original_max_position_embeddings": 32,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                "long_factor": [1.2, 1.5, 2.1, 2.9, 4.0, 5.5, 7.5, 10.0],
+            },
+        },
+    ),
     "qwen3-bias-untied": (
         "Qwen3Config",
         "Qwen3ForCausalLM",

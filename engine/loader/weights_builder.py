@@ -114,21 +114,28 @@ def build_weights(
 def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeights:
     p = f"model.layers.{i}."
     h = c.hidden_size
-    qp = r.linear(p + "self_attn.q_proj", (c.q_size, h), c.qkv_bias)
-    kp = r.linear(p + "self_attn.k_proj", (c.kv_size, h), c.qkv_bias)
-    vp = r.linear(p + "self_attn.v_proj", (c.kv_size, h), c.qkv_bias)
+    if c.fused_projections:  # stored as lamina runs them
+        qkv = r.linear(p + "self_attn.qkv_proj", (c.q_size + 2 * c.kv_size, h), c.qkv_bias)
+        gate_up = r.linear(p + "mlp.gate_up_proj", (2 * c.intermediate_size, h), c.mlp_bias)
+    else:
+        qkv = _fuse(
+            *(
+                r.linear(p + f"self_attn.{t}_proj", (rows, h), c.qkv_bias)
+                for t, rows in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size))
+            )
+        )
+        gate_up = _fuse(*(r.linear(p + f"mlp.{t}_proj", (c.intermediate_size, h), c.mlp_bias)
+                          for t in ("gate", "up")))  # fmt: skip
     head_norms = {}
     if c.qk_norm:
         head_norms = {f"{t}_norm": r.get(p + f"self_attn.{t}_norm.weight", (c.head_dim,))
                       for t in ("q", "k")}  # fmt: skip
-    gate = r.linear(p + "mlp.gate_proj", (c.intermediate_size, h), c.mlp_bias)
-    up = r.linear(p + "mlp.up_proj", (c.intermediate_size, h), c.mlp_bias)
     return LayerWeights(
         attn_norm=r.get(p + "input_layernorm.weight", (h,)),
-        qkv=q(_fuse(qp, kp, vp), f"layers.{i}.qkv"),
+        qkv=q(qkv, f"layers.{i}.qkv"),
         o_proj=q(r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias), f"layers.{i}.o_proj"),
         ffn_norm=r.get(p + "post_attention_layernorm.weight", (h,)),
-        gate_up=q(_fuse(gate, up), f"layers.{i}.gate_up"),
+        gate_up=q(gate_up, f"layers.{i}.gate_up"),
         down=q(
             r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias), f"layers.{i}.down"
         ),

@@ -1,0 +1,109 @@
+"""Rope scaling (YaRN, dynamic NTK, LongRoPE) against transformers' own frequency functions.
+
+The tiny-model parity tests run each kind end to end; here the frequencies and the factor
+on cos and sin are compared with `transformers.modeling_rope_utils` over random parameters,
+at sequence lengths on both sides of where dynamic NTK and LongRoPE change.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError, UnsupportedModelError
+
+HEAD_DIM = 16
+
+
+def both(rope: dict, max_positions: int = 256, arch: str = "llama", **extra):
+    """(lamina's ModelConfig, transformers' config) of the same config.json."""
+    cfg = {"model_type": arch, "vocab_size": 32, "hidden_size": 64,
+           "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "max_position_embeddings": max_positions, "rope_parameters": rope, **extra}  # fmt: skip
+    ours = ModelConfig.from_hf(copy.deepcopy(cfg))  # transformers edits the dict it is given
+    config_class = transformers.Phi3Config if arch == "phi3" else transformers.LlamaConfig
+    return ours, config_class(**{k: v for k, v in cfg.items() if k != "model_type"})
+
+
+def check(ours: ModelConfig, hf, seq_len: int) -> None:
+    rope_type = hf.rope_parameters["rope_type"]
+    inv, factor = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"), seq_len=seq_len)
+    np.testing.assert_allclose(ours.rope.inv_freq(HEAD_DIM, seq_len), inv.numpy(), rtol=2e-6)
+    assert math.isclose(ours.rope.cos_sin_factor(), factor, rel_tol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    factor=st.floats(1.0, 16.0),
+    original=st.sampled_from([16, 64, 4096]),
+    beta=st.sampled_from([(32.0, 1.0), (16.0, 2.0)]),
+    truncate=st.booleans(),
+    mscales=st.sampled_from([None, (1.0, 0.5), (0.707, 0.707)]),
+)
+def test_yarn_matches_transformers(factor, original, beta, truncate, mscales):
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": factor,
+            "original_max_position_embeddings": original, "beta_fast": beta[0],
+            "beta_slow": beta[1], "truncate": truncate}  # fmt: skip
+    if mscales:
+        rope["mscale"], rope["mscale_all_dim"] = mscales
+    ours, hf = both(rope)
+    check(ours, hf, 0)
+    assert ours.context_limit == max(int(original * factor), 256)
+
+
+@pytest.mark.parametrize("seq_len", [10, 24, 25, 100])
+@pytest.mark.parametrize("factor", [2.0, 3.5])
+def test_dynamic_ntk_matches_transformers(seq_len, factor):
+    ours, hf = both({"rope_type": "dynamic", "rope_theta": 500.0, "factor": factor}, 24)
+    check(ours, hf, seq_len)
+    assert ours.rope.varies_with_length and ours.context_limit == int(24 * factor)
+
+
+@pytest.mark.parametrize("seq_len", [10, 32, 33, 200])
+@pytest.mark.parametrize("attention_factor", [None, 1.3])
+def test_longrope_matches_transformers(seq_len, attention_factor):
+    rng = np.random.default_rng(seq_len)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": list(1 + rng.random(HEAD_DIM // 2)),
+            "long_factor": list(1 + 8 * rng.random(HEAD_DIM // 2))}  # fmt: skip
+    if attention_factor:
+        rope["attention_factor"] = attention_factor
+    ours, hf = both(rope, 256, "phi3", original_max_position_embeddings=32)
+    check(ours, hf, seq_len)
+
+
+def test_bad_rope_settings_are_refused():
+    with pytest.raises(ModelLoadError, match="long_factor"):
+        ModelConfig.from_hf({"model_type": "phi3", "vocab_size": 32, "hidden_size": 64,
+                             "intermediate_size": 96, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "original_max_position_embeddings": 32,
+                             "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
+                                              "long_factor": [1.0]}})  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="partial rotary"):
+        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 32, "hidden_size": 64,
+                             "intermediate_size": 96, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "partial_rotary_factor": 0.5})  # fmt: skip
+
+
+def test_yarn_from_gguf_metadata():
+    meta = {"general.architecture": "qwen3", "qwen3.embedding_length": 64,
+            "qwen3.attention.head_count": 4, "qwen3.vocab_size": 32,
+            "qwen3.feed_forward_length": 96, "qwen3.block_count": 1,
+            "qwen3.attention.layer_norm_rms_epsilon": 1e-6, "qwen3.context_length": 256,
+            "qwen3.rope.freq_base": 10000.0, "qwen3.rope.scaling.type": "yarn",
+            "qwen3.rope.scaling.factor": 4.0,
+            "qwen3.rope.scaling.original_context_length": 64}  # fmt: skip
+    ours = ModelConfig.from_gguf(meta)
+    same, hf = both({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 64})  # fmt: skip
+    assert ours.rope == same.rope and ours.qk_norm
+    check(ours, hf, 0)
