@@ -20,6 +20,7 @@ from engine.backends.device import DeviceChoice, make_backend, select_device
 from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop
 from engine.errors import InvalidInputError, LaminaError
+from engine.loader.chat_template import check_template_kwargs
 from engine.loader.model_loader import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.perplexity import PerplexityResult, half_chunk_nll, sliding_window_nll
@@ -257,6 +258,7 @@ class LLM:
         """A conversation rendered with the model's chat template, ready for the reply, and
         its token ids (no added BOS: the template writes special tokens itself, as
         transformers assumes)."""
+        template_kwargs = check_template_kwargs(template_kwargs, "chat template keyword arguments")
         for i, message in enumerate(messages):
             if isinstance(message.get("content"), str):
                 check_text(message["content"], f"message {i}")

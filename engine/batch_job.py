@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from engine.errors import InvalidInputError, LaminaError, OutputPathError
+from engine.loader.chat_template import check_template_kwargs
 from engine.outputs import RequestOutput
 from engine.sampling import SAMPLING_FIELDS, SamplingParams, sampling_kwargs
 from engine.text_input import invalid_text
@@ -34,7 +35,7 @@ from engine.text_input import invalid_text
 if TYPE_CHECKING:
     from engine.api import LLM
 
-_ALLOWED_FIELDS = frozenset(SAMPLING_FIELDS) | {"id", "prompt", "messages"}
+_ALLOWED_FIELDS = frozenset(SAMPLING_FIELDS) | {"id", "prompt", "messages", "chat_template_kwargs"}
 # How a request ends when it produced no result: could not run, or failed in the engine.
 _FAILED = ("abort", "error")
 _TIMING_DIGITS = 4
@@ -82,6 +83,7 @@ def run_batch(
     out_path: str | Path,
     defaults: Mapping[str, Any] | None = None,
     *,
+    template_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = False,
     log: TextIO | None = None,
 ) -> BatchSummary:
@@ -89,14 +91,17 @@ def run_batch(
 
     defaults: SamplingParams fields every line starts from (a line's own fields override
     them); checked here, so bad defaults raise InvalidInputError before anything runs.
+    template_kwargs: chat template variables for "messages" lines (enable_thinking, ...),
+    which a line's own "chat_template_kwargs" override.
     progress: True shows a bar on the log, None shows it only when the log is a terminal.
     Ctrl-C stops cleanly: finished results stay in OUT and the summary says `interrupted`.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     defaults = dict(defaults or {})
     log = log or sys.stderr
+    template_kwargs = check_template_kwargs(template_kwargs, "--chat-template-kwargs")
     done = check_job(in_path, out_path, defaults, log)
-    return _BatchJob(llm, in_path, out_path, defaults, done, log, progress).run()
+    return _BatchJob(llm, in_path, out_path, defaults, template_kwargs, done, log, progress).run()
 
 
 def check_job(
@@ -256,7 +261,7 @@ def _check_unicode(name: str, value: Any) -> None:
 
 
 def _build_request(
-    llm: LLM, obj: dict, defaults: Mapping[str, Any]
+    llm: LLM, obj: dict, defaults: Mapping[str, Any], template_kwargs: Mapping[str, Any]
 ) -> tuple[str | list[int], SamplingParams]:
     """The (prompt, params) pair of a parsed line; BadLine says what is wrong with it."""
     for name, value in obj.items():
@@ -271,16 +276,22 @@ def _build_request(
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise BadLine(f'"prompt" must be a string, got {type(obj["prompt"]).__name__}')
+        if "chat_template_kwargs" in obj:
+            raise BadLine('"chat_template_kwargs" applies to "messages" lines')
         return obj["prompt"], params
-    return _chat_prompt(llm, obj["messages"]), params
+    try:
+        own = check_template_kwargs(obj.get("chat_template_kwargs"), '"chat_template_kwargs"')
+    except InvalidInputError as exc:
+        raise BadLine(str(exc)) from None
+    return _chat_prompt(llm, obj["messages"], {**template_kwargs, **own}), params
 
 
-def _chat_prompt(llm: LLM, messages: Any) -> list[int]:
+def _chat_prompt(llm: LLM, messages: Any, template_kwargs: Mapping[str, Any]) -> list[int]:
     """Token ids of a rendered conversation (the template writes BOS itself)."""
     if not isinstance(messages, list) or not messages:
         raise BadLine('"messages" must be a non-empty list of {"role": ..., "content": ...}')
     try:
-        return llm.encode_chat(messages)[1]
+        return llm.encode_chat(messages, **template_kwargs)[1]
     except LaminaError as exc:
         raise BadLine(str(exc)) from None
 
@@ -373,6 +384,7 @@ class _BatchJob:
         in_path: Path,
         out_path: Path,
         defaults: dict[str, Any],
+        template_kwargs: dict[str, Any],
         done: set[str],
         log: TextIO,
         progress: bool | None,
@@ -381,6 +393,7 @@ class _BatchJob:
         self.in_path = in_path
         self.out_path = out_path
         self.defaults = defaults
+        self.template_kwargs = template_kwargs
         self.done = done
         self.log = log
         self.summary = BatchSummary()
@@ -439,7 +452,7 @@ class _BatchJob:
             self.summary.skipped += 1
             return None
         try:
-            prompt, params = _build_request(self.llm, obj, self.defaults)
+            prompt, params = _build_request(self.llm, obj, self.defaults, self.template_kwargs)
         except BadLine as exc:
             raise BadLine(str(exc), request_id) from None
         return request_id, prompt, params

@@ -30,10 +30,12 @@ class ChatSession:
         params: SamplingParams,
         system: str | None = None,
         out: TextIO = sys.stdout,
+        template_kwargs: dict | None = None,
     ) -> None:
         self.llm = llm
         self.params = params
         self.system = system
+        self.template_kwargs = template_kwargs or {}  # chat template variables (enable_thinking)
         self.out = out
         self.messages: list[dict] = []
         self.reset()
@@ -116,7 +118,7 @@ class ChatSession:
         first_turn = 1 if self.system else 0
         while True:
             try:
-                return self.llm.stream_chat(self.messages, self.params)
+                return self.llm.stream_chat(self.messages, self.params, **self.template_kwargs)
             except ContextLengthError as exc:
                 if len(self.messages) - first_turn <= 1:
                     self.messages.pop()

@@ -144,6 +144,29 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_template_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=_template_kwargs,
+        default={},
+        metavar="JSON",
+        help="extra chat template variables as a JSON object, e.g. '{\"enable_thinking\": false}'",
+    )
+
+
+def _template_kwargs(text: str) -> dict:
+    from engine.loader.chat_template import check_template_kwargs
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from None
+    try:
+        return check_template_kwargs(value, "it")
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lamina", description="CPU-first LLM inference engine.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -153,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen, max_tokens=128)
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
+    _add_template_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object with metrics")
     gen.add_argument(
         "--verbose",
@@ -166,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", "-s", help="system prompt")
+    _add_template_args(chat)
 
     batch = sub.add_parser(
         "batch",
@@ -180,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(batch)
     _add_sampling_args(batch, max_tokens=256)
     batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_template_args(batch)
     batch.add_argument("input", metavar="IN", help="JSONL requests")
     batch.add_argument("output", metavar="OUT", help="JSONL results (appended to)")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
@@ -355,6 +381,8 @@ def _read_stdin() -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.chat_template_kwargs and not args.chat:
+        raise InvalidInputError("--chat-template-kwargs applies to --chat")
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     params = _sampling_params(args)
     with _load(args) as llm:
@@ -362,7 +390,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             plan = llm.placement
             print(plan.describe() if plan else _UNPLANNED, file=sys.stderr)
         if args.chat:
-            stream = llm.stream_chat([{"role": "user", "content": prompt}], params)
+            messages = [{"role": "user", "content": prompt}]
+            stream = llm.stream_chat(messages, params, **args.chat_template_kwargs)
         else:
             stream = llm.stream(prompt, params)
         if args.json:
@@ -398,7 +427,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     llm = _load(args)
-    ChatSession(llm, params, system=args.system).run()
+    ChatSession(llm, params, system=args.system, template_kwargs=args.chat_template_kwargs).run()
     return 0
 
 
@@ -409,7 +438,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     check_job(args.input, args.output, defaults)
     llm = _load(args)
     progress = False if args.no_progress else None  # None: only when stderr is a terminal
-    summary = run_batch(llm, args.input, args.output, defaults, progress=progress)
+    summary = run_batch(
+        llm, args.input, args.output, defaults, template_kwargs=args.chat_template_kwargs,
+        progress=progress,
+    )  # fmt: skip
     if summary.interrupted:
         print(
             f"lamina batch: interrupted; every finished result is in {args.output}. "

@@ -168,6 +168,8 @@ class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    # Extra chat template variables, as vLLM accepts them ({"enable_thinking": false}).
+    chat_template_kwargs: dict[str, Any] | None = None
     # Refused by `_refuse_unsupported` when they ask for what lamina cannot do.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None

@@ -43,6 +43,7 @@ from starlette.routing import Route
 from engine.api import LLM
 from engine.async_engine import AsyncEngine, EngineStopped, RequestHandle, Update, updates
 from engine.errors import ContextLengthError, EngineClosedError, LaminaError
+from engine.loader.chat_template import check_template_kwargs
 from engine.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -232,7 +233,8 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         body = ChatCompletionRequest.model_validate(await _json_body(request))
         self._check_model(body.model)
-        text, ids = self.llm.encode_chat(body.template_messages())
+        kwargs = check_template_kwargs(body.chat_template_kwargs)  # before unpacking them
+        text, ids = self.llm.encode_chat(body.template_messages(), **kwargs)
         output, params = self.llm.new_request(ids, body.params(self.llm.max_model_len))
         output.prompt = text
         run = _Run(self.engine, [(output, params)], body.stream)

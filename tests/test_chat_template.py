@@ -1,5 +1,8 @@
 """Chat templates rendered by lamina against transformers' `apply_chat_template(tokenize=False)`.
 
+The Qwen3, Phi-3.5 and Gemma 2 templates in tests/data/templates are the models' own, as
+llama.cpp keeps them (models/templates in its source).
+
 Each template is written into a small tokenizer folder (tokenizer.json + tokenizer_config.json),
 loaded both by `load_hf_tokenizer` and by `AutoTokenizer.from_pretrained`, and rendered over the
 same conversations, so template variables (bos_token, ...) come from the same config on both
@@ -150,7 +153,11 @@ TEMPLATE_CONVERSATIONS = {
     "qwen2": list(CONVERSATIONS),
     "mistral": ["user", "multi_turn"],
     "features": list(CONVERSATIONS),
+    "qwen3": list(CONVERSATIONS),
+    "phi-3.5": list(CONVERSATIONS),
+    "gemma-2": ["user", "multi_turn"],  # it refuses system messages
 }
+DATA_TEMPLATES = Path(__file__).parent / "data" / "templates"
 
 SPECIAL_TOKENS = [
     "<unk>",
@@ -169,6 +176,9 @@ TEMPLATE_SPECIALS = {
     "qwen2": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     "mistral": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
     "features": {"bos_token": "<s>", "eos_token": "</s>"},
+    "qwen3": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+    "phi-3.5": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
+    "gemma-2": {"bos_token": "<s>", "eos_token": "</s>"},
 }
 
 
@@ -199,7 +209,9 @@ def pairs(tmp_path_factory, smollm2_template):
         "qwen2": QWEN2_TEMPLATE,
         "mistral": MISTRAL_TEMPLATE,
         "features": FEATURES_TEMPLATE,
-    }
+        **{name: (DATA_TEMPLATES / f"{name}.jinja").read_text() for name in
+           ("qwen3", "phi-3.5", "gemma-2")},
+    }  # fmt: skip
     root = tmp_path_factory.mktemp("templates")
     loaded = {}
     for name, template in templates.items():
@@ -295,6 +307,23 @@ def test_extra_variables_documents_and_reasoning_match_transformers(pairs):
             messages, tokenize=False, add_generation_prompt=True, **kwargs
         )
         assert ours.apply_chat_template(messages, **kwargs) == expected
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_qwen3_thinking_switch_matches_transformers(pairs, thinking):
+    """enable_thinking=False writes an empty think block for the reply; earlier turns'
+    reasoning is dropped as the template says."""
+    ours, hf = pairs["qwen3"]
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a", "reasoning_content": "because"},
+        {"role": "user", "content": "and?"},
+    ]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                      **kwargs)  # fmt: skip
+    assert ours.apply_chat_template(messages, **kwargs) == expected
+    assert expected.endswith("<think>\n\n</think>\n\n") == (thinking is False)
 
 
 def test_raise_exception_becomes_lamina_error(pairs):

@@ -24,7 +24,7 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.errors import LaminaError
+from engine.errors import InvalidInputError, LaminaError
 
 # Names a message's reasoning may arrive under; transformers copies it to the first two so that
 # templates reading either one see it.
@@ -33,6 +33,23 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 class ChatTemplateError(LaminaError):
     """A chat template failed to compile or refused the conversation (e.g. a bad role)."""
+
+
+# Template variables set by the renderer itself, which a caller's kwargs may not replace.
+RESERVED_TEMPLATE_NAMES = ("messages", "add_generation_prompt", "special_tokens")
+
+
+def check_template_kwargs(kwargs: Any, where: str = "chat_template_kwargs") -> dict[str, Any]:
+    """A caller's extra template variables (enable_thinking, tools, documents, ...), as
+    vLLM's chat_template_kwargs: a JSON object with string keys, none of the reserved ones."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidInputError(f"{where} must be an object with string keys")
+    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_NAMES))
+    if reserved:
+        raise InvalidInputError(f"{where} may not set {', '.join(reserved)}")
+    return dict(kwargs)
 
 
 def render_chat_template(
