@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 
 # HF `architectures` entries and GGUF `general.architecture` values we accept, mapped to ours.
 _ARCH_ALIASES = {
@@ -30,7 +30,11 @@ _ARCH_ALIASES = {
     "Qwen3ForCausalLM": "qwen3",
     "phi3": "phi3",
     "Phi3ForCausalLM": "phi3",
+    "gemma3_text": "gemma3_text",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
+# Gated MLP activations, by the names configs give them.
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 # Older names transformers still reads.
@@ -88,6 +92,26 @@ class RopeConfig:
             math.isfinite(f) and f > 0 for f in self.freq_factors
         ):
             raise ModelLoadError("model config: rope frequency factors must be positive numbers")
+
+    def to_hf(self) -> dict[str, Any]:
+        """These settings as config.json's rope_parameters."""
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.rope_type != "default":
+            rope["factor"] = self.factor
+        if self.rope_type == "llama3":
+            rope.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        if self.rope_type in ("yarn", "longrope"):
+            rope["original_max_position_embeddings"] = self.original_max_position_embeddings
+            rope["attention_factor"] = self.cos_sin_factor()
+        if self.rope_type == "yarn":
+            rope.update(beta_fast=self.beta_fast, beta_slow=self.beta_slow, truncate=self.truncate)
+        if self.rope_type == "longrope":
+            rope.update(short_factor=list(self.short_factor), long_factor=list(self.long_factor))
+        return rope
 
     @property
     def varies_with_length(self) -> bool:
@@ -196,6 +220,17 @@ class ModelConfig:
     sliding_window: int | None = None
     qk_norm: bool = False  # an RMSNorm over each head of q and of k before rope (qwen3)
     fused_projections: bool = False  # q/k/v and gate/up stored fused (phi3's qkv_proj)
+    # Gemma 3: norms after attention and after the MLP too ("sandwich"), stored weights w
+    # applied as 1 + w, embeddings scaled by sqrt(hidden), a GELU (tanh) gate, the softmax
+    # scale from query_pre_attn_scalar, and per-layer windows (0: global) whose sliding
+    # layers rotate with their own rope.
+    sandwich_norms: bool = False
+    norm_plus_one: bool = False
+    embed_scale: float = 1.0
+    mlp_activation: str = "silu"
+    attention_scale: float | None = None
+    layer_windows: tuple[int, ...] | None = None
+    rope_local: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -237,6 +272,10 @@ class ModelConfig:
                 f"model config: {len(factors)} rope frequency factors for head_dim "
                 f"{self.head_dim}; expected {self.head_dim // 2}"
             )
+        if self.layer_windows is not None and len(self.layer_windows) != self.num_layers:
+            raise ModelLoadError(
+                f"model config: {len(self.layer_windows)} layer windows for {self.num_layers} layers"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "
@@ -244,6 +283,18 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UnsupportedModelError(f"odd head_dim {self.head_dim} is not supported by RoPE")
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s attention window in tokens (0: the whole context)."""
+        if self.layer_windows is not None:
+            return self.layer_windows[layer]
+        return self.sliding_window or 0
+
+    def layer_rope(self, layer: int) -> RopeConfig:
+        """The rope of layer `layer`: sliding layers may have their own (Gemma 3)."""
+        if self.rope_local is not None and self.window(layer):
+            return self.rope_local
+        return self.rope
 
     @property
     def context_limit(self) -> int:
@@ -269,24 +320,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A config.json that `from_hf` (and transformers) read back to this config."""
         model_type = self.architecture
-        rope: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
-        if self.rope.rope_type != "default":
-            rope["factor"] = self.rope.factor
-        if self.rope.rope_type == "llama3":
-            rope.update(
-                low_freq_factor=self.rope.low_freq_factor,
-                high_freq_factor=self.rope.high_freq_factor,
-                original_max_position_embeddings=self.rope.original_max_position_embeddings,
-            )
-        if self.rope.rope_type in ("yarn", "longrope"):
-            rope["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
-            rope["attention_factor"] = self.rope.cos_sin_factor()
-        if self.rope.rope_type == "yarn":
-            rope.update(beta_fast=self.rope.beta_fast, beta_slow=self.rope.beta_slow,
-                        truncate=self.rope.truncate)  # fmt: skip
-        if self.rope.rope_type == "longrope":
-            rope.update(short_factor=list(self.rope.short_factor),
-                        long_factor=list(self.rope.long_factor))  # fmt: skip
+        rope = self.rope.to_hf()
         cfg: dict[str, Any] = {
             "model_type": model_type,
             "vocab_size": self.vocab_size,
@@ -310,6 +344,15 @@ class ModelConfig:
         if self.sliding_window:
             cfg["sliding_window"] = self.sliding_window
             cfg["use_sliding_window"] = True
+        if self.architecture == "gemma3_text":
+            cfg["rope_parameters"] = {"full_attention": rope,
+                                      "sliding_attention": self.rope_local.to_hf()}  # fmt: skip
+            cfg["layer_types"] = [
+                "sliding_attention" if self.window(i) else "full_attention"
+                for i in range(self.num_layers)
+            ]
+            cfg["query_pre_attn_scalar"] = self.attention_scale**-2
+            cfg["hidden_activation"] = "gelu_pytorch_tanh"
         return cfg
 
     @classmethod
@@ -323,8 +366,9 @@ class ModelConfig:
         hidden = f.integer("hidden_size")
         heads = f.integer("num_attention_heads")
         window = None
-        if arch in ("mistral", "phi3") or f.flag("use_sliding_window", False):
+        if arch in ("mistral", "phi3", "gemma3_text") or f.flag("use_sliding_window", False):
             window = f.integer("sliding_window", None) or None
+        gemma = _gemma_fields(cfg, f, window) if arch == "gemma3_text" else {}
         return cls(
             architecture=arch,
             vocab_size=f.integer("vocab_size"),
@@ -336,13 +380,14 @@ class ModelConfig:
             head_dim=f.integer("head_dim", None) or hidden // max(heads, 1),
             rms_norm_eps=f.number("rms_norm_eps", 1e-6),
             max_position_embeddings=f.integer("max_position_embeddings", 2048),
-            rope=_rope_from_hf(cfg, f),
+            rope=gemma.pop("rope", None) or _rope_from_hf(cfg, f),
             tie_word_embeddings=f.flag("tie_word_embeddings", False),
             qkv_bias=arch == "qwen2" or f.flag("attention_bias", False),
             o_bias=arch != "qwen2" and f.flag("attention_bias", False),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3_text"),
             fused_projections=arch == "phi3",
             mlp_bias=f.flag("mlp_bias", False),
+            **gemma,
             sliding_window=window,
             bos_token_id=f.token_id("bos_token_id"),
             eos_token_ids=f.token_ids("eos_token_id"),
@@ -482,6 +527,43 @@ def _resolve_arch(model_type: Any, architectures: list[Any]) -> str:
     raise UnsupportedModelError(
         f"unsupported architecture {shown!r}; lamina supports {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
+
+
+def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[str, Any]:
+    """ModelConfig fields of a Gemma 3 config.json (transformers 5's layout: layer_types,
+    and rope_parameters per layer type)."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise UnsupportedModelError(f"logit soft-capping ({key}) is not supported")
+    activation = f.text("hidden_activation", "gelu_pytorch_tanh")
+    if activation not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"MLP activation {activation!r} is not supported")
+    types = cfg.get("layer_types")
+    layers = f.integer("num_hidden_layers")
+    if not isinstance(types, list) or len(types) != layers:
+        raise f.invalid("layer_types", types, f"a list of {layers} layer types")
+    if any(t not in ("sliding_attention", "full_attention") for t in types):
+        raise f.invalid("layer_types", types, "sliding_attention or full_attention entries")
+    per_type = f.mapping("rope_parameters")
+    ropes = {}
+    for kind in ("full_attention", "sliding_attention"):
+        params = per_type.get(kind)
+        if not isinstance(params, dict):
+            raise f.invalid("rope_parameters", per_type, f"an object per layer type ({kind})")
+        ropes[kind] = _rope_from_hf({**cfg, "rope_parameters": params, "rope_scaling": None},
+                                    _Fields({**cfg, "rope_parameters": params,
+                                             "rope_scaling": None}, "config.json"))  # fmt: skip
+    hidden = f.integer("hidden_size")
+    return {
+        "sandwich_norms": True,
+        "norm_plus_one": True,
+        "embed_scale": float(np.float32(math.sqrt(hidden))),
+        "mlp_activation": _ACTIVATIONS[activation],
+        "attention_scale": f.number("query_pre_attn_scalar", 256.0) ** -0.5,
+        "layer_windows": tuple(window or 0 if t == "sliding_attention" else 0 for t in types),
+        "rope": ropes["full_attention"],
+        "rope_local": ropes["sliding_attention"],
+    }
 
 
 def _rope_from_hf(cfg: dict[str, Any], f: _Fields) -> RopeConfig:

@@ -1,4 +1,4 @@
-"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3, Phi-3), against a Backend.
+"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3, Phi-3, Gemma 3).
 
 No numba and no formats here: the Backend chooses kernels by weight type and device, the KV
 cache hides behind `Backend.attention`, and the layers come from a LayerSource, fetched and
@@ -35,6 +35,8 @@ def activation_widths(c: ModelConfig) -> tuple[Widths, Widths]:
         "attn": (c.q_size,),
         "gate_up": (2 * c.intermediate_size,),
     }
+    if c.sandwich_norms:  # the outputs the post-norms read, and the gate's product
+        per_token.update(out=(c.hidden_size,), gated=(c.intermediate_size,))
     per_row = {"last": (c.hidden_size,), "logits": (c.vocab_size,)}
     return per_token, per_row
 
@@ -70,10 +72,12 @@ class Transformer:
         self.weights = weights  # embeddings, final norm and head; layers come from `layers`
         self.layers = layers
         self.backend = backend
-        self.inv_freq = config.rope.inv_freq(config.head_dim)
+        self.ropes = [config.layer_rope(i) for i in range(config.num_layers)]
+        self.inv_freqs = {rope: rope.inv_freq(config.head_dim) for rope in set(self.ropes)}
         # YaRN and LongRoPE scale cos and sin, so q . k by the factor's square.
-        self.scale = config.rope.cos_sin_factor() ** 2 / math.sqrt(config.head_dim)
-        self.window = config.sliding_window or 0
+        base = config.attention_scale or 1.0 / math.sqrt(config.head_dim)
+        self.scales = [base * rope.cos_sin_factor() ** 2 for rope in self.ropes]
+        self.windows = [config.window(i) for i in range(config.num_layers)]
 
     def forward(self, batch: ForwardBatch, ws: Workspace) -> np.ndarray:
         """Run the batch's tokens; return float32 logits (len(batch.logits_rows), vocab).
@@ -85,10 +89,13 @@ class Transformer:
         be, w, c = self.backend, self.weights, self.config
         eps = c.rms_norm_eps
         buf = ws.views(len(batch.token_ids)).get
-        inv_freq = self.inv_freq
-        if c.rope.varies_with_length:  # from the pass's largest position, as transformers does
-            inv_freq = c.rope.inv_freq(c.head_dim, int(batch.positions.max()) + 1)
+        inv_freqs = self.inv_freqs
+        if any(rope.varies_with_length for rope in inv_freqs):  # from the pass's largest
+            longest = int(batch.positions.max()) + 1  # position, as transformers does
+            inv_freqs = {rope: rope.inv_freq(c.head_dim, longest) for rope in inv_freqs}
         x = be.embed(w.embed, batch.token_ids, out=buf("x"))
+        if c.embed_scale != 1.0:
+            be.scale_(x, c.embed_scale)
         for i in range(c.num_layers):
             layer = self.layers.fetch(i)
             try:
@@ -96,9 +103,12 @@ class Transformer:
                 if c.qk_norm:
                     be.qk_norm_(qkv, layer.q_norm, layer.k_norm, eps, c.num_heads, c.num_kv_heads)
                 attn = be.attention(
-                    i, qkv, batch, c.num_heads, inv_freq, self.scale, self.window,
-                    out=buf("attn"),
+                    i, qkv, batch, c.num_heads, inv_freqs[self.ropes[i]], self.scales[i],
+                    self.windows[i], out=buf("attn"),
                 )  # fmt: skip
+                if c.sandwich_norms:
+                    self._sandwich_rest(layer, x, attn, buf)
+                    continue
                 be.linear_add_(x, attn, layer.o_proj)
                 gate_up = be.norm_linear(x, layer.ffn_norm, eps, layer.gate_up, out=buf("gate_up"))
                 be.linear_add_(x, gate_up, layer.down, gated=True)
@@ -108,3 +118,12 @@ class Transformer:
         last = be.take_rows(x, batch.logits_rows, out=last_buf("last"))
         logits = be.norm_linear(last, w.final_norm, eps, w.lm_head, out=last_buf("logits"))
         return be.to_numpy(logits)
+
+    def _sandwich_rest(self, layer, x: Array, attn: Array, buf) -> None:
+        """The rest of a Gemma 3 layer, whose norms also follow attention and the MLP:
+        x += norm(attn @ o_proj); x += norm(down(act(gate) * up) of norm(x))."""
+        be, eps = self.backend, self.config.rms_norm_eps
+        be.norm_add_(x, be.linear(attn, layer.o_proj, out=buf("out")), layer.post_attn_norm, eps)
+        gate_up = be.norm_linear(x, layer.ffn_norm, eps, layer.gate_up, out=buf("gate_up"))
+        gated = be.glu(gate_up, self.config.mlp_activation, out=buf("gated"))
+        be.norm_add_(x, be.linear(gated, layer.down, out=buf("out")), layer.post_ffn_norm, eps)

@@ -269,6 +269,8 @@ Weight = (
 )
 # The linear layers of a decoder block, by their LayerWeights field names.
 LAYER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
+# Its norm weights (the last four only in some architectures).
+LAYER_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
 
 
 def has_blocks(weights: ModelWeights) -> bool:
@@ -296,14 +298,16 @@ class LayerWeights:
     down: Weight
     q_norm: np.ndarray | None = None  # (head_dim,) per-head norms of q and k (qwen3)
     k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None  # (hidden,) on the attention's output (gemma3)
+    post_ffn_norm: np.ndarray | None = None  # (hidden,) on the MLP's output
 
     def __post_init__(self) -> None:
-        read_only(self.attn_norm, self.ffn_norm, self.q_norm, self.k_norm)
+        read_only(*(getattr(self, name) for name in LAYER_NORMS))
 
     @property
     def nbytes(self) -> int:
         linears = sum(getattr(self, name).nbytes for name in LAYER_LINEARS)
-        norms = (self.attn_norm, self.ffn_norm, self.q_norm, self.k_norm)
+        norms = (getattr(self, name) for name in LAYER_NORMS)
         return sum(n.nbytes for n in norms if n is not None) + linears
 
 

@@ -1,5 +1,7 @@
 """Gated activations."""
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -35,6 +37,25 @@ def silu_mul_row(gate_up: np.ndarray, t: int, out: np.ndarray) -> None:
         out[t, i] = m * pow2(k)
     for i in range(half):
         out[t, i] = gate_up[t, i] / (np.float32(1.0) + out[t, i]) * gate_up[t, half + i]
+
+
+@njit(cache=True, fastmath=EXACT_MATH)
+def gelu_tanh_mul_into(gate_up: np.ndarray, out: np.ndarray) -> None:
+    """out (T, F) = gelu(gate) * up for gate_up (T, 2F) = [gate | up], GELU with the tanh
+    approximation (Gemma's gelu_pytorch_tanh):
+    gelu(g) = g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g**3)))."""
+    rows, width = gate_up.shape
+    half = width // 2
+    if out.shape[0] != rows or out.shape[1] != half:
+        raise ValueError("out must be (T, F) for gate_up (T, 2F)")
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for t in range(rows):
+        for i in range(half):
+            g = gate_up[t, i]
+            inner = c * (g + np.float32(0.044715) * g * g * g)
+            out[t, i] = (
+                np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * gate_up[t, half + i]
+            )
 
 
 @njit(cache=True)

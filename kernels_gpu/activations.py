@@ -26,9 +26,32 @@ def _silu_mul(gate_up, out):
 
 def silu_mul(gate_up, out=None, stream=0):
     """gate_up (T, 2F) float32 holding [gate | up] -> silu(gate) * up, shape (T, F)."""
+    return _gated(_silu_mul, gate_up, out, stream)
+
+
+def _gated(kernel, gate_up, out, stream):
+    """Launch a gate kernel over the (T, F) outputs of gate_up (T, 2F)."""
     rows, width = gate_up.shape
     out = result(out, (rows, width // 2), np.float32, stream)
     n = rows * (width // 2)
     if n:
-        _silu_mul[elementwise_grid(n), ELEMENTWISE_THREADS, stream](gate_up, out)
+        kernel[elementwise_grid(n), ELEMENTWISE_THREADS, stream](gate_up, out)
     return out
+
+
+@cuda.jit(cache=True)
+def _gelu_tanh_mul(gate_up, out):
+    """Thread per output: gelu(gate) with the tanh approximation, times up."""
+    rows, half = out.shape
+    c = float32(math.sqrt(2.0 / math.pi))
+    for idx in range(cuda.grid(1), rows * half, cuda.gridsize(1)):
+        t = idx // half
+        i = idx - t * half
+        g = gate_up[t, i]
+        inner = c * (g + float32(0.044715) * g * g * g)
+        out[t, i] = float32(0.5) * g * (float32(1.0) + math.tanh(inner)) * gate_up[t, half + i]
+
+
+def gelu_tanh_mul(gate_up, out=None, stream=0):
+    """gate_up (T, 2F) float32 holding [gate | up] -> gelu_tanh(gate) * up, shape (T, F)."""
+    return _gated(_gelu_tanh_mul, gate_up, out, stream)

@@ -44,6 +44,22 @@ def _split(qkv, q, k, v):
             v[t, c - k_end] = qkv[t, c]
 
 
+@cuda.jit(cache=True)
+def _scale(x, factor):
+    rows, cols = x.shape
+    for idx in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
+        t = idx // cols
+        x[t, idx - t * cols] *= factor
+
+
+def scale_inplace(x, factor: float, stream=0):
+    """x (T, N) *= factor (float32); returns x."""
+    n = x.shape[0] * x.shape[1]
+    if n:
+        _scale[elementwise_grid(n), ELEMENTWISE_THREADS, stream](x, np.float32(factor))
+    return x
+
+
 def add_inplace(x, y, stream=0):
     """x (T, N) += y, where y is (T, N) or a bias (N,) added to every row; returns x."""
     n = x.shape[0] * x.shape[1]

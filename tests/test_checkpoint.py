@@ -55,6 +55,7 @@ def test_default_model_int8_round_trip(tmp_path):
         ("qwen3-qknorm-tied", "int8"),
         ("phi3-longrope", "int8"),
         ("llama-yarn", "f32"),
+        ("gemma3_text-mixed", "int8"),
     ],
 )
 def test_tiny_model_round_trip(name, weights, tmp_path, hf_tokenizer):

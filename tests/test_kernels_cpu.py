@@ -17,6 +17,18 @@ def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
+@settings(max_examples=20, deadline=None)
+@given(tokens=SIZES, width=st.sampled_from([1, 17, 300]), seed=st.integers(0, 2**16))
+def test_gelu_tanh_gate_matches_numpy(tokens, width, seed):
+    rng = np.random.default_rng(seed)
+    gate_up = rand(rng, tokens, 2 * width) * 3
+    out = np.empty((tokens, width), np.float32)
+    kernels_cpu.activations.gelu_tanh_mul_into(gate_up, out)
+    g, up = gate_up[:, :width].astype(np.float64), gate_up[:, width:]
+    ref = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * up
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
 @settings(max_examples=30, deadline=None)
 @given(tokens=SIZES, dim=st.sampled_from([2, 16, 128]), seed=st.integers(0, 2**16))
 def test_head_rmsnorm_matches_numpy(tokens, dim, seed):

@@ -142,6 +142,20 @@ def test_rmsnorm_equals_cpu(tokens, dim, seed):
 
 
 @FEW
+@given(tokens=st.sampled_from([1, 3]), width=st.sampled_from([1, 17, 130]), seed=st.integers(0, 99))
+def test_gelu_gate_and_scale_equal_cpu(tokens, width, seed):
+    rng = np.random.default_rng(seed)
+    gate_up = rand(rng, tokens, 2 * width) * 3
+    (d_gate_up,) = on_device(gate_up)
+    want = np.empty((tokens, width), np.float32)
+    kernels_cpu.activations.gelu_tanh_mul_into(gate_up, want)
+    got = kernels_gpu.activations.gelu_tanh_mul(d_gate_up).copy_to_host()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    kernels_gpu.elementwise.scale_inplace(d_gate_up, 0.5)
+    np.testing.assert_array_equal(d_gate_up.copy_to_host(), gate_up * np.float32(0.5))
+
+
+@FEW
 @given(tokens=st.sampled_from([1, 3]), heads=st.sampled_from([1, 3]), seed=st.integers(0, 99))
 def test_head_rmsnorm_equals_cpu(tokens, heads, seed):
     rng = np.random.default_rng(seed)

@@ -98,6 +98,22 @@ VARIANTS = {
             },
         },
     ),
+    # sliding and global layers with their own ropes, q/k norms, sandwich norms, GELU gate
+    "gemma3_text-mixed": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 24,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            },
+        },
+    ),
     "qwen3-bias-untied": (
         "Qwen3Config",
         "Qwen3ForCausalLM",
@@ -118,6 +134,9 @@ def build_tiny_model(name: str, folder: Path, tokenizer, dtype=torch.float32, sh
                 module.bias.normal_(0.0, 0.5)
             if path.endswith(("q_norm", "k_norm")):
                 module.weight.normal_(1.0, 0.3)
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.dim() == 1 and not weight.any():
+                weight.normal_(0.0, 0.3)  # Gemma's norms, stored as w and applied as 1 + w
     model.to(dtype).save_pretrained(folder, max_shard_size="2MB" if shard else "10GB")
     tokenizer.save_pretrained(folder)
     return model.to(torch.float32)

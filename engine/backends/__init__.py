@@ -79,6 +79,19 @@ class Backend(Protocol):
         rope); returns qkv."""
         ...
 
+    def scale_(self, x: Array, factor: float) -> Array:
+        """x *= factor in place (Gemma's embeddings, scaled by sqrt(hidden)); returns x."""
+        ...
+
+    def glu(self, gate_up: Array, activation: str, *, out: Array | None = None) -> Array:
+        """act(gate) * up of gate_up (T, 2F) = [gate | up]; activation "silu" or
+        "gelu_tanh"; -> (T, F)."""
+        ...
+
+    def norm_add_(self, residual: Array, x: Array, norm: Array, eps: float) -> Array:
+        """residual += rmsnorm(x) with weights `norm` (Gemma's post-norms); returns residual."""
+        ...
+
     def take_rows(self, x: Array, rows: np.ndarray, *, out: Array | None = None) -> Array: ...
 
     def to_numpy(self, x: Array) -> np.ndarray: ...

@@ -28,6 +28,7 @@ from engine.weights import (
     StackedWeight,
     Weight,
 )
+from kernels_cpu.activations import gelu_tanh_mul_into
 from kernels_cpu.colskip_blocks import colskip_matmul_w4_into
 from kernels_cpu.colskip_int8 import colskip_matmul_w8
 from kernels_cpu.gemv_f32 import matmul_f32_into
@@ -348,6 +349,26 @@ class CPUBackend:
         self._rope_tables.append((inv_freq, cos, sin))
         return cos, sin
 
+    def scale_(self, x: np.ndarray, factor: float) -> np.ndarray:
+        x *= np.float32(factor)
+        return x
+
+    def glu(
+        self, gate_up: np.ndarray, activation: str, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        if out is None:
+            out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+        _GATES[activation](gate_up, out)
+        return out
+
+    def norm_add_(
+        self, residual: np.ndarray, x: np.ndarray, norm: np.ndarray, eps: float
+    ) -> np.ndarray:
+        h = self.scratch.take("h", x.shape, np.float32)
+        kernels_cpu.rmsnorm_into(x, norm, eps, h)
+        residual += h
+        return residual
+
     def qk_norm_(
         self,
         qkv: np.ndarray,
@@ -379,6 +400,9 @@ class CPUBackend:
         """Bytes free where `allocate_kv` allocates: available RAM (sizes the KV cache)."""
         return psutil.virtual_memory().available
 
+
+# The gated activations of `glu`, by name.
+_GATES = {"silu": kernels_cpu.silu_mul_into, "gelu_tanh": gelu_tanh_mul_into}
 
 # The formats whose kernels fuse no neighbours (int8 has its own path in `_linear`).
 _LINEAR_KERNELS = {

@@ -24,6 +24,7 @@ from engine.errors import LaminaError
 from engine.kv_cache import ForwardBatch
 from engine.weights import (
     LAYER_LINEARS,
+    LAYER_NORMS,
     BlockWeight,
     ColskipBlockWeight,
     ColskipInt8Weight,
@@ -139,11 +140,9 @@ class CUDABackend:
         weights.final_norm = self._to_device(weights.final_norm)
         chosen = range(len(weights.layers)) if layers is None else layers
         for layer in (weights.layers[i] for i in chosen):
-            layer.attn_norm = self._to_device(layer.attn_norm)
-            layer.ffn_norm = self._to_device(layer.ffn_norm)
-            if layer.q_norm is not None:
-                layer.q_norm = self._to_device(layer.q_norm)
-                layer.k_norm = self._to_device(layer.k_norm)
+            for name in LAYER_NORMS:
+                if getattr(layer, name) is not None:
+                    setattr(layer, name, self._to_device(getattr(layer, name)))
             for name in LAYER_LINEARS:
                 setattr(layer, name, move(getattr(layer, name)))
         self.stream.synchronize()
@@ -291,6 +290,23 @@ class CUDABackend:
                 q, kc, vc, ks, vs, *where, scale, window, splits, out3, s, parts
             )
         return out3.reshape(tokens, heads * dim) if out is None else out
+
+    def scale_(self, x: DeviceArray, factor: float) -> DeviceArray:
+        return elementwise.scale_inplace(x, factor, self.stream)
+
+    def glu(
+        self, gate_up: DeviceArray, activation: str, *, out: DeviceArray | None = None
+    ) -> DeviceArray:
+        gate = activations.gelu_tanh_mul if activation == "gelu_tanh" else activations.silu_mul
+        return gate(gate_up, out, self.stream)
+
+    def norm_add_(
+        self, residual: DeviceArray, x: DeviceArray, norm: DeviceArray, eps: float
+    ) -> DeviceArray:
+        h = self.scratch.take("h", x.shape, np.float32)
+        return elementwise.add_inplace(
+            residual, norms.rmsnorm(x, norm, eps, h, self.stream), self.stream
+        )
 
     def qk_norm_(
         self,

@@ -25,6 +25,7 @@ from engine.loader.tensor_source import read_safetensors_header
 from engine.weights import (
     BLOCK_ARRAYS,
     LAYER_LINEARS,
+    LAYER_NORMS,
     BlockWeight,
     ColskipBlockWeight,
     ColskipInt8Weight,
@@ -44,7 +45,7 @@ from offload.streaming import LayerStream, TensorSpec
 
 FORMAT_VERSION = 1
 # The tensor name endings of int8 and f32 layers (Int8Weight, DenseWeight and the norms).
-_STREAMABLE_PARTS = {"data", "scale", "bias", "attn_norm", "ffn_norm", "q_norm", "k_norm"}
+_STREAMABLE_PARTS = {"data", "scale", "bias", *LAYER_NORMS}
 _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "I64": np.int64}
 
 
@@ -106,8 +107,8 @@ def save_weights_file(w: ModelWeights, path: Path) -> bool:
 def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
     """Decoder layer i's arrays under their checkpoint names (layers.i.qkv.data, ...):
     what `build_layer` turns back into the layer."""
-    tensors = {f"layers.{i}.attn_norm": layer.attn_norm, f"layers.{i}.ffn_norm": layer.ffn_norm}
-    for name in ("q_norm", "k_norm"):
+    tensors = {}
+    for name in LAYER_NORMS:
         if getattr(layer, name) is not None:
             tensors[f"layers.{i}.{name}"] = getattr(layer, name)
     for name in LAYER_LINEARS:
@@ -293,8 +294,7 @@ def build_layer(arrays: dict[str, Any], i: int, path: Path | str) -> LayerWeight
         ffn_norm=_vector(arrays, p + "ffn_norm", path),
         gate_up=_weight(arrays, p + "gate_up", path),
         down=_weight(arrays, p + "down", path),
-        q_norm=arrays.get(p + "q_norm"),
-        k_norm=arrays.get(p + "k_norm"),
+        **{name: arrays.get(p + name) for name in LAYER_NORMS[2:]},
     )
 
 

@@ -100,6 +100,8 @@ def build_weights(
     embed = q(table, "embed")
     layers = [_build_layer(r, c, i, q) for i in range(c.num_layers)]
     final_norm = r.get("model.norm.weight", (c.hidden_size,))
+    if c.norm_plus_one:  # stored as w, applied as 1 + w (Gemma)
+        final_norm = (final_norm + np.float32(1)).astype(np.float32)
     # As transformers does, a stored lm_head wins even when the config says embeddings are tied.
     if source.has("lm_head.weight") or not c.tie_word_embeddings:
         lm_head = q(r.linear("lm_head", (c.vocab_size, c.hidden_size)), "lm_head")
@@ -126,20 +128,28 @@ def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeigh
         )
         gate_up = _fuse(*(r.linear(p + f"mlp.{t}_proj", (c.intermediate_size, h), c.mlp_bias)
                           for t in ("gate", "up")))  # fmt: skip
-    head_norms = {}
+
+    def norm(name: str, size: int = h) -> np.ndarray:
+        weight = r.get(p + name + ".weight", (size,))
+        return (weight + np.float32(1)).astype(np.float32) if c.norm_plus_one else weight
+
+    norms = {}
     if c.qk_norm:
-        head_norms = {f"{t}_norm": r.get(p + f"self_attn.{t}_norm.weight", (c.head_dim,))
-                      for t in ("q", "k")}  # fmt: skip
+        norms = {f"{t}_norm": norm(f"self_attn.{t}_norm", c.head_dim) for t in ("q", "k")}
+    if c.sandwich_norms:  # post_attention_layernorm follows attention here
+        norms["post_attn_norm"] = norm("post_attention_layernorm")
+        norms["post_ffn_norm"] = norm("post_feedforward_layernorm")
+    ffn_norm = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
     return LayerWeights(
-        attn_norm=r.get(p + "input_layernorm.weight", (h,)),
+        attn_norm=norm("input_layernorm"),
         qkv=q(qkv, f"layers.{i}.qkv"),
         o_proj=q(r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias), f"layers.{i}.o_proj"),
-        ffn_norm=r.get(p + "post_attention_layernorm.weight", (h,)),
+        ffn_norm=norm(ffn_norm),
         gate_up=q(gate_up, f"layers.{i}.gate_up"),
         down=q(
             r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias), f"layers.{i}.down"
         ),
-        **head_norms,
+        **norms,
     )
 
 
