@@ -78,6 +78,18 @@ class RopeConfig:
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):
                 raise ModelLoadError(f"model config: {name} must be a positive number, got {value}")
+        optional = {"rope attention_factor": self.attention_factor, "rope mscale": self.mscale,
+                    "rope mscale_all_dim": self.mscale_all_dim}  # fmt: skip
+        for name, value in optional.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ModelLoadError(f"model config: {name} must be a positive number, got {value}")
+        if self.rope_type == "yarn" and not (
+            self.beta_fast > 0 and self.beta_slow > 0 and self.theta != 1.0
+        ):
+            raise ModelLoadError(
+                "model config: YaRN needs positive beta_fast and beta_slow and rope_theta "
+                f"other than 1, got {self.beta_fast}, {self.beta_slow}, {self.theta}"
+            )
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ModelLoadError(
                 f"model config: rope high_freq_factor ({self.high_freq_factor}) must exceed "
@@ -352,7 +364,8 @@ class ModelConfig:
                 for i in range(self.num_layers)
             ]
             cfg["query_pre_attn_scalar"] = self.attention_scale**-2
-            cfg["hidden_activation"] = "gelu_pytorch_tanh"
+            names = {ours: theirs for theirs, ours in reversed(_ACTIVATIONS.items())}
+            cfg["hidden_activation"] = names[self.mlp_activation]
         return cfg
 
     @classmethod
@@ -381,7 +394,9 @@ class ModelConfig:
             rms_norm_eps=f.number("rms_norm_eps", 1e-6),
             max_position_embeddings=f.integer("max_position_embeddings", 2048),
             rope=gemma.pop("rope", None) or _rope_from_hf(cfg, f),
-            tie_word_embeddings=f.flag("tie_word_embeddings", False),
+            tie_word_embeddings=gemma.pop("tie_word_embeddings", None)
+            if gemma
+            else f.flag("tie_word_embeddings", False),
             qkv_bias=arch == "qwen2" or f.flag("attention_bias", False),
             o_bias=arch != "qwen2" and f.flag("attention_bias", False),
             qk_norm=arch in ("qwen3", "gemma3_text"),
@@ -540,13 +555,24 @@ def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[s
         raise UnsupportedModelError(f"MLP activation {activation!r} is not supported")
     types = cfg.get("layer_types")
     layers = f.integer("num_hidden_layers")
+    if types is None:  # the Hub's layout: every pattern-th layer global, as transformers reads it
+        pattern = f.integer("sliding_window_pattern", 6)
+        if pattern < 1:
+            raise f.invalid("sliding_window_pattern", pattern, "at least 1")
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                 for i in range(layers)]  # fmt: skip
     if not isinstance(types, list) or len(types) != layers:
         raise f.invalid("layer_types", types, f"a list of {layers} layer types")
     if any(t not in ("sliding_attention", "full_attention") for t in types):
         raise f.invalid("layer_types", types, "sliding_attention or full_attention entries")
     per_type = f.mapping("rope_parameters")
     ropes = {}
-    for kind in ("full_attention", "sliding_attention"):
+    if "full_attention" not in per_type:  # the Hub's layout: rope_theta and rope_scaling for
+        ropes = {  # the global layers, rope_local_base_freq for the sliding ones
+            "full_attention": _rope_from_hf(cfg, f),
+            "sliding_attention": RopeConfig(theta=f.number("rope_local_base_freq", 10000.0)),
+        }
+    for kind in () if ropes else ("full_attention", "sliding_attention"):
         params = per_type.get(kind)
         if not isinstance(params, dict):
             raise f.invalid("rope_parameters", per_type, f"an object per layer type ({kind})")
@@ -554,13 +580,18 @@ def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[s
                                     _Fields({**cfg, "rope_parameters": params,
                                              "rope_scaling": None}, "config.json"))  # fmt: skip
     hidden = f.integer("hidden_size")
+    query_scalar = f.number("query_pre_attn_scalar", 256.0)
+    if query_scalar <= 0:
+        raise f.invalid("query_pre_attn_scalar", query_scalar, "a positive number")
+    window = window or 4096  # transformers' default for Gemma 3
     return {
         "sandwich_norms": True,
         "norm_plus_one": True,
         "embed_scale": float(np.float32(math.sqrt(hidden))),
         "mlp_activation": _ACTIVATIONS[activation],
-        "attention_scale": f.number("query_pre_attn_scalar", 256.0) ** -0.5,
-        "layer_windows": tuple(window or 0 if t == "sliding_attention" else 0 for t in types),
+        "attention_scale": query_scalar**-0.5,
+        "layer_windows": tuple(window if t == "sliding_attention" else 0 for t in types),
+        "tie_word_embeddings": f.flag("tie_word_embeddings", True),
         "rope": ropes["full_attention"],
         "rope_local": ropes["sliding_attention"],
     }
@@ -592,8 +623,8 @@ def _rope_from_hf(cfg: dict[str, Any], f: _Fields) -> RopeConfig:
     original = r.integer("original_max_position_embeddings", None) or f.integer(
         "original_max_position_embeddings", None
     )
-    if rope_type == "dynamic":
-        original = max_positions
+    if rope_type == "dynamic" or (original is None and rope_type in ("yarn", "longrope")):
+        original = max_positions  # transformers' fallback
     factor = r.number("factor", None)
     if factor is None:  # YaRN and LongRoPE derive it as transformers does
         factor = max_positions / original if original and rope_type in ("yarn", "longrope") else 1.0

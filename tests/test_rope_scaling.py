@@ -107,3 +107,62 @@ def test_yarn_from_gguf_metadata():
                      "original_max_position_embeddings": 64})  # fmt: skip
     assert ours.rope == same.rope and ours.qk_norm
     check(ours, hf, 0)
+
+
+def test_yarn_and_longrope_default_their_original_context_to_max_positions():
+    ours, hf = both({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}, 64)
+    check(ours, hf, 0)
+    assert ours.rope.original_max_position_embeddings == 64 and ours.context_limit == 256
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "beta_fast": 0.0},
+        {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1.0},
+        {"rope_type": "yarn", "factor": 4.0, "attention_factor": -1.0},
+    ],
+)
+def test_degenerate_yarn_settings_are_refused(rope):
+    with pytest.raises(ModelLoadError, match="YaRN|attention_factor"):
+        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 32, "hidden_size": 64,
+                             "intermediate_size": 96, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "rope_parameters": rope})  # fmt: skip
+
+
+def _gemma(**extra) -> dict:
+    return {"model_type": "gemma3_text", "vocab_size": 32, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 7, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, **extra}  # fmt: skip
+
+
+def test_gemma3_hub_layout_reads_as_transformers_reads_it():
+    """Hub configs give sliding_window_pattern, rope_theta, rope_local_base_freq and
+    rope_scaling instead of transformers 5's layer_types and per-type rope_parameters."""
+    hub = _gemma(sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=1e4,
+                 rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=32)  # fmt: skip
+    ours = ModelConfig.from_hf(copy.deepcopy(hub))
+    saved = transformers.Gemma3TextConfig(**{k: v for k, v in hub.items() if k != "model_type"})
+    theirs = ModelConfig.from_hf({**saved.to_dict(), "model_type": "gemma3_text"})
+    fields = (
+        "layer_windows",
+        "rope",
+        "rope_local",
+        "attention_scale",
+        "mlp_activation",
+        "tie_word_embeddings",
+        "embed_scale",
+    )  # the rest are transformers' defaults
+    assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields]
+    assert [ours.window(i) for i in range(7)] == [32, 32, 0, 32, 32, 0, 32]
+    assert ours.rope.rope_type == "linear" and ours.rope_local.theta == 1e4
+    assert ours.tie_word_embeddings  # Gemma ties them unless told otherwise
+
+
+def test_gemma3_round_trips_its_activation_and_refuses_bad_scalars():
+    silu = ModelConfig.from_hf(_gemma(layer_types=["full_attention"] * 7, hidden_activation="silu",
+                                      rope_parameters={"full_attention": {"rope_theta": 1e6},
+                                                       "sliding_attention": {"rope_theta": 1e4}}))  # fmt: skip
+    assert ModelConfig.from_hf(silu.to_hf()) == silu
+    with pytest.raises(ModelLoadError, match="query_pre_attn_scalar"):
+        ModelConfig.from_hf(_gemma(query_pre_attn_scalar=0))

@@ -43,6 +43,8 @@ def test_the_api_passes_template_variables(llm):
     assert len(plain_ids) > len(ids)
     with pytest.raises(InvalidInputError, match="add_generation_prompt"):
         llm.encode_chat(MESSAGES, add_generation_prompt=False)
+    with pytest.raises(InvalidInputError, match="documents must be a list"):
+        llm.encode_chat(MESSAGES, documents=True)
 
 
 def test_generate_chat_passes_template_variables(qwen3, capsys):
@@ -59,6 +61,8 @@ def test_generate_chat_passes_template_variables(qwen3, capsys):
         (["--chat", "--chat-template-kwargs", "{not json"], "not JSON"),
         (["--chat", "--chat-template-kwargs", "[1]"], "object with string keys"),
         (["--chat", "--chat-template-kwargs", '{"messages": []}'], "may not set messages"),
+        (["--chat", "--chat-template-kwargs", '{"params": 1}'], "may not set params"),
+        (["--chat", "--chat-template-kwargs", '{"tools": 5}'], "tools must be a list"),
         (["--chat-template-kwargs", json.dumps(OFF)], "applies to --chat"),
     ],
 )

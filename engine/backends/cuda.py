@@ -105,7 +105,6 @@ class CUDABackend:
         self._sm_count = (
             None if kernels_gpu.simulated() else cuda.get_current_device().MULTIPROCESSOR_COUNT
         )
-        self._constants = _Uploads(self.stream)  # host arrays the model keeps (rope freqs)
         self._pass = _Uploads(self.stream)  # this forward pass's batch arrays
         # Bytes of the long-lived device arrays allocated so far (weights, KV cache,
         # streaming buffers, activation workspace and kernel scratch); never decreases.
@@ -265,7 +264,8 @@ class CUDABackend:
         q, k, v = (take(n, (tokens, h, dim), np.float32) for n, h in
                    (("q", heads), ("k", kv_heads), ("v", kv_heads)))  # fmt: skip
         elementwise.split_qkv(qkv, heads, kv_heads, dim, (q, k, v), s)
-        positions, freqs = up(batch.positions), self._constants.get(inv_freq)
+        # The pass's own copy: dynamic NTK and LongRoPE make new frequencies every pass
+        positions, freqs = up(batch.positions), up(inv_freq)
         rope.rope_inplace(q, positions, freqs, stream=s)
         rope.rope_inplace(k, positions, freqs, stream=s)
         slots = up(batch.slots)

@@ -35,8 +35,11 @@ class ChatTemplateError(LaminaError):
     """A chat template failed to compile or refused the conversation (e.g. a bad role)."""
 
 
-# Template variables set by the renderer itself, which a caller's kwargs may not replace.
-RESERVED_TEMPLATE_NAMES = ("messages", "add_generation_prompt", "special_tokens")
+# Template variables set by the renderer itself, and the parameter names on the way to it,
+# which a caller's kwargs may not replace.
+RESERVED_TEMPLATE_NAMES = (
+    "messages", "add_generation_prompt", "special_tokens", "self", "params", "template",
+)  # fmt: skip
 
 
 def check_template_kwargs(kwargs: Any, where: str = "chat_template_kwargs") -> dict[str, Any]:
@@ -49,6 +52,12 @@ def check_template_kwargs(kwargs: Any, where: str = "chat_template_kwargs") -> d
     reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_NAMES))
     if reserved:
         raise InvalidInputError(f"{where} may not set {', '.join(reserved)}")
+    for name in ("tools", "documents"):
+        value = kwargs.get(name)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, Mapping) for v in value)
+        ):
+            raise InvalidInputError(f"{where}: {name} must be a list of objects")
     return dict(kwargs)
 
 

@@ -13,6 +13,7 @@ no quantization, and the outputs are bit-identical to quantizing on load.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,8 @@ def _weight(arrays: dict[str, Any], name: str, path: Path | str) -> Weight:
             values, scale, mins = part(".values_t"), part(".scale_t"), part(".mins_t")
             _check_colskip_arrays(name, values, scale, mins, k, n, path)
             threshold = float(part(".act_threshold")[0])
+            if not (math.isfinite(threshold) and threshold >= 0):
+                raise ModelLoadError(f"{path}: {name!r} has activation threshold {threshold}")
             return ColskipBlockWeight(values, scale, mins, k, n, threshold, bias)
         if name + ".mask" in arrays:
             k = int(part(".in_features")[0])
