@@ -566,19 +566,14 @@ def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[s
     if any(t not in ("sliding_attention", "full_attention") for t in types):
         raise f.invalid("layer_types", types, "sliding_attention or full_attention entries")
     per_type = f.mapping("rope_parameters")
-    ropes = {}
-    if "full_attention" not in per_type:  # the Hub's layout: rope_theta and rope_scaling for
-        ropes = {  # the global layers, rope_local_base_freq for the sliding ones
+    if "full_attention" in per_type:
+        ropes = {kind: _rope_of_type(cfg, per_type, kind, f)
+                 for kind in ("full_attention", "sliding_attention")}  # fmt: skip
+    else:  # the Hub's layout: rope_theta and rope_scaling for the global layers,
+        ropes = {  # rope_local_base_freq for the sliding ones
             "full_attention": _rope_from_hf(cfg, f),
             "sliding_attention": RopeConfig(theta=f.number("rope_local_base_freq", 10000.0)),
         }
-    for kind in () if ropes else ("full_attention", "sliding_attention"):
-        params = per_type.get(kind)
-        if not isinstance(params, dict):
-            raise f.invalid("rope_parameters", per_type, f"an object per layer type ({kind})")
-        ropes[kind] = _rope_from_hf({**cfg, "rope_parameters": params, "rope_scaling": None},
-                                    _Fields({**cfg, "rope_parameters": params,
-                                             "rope_scaling": None}, "config.json"))  # fmt: skip
     hidden = f.integer("hidden_size")
     query_scalar = f.number("query_pre_attn_scalar", 256.0)
     if query_scalar <= 0:
@@ -595,6 +590,15 @@ def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[s
         "rope": ropes["full_attention"],
         "rope_local": ropes["sliding_attention"],
     }
+
+
+def _rope_of_type(cfg: dict[str, Any], per_type: dict, kind: str, f: _Fields) -> RopeConfig:
+    """The rope of one layer type from transformers 5's per-type rope_parameters."""
+    params = per_type.get(kind)
+    if not isinstance(params, dict):
+        raise f.invalid("rope_parameters", per_type, f"an object per layer type ({kind})")
+    own = {**cfg, "rope_parameters": params, "rope_scaling": None}
+    return _rope_from_hf(own, _Fields(own, "config.json"))
 
 
 def _rope_from_hf(cfg: dict[str, Any], f: _Fields) -> RopeConfig:

@@ -61,6 +61,7 @@ from numba.extending import intrinsic
 from kernels_cpu.activations import silu_mul_row
 from kernels_cpu.matmul_blocks import GATED, PLAIN, RMSNORM
 from kernels_cpu.norms import rmsnorm_row
+from kernels_cpu.rows import page_aligned_empty
 from kernels_cpu.simd import _declare, _row_pointer, emit_counted_loop, emit_prefetch, host_kind
 from kernels_cpu.simd_blocks import _int_dot, _mask, _splat, _to_float, _vec
 
@@ -70,7 +71,6 @@ QUAD = 4  # rows per multiply step
 PASSES = 4  # quads a pass streams at once: 16 rows, each accumulator loaded once a pass
 GROUPS = (32, 64, 128)
 PASS_TOKENS = 8  # tokens per pass over the weight: bounds the partials
-PAGE = 4096
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _F32 = ir.FloatType()
@@ -96,9 +96,7 @@ def interleave_outputs(q: np.ndarray) -> np.ndarray:
     qt[:, :n] = q.T
     chunks = qt.reshape(kp, np_ // CHUNK, CHUNK)
     packed = chunks[:, :, _LOW_OUTPUT] | (chunks[:, :, _LOW_OUTPUT + 64] << 4)
-    buf = np.empty(packed.size + PAGE, np.uint8)
-    start = -buf.ctypes.data % PAGE
-    out = buf[start : start + packed.size].reshape(kp, np_ // 2)
+    out = page_aligned_empty((kp, np_ // 2), np.uint8)
     out[...] = packed.reshape(kp, np_ // 2)
     return out
 

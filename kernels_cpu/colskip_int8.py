@@ -59,6 +59,8 @@ from numba import config, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kernels_cpu.rows import page_aligned_empty
+
 # float32 lanes per vector (one AVX2 register; LLVM splits or merges it for other targets).
 WIDTH = 8
 # Kept rows per block: the streams a core reads at once.
@@ -69,7 +71,7 @@ PREFETCH = 1024
 # accumulators (tokens * vectors) stay within the 16 AVX2 registers with room for the weights.
 MAX_TOKENS = 4
 VECTORS = (8, 4, 2, 2)
-PAGE = 4096
+
 # Hands out a kernel's working arrays by (name, shape, dtype); see colskip_matmul_w8.
 Scratch = Callable[[str, tuple[int, ...], type], np.ndarray]
 
@@ -81,9 +83,7 @@ def to_input_major(w: np.ndarray) -> np.ndarray:
     """
     if w.dtype != np.int8 or w.ndim != 2:
         raise ValueError(f"expected a 2-D int8 weight, got {w.dtype} with shape {w.shape}")
-    buf = np.empty(w.size + PAGE, dtype=np.int8)
-    start = -buf.ctypes.data % PAGE
-    wt = buf[start : start + w.size].reshape(w.shape[1], w.shape[0])
+    wt = page_aligned_empty((w.shape[1], w.shape[0]), np.int8)
     wt[...] = w.T
     return wt
 

@@ -1,8 +1,19 @@
 """Row-wise helpers of the forward pass: gathers (embedding lookups in a float table, the rows
-whose logits are wanted) and adding a bias to every row."""
+whose logits are wanted) and adding a bias to every row; page-aligned weight arrays."""
 
 import numpy as np
 from numba import njit
+
+PAGE = 4096
+
+
+def page_aligned_empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on a page: input-major weights whose rows
+    are skipped must not share their last page with the next row (see colskip_int8)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(size + PAGE, np.uint8)
+    start = -buf.ctypes.data % PAGE
+    return buf[start : start + size].view(dtype).reshape(shape)
 
 
 @njit(cache=True)

@@ -20,6 +20,7 @@ from engine.quant.sparsify import to_colskip_blocks
 from engine.weights import DenseWeight
 from kernels_cpu import colskip_blocks as cb
 from kernels_cpu.matmul_blocks import GATED, RMSNORM, dequantize_rows_into
+from kernels_cpu.rows import PAGE
 from tests.test_simd import assembly_for
 
 
@@ -64,7 +65,7 @@ def test_the_layout_round_trips(n, k, seed):
     q = rng.integers(0, 16, (n, k)).astype(np.uint8)
     values = cb.interleave_outputs(q)
     assert values.shape == (k, cb.padded_outputs(n) // 2)
-    assert values.ctypes.data % cb.PAGE == 0
+    assert values.ctypes.data % PAGE == 0
     assert np.array_equal(cb.deinterleave_outputs(values, n), q)
 
 

@@ -61,6 +61,9 @@ _NO_KERNEL = {
     StackedWeight: "GGUF block-type (a GGUF run as it is)",
 }
 
+# The gated activations of `glu`, by name (as the CPU backend's).
+_GATES = {"silu": activations.silu_mul, "gelu_tanh": activations.gelu_tanh_mul}
+
 
 class _Uploads:
     """Device copies of host arrays, made on first request and kept until `clear`.
@@ -297,8 +300,7 @@ class CUDABackend:
     def glu(
         self, gate_up: DeviceArray, activation: str, *, out: DeviceArray | None = None
     ) -> DeviceArray:
-        gate = activations.gelu_tanh_mul if activation == "gelu_tanh" else activations.silu_mul
-        return gate(gate_up, out, self.stream)
+        return _GATES[activation](gate_up, out, self.stream)
 
     def norm_add_(
         self, residual: DeviceArray, x: DeviceArray, norm: DeviceArray, eps: float
