@@ -16,7 +16,9 @@ import numpy as np
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "mixtral"
+)  # fmt: skip
 
 # HF `architectures` entries and GGUF `general.architecture` values we accept, mapped to ours.
 _ARCH_ALIASES = {
@@ -32,6 +34,11 @@ _ARCH_ALIASES = {
     "Phi3ForCausalLM": "phi3",
     "gemma3_text": "gemma3_text",
     "Gemma3ForCausalLM": "gemma3_text",
+    "qwen3_moe": "qwen3_moe",
+    "qwen3moe": "qwen3_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "mixtral": "mixtral",
+    "MixtralForCausalLM": "mixtral",
 }
 # Gated MLP activations, by the names configs give them.
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -243,6 +250,15 @@ class ModelConfig:
     attention_scale: float | None = None
     layer_windows: tuple[int, ...] | None = None
     rope_local: RopeConfig | None = None
+    # Mixture of experts (qwen3_moe, mixtral): in each MoE layer a router picks
+    # `experts_per_token` of `num_experts` SwiGLU experts of width `expert_intermediate_size`
+    # per token, weighted by their softmax probabilities (renormalised over the chosen ones
+    # when `normalize_top_k`); `dense_layers` keep a plain MLP of `intermediate_size`.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    normalize_top_k: bool = False
+    dense_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -288,6 +304,14 @@ class ModelConfig:
             raise ModelLoadError(
                 f"model config: {len(self.layer_windows)} layer windows for {self.num_layers} layers"
             )
+        if self.num_experts and not (
+            1 <= self.experts_per_token <= self.num_experts
+            and 1 <= self.expert_intermediate_size <= _MAX_SIZE
+        ):
+            raise ModelLoadError(
+                f"model config: {self.experts_per_token} experts per token of "
+                f"{self.num_experts}, of width {self.expert_intermediate_size}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "
@@ -301,6 +325,10 @@ class ModelConfig:
         if self.layer_windows is not None:
             return self.layer_windows[layer]
         return self.sliding_window or 0
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is a mixture of experts."""
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     def layer_rope(self, layer: int) -> RopeConfig:
         """The rope of layer `layer`: sliding layers may have their own (Gemma 3)."""
@@ -356,6 +384,8 @@ class ModelConfig:
         if self.sliding_window:
             cfg["sliding_window"] = self.sliding_window
             cfg["use_sliding_window"] = True
+        if self.num_experts:
+            cfg.update(_moe_to_hf(self))
         if self.architecture == "gemma3_text":
             cfg["rope_parameters"] = {"full_attention": rope,
                                       "sliding_attention": self.rope_local.to_hf()}  # fmt: skip
@@ -379,7 +409,9 @@ class ModelConfig:
         hidden = f.integer("hidden_size")
         heads = f.integer("num_attention_heads")
         window = None
-        if arch in ("mistral", "phi3", "gemma3_text") or f.flag("use_sliding_window", False):
+        if arch in ("mistral", "mixtral", "phi3", "gemma3_text") or f.flag(
+            "use_sliding_window", False
+        ):
             window = f.integer("sliding_window", None) or None
         gemma = _gemma_fields(cfg, f, window) if arch == "gemma3_text" else {}
         return cls(
@@ -399,10 +431,11 @@ class ModelConfig:
             else f.flag("tie_word_embeddings", False),
             qkv_bias=arch == "qwen2" or f.flag("attention_bias", False),
             o_bias=arch != "qwen2" and f.flag("attention_bias", False),
-            qk_norm=arch in ("qwen3", "gemma3_text"),
+            qk_norm=arch in ("qwen3", "gemma3_text", "qwen3_moe"),
             fused_projections=arch == "phi3",
             mlp_bias=f.flag("mlp_bias", False),
             **gemma,
+            **_moe_from_hf(arch, f),
             sliding_window=window,
             bos_token_id=f.token_id("bos_token_id"),
             eos_token_ids=f.token_ids("eos_token_id"),
@@ -418,6 +451,11 @@ class ModelConfig:
         arch = _resolve_arch(meta.get("general.architecture"), [])
         p = f"{meta['general.architecture']}."
         f = _Fields(meta, "GGUF metadata")
+        moe = _moe_from_gguf(arch, f, p)
+        if moe and arch == "llama":
+            arch = "mixtral"
+        elif arch in ("qwen3_moe", "mixtral") and not moe:
+            raise ModelLoadError(f"GGUF metadata: {arch} without {p}expert_count")
         hidden = f.integer(p + "embedding_length")
         heads = f.integer(p + "attention.head_count")
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -437,9 +475,10 @@ class ModelConfig:
             rope=_rope_from_gguf(f, p, freq_factors),
             tie_word_embeddings=False,  # decided by the loader from the tensors present
             qkv_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             fused_projections=arch == "phi3",
             sliding_window=window or None,
+            **moe,
             bos_token_id=f.token_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids=f.token_ids("tokenizer.ggml.eos_token_id"),
         )
@@ -589,6 +628,66 @@ def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[s
         "tie_word_embeddings": f.flag("tie_word_embeddings", True),
         "rope": ropes["full_attention"],
         "rope_local": ropes["sliding_attention"],
+    }
+
+
+def _moe_from_hf(arch: str, f: _Fields) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields of a Qwen3-MoE or Mixtral config.json, as
+    transformers reads them (Qwen3-MoE's plain-MLP layers from mlp_only_layers and
+    decoder_sparse_step; Mixtral always renormalises its top k)."""
+    if arch == "mixtral":
+        return {
+            "num_experts": f.integer("num_local_experts", 8),
+            "experts_per_token": f.integer("num_experts_per_tok", 2),
+            "expert_intermediate_size": f.integer("intermediate_size"),
+            "normalize_top_k": True,
+        }
+    if arch != "qwen3_moe":
+        return {}
+    layers, step = f.integer("num_hidden_layers"), f.integer("decoder_sparse_step", 1)
+    only = f.values.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(_is_int(i) for i in only):
+        raise f.invalid("mlp_only_layers", only, "a list of layer indices")
+    if step < 1:
+        raise f.invalid("decoder_sparse_step", step, "at least 1")
+    # transformers 5 writes num_local_experts; the Hub's configs say num_experts
+    experts = f.integer("num_local_experts", None) or f.integer("num_experts", 128)
+    dense = tuple(i for i in range(layers) if i in only or (i + 1) % step or not experts)
+    return {
+        "num_experts": experts,
+        "experts_per_token": f.integer("num_experts_per_tok", 8),
+        "expert_intermediate_size": f.integer("moe_intermediate_size", 768),
+        "normalize_top_k": f.flag("norm_topk_prob", False),
+        "dense_layers": dense,
+    }
+
+
+def _moe_to_hf(c: ModelConfig) -> dict[str, Any]:
+    """config.json's mixture-of-experts keys that `_moe_from_hf` reads back to `c`."""
+    if c.architecture == "mixtral":
+        return {"num_local_experts": c.num_experts, "num_experts_per_tok": c.experts_per_token}
+    return {
+        "num_experts": c.num_experts,
+        "num_experts_per_tok": c.experts_per_token,
+        "moe_intermediate_size": c.expert_intermediate_size,
+        "norm_topk_prob": c.normalize_top_k,
+        "mlp_only_layers": list(c.dense_layers),
+    }
+
+
+def _moe_from_gguf(arch: str, f: _Fields, p: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of GGUF metadata. llama.cpp's converter writes Mixtral
+    as a llama with an expert count; llama.cpp always renormalises Qwen3-MoE's and Mixtral's
+    top k (unless a file says otherwise)."""
+    experts = f.integer(p + "expert_count", 0)
+    if not experts:
+        return {}
+    return {
+        "num_experts": experts,
+        "experts_per_token": f.integer(p + "expert_used_count"),
+        "expert_intermediate_size": f.integer(p + "expert_feed_forward_length", None)
+        or f.integer(p + "feed_forward_length"),
+        "normalize_top_k": f.flag(p + "expert_weights_norm", True),
     }
 
 

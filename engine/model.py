@@ -1,4 +1,5 @@
-"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3, Phi-3, Gemma 3).
+"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3, Phi-3, Gemma 3, and the
+mixtures of experts Qwen3-MoE and Mixtral).
 
 No numba and no formats here: the Backend chooses kernels by weight type and device, the KV
 cache hides behind `Backend.attention`, and the layers come from a LayerSource, fetched and
@@ -110,6 +111,10 @@ class Transformer:
                     self._sandwich_rest(layer, x, attn, buf)
                     continue
                 be.linear_add_(x, attn, layer.o_proj)
+                if layer.experts is not None:
+                    be.moe_add_(x, layer.ffn_norm, eps, layer.experts, c.experts_per_token,
+                                c.normalize_top_k)  # fmt: skip
+                    continue
                 gate_up = be.norm_linear(x, layer.ffn_norm, eps, layer.gate_up, out=buf("gate_up"))
                 be.linear_add_(x, gate_up, layer.down, gated=True)
             finally:

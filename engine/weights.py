@@ -275,9 +275,8 @@ LAYER_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "p
 
 def has_blocks(weights: ModelWeights) -> bool:
     """Whether any matrix of the model is in a block format."""
-    layers = list(weights.layers)
     matrices = [weights.embed, weights.lm_head]
-    matrices += [getattr(layer, name) for layer in layers for name in LAYER_LINEARS]
+    matrices += [w for layer in weights.layers for _, w in layer.linears()]
     return any(
         isinstance(m, BlockWeight)
         or isinstance(m, StackedWeight)
@@ -287,15 +286,43 @@ def has_blocks(weights: ModelWeights) -> bool:
 
 
 @dataclass
+class ExpertWeights:
+    """A mixture-of-experts MLP: the router (experts, hidden), float32 as llama.cpp keeps it
+    (it is small, and its ranking decides which experts run), and each expert's fused
+    gate_up (2F, hidden) and down (hidden, F) in any format. An expert's matrices are views
+    into the file when it is memory-mapped, so experts no token picks are never read."""
+
+    router: DenseWeight
+    gate_up: list[Weight]
+    down: list[Weight]
+
+    def __post_init__(self) -> None:
+        read_only(self.router.data)
+
+    @property
+    def count(self) -> int:
+        return len(self.gate_up)
+
+    def expert_nbytes(self, e: int) -> int:
+        return self.gate_up[e].nbytes + self.down[e].nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.router.nbytes + sum(self.expert_nbytes(e) for e in range(self.count))
+
+
+@dataclass
 class LayerWeights:
-    """One decoder block. Q/K/V and gate/up are fused so a layer costs few linear calls."""
+    """One decoder block. Q/K/V and gate/up are fused so a layer costs few linear calls. A
+    mixture-of-experts layer has `experts` instead of gate_up and down (None)."""
 
     attn_norm: np.ndarray
     qkv: Weight
     o_proj: Weight
     ffn_norm: np.ndarray
-    gate_up: Weight
-    down: Weight
+    gate_up: Weight | None
+    down: Weight | None
+    experts: ExpertWeights | None = None
     q_norm: np.ndarray | None = None  # (head_dim,) per-head norms of q and k (qwen3)
     k_norm: np.ndarray | None = None
     post_attn_norm: np.ndarray | None = None  # (hidden,) on the attention's output (gemma3)
@@ -304,11 +331,33 @@ class LayerWeights:
     def __post_init__(self) -> None:
         read_only(*(getattr(self, name) for name in LAYER_NORMS))
 
+    def linears(self) -> list[tuple[str, Weight]]:
+        """(name, weight) of every matrix a quantizer may convert: qkv, o_proj, and gate_up
+        and down, or each expert's as "experts.E.gate_up" and "experts.E.down" (the router
+        stays float32)."""
+        found = [(name, getattr(self, name)) for name in LAYER_LINEARS]
+        if self.experts is not None:
+            found = found[:2] + [
+                (f"experts.{e}.{name}", getattr(self.experts, name)[e])
+                for e in range(self.experts.count)
+                for name in ("gate_up", "down")
+            ]
+        return found
+
+    def set_linear(self, name: str, weight: Weight) -> None:
+        """Replace the matrix `linears()` calls `name`."""
+        if name.startswith("experts."):
+            _, e, field = name.split(".")
+            getattr(self.experts, field)[int(e)] = weight
+        else:
+            setattr(self, name, weight)
+
     @property
     def nbytes(self) -> int:
-        linears = sum(getattr(self, name).nbytes for name in LAYER_LINEARS)
+        linears = sum(w.nbytes for _, w in self.linears())
+        router = 0 if self.experts is None else self.experts.router.nbytes
         norms = (getattr(self, name) for name in LAYER_NORMS)
-        return sum(n.nbytes for n in norms if n is not None) + linears
+        return sum(n.nbytes for n in norms if n is not None) + linears + router
 
 
 @dataclass

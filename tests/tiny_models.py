@@ -114,6 +114,43 @@ VARIANTS = {
             },
         },
     ),
+    # a plain-MLP layer between MoE ones, top 2 of 8 renormalised
+    "qwen3_moe-renorm": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "num_hidden_layers": 3,
+            "head_dim": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+        },
+    ),
+    # top 3 of 4, weights as the softmax gives them
+    "qwen3_moe-softmax": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 48,
+            "norm_topk_prob": False,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "mixtral-window": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 48,
+            "sliding_window": 16,
+            "num_key_value_heads": 1,
+        },
+    ),
     "qwen3-bias-untied": (
         "Qwen3Config",
         "Qwen3ForCausalLM",
@@ -137,6 +174,11 @@ def build_tiny_model(name: str, folder: Path, tokenizer, dtype=torch.float32, sh
             weight = getattr(module, "weight", None)
             if weight is not None and weight.dim() == 1 and not weight.any():
                 weight.normal_(0.0, 0.3)  # Gemma's norms, stored as w and applied as 1 + w
+            elif weight is not None and not weight.any():
+                weight.normal_(0.0, 1.0)  # routers start at zero: every expert would tie
+        for param in model.parameters():  # stacked experts are bare parameters
+            if param.dim() == 3 and not param.any():
+                param.normal_(0.0, 0.2)
     model.to(dtype).save_pretrained(folder, max_shard_size="2MB" if shard else "10GB")
     tokenizer.save_pretrained(folder)
     return model.to(torch.float32)

@@ -15,7 +15,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from engine.kv_cache import ForwardBatch
-    from engine.weights import ModelWeights, Weight
+    from engine.weights import ExpertWeights, ModelWeights, Weight
 
 Array = Any  # np.ndarray on the CPU, a numba DeviceNDArray on a GPU
 
@@ -77,6 +77,21 @@ class Backend(Protocol):
         """In place on the fused projections qkv (T, (H + 2 Hkv) D): each of the H query
         heads rmsnormed with q_norm (D,), each of the Hkv key heads with k_norm (Qwen3, before
         rope); returns qkv."""
+        ...
+
+    def moe_add_(
+        self,
+        residual: Array,
+        norm: Array,
+        eps: float,
+        experts: ExpertWeights,
+        top_k: int,
+        normalize: bool,
+    ) -> Array:
+        """residual += the mixture of experts of rmsnorm(residual) with weights `norm`: the
+        router's softmax picks each token's top_k experts (their weights renormalised to sum
+        to one when `normalize`), and only those experts run (SwiGLU MLPs), each weighted
+        by its probability; returns residual."""
         ...
 
     def scale_(self, x: Array, factor: float) -> Array:

@@ -17,11 +17,11 @@ from threadpoolctl import ThreadpoolController
 import kernels_cpu
 from engine.kv_cache import ForwardBatch
 from engine.weights import (
-    LAYER_LINEARS,
     BlockWeight,
     ColskipBlockWeight,
     ColskipInt8Weight,
     DenseWeight,
+    ExpertWeights,
     Int8Weight,
     ModelWeights,
     SparseInt8Weight,
@@ -48,6 +48,7 @@ from kernels_cpu.matmul_int8 import (
     gemv_w8,
     gemv_w8_into,
 )
+from kernels_cpu.moe import group_by_expert_into, put_rows, route_top_k_into, scale_up_half_
 from kernels_cpu.norms import head_rmsnorm_
 from kernels_cpu.paged_attention import attend_qkv_into, attention_scratch_shape
 from kernels_cpu.sparse_int8 import padded_columns, sparse_matmul_w8, unpack_bitmask
@@ -119,6 +120,9 @@ class CPUBackend:
         # cache, which holds this backend (a strong one would leave the cache to the GC).
         self._rope_batch: weakref.ref | None = None
         self._rope_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # Bytes of the experts the passes ran (each expert once a pass, however many of its
+        # tokens): what a mixture of experts reads beyond its shared weights.
+        self.expert_bytes_read = 0
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialised activation buffer (the runner's workspace)."""
@@ -285,8 +289,7 @@ class CPUBackend:
         choices: dict[str, str] = {}
         chosen = range(len(weights.layers)) if layers is None else layers
         for layer in (weights.layers[i] for i in chosen):
-            for name in LAYER_LINEARS:
-                weight = getattr(layer, name)
+            for name, weight in layer.linears():
                 if not isinstance(weight, SparseInt8Weight):
                     continue
                 sparsity = 1 - weight.values.size / (weight.out_features * weight.in_features)
@@ -294,7 +297,7 @@ class CPUBackend:
                 if key not in choices:
                     choices[key] = _faster_format(weight)
                 if choices[key] == "dense":
-                    setattr(layer, name, _unpacked(weight))
+                    layer.set_linear(name, _unpacked(weight))
 
     def attention(
         self,
@@ -348,6 +351,55 @@ class CPUBackend:
         kernels_cpu.rope_angles_into(batch.positions, inv_freq, cos, sin)
         self._rope_tables.append((inv_freq, cos, sin))
         return cos, sin
+
+    def moe_add_(
+        self,
+        residual: np.ndarray,
+        norm: np.ndarray,
+        eps: float,
+        experts: ExpertWeights,
+        top_k: int,
+        normalize: bool,
+    ) -> np.ndarray:
+        """Each expert runs once over the tokens routed to it (a decode step: only its
+        token's k experts), its up half scaled by the routing weights, and its down
+        projection adds into those tokens' rows of the residual, in expert order."""
+        tokens, hidden = residual.shape
+        take = self.scratch.take
+        x = take("moe_x", residual.shape, np.float32)
+        kernels_cpu.rmsnorm_into(residual, norm, eps, x)
+        logits = take("moe_logits", (tokens, experts.count), np.float32)
+        self._linear(x, experts.router, logits)
+        ids = take("moe_ids", (tokens, top_k), np.int32)
+        weights = take("moe_weights", (tokens, top_k), np.float32)
+        route_top_k_into(logits, normalize, ids, weights)
+        starts = take("moe_starts", (experts.count + 1,), np.int64)
+        rows = take("moe_rows", (tokens * top_k,), np.int64)
+        scales = take("moe_scales", (tokens * top_k,), np.float32)
+        group_by_expert_into(ids, weights, starts, rows, scales)
+        bounds = starts.tolist()
+        self.expert_bytes_read += sum(
+            experts.expert_nbytes(e) for e in range(experts.count) if bounds[e + 1] > bounds[e]
+        )
+        for e in range(experts.count):
+            lo, hi = bounds[e], bounds[e + 1]
+            if lo == hi:
+                continue
+            n, gate_up = hi - lo, experts.gate_up[e]
+            if n == tokens == 1:  # decode: the expert reads and adds into the residual itself
+                x_e, out_e = x, residual
+            else:
+                x_e = take("moe_x_e", (n, hidden), np.float32)
+                out_e = take("moe_out_e", (n, hidden), np.float32)
+                kernels_cpu.take_rows_into(x, rows[lo:hi], x_e)
+                kernels_cpu.take_rows_into(residual, rows[lo:hi], out_e)
+            h = self._linear(x_e, gate_up, take("moe_gate_up", (n, gate_up.out_features),
+                                                np.float32))  # fmt: skip
+            scale_up_half_(h, scales[lo:hi])
+            self._linear(h, experts.down[e], out_e, gated=True, accumulate=True)
+            if out_e is not residual:
+                put_rows(out_e, rows[lo:hi], residual)
+        return residual
 
     def scale_(self, x: np.ndarray, factor: float) -> np.ndarray:
         x *= np.float32(factor)

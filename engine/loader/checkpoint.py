@@ -25,12 +25,12 @@ from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.tensor_source import read_safetensors_header
 from engine.weights import (
     BLOCK_ARRAYS,
-    LAYER_LINEARS,
     LAYER_NORMS,
     BlockWeight,
     ColskipBlockWeight,
     ColskipInt8Weight,
     DenseWeight,
+    ExpertWeights,
     Int8Weight,
     LayerWeights,
     ModelWeights,
@@ -55,8 +55,7 @@ def weights_format(weights: ModelWeights) -> str:
     GGUF block types a file runs in ("Q4_1", "Q4_K+Q6_K"); several joined by "+"."""
     kinds: dict[str, None] = {}
     for layer in weights.layers:
-        for name in LAYER_LINEARS:
-            weight = getattr(layer, name)
+        for _, weight in layer.linears():
             for part in weight.parts if isinstance(weight, StackedWeight) else [weight]:
                 if isinstance(part, DenseWeight):
                     kinds["f32"] = None
@@ -112,8 +111,10 @@ def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
     for name in LAYER_NORMS:
         if getattr(layer, name) is not None:
             tensors[f"layers.{i}.{name}"] = getattr(layer, name)
-    for name in LAYER_LINEARS:
-        _put(tensors, f"layers.{i}.{name}", getattr(layer, name))
+    for name, weight in layer.linears():
+        _put(tensors, f"layers.{i}.{name}", weight)
+    if layer.experts is not None:
+        _put(tensors, f"layers.{i}.router", layer.experts.router)
     return tensors
 
 
@@ -290,13 +291,27 @@ def build_layer(arrays: dict[str, Any], i: int, path: Path | str) -> LayerWeight
     """Decoder layer i from arrays named as in the checkpoint (layers.i.qkv.data, ...): numpy
     arrays, or device arrays of a streamed layer; `path` names their source in errors."""
     p = f"layers.{i}."
+    experts = mlp = None
+    if p + "router.data" in arrays:
+        router = _weight(arrays, p + "router", path)
+        if not isinstance(router, DenseWeight) or router.data.ndim != 2:
+            raise ModelLoadError(f"{path}: the router of layer {i} is not a float32 matrix")
+        count = router.out_features
+        experts = ExpertWeights(
+            router,
+            *([_weight(arrays, f"{p}experts.{e}.{name}", path) for e in range(count)]
+              for name in ("gate_up", "down")),
+        )  # fmt: skip
+    else:
+        mlp = {name: _weight(arrays, p + name, path) for name in ("gate_up", "down")}
     return LayerWeights(
         attn_norm=_vector(arrays, p + "attn_norm", path),
         qkv=_weight(arrays, p + "qkv", path),
         o_proj=_weight(arrays, p + "o_proj", path),
         ffn_norm=_vector(arrays, p + "ffn_norm", path),
-        gate_up=_weight(arrays, p + "gate_up", path),
-        down=_weight(arrays, p + "down", path),
+        gate_up=mlp and mlp["gate_up"],
+        down=mlp and mlp["down"],
+        experts=experts,
         **{name: arrays.get(p + name) for name in LAYER_NORMS[2:]},
     )
 

@@ -213,7 +213,21 @@ GGUF_LAYER_NAMES = {
     "mlp.gate_up_proj": "ffn_up",
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate": "ffn_gate_inp",  # the routers of Qwen3-MoE and Mixtral
+    "block_sparse_moe.gate": "ffn_gate_inp",
 }
+# GGUF stacks a layer's experts into one tensor per projection (experts, rows, inputs).
+GGUF_EXPERT_NAMES = {
+    "gate_proj": "ffn_gate_exps",
+    "up_proj": "ffn_up_exps",
+    "down_proj": "ffn_down_exps",
+    "w1": "ffn_gate_exps",  # Mixtral's names
+    "w3": "ffn_up_exps",
+    "w2": "ffn_down_exps",
+}
+_EXPERT_RE = re.compile(
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$"
+)
 _GGUF_GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -239,18 +253,35 @@ class GGUFSource:
         self._permute_qk = permute_qk
 
     def gguf_name(self, name: str) -> str:
+        return self._locate(name)[0]
+
+    def _locate(self, name: str) -> tuple[str, int | None]:
+        """The file's tensor holding `name`, and the expert's index in it for an expert's
+        matrix (None otherwise)."""
         if name in _GGUF_GLOBAL_NAMES:
-            return _GGUF_GLOBAL_NAMES[name]
+            return _GGUF_GLOBAL_NAMES[name], None
+        m = _EXPERT_RE.match(name)
+        if m and m.group(3) in GGUF_EXPERT_NAMES:
+            return f"blk.{m.group(1)}.{GGUF_EXPERT_NAMES[m.group(3)]}.weight", int(m.group(2))
         m = _LAYER_RE.match(name)
         if m and m.group(2) in GGUF_LAYER_NAMES:
-            return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-        return name
+            return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}", None
+        return name, None
 
     def has(self, name: str) -> bool:
-        return self.gguf_name(name) in self._tensors
+        found, expert = self._locate(name)
+        if found not in self._tensors:
+            return False
+        dims = len(self._tensors[found].shape)
+        return dims == 2 if expert is None else dims == 3 and expert < self._dims(found)[0]
+
+    def _dims(self, found: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[found].shape))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self._tensors[self.gguf_name(name)].shape))
+        found, expert = self._locate(name)
+        dims = self._dims(found)
+        return dims if expert is None else dims[1:]
 
     def describe(self, name: str) -> str:
         return f"{self.gguf_name(name)!r} ({name})"
@@ -263,13 +294,14 @@ class GGUFSource:
     def load_native(self, name: str) -> BlockWeight | DenseWeight:
         """Matrix `name` in the file's own quantization: a BlockWeight repacked exactly from
         its blocks (see gguf_blocks), or float32 for float tensors."""
-        tensor = self._tensors[self.gguf_name(name)]
+        found, expert = self._locate(name)
+        tensor = self._tensors[found]
         type_name = tensor.tensor_type.name
         if type_name in _GGUF_FLOAT_TYPES:
             return DenseWeight(self.load(name))
         check_supported(type_name, self.describe(name))
         n, k = self.shape(name)
-        mapped = np.asarray(tensor.data).reshape(n, -1)
+        mapped = self._data(tensor, expert).reshape(n, -1)
         raw = mapped
         if self._permute_qk and ".self_attn.q_proj." in name:
             raw = _unpermute_rows(mapped, self._heads)
@@ -282,10 +314,10 @@ class GGUFSource:
     def load(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 
-        tensor = self._tensors[self.gguf_name(name)]
+        found, expert = self._locate(name)
+        tensor = self._tensors[found]
         try:
-            # a plain ndarray view: numpy memmap subclass bookkeeping tripled dequant time
-            arr = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+            arr = dequantize(self._data(tensor, expert), tensor.tensor_type)
         except NotImplementedError:
             raise ModelLoadError(
                 f"tensor {name!r} uses GGUF type {tensor.tensor_type.name}, which the gguf package "
@@ -297,6 +329,13 @@ class GGUFSource:
         elif self._permute_qk and ".self_attn.k_proj." in name:
             arr = _unpermute_rows(arr, self._kv_heads)
         return arr
+
+    @staticmethod
+    def _data(tensor: Any, expert: int | None) -> np.ndarray:
+        """The tensor's bytes or values, or one expert's of a stacked tensor, as a plain
+        ndarray view (numpy memmap subclass bookkeeping tripled dequantization time)."""
+        data = np.asarray(tensor.data)
+        return data if expert is None else data.reshape(tensor.shape[-1], -1)[expert]
 
 
 def _release(view: np.ndarray) -> None:

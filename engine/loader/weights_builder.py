@@ -14,6 +14,7 @@ from engine.weights import (
     BLOCK_ARRAYS,
     BlockWeight,
     DenseWeight,
+    ExpertWeights,
     LayerWeights,
     ModelWeights,
     StackedWeight,
@@ -118,7 +119,6 @@ def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeigh
     h = c.hidden_size
     if c.fused_projections:  # stored as lamina runs them
         qkv = r.linear(p + "self_attn.qkv_proj", (c.q_size + 2 * c.kv_size, h), c.qkv_bias)
-        gate_up = r.linear(p + "mlp.gate_up_proj", (2 * c.intermediate_size, h), c.mlp_bias)
     else:
         qkv = _fuse(
             *(
@@ -126,8 +126,18 @@ def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeigh
                 for t, rows in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size))
             )
         )
-        gate_up = _fuse(*(r.linear(p + f"mlp.{t}_proj", (c.intermediate_size, h), c.mlp_bias)
-                          for t in ("gate", "up")))  # fmt: skip
+    mlp: dict = {}
+    if c.is_moe(i):
+        mlp["experts"] = _build_experts(r, c, i, q)
+    else:
+        if c.fused_projections:
+            gate_up = r.linear(p + "mlp.gate_up_proj", (2 * c.intermediate_size, h), c.mlp_bias)
+        else:
+            gate_up = _fuse(*(r.linear(p + f"mlp.{t}_proj", (c.intermediate_size, h), c.mlp_bias)
+                              for t in ("gate", "up")))  # fmt: skip
+        down = r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias)
+        mlp["gate_up"] = q(gate_up, f"layers.{i}.gate_up")
+        mlp["down"] = q(down, f"layers.{i}.down")
 
     def norm(name: str, size: int = h) -> np.ndarray:
         weight = r.get(p + name + ".weight", (size,))
@@ -145,12 +155,36 @@ def _build_layer(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> LayerWeigh
         qkv=q(qkv, f"layers.{i}.qkv"),
         o_proj=q(r.linear(p + "self_attn.o_proj", (h, c.q_size), c.o_bias), f"layers.{i}.o_proj"),
         ffn_norm=norm(ffn_norm),
-        gate_up=q(gate_up, f"layers.{i}.gate_up"),
-        down=q(
-            r.linear(p + "mlp.down_proj", (h, c.intermediate_size), c.mlp_bias), f"layers.{i}.down"
-        ),
+        gate_up=mlp.pop("gate_up", None),
+        down=mlp.pop("down", None),
+        **mlp,
         **norms,
     )
+
+
+# Where each MoE architecture keeps its router and experts, and its experts' gate, up and
+# down projections, under the Hugging Face names.
+_MOE_NAMES = {
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+}
+
+
+def _build_experts(r: _Reader, c: ModelConfig, i: int, q: Quantizer) -> ExpertWeights:
+    """Layer i's router and experts, each expert's gate and up fused as dense MLPs are."""
+    block, (gate, up, down) = _MOE_NAMES[c.architecture]
+    p = f"model.layers.{i}.{block}."
+    h, f = c.hidden_size, c.expert_intermediate_size
+    router = r.matrix(p + "gate.weight", (c.num_experts, h))
+    if not isinstance(router, DenseWeight):  # a quantized router in a GGUF: float32 anyway
+        router = DenseWeight(r.source.load(p + "gate.weight"))
+    gate_ups, downs = [], []
+    for e in range(c.num_experts):
+        x = f"{p}experts.{e}."
+        fused = _fuse(r.matrix(x + gate + ".weight", (f, h)), r.matrix(x + up + ".weight", (f, h)))
+        gate_ups.append(q(fused, f"layers.{i}.experts.{e}.gate_up"))
+        downs.append(q(r.matrix(x + down + ".weight", (h, f)), f"layers.{i}.experts.{e}.down"))
+    return ExpertWeights(router, gate_ups, downs)
 
 
 def _fuse(*parts: Weight) -> Weight:

@@ -15,7 +15,7 @@ import numpy as np
 
 import kernels_cpu
 from engine.backends.cpu import CPUBackend
-from engine.errors import InvalidInputError
+from engine.errors import InvalidInputError, UnsupportedModelError
 from engine.weights import LAYER_LINEARS, ModelWeights
 
 # |x| values kept per linear for threshold quantiles: a uniform subsample bounds memory.
@@ -102,6 +102,16 @@ class _RecordingBackend(CPUBackend):
         stats.samples.append(flat[self._rng.integers(0, flat.size, size=take)])
 
 
+def refuse_experts(config, what: str) -> None:
+    """Calibrated and pruning methods work per linear of a dense MLP; a mixture-of-experts
+    model's experts each see only the tokens routed to them, which they do not handle."""
+    if config.num_experts:
+        raise UnsupportedModelError(
+            f"{what} does not support mixture-of-experts models yet; quantize them with "
+            "--weights int8 or int4 (round to nearest)"
+        )
+
+
 def linear_names(weights: ModelWeights) -> dict[int, LinearKey]:
     """id(weight) -> (layer, name) for the linears inside decoder blocks."""
     return {
@@ -123,6 +133,7 @@ def collect_input_stats(
     from engine.kv_cache import kv_bytes_per_token
 
     cfg = loaded.config
+    refuse_experts(cfg, "calibration (GPTQ, Wanda, activation sparsity)")
     ids = loaded.tokenizer.encode(text)[:tokens]
     if len(ids) < 2:
         raise InvalidInputError("the calibration text is too short: it needs at least 2 tokens")

@@ -2,8 +2,9 @@
 
 `--quant int8|int4|f32` converts every matrix; `lamina quantize --layer-weights KEY=FORMAT`
 overrides it per matrix, as llama.cpp's Q4_K_M keeps its output head and some layers at a
-higher precision. KEY is `embed`, `lm_head`, a linear name (qkv, o_proj, gate_up, down), a
-layer index, or INDEX.NAME; the most specific key wins.
+higher precision. KEY is `embed`, `lm_head`, a linear name (qkv, o_proj, gate_up, down; an
+expert's gate_up and down go by those names), a layer index, or INDEX.NAME; the most specific
+key wins.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class WeightPlan:
     def format_for(self, name: str) -> str | None:
         """The format of matrix `name` ("embed", "lm_head" or "layers.N.NAME")."""
         keys = [name]
-        if name.startswith("layers."):
-            _, index, linear = name.split(".")
+        if name.startswith("layers."):  # an expert's matrices go by their linear's name
+            parts = name.split(".")
+            index, linear = parts[1], parts[-1]
             keys = [f"{index}.{linear}", index, linear]
         for key in keys:
             if key in self.overrides:
@@ -104,11 +106,10 @@ def convert_weights(
     says), so that a calibrated method can take the ones it handles."""
     convert = plan.quantizer() or (lambda w, name: w)
     for i, layer in enumerate(weights.layers):
-        for name in LAYER_LINEARS:
-            weight = getattr(layer, name)
+        for name, weight in layer.linears():
             done = linear(weight, i, name) if linear else None
-            setattr(
-                layer, name, done if done is not None else convert(weight, f"layers.{i}.{name}")
+            layer.set_linear(
+                name, done if done is not None else convert(weight, f"layers.{i}.{name}")
             )
     table, head = weights.embed, weights.lm_head
     weights.embed = convert(table, "embed")

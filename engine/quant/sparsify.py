@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import InvalidInputError
-from engine.quant.calibration import InputStats, calibration_text, collect_input_stats
+from engine.quant.calibration import (
+    InputStats,
+    calibration_text,
+    collect_input_stats,
+    refuse_experts,
+)
 from engine.quant.formats import WeightPlan, convert_weights
 from engine.quant.int8 import quantize_int8
 from engine.quant.prune import PRUNE_METHODS, keep_mask, parse_pattern, prune_scores, reconstruct
@@ -117,6 +122,7 @@ def sparsify(loaded, plan: SparsityPlan, stats: dict | None = None) -> None:
     the same float model) skips the calibration pass, for trying several plans.
     """
     weights = loaded.weights
+    refuse_experts(loaded.config, "pruning")
     if not isinstance(weights.layers[0].qkv, DenseWeight):
         raise TypeError("sparsify needs the float32 model; load it without --quant")
     needs_stats = plan.method == "wanda" or plan.reconstruct or plan.activation_sparsity > 0
@@ -171,6 +177,7 @@ def quantize_skipping(loaded, weights: WeightPlan, plan: SparsityPlan, method: s
             "weight sparsity (--sparsity, --pattern, --layer-sparsity, --reconstruct) makes "
             "int8 checkpoints; with int4 weights use --activation-sparsity alone"
         )
+    refuse_experts(loaded.config, "activation sparsity")
     for i in range(loaded.config.num_layers):
         for name in LAYER_LINEARS:
             if weights.format_for(f"layers.{i}.{name}") not in ("int4", "int8"):
