@@ -272,8 +272,12 @@ class GGUFSource:
         found, expert = self._locate(name)
         if found not in self._tensors:
             return False
+        # A stacked tensor holds experts, read one at a time; any other (a matrix, a norm, a
+        # bias) is read whole.
         dims = len(self._tensors[found].shape)
-        return dims == 2 if expert is None else dims == 3 and expert < self._dims(found)[0]
+        if expert is None:
+            return dims <= 2
+        return dims == 3 and expert < self._dims(found)[0]
 
     def _dims(self, found: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(self._tensors[found].shape))
