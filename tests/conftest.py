@@ -71,3 +71,46 @@ def native_llm():
     from engine import LLM
 
     return LLM()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter() -> Path:
+    """llama.cpp's own `convert_hf_to_gguf.py`, from the llama-cpp-python sdist on PyPI
+    (fetched once, as bench/llama_cpp.py fetches it to build the tools), with the
+    `conversion` and `gguf-py` packages it imports beside it; cached under the lamina cache
+    folder per llama-cpp-python version."""
+    import shutil
+    import sys
+    import tarfile
+    import tempfile
+
+    from bench.llama_cpp import _run, _sdist_version
+    from kernels_cpu.jit_cache import cache_dir
+
+    version = _sdist_version()
+    folder = cache_dir() / "llama.cpp" / f"converter-{version or 'latest'}"
+    script = folder / "convert_hf_to_gguf.py"
+    if script.exists():
+        return script
+    spec = f"llama-cpp-python=={version}" if version else "llama-cpp-python"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:",
+              "--no-deps", spec, "-d", str(work)])  # fmt: skip
+        (sdist,) = work.glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            root = sdist.name.removesuffix(".tar.gz")
+            prefix = f"{root}/vendor/llama.cpp/"
+            members = [
+                m
+                for m in tar
+                if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+            ]
+            tar.extractall(work, members=members, filter="data")
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(work / prefix, partial)
+        shutil.rmtree(folder, ignore_errors=True)  # a copy that lost its script
+        partial.rename(folder)
+    return script

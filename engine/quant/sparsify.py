@@ -122,7 +122,8 @@ def sparsify(loaded, plan: SparsityPlan, stats: dict | None = None) -> None:
     the same float model) skips the calibration pass, for trying several plans.
     """
     weights = loaded.weights
-    refuse_experts(loaded.config, "pruning")
+    prunes = plan.sparsity > 0 or any(plan.overrides.values())
+    refuse_experts(loaded.config, "pruning" if prunes else "activation sparsity")
     if not isinstance(weights.layers[0].qkv, DenseWeight):
         raise TypeError("sparsify needs the float32 model; load it without --quant")
     needs_stats = plan.method == "wanda" or plan.reconstruct or plan.activation_sparsity > 0
