@@ -46,8 +46,10 @@ def _source_gguf(model_path: Path, cache: Path) -> Path:
     if model_path.is_file():
         return model_path
     source = cache / "model-f16.gguf"
-    if not source.exists():
-        export_gguf(model_path, source, default_model_path(), half=True)
+    if not source.exists():  # written aside and renamed: an interrupted export is no file
+        partial = source.with_suffix(".partial")
+        export_gguf(model_path, partial, default_model_path(), half=True)
+        partial.rename(source)
     return source
 
 

@@ -60,11 +60,12 @@ def lamina_figures(
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     llm.generate(llm.tokenizer.decode(ids[:16]), SamplingParams(max_tokens=2))  # warm-up
     timer = KernelTimer(llm.backend)
-    ttft, tpot, outside = [], [], []
+    ttft, tpot, outside, expert_bytes = [], [], [], []
     for _ in range(runs):
         stream = llm.stream(ids, params)
         next(stream)
         timer.reset()  # count decode steps only
+        experts_before = llm.backend.expert_bytes_read
         for _ in stream:
             pass
         m = stream.output.metrics
@@ -72,9 +73,25 @@ def lamina_figures(
         tpot.append(m.tpot_s)
         decode_s = m.total_s - m.ttft_s
         outside.append((decode_s - timer.seconds) / (m.generated_tokens - 1))
+        read = llm.backend.expert_bytes_read - experts_before
+        expert_bytes.append(read / (m.generated_tokens - 1))
         if between is not None:
             between()
     t, p = statistics.median(ttft), statistics.median(tpot)
+    weights, config = llm.loaded.weights, llm.loaded.config
+    all_experts = sum(
+        layer.experts.nbytes - layer.experts.router.nbytes
+        for layer in weights.layers
+        if layer.experts is not None
+    )
+    moe = {}
+    if all_experts:  # a mixture of experts reads its shared weights and the experts it runs
+        active = weights.nbytes - all_experts + _active_expert_bytes(weights, config)
+        moe = {
+            "active_param_bytes": active,
+            "bytes_per_token_vs_active": (weights.nbytes - all_experts + statistics.median(
+                expert_bytes)) / active,
+        }  # fmt: skip
     return {
         "weights": weights_format(llm.loaded.weights),
         "load_s": llm.loaded.load_s,
@@ -84,8 +101,19 @@ def lamina_figures(
         "decode_tok_s": 1.0 / p,
         "overhead_per_token_s": statistics.median(outside),
         "kernel_calls_per_token": timer.calls / max(1, gen - 1),
-        "bytes_per_token": llm.loaded.weights.nbytes,
+        "bytes_per_token": weights.nbytes - all_experts + statistics.median(expert_bytes),
+        **moe,
     }, ids
+
+
+def _active_expert_bytes(weights, config) -> float:
+    """What a token's experts weigh: per MoE layer, top k experts of the layer's mean size."""
+    total = 0.0
+    for layer in weights.layers:
+        if layer.experts is not None:
+            e = layer.experts
+            total += config.experts_per_token * (e.nbytes - e.router.nbytes) / e.count
+    return total
 
 
 _STARTUP = """

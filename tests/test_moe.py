@@ -232,17 +232,8 @@ def test_batched_generation_equals_sequential(name, quant, moe_folders):
     assert together == alone
 
 
-# The router is a float32 matrix even in int8 models, and CPUBackend runs float32 linears of
-# more than SMALL_BATCH rows through BLAS, whose sums depend on the row count: a prompt's
-# routing weights, so its logits, move in the last bits with the batch around it.
-ROUTER_BLAS = pytest.mark.xfail(
-    reason="CPUBackend.moe_add_ computes router logits with BLAS above SMALL_BATCH rows",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize("name", ["qwen3_moe-renorm", "mixtral-window"])
-@pytest.mark.parametrize("quant", [pytest.param("int8", marks=ROUTER_BLAS), "f32"])
+@pytest.mark.parametrize("quant", ["int8", "f32"])
 def test_batched_prompt_logits_equal_alone(name, quant, moe_folders):
     """The router and experts see other prompts' tokens in a batch; each prompt's rows must
     not care: bit for bit with integer sums, within rounding for float32."""

@@ -369,7 +369,9 @@ class CPUBackend:
         x = take("moe_x", residual.shape, np.float32)
         kernels_cpu.rmsnorm_into(residual, norm, eps, x)
         logits = take("moe_logits", (tokens, experts.count), np.float32)
-        self._linear(x, experts.router, logits)
+        # Not BLAS, whose bits change with the row count: a token's route must not depend on
+        # its batch (and a few dozen rows gain nothing from it).
+        matmul_f32_into(x, experts.router.data, logits)
         ids = take("moe_ids", (tokens, top_k), np.int32)
         weights = take("moe_weights", (tokens, top_k), np.float32)
         route_top_k_into(logits, normalize, ids, weights)
@@ -378,13 +380,11 @@ class CPUBackend:
         scales = take("moe_scales", (tokens * top_k,), np.float32)
         group_by_expert_into(ids, weights, starts, rows, scales)
         bounds = starts.tolist()
-        self.expert_bytes_read += sum(
-            experts.expert_nbytes(e) for e in range(experts.count) if bounds[e + 1] > bounds[e]
-        )
         for e in range(experts.count):
             lo, hi = bounds[e], bounds[e + 1]
             if lo == hi:
                 continue
+            self.expert_bytes_read += experts.expert_nbytes(e)
             n, gate_up = hi - lo, experts.gate_up[e]
             if n == tokens == 1:  # decode: the expert reads and adds into the residual itself
                 x_e, out_e = x, residual
