@@ -8,8 +8,9 @@ works but makes numba copy them in and out around every launch.
 The kernels are plain CUDA: shared-memory tiles and reductions, no warp shuffles, because
 numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which runs them in CI on machines without a
 GPU, has none. Modules: matmul_f32 and matmul_int8 (GEMV/GEMM), norms, rope, activations,
-elementwise (residual add, bias, QKV split), embedding (row gathers), paged_attention, and
-launch (launch geometry, result buffers, and the conventions the kernels follow and why).
+elementwise (residual add, bias, QKV split), embedding (row gathers), paged_attention,
+moe (an expert's routing weights, and its rows added back into the residual), and launch
+(launch geometry, result buffers, and the conventions the kernels follow and why).
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 Runs on numba's CUDA simulator (conftest.py), which makes every CUDA thread a Python thread:
 the model is as small as a real one can be in shape (2 layers, hidden 16, GQA, attention
 biases, vocabulary 32) and passes are few. `cudasim.pooled_blocks` makes the simulator
-several times faster without changing what it computes.
+several times faster without changing what it computes. The mixtures of experts are
+tests/tiny_models.py's, with their output head cut to its first rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -29,6 +31,7 @@ from engine.loader.model_loader import load_model
 from engine.model import Transformer, Workspace
 from engine.weights import ColskipInt8Weight, Int8Weight, ModelWeights, SparseInt8Weight
 from tests.cudasim import pooled_blocks
+from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels_gpu.available(), reason="no CUDA GPU or simulator")
 
@@ -203,6 +206,64 @@ def test_paged_int8_cache_with_copy_on_write_matches_cpu(untied):
         assert_logits_close(ours, ref, 1e-4)
 
 
+# Logits over the first tokens only: one GEMV over the 49k rows of the tiny models' head
+# takes minutes in the simulator.
+MOE_VOCAB = 64
+MOE_MODELS = ("qwen3_moe-renorm", "mixtral-window")
+
+
+@pytest.fixture(scope="module")
+def moe_folders(tmp_path_factory, hf_tokenizer):
+    root = tmp_path_factory.mktemp("moe")
+    for name in MOE_MODELS:
+        build_tiny_model(name, root / name, hf_tokenizer)
+    return {name: root / name for name in MOE_MODELS}
+
+
+def moe_logits(backend, folder, quant: str) -> list[np.ndarray]:
+    """Three passes of a tiny mixture of experts: a prefill of two sequences (3 and 2
+    tokens, so most experts get some of the tokens: gathered and added back by row), a
+    decode step of both, and one of the first alone (its experts have every token)."""
+    loaded = load_model(folder, quant)
+    weights = loaded.weights
+    head = weights.lm_head
+    cut = {"scale": head.scale[:MOE_VOCAB]} if isinstance(head, Int8Weight) else {}
+    weights.lm_head = dataclasses.replace(head, data=head.data[:MOE_VOCAB], **cut)
+    c = dataclasses.replace(loaded.config, vocab_size=MOE_VOCAB)
+    backend.prepare_weights(weights)
+    model = Transformer(c, weights, ResidentLayers(weights.layers), backend)
+    workspace = Workspace(backend, c, tokens=5, logit_rows=2)
+    cache = PagedKVCache(backend, c.num_layers, c.num_kv_heads, c.head_dim, 8, 4)
+    cache.add_sequence("a", [])
+    cache.add_sequence("b", [])
+    steps = [[("a", [300, 5000, 17]), ("b", [42, 9000])], [("a", [77]), ("b", [123])], [("a", [8])]]
+    logits = []
+    for chunks in steps:
+        logits.append(np.array(model.forward(ForwardBatch.build(cache, chunks), workspace)))
+        for seq_id, tokens in chunks:
+            cache.commit(seq_id, tokens)
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("name", "quant", "share"),
+    [
+        ("qwen3_moe-renorm", "f32", 3e-6),
+        # Each expert quantises its two inputs to int16, where a last-bit difference moves
+        # a value by one step (3e-5 of a row's peak), as the int8 cache's steps do in the
+        # paged test: its tolerance (measured: 4e-5 and 2e-5).
+        ("qwen3_moe-renorm", "int8", 1e-4),
+        ("mixtral-window", "int8", 1e-4),
+    ],
+)
+def test_mixture_of_experts_matches_cpu(moe_folders, name, quant, share):
+    """Routing runs on the host with the CPU's kernels, so both devices pick the same
+    experts and differ only in float rounding (f32 measured: 5e-7)."""
+    gpu = moe_logits(CUDABackend(), moe_folders[name], quant)
+    for ours, ref in zip(gpu, moe_logits(CPUBackend(), moe_folders[name], quant), strict=True):
+        assert_logits_close(ours, ref, share)
+
+
 # Weight formats with no CUDA kernel, by the words their error must use.
 UNRUNNABLE = {
     "sparse int8": lambda: SparseInt8Weight(
@@ -223,6 +284,13 @@ def test_formats_without_a_kernel_are_refused_by_name(named):
     weight = UNRUNNABLE[named]()
     weights = ModelWeights(weight, [], np.ones(16, np.float32), weight)
     with pytest.raises(LaminaError, match=named):
+        CUDABackend().prepare_weights(weights)
+
+
+def test_an_expert_without_a_kernel_is_refused_by_name(moe_folders):
+    weights = load_model(moe_folders["mixtral-window"], "int8").weights
+    weights.layers[1].set_linear("experts.3.down", UNRUNNABLE["sparse int8"]())
+    with pytest.raises(LaminaError, match="sparse int8"):
         CUDABackend().prepare_weights(weights)
 
 

@@ -20,8 +20,18 @@ from numba import cuda
 import kernels_cpu
 import kernels_gpu
 from kernels_cpu import matmul_int8 as cpu_int8
+from kernels_cpu import moe as cpu_moe
 from kernels_cpu import paged_attention as cpu_attention
-from kernels_gpu import activations, elementwise, embedding, matmul_f32, matmul_int8, norms, rope
+from kernels_gpu import (
+    activations,
+    elementwise,
+    embedding,
+    matmul_f32,
+    matmul_int8,
+    moe,
+    norms,
+    rope,
+)
 from kernels_gpu import paged_attention as gpu_attention
 
 pytestmark = pytest.mark.skipif(not kernels_gpu.available(), reason="no CUDA GPU or simulator")
@@ -253,6 +263,38 @@ def test_split_qkv_and_adds(tokens, heads, head_dim, seed):
     x_d, y_d, bias_d = on_device(x, y, bias)
     elementwise.add_inplace(elementwise.add_inplace(x_d, y_d), bias_d)
     np.testing.assert_array_equal(x_d.copy_to_host(), x + y + bias)
+
+
+@FEW
+@given(
+    n=st.sampled_from([1, 3]),
+    half=st.sampled_from([1, 17, 96]),
+    seed=st.integers(0, 2**16),
+)
+def test_scale_up_half_equals_cpu(n, half, seed):
+    rng = np.random.default_rng(seed)
+    gate_up, scales = rand(rng, n, 2 * half), rng.random(n).astype(np.float32)
+    gate_up_d, scales_d = on_device(gate_up, scales)
+    assert moe.scale_up_half_(gate_up_d, scales_d) is gate_up_d
+    cpu_moe.scale_up_half_(gate_up, scales)
+    np.testing.assert_array_equal(gate_up_d.copy_to_host(), gate_up)
+
+
+@FEW
+@given(
+    tokens=st.sampled_from([1, 4, 9]),
+    k=st.sampled_from([1, 17, 70]),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_add_rows_at_adds_into_the_rows_given(tokens, k, data, seed):
+    rng = np.random.default_rng(seed)
+    rows = np.array(data.draw(st.permutations(range(tokens)))[: data.draw(st.integers(1, tokens))])
+    dst, src = rand(rng, tokens, k), rand(rng, len(rows), k)
+    dst_d, rows_d, src_d = on_device(dst, rows, src)
+    assert moe.add_rows_at(dst_d, rows_d, src_d) is dst_d
+    dst[rows] += src
+    np.testing.assert_array_equal(dst_d.copy_to_host(), dst)
 
 
 @FEW

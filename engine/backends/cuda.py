@@ -6,7 +6,7 @@ buffers by offload.device_stream on a second stream), the paged KV cache (`alloc
 the activations between calls, and the pass's small integer arrays (token ids, positions,
 slots, block tables...), which are uploaded once per pass however many layers read them.
 Kernels are queued on one stream and nothing comes back to the host except the logits
-(`to_numpy`).
+(`to_numpy`) and, once per mixture-of-experts layer, its router's logits (`moe_add_`).
 """
 
 from __future__ import annotations
@@ -23,19 +23,20 @@ from engine.backends.cpu import Scratch
 from engine.errors import LaminaError
 from engine.kv_cache import ForwardBatch
 from engine.weights import (
-    LAYER_LINEARS,
     LAYER_NORMS,
     BlockWeight,
     ColskipBlockWeight,
     ColskipInt8Weight,
     DenseWeight,
+    ExpertWeights,
     Int8Weight,
     ModelWeights,
     SparseInt8Weight,
     StackedWeight,
     Weight,
 )
-from kernels_gpu import activations, elementwise, embedding, norms, rope
+from kernels_cpu.moe import group_by_expert_into, route_top_k_into
+from kernels_gpu import activations, elementwise, embedding, moe, norms, rope
 from kernels_gpu.matmul_f32 import matmul_f32
 from kernels_gpu.matmul_int8 import gemm_w8
 from kernels_gpu.paged_attention import (
@@ -114,6 +115,8 @@ class CUDABackend:
         self.allocated_bytes = 0
         # Kernels' working arrays (quantised activations, attention partials, v), reused.
         self.scratch = Scratch(self._scratch_empty)
+        # Host working arrays: the routing of mixture-of-experts layers.
+        self.host_scratch = Scratch()
 
     def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Move the non-layer weights and decoder `layers` (default: all) to the GPU once,
@@ -124,12 +127,12 @@ class CUDABackend:
         `weights`, sees the same structure on both devices, `linear` dispatches on the type
         as the CPU backend does, and the host copies are released instead of being held
         twice. A weight shared by two fields (tied embedding and output head) is moved once.
-        Every layer's formats are checked, moved or not, so a format without a kernel is
-        refused here rather than halfway through a streamed pass.
+        Every layer's formats (experts' included) are checked, moved or not, so a format
+        without a kernel is refused here rather than halfway through a streamed pass.
         """
         for layer in weights.layers:
-            for name in LAYER_LINEARS:
-                _check_kernel(getattr(layer, name))
+            for _, weight in layer.linears():
+                _check_kernel(weight)
         moved: dict[int, Weight] = {}
 
         def move(weight: Weight) -> Weight:
@@ -145,8 +148,10 @@ class CUDABackend:
             for name in LAYER_NORMS:
                 if getattr(layer, name) is not None:
                     setattr(layer, name, self._to_device(getattr(layer, name)))
-            for name in LAYER_LINEARS:
-                setattr(layer, name, move(getattr(layer, name)))
+            for name, weight in layer.linears():
+                layer.set_linear(name, move(weight))
+            if layer.experts is not None:
+                layer.experts.router = move(layer.experts.router)
         self.stream.synchronize()
 
     def _to_device(self, host: np.ndarray) -> DeviceArray:
@@ -293,6 +298,94 @@ class CUDABackend:
                 q, kc, vc, ks, vs, *where, scale, window, splits, out3, s, parts
             )
         return out3.reshape(tokens, heads * dim) if out is None else out
+
+    def moe_add_(
+        self,
+        residual: DeviceArray,
+        norm: DeviceArray,
+        eps: float,
+        experts: ExpertWeights,
+        top_k: int,
+        normalize: bool,
+    ) -> DeviceArray:
+        """As the CPU does it: each expert runs once over the tokens routed to it, its up
+        half scaled by their routing weights, and its down projection adds into their rows
+        of the residual, in expert order.
+
+        One host read per MoE layer: the router's logits (T, E) come back to the host, which
+        waits for the queued work, because the grouping decides which experts' launches
+        happen at all (a decode step runs k of E). Routing and grouping then run on the host
+        with the CPU's kernels; everything else stays on the device.
+        """
+        tokens, hidden = residual.shape
+        take = self.scratch.take
+        x = take("moe_x", (tokens, hidden), np.float32)
+        norms.rmsnorm(residual, norm, eps, x, self.stream)
+        logits = take("moe_logits", (tokens, experts.count), np.float32)
+        self._linear(x, experts.router, logits)
+        bounds, rows, scales = self._route(logits, top_k, normalize)
+        for e in range(experts.count):
+            lo, hi = bounds[e], bounds[e + 1]
+            if lo < hi:
+                gate_up, down = experts.gate_up[e], experts.down[e]
+                self._expert_add_(residual, x, gate_up, down, rows[lo:hi], scales[lo:hi])
+        return residual
+
+    def _route(
+        self, logits: DeviceArray, top_k: int, normalize: bool
+    ) -> tuple[list[int], DeviceArray, DeviceArray]:
+        """Copy the router's logits to the host, pick each token's top_k experts and group
+        the tokens by expert there; -> (expert e's entries are [bounds[e], bounds[e + 1]),
+        device rows (token of each entry), device scales (its routing weight))."""
+        tokens, count = logits.shape
+        take = self.host_scratch.take
+        host = take("moe_logits", (tokens, count), np.float32)
+        logits.copy_to_host(host, stream=self.stream)
+        self.stream.synchronize()
+        ids = take("moe_ids", (tokens, top_k), np.int32)
+        weights = take("moe_weights", (tokens, top_k), np.float32)
+        route_top_k_into(host, normalize, ids, weights)
+        starts = take("moe_starts", (count + 1,), np.int64)
+        rows = take("moe_rows", (tokens * top_k,), np.int64)
+        scales = take("moe_scales", (tokens * top_k,), np.float32)
+        group_by_expert_into(ids, weights, starts, rows, scales)
+        # Copies from pageable memory return once the source is staged, so the host arrays
+        # may be refilled by the next layer while these copies are still queued.
+        rows_d = self.scratch.take("moe_rows", rows.shape, np.int64)
+        scales_d = self.scratch.take("moe_scales", scales.shape, np.float32)
+        rows_d.copy_to_device(rows, stream=self.stream)
+        scales_d.copy_to_device(scales, stream=self.stream)
+        return starts.tolist(), rows_d, scales_d
+
+    def _expert_add_(
+        self,
+        residual: DeviceArray,
+        x: DeviceArray,
+        gate_up: Weight,
+        down: Weight,
+        rows: DeviceArray,
+        scales: DeviceArray,
+    ) -> None:
+        """residual[rows] += down(silu(gate) * up * scales) of gate_up(x[rows]): one expert
+        over its n tokens."""
+        (n,), (tokens, hidden) = rows.shape, x.shape
+        f32, take, s = np.float32, self.scratch.take, self.stream
+        # A token picks an expert at most once, so an expert with every token has rows
+        # 0..T-1 in order: no gather or scatter (a decode step of one sequence).
+        whole = n == tokens
+        x_e = x
+        if not whole:
+            x_e = embedding.gather_rows(x, rows, take("moe_x_e", (n, hidden), f32), s)
+        h = take("moe_gate_up", (n, gate_up.out_features), f32)
+        self._linear(x_e, gate_up, h)
+        moe.scale_up_half_(h, scales, s)
+        gated = activations.silu_mul(h, take("moe_gated", (n, h.shape[1] // 2), f32), s)
+        out = take("moe_out", (n, hidden), f32)
+        self._linear(gated, down, out)
+        if whole:
+            elementwise.add_inplace(residual, out, s)
+        else:
+            moe.add_rows_at(residual, rows, out, s)
 
     def scale_(self, x: DeviceArray, factor: float) -> DeviceArray:
         return elementwise.scale_inplace(x, factor, self.stream)
