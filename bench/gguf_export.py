@@ -164,8 +164,9 @@ def export_gguf(
         kind = gguf.GGMLQuantizationType[block_type] if block_type else None
         dtype = np.float16 if half and len(shape) >= 2 else np.float32
         if kind is not None:
-            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, kind)))
-            w.add_tensor_info(gguf_name, shape, np.dtype(np.uint8), nbytes, raw_dtype=kind)
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
+            nbytes = int(np.prod(byte_shape))
+            w.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=kind)
         else:
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
             w.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes)

@@ -7,6 +7,8 @@ sparse) are further classes next to `DenseWeight`.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -290,11 +292,18 @@ class ExpertWeights:
     """A mixture-of-experts MLP: the router (experts, hidden), float32 as llama.cpp keeps it
     (it is small, and its ranking decides which experts run), and each expert's fused
     gate_up (2F, hidden) and down (hidden, F) in any format. An expert's matrices are views
-    into the file when it is memory-mapped, so experts no token picks are never read."""
+    into the file when it is memory-mapped, so experts no token picks are never read.
+
+    `stack()` makes each projection's experts views of one array per field with a leading
+    expert axis (`stacked`: the same weight class over those arrays, an input of kernels
+    only: its shape accessors do not apply), which the fused decode kernels index by
+    expert; a checkpoint stores them so, and maps them back so.
+    """
 
     router: DenseWeight
     gate_up: list[Weight]
     down: list[Weight]
+    stacked: dict[str, Weight] | None = None
 
     def __post_init__(self) -> None:
         read_only(self.router.data)
@@ -309,6 +318,73 @@ class ExpertWeights:
     @property
     def nbytes(self) -> int:
         return self.router.nbytes + sum(self.expert_nbytes(e) for e in range(self.count))
+
+    def stack(self) -> None:
+        """Fill `stacked` for the projections whose experts share a class and layout (a
+        view when the experts already lie at equal strides in one array, as a checkpoint
+        maps them; else a copy, each expert then a view of it)."""
+        if self.stacked is not None:
+            return
+        self.stacked = {}
+        for name in ("gate_up", "down"):
+            experts = getattr(self, name)
+            fields = _stackable_fields(experts)
+            if fields is None:
+                continue
+            arrays = {f: _stacked_array([getattr(w, f) for w in experts]) for f in fields}
+            self.stacked[name] = dataclasses.replace(experts[0], **arrays)
+            for e, w in enumerate(experts):
+                experts[e] = dataclasses.replace(w, **{f: a[e] for f, a in arrays.items()})
+
+
+def _stackable_fields(experts: list[Weight]) -> tuple[str, ...] | None:
+    """The array fields of weights that can be stacked (one class, equal shapes and
+    dtypes, no biases), or None."""
+    first = experts[0]
+    if type(first) not in (Int8Weight, BlockWeight) or first.bias is not None:
+        return None
+    fields = ("data", "scale") if type(first) is Int8Weight else BLOCK_ARRAYS
+    fields = tuple(f for f in fields if getattr(first, f) is not None)
+
+    def layout(w: Weight) -> tuple:
+        arrays = [getattr(w, f) for f in fields]
+        extra = w.layout() + (w.kind, w.out_features) if type(w) is BlockWeight else ()
+        if any(a is None for a in arrays) or w.bias is not None:
+            return (None,)
+        return (type(w), *((a.shape, a.dtype.str) for a in arrays), *extra)
+
+    same = all(layout(w) == layout(first) for w in experts)
+    return fields if same else None
+
+
+def _root(a: np.ndarray) -> object:
+    """The object owning an array's memory (a mapped file, or the array itself)."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
+
+
+def _stacked_array(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts as one read-only array with a leading axis: a view when they already lie
+    at one stride in one buffer, a copy otherwise."""
+    first = parts[0]
+    starts = [p.__array_interface__["data"][0] for p in parts]
+    stride = starts[1] - starts[0] if len(parts) > 1 else first.nbytes
+    contiguous = all(p.flags.c_contiguous for p in parts)
+    root = _root(first)
+    if (
+        contiguous
+        and stride >= first.nbytes
+        and all(b - a == stride for a, b in itertools.pairwise(starts))
+        and all(_root(p) is root for p in parts)
+    ):
+        view = np.lib.stride_tricks.as_strided(
+            first, (len(parts), *first.shape), (stride, *first.strides), writeable=False
+        )
+        return view
+    stacked = np.stack(parts)
+    stacked.setflags(write=False)
+    return stacked
 
 
 @dataclass
@@ -349,6 +425,7 @@ class LayerWeights:
         if name.startswith("experts."):
             _, e, field = name.split(".")
             getattr(self.experts, field)[int(e)] = weight
+            self.experts.stacked = None
         else:
             setattr(self, name, weight)
 

@@ -19,10 +19,81 @@ from hypothesis.extra import numpy as hnp
 from engine import LLM, SamplingParams
 from engine.cli import main
 from engine.kv_cache import ForwardBatch
-from engine.weights import BlockWeight, Int8Weight
+from engine.weights import BlockWeight, DenseWeight, ExpertWeights, Int8Weight
 from kernels_cpu.moe import group_by_expert_into, put_rows, route_top_k_into
 from tests.test_model_parity import assert_logits_close, greedy, hf_greedy, hf_logits
 from tests.tiny_models import VARIANTS, build_tiny_model
+
+# ------------------------------------------------------------------ fused decode kernels
+
+
+def random_experts(rng, count: int, hidden: int, width: int, fmt: str) -> ExpertWeights:
+    """Experts with random float weights, quantized as `fmt` (int8 or int4)."""
+    from engine.quant.int4 import quantize_int4
+    from engine.quant.int8 import quantize_int8
+
+    quantize = quantize_int8 if fmt == "int8" else (lambda w: quantize_int4(w, 32))
+
+    def mat(rows, cols):
+        return quantize(DenseWeight(rng.standard_normal((rows, cols)).astype(np.float32)))
+
+    router = DenseWeight(rng.standard_normal((count, hidden)).astype(np.float32))
+    gate_up = [mat(2 * width, hidden) for _ in range(count)]
+    down = [mat(hidden, width) for _ in range(count)]
+    return ExpertWeights(router, gate_up, down)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@given(
+    seed=st.integers(0, 2**16),
+    count=st.integers(1, 9),
+    k=st.integers(1, 9),
+    width=st.sampled_from([16, 40, 64]),
+    normalize=st.booleans(),
+)
+@settings(max_examples=15, deadline=None)
+def test_fused_decode_equals_grouped_path(fmt, seed, count, k, width, normalize):
+    """A single token's experts through the fused kernels (stacked experts, two parallel
+    regions) give the grouped path's bits, which runs each expert on the linear kernels."""
+    from engine.backends import cpu
+
+    k = min(k, count)
+    rng = np.random.default_rng(seed)
+    hidden = 48
+    experts = random_experts(rng, count, hidden, width, fmt)
+    norm = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    x = rng.standard_normal((1, hidden)).astype(np.float32)
+    grouped, fused = x.copy(), x.copy()
+    backend = cpu.CPUBackend()
+    backend.moe_add_(grouped, norm, 1e-5, experts, k, normalize)
+    experts.stack()
+    assert set(experts.stacked) == {"gate_up", "down"}
+    bytes_before, ran = backend.expert_bytes_read, []
+    name = "moe_decode_w8_into" if fmt == "int8" else "moe_decode_blocks_into"
+    kernel = getattr(cpu, name)
+    setattr(cpu, name, lambda *args: ran.append(kernel(*args)))
+    try:
+        backend.moe_add_(fused, norm, 1e-5, experts, k, normalize)
+    finally:
+        setattr(cpu, name, kernel)
+    assert ran, "the fused kernel did not run"
+    assert backend.expert_bytes_read - bytes_before == k * experts.expert_nbytes(0)
+    np.testing.assert_array_equal(fused, grouped)
+    assert not np.array_equal(fused, x)
+
+
+def test_stacking_a_mapped_checkpoint_copies_nothing(moe_folders, tmp_path):
+    """A checkpoint stores each projection's experts as one tensor per part; loading maps
+    views of them, and stacking those views makes views again, not copies."""
+    out = tmp_path / "ck"
+    assert main(["quantize", str(moe_folders["qwen3_moe-renorm"]), str(out)]) == 0
+    experts = LLM(out, threads=1).loaded.weights.layers[0].experts
+    assert experts.stacked is not None
+    data = experts.stacked["gate_up"].data
+    assert data.shape == (8, *experts.gate_up[0].data.shape)
+    assert not data.flags.owndata and not data.flags.writeable
+    assert np.shares_memory(data, experts.gate_up[3].data)
+
 
 # ----------------------------------------------------------------------------- routing
 
@@ -309,11 +380,15 @@ def test_calibrated_methods_refuse_experts(flags, what, moe_folders, tmp_path, c
 def variant(name: str, base: str, **overrides):
     """A tiny model like `base` with config overrides, under its own name (and seed)."""
     config, model, settings_ = VARIANTS[base]
+    before = VARIANTS.get(name)
     VARIANTS[name] = (config, model, {**settings_, **overrides})
     try:
         yield name
     finally:
-        del VARIANTS[name]
+        if before is None:
+            del VARIANTS[name]
+        else:  # the base itself, unchanged
+            VARIANTS[name] = before
 
 
 # name -> (base variant, overrides): what llama.cpp's converter can write. Its Qwen3-MoE

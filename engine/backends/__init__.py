@@ -25,6 +25,9 @@ class Backend(Protocol):
     # True when the backend computes in memory of its own (a GPU): weights are placed there
     # under a device budget, and layers that do not fit are copied in while others compute.
     separate_memory: bool
+    # Bytes of the experts `moe_add_` has run (each once a pass): what a mixture of experts
+    # reads beyond its shared weights, for the bench's bytes per token.
+    expert_bytes_read: int
 
     def prepare_weights(
         self, weights: ModelWeights, layers: Collection[int] | None = None

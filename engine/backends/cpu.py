@@ -48,9 +48,17 @@ from kernels_cpu.matmul_int8 import (
     gemv_w8,
     gemv_w8_into,
 )
-from kernels_cpu.moe import group_by_expert_into, put_rows, route_top_k_into, scale_up_half_
+from kernels_cpu.moe import (
+    group_by_expert_into,
+    moe_decode_blocks_into,
+    moe_decode_w8_into,
+    put_rows,
+    route_top_k_into,
+    scale_up_half_,
+)
 from kernels_cpu.norms import head_rmsnorm_
 from kernels_cpu.paged_attention import attend_qkv_into, attention_scratch_shape
+from kernels_cpu.simd_blocks import ROWS
 from kernels_cpu.sparse_int8 import padded_columns, sparse_matmul_w8, unpack_bitmask
 
 # Up to this many tokens a numba GEMV beats BLAS (and avoids BLAS threads fighting numba's).
@@ -120,9 +128,7 @@ class CPUBackend:
         # cache, which holds this backend (a strong one would leave the cache to the GC).
         self._rope_batch: weakref.ref | None = None
         self._rope_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        # Bytes of the experts the passes ran (each expert once a pass, however many of its
-        # tokens): what a mixture of experts reads beyond its shared weights.
-        self.expert_bytes_read = 0
+        self.expert_bytes_read = 0  # see Backend
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialised activation buffer (the runner's workspace)."""
@@ -279,7 +285,8 @@ class CPUBackend:
         return take("act", (tokens, width), np.int16), take("act_scale", (tokens,), np.float32)
 
     def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
-        """Pick dense or sparse per sparse linear by timing both on one token, as decode runs.
+        """Stack each mixture-of-experts layer's experts for the fused decode kernels, and
+        pick dense or sparse per sparse linear by timing both on one token, as decode runs.
 
         A bitmask only pays when the kernel can expand it faster than memory delivers the
         dense bytes, which depends on the sparsity, the shape and the CPU. Linears of the same
@@ -289,6 +296,8 @@ class CPUBackend:
         choices: dict[str, str] = {}
         chosen = range(len(weights.layers)) if layers is None else layers
         for layer in (weights.layers[i] for i in chosen):
+            if layer.experts is not None:
+                layer.experts.stack()  # for the fused decode kernels
             for name, weight in layer.linears():
                 if not isinstance(weight, SparseInt8Weight):
                     continue
@@ -375,6 +384,8 @@ class CPUBackend:
         ids = take("moe_ids", (tokens, top_k), np.int32)
         weights = take("moe_weights", (tokens, top_k), np.float32)
         route_top_k_into(logits, normalize, ids, weights)
+        if tokens == 1 and self._moe_decode(x, ids[0], weights[0], experts, residual):
+            return residual
         starts = take("moe_starts", (experts.count + 1,), np.int64)
         rows = take("moe_rows", (tokens * top_k,), np.int64)
         scales = take("moe_scales", (tokens * top_k,), np.float32)
@@ -400,6 +411,45 @@ class CPUBackend:
             if out_e is not residual:
                 put_rows(out_e, rows[lo:hi], residual)
         return residual
+
+    def _moe_decode(self, x, ids, scales, experts: ExpertWeights, residual) -> bool:
+        """One token's experts by the fused kernels when both projections are stacked in
+        int8 or in one block format (rows a multiple of 16); whether it ran."""
+        stacked = experts.stacked or {}
+        gu, dn = stacked.get("gate_up"), stacked.get("down")
+        kind = type(gu)
+        if kind is not type(dn) or kind not in (Int8Weight, BlockWeight):
+            return False
+        k, take = len(ids), self.scratch.take
+        h, f = residual.shape[1], experts.down[0].in_features
+        if kind is BlockWeight and (f * 2 % ROWS or h % ROWS):
+            return False
+        order = take("moe_order", (k,), np.int32), take("moe_order_scales", (k,), np.float32)
+        hidden = take("moe_hidden", (k, 2 * f), np.float32)
+        gated = take("moe_gated", (k, f), np.float32)
+        partial = take("moe_partial", (k, h), np.float32)
+        if kind is Int8Weight:
+            a, a_scale = take("moe_a", (k, h), np.int16), take("moe_a_scale", (k,), np.float32)
+            a2 = take("moe_a2", (k, f), np.int16)
+            a2_scale = take("moe_a2_scale", (k,), np.float32)
+            moe_decode_w8_into(
+                x, ids, scales, gu.data, gu.scale, dn.data, dn.scale, residual, *order, a,
+                a_scale, hidden, gated, a2, a2_scale, partial,
+            )  # fmt: skip
+        else:
+            shapes = (activation_shapes(k, padded_inputs(w.scale[0], w.group)) for w in (gu, dn))
+            first, second = (
+                [take(f"moe_{name}{i}", shape, dtype)
+                 for name, (shape, dtype) in zip(_BLOCK_SCRATCH, pair, strict=True)]
+                for i, pair in enumerate(shapes)
+            )  # fmt: skip
+            moe_decode_blocks_into(
+                x, ids, scales, _block_fields(gu), gu.group, gu.zero, _block_fields(dn),
+                dn.group, dn.zero, residual, *order, *first, hidden, gated, *second, partial,
+            )  # fmt: skip
+        for e in ids.tolist():
+            self.expert_bytes_read += experts.expert_nbytes(e)
+        return True
 
     def scale_(self, x: np.ndarray, factor: float) -> np.ndarray:
         x *= np.float32(factor)
@@ -462,6 +512,11 @@ _LINEAR_KERNELS = {
     SparseInt8Weight: CPUBackend._linear_sparse,
     ColskipInt8Weight: CPUBackend._linear_colskip,
 }
+
+
+def _block_fields(w: BlockWeight) -> tuple:
+    """A BlockWeight's arrays in the order the block kernels take them."""
+    return (w.values, w.high, w.scale, w.scale_sup, w.mins, w.mins_sup)
 
 
 def _prologue(x: np.ndarray, h: np.ndarray | None, norm: np.ndarray | None, eps: float):

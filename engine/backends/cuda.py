@@ -117,6 +117,7 @@ class CUDABackend:
         self.scratch = Scratch(self._scratch_empty)
         # Host working arrays: the routing of mixture-of-experts layers.
         self.host_scratch = Scratch()
+        self.expert_bytes_read = 0  # as the CPU backend counts it
 
     def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Move the non-layer weights and decoder `layers` (default: all) to the GPU once,
@@ -329,6 +330,7 @@ class CUDABackend:
             if lo < hi:
                 gate_up, down = experts.gate_up[e], experts.down[e]
                 self._expert_add_(residual, x, gate_up, down, rows[lo:hi], scales[lo:hi])
+                self.expert_bytes_read += experts.expert_nbytes(e)
         return residual
 
     def _route(

@@ -25,6 +25,7 @@ from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.tensor_source import read_safetensors_header
 from engine.weights import (
     BLOCK_ARRAYS,
+    LAYER_LINEARS,
     LAYER_NORMS,
     BlockWeight,
     ColskipBlockWeight,
@@ -111,11 +112,41 @@ def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
     for name in LAYER_NORMS:
         if getattr(layer, name) is not None:
             tensors[f"layers.{i}.{name}"] = getattr(layer, name)
-    for name, weight in layer.linears():
-        _put(tensors, f"layers.{i}.{name}", weight)
+    for name in LAYER_LINEARS[:2] if layer.experts is not None else LAYER_LINEARS:
+        _put(tensors, f"layers.{i}.{name}", getattr(layer, name))
     if layer.experts is not None:
         _put(tensors, f"layers.{i}.router", layer.experts.router)
+        for name in ("gate_up", "down"):
+            tensors.update(
+                _stacked_experts(getattr(layer.experts, name), f"layers.{i}.experts.{name}")
+            )
     return tensors
+
+
+def _stacked_experts(experts: list[Weight], name: str) -> dict[str, np.ndarray]:
+    """The experts' arrays under `name`.<part>, each part stacked along a leading expert
+    axis: one tensor per part, which loading maps back as one view per expert."""
+    parts: list[dict[str, np.ndarray]] = []
+    for weight in experts:
+        parts.append({})
+        _put(parts[-1], "", weight)
+    keys = parts[0].keys()
+    if any(p.keys() != keys or any(p[k].shape != parts[0][k].shape for k in keys) for p in parts):
+        raise UnsupportedModelError(f"the experts of {name} differ in format; they cannot be saved")
+    return {name + key: np.stack([p[key] for p in parts]) for key in keys}
+
+
+def _unstacked_experts(arrays: dict[str, Any], name: str, count: int, path) -> list[Weight]:
+    """The experts `_stacked_experts` stored under `name`, each a weight of views."""
+    stacked = {key[len(name) :]: a for key, a in arrays.items() if key.startswith(name + ".")}
+    if not stacked:
+        raise ModelLoadError(f"{path} has no tensor {name + '.*'!r}")
+    if any(a.shape[:1] != (count,) for a in stacked.values()):
+        raise ModelLoadError(f"{path}: {name} does not hold {count} experts")
+    return [
+        _weight({f"{name}.{e}{key}": a[e] for key, a in stacked.items()}, f"{name}.{e}", path)
+        for e in range(count)
+    ]
 
 
 def _put(tensors: dict[str, np.ndarray], name: str, weight: Weight) -> None:
@@ -296,10 +327,9 @@ def build_layer(arrays: dict[str, Any], i: int, path: Path | str) -> LayerWeight
         router = _weight(arrays, p + "router", path)
         if not isinstance(router, DenseWeight) or router.data.ndim != 2:
             raise ModelLoadError(f"{path}: the router of layer {i} is not a float32 matrix")
-        count = router.out_features
         experts = ExpertWeights(
             router,
-            *([_weight(arrays, f"{p}experts.{e}.{name}", path) for e in range(count)]
+            *(_unstacked_experts(arrays, f"{p}experts.{name}", router.out_features, path)
               for name in ("gate_up", "down")),
         )  # fmt: skip
     else:
