@@ -7,6 +7,7 @@ sparse) are further classes next to `DenseWeight`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 from collections.abc import Sequence
@@ -335,6 +336,26 @@ class ExpertWeights:
             self.stacked[name] = dataclasses.replace(experts[0], **arrays)
             for e, w in enumerate(experts):
                 experts[e] = dataclasses.replace(w, **{f: a[e] for f, a in arrays.items()})
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS. The experts just copied were allocated
+    on the heap (glibc raises its mmap threshold after freeing large blocks), and freeing
+    them would otherwise leave a model's worth of them counted in the process's memory."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _stackable_fields(experts: list[Weight]) -> tuple[str, ...] | None:

@@ -116,24 +116,31 @@ def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
         _put(tensors, f"layers.{i}.{name}", getattr(layer, name))
     if layer.experts is not None:
         _put(tensors, f"layers.{i}.router", layer.experts.router)
+        layer.experts.stack()  # each expert then a view: no second copy of them below
         for name in ("gate_up", "down"):
-            tensors.update(
-                _stacked_experts(getattr(layer.experts, name), f"layers.{i}.experts.{name}")
-            )
+            tensors.update(_stacked_experts(layer.experts, name, f"layers.{i}.experts.{name}"))
     return tensors
 
 
-def _stacked_experts(experts: list[Weight], name: str) -> dict[str, np.ndarray]:
-    """The experts' arrays under `name`.<part>, each part stacked along a leading expert
-    axis: one tensor per part, which loading maps back as one view per expert."""
+def _stacked_experts(experts: ExpertWeights, proj: str, name: str) -> dict[str, np.ndarray]:
+    """Projection `proj` of the experts under `name`.<part>, each part stacked along a
+    leading expert axis (the stacked arrays themselves where `stack()` made them): one
+    tensor per part, which loading maps back as one view per expert."""
     parts: list[dict[str, np.ndarray]] = []
-    for weight in experts:
+    for weight in getattr(experts, proj):
         parts.append({})
         _put(parts[-1], "", weight)
     keys = parts[0].keys()
     if any(p.keys() != keys or any(p[k].shape != parts[0][k].shape for k in keys) for p in parts):
         raise UnsupportedModelError(f"the experts of {name} differ in format; they cannot be saved")
-    return {name + key: np.stack([p[key] for p in parts]) for key in keys}
+    stacked = (experts.stacked or {}).get(proj)
+    arrays = {}
+    for key in keys:
+        whole = getattr(stacked, key[1:], None) if stacked is not None else None
+        arrays[name + key] = (
+            whole if isinstance(whole, np.ndarray) else np.stack([p[key] for p in parts])
+        )
+    return arrays
 
 
 def _unstacked_experts(arrays: dict[str, Any], name: str, count: int, path) -> list[Weight]:
