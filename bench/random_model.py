@@ -2,6 +2,7 @@
 
 `random:llama-1b` has TinyLlama-1.1B's shape (hidden 2048, 22 layers, ffn 5632, 32/4 heads),
 with SmolLM2's tokenizer and so a 49152-token vocabulary (TinyLlama has 32000).
+`random:qwen3-1b` is the same shape as a Qwen3 (q/k norms).
 `random:qwen3-moe` is a Qwen3-MoE of 4.0B parameters, 0.78B active: hidden 2048, 24 layers,
 32 experts of width 768 with 4 picked per token (renormalised), q/k norms. Weights are
 N(0, 0.02) in f16 (norms one), written once to a cache folder as a Hugging Face model, a
@@ -18,15 +19,9 @@ from safetensors.numpy import save_file
 
 from kernels_cpu.jit_cache import cache_dir
 
+_LLAMA_1B = {"hidden": 2048, "layers": 22, "ffn": 5632, "heads": 32, "kv_heads": 4, "vocab": 49152}
 SHAPES = {
-    "llama-1b": {
-        "hidden": 2048,
-        "layers": 22,
-        "ffn": 5632,
-        "heads": 32,
-        "kv_heads": 4,
-        "vocab": 49152,
-    },
+    "llama-1b": _LLAMA_1B,
     "qwen3-moe": {
         "hidden": 2048,
         "layers": 24,
@@ -38,6 +33,8 @@ SHAPES = {
         "top_k": 4,
         "expert_ffn": 768,
     },
+    # llama-1b's shape as a Qwen3 (q/k norms): what the extra ops of a dense architecture cost
+    "qwen3-1b": {**_LLAMA_1B, "qk_norm": True},
     "llama-tiny": {
         "hidden": 256,
         "layers": 4,
@@ -61,8 +58,9 @@ def random_model_path(spec: str) -> Path:
 
 
 def build_random_model(
-    folder: Path, hidden, layers, ffn, heads, kv_heads, vocab, experts=0, top_k=0, expert_ffn=0
-) -> None:
+    folder: Path, hidden, layers, ffn, heads, kv_heads, vocab, experts=0, top_k=0, expert_ffn=0,
+    qk_norm=False,
+) -> None:  # fmt: skip
     from engine.loader.model_loader import load_model
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,9 +91,10 @@ def build_random_model(
             p + "input_layernorm.weight": ones(hidden),
             p + "post_attention_layernorm.weight": ones(hidden),
         }
-        if experts:
+        if experts or qk_norm:  # Qwen3's
             tensors[p + "self_attn.q_norm.weight"] = ones(head_dim)
             tensors[p + "self_attn.k_norm.weight"] = ones(head_dim)
+        if experts:
             tensors[p + "mlp.gate.weight"] = mat(experts, hidden)
             for e in range(experts):
                 x = f"{p}mlp.experts.{e}."
@@ -110,9 +109,12 @@ def build_random_model(
             shards.next()
         shards.add(tensors)
     shards.close()
+    model_type, architecture = (("qwen3_moe", "Qwen3MoeForCausalLM") if experts else
+                                ("qwen3", "Qwen3ForCausalLM") if qk_norm else
+                                ("llama", "LlamaForCausalLM"))  # fmt: skip
     config = {
-        "model_type": "qwen3_moe" if experts else "llama",
-        "architectures": ["Qwen3MoeForCausalLM" if experts else "LlamaForCausalLM"],
+        "model_type": model_type,
+        "architectures": [architecture],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": ffn,

@@ -8,7 +8,7 @@ from typing import Any
 # Every Backend op that computes (engine/backends/__init__.py).
 KERNEL_METHODS = (
     "embed", "linear", "norm_linear", "linear_add_", "attention", "take_rows", "moe_add_",
-    "qk_norm_", "scale_", "glu", "norm_add_",
+    "qk_norm_", "scale_", "glu", "norm_add_", "softcap_",
 )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from engine.errors import ModelLoadError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = (
-    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "mixtral"
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "mixtral"
 )  # fmt: skip
 
 # HF `architectures` entries and GGUF `general.architecture` values we accept, mapped to ours.
@@ -34,6 +34,8 @@ _ARCH_ALIASES = {
     "Phi3ForCausalLM": "phi3",
     "gemma3_text": "gemma3_text",
     "Gemma3ForCausalLM": "gemma3_text",
+    "gemma2": "gemma2",
+    "Gemma2ForCausalLM": "gemma2",
     "qwen3_moe": "qwen3_moe",
     "qwen3moe": "qwen3_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -46,6 +48,9 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 # Older names transformers still reads.
 _ROPE_ALIASES = {"su": "longrope"}
+# GGUF `general.architecture` values named otherwise on the Hub (where model_type "gemma3"
+# is the multimodal model, whose config.json nests the text model's).
+_GGUF_ARCHITECTURES = {"gemma3": "gemma3_text"}
 # No model has 2**31 of anything per layer: larger sizes come from corrupt files.
 _MAX_SIZE = 2**31 - 1
 
@@ -250,6 +255,10 @@ class ModelConfig:
     attention_scale: float | None = None
     layer_windows: tuple[int, ...] | None = None
     rope_local: RopeConfig | None = None
+    # Gemma 2's soft-capping: attention scores and final logits x become cap * tanh(x / cap)
+    # (0: none).
+    attention_softcap: float = 0.0
+    final_softcap: float = 0.0
     # Mixture of experts (qwen3_moe, mixtral): in each MoE layer a router picks
     # `experts_per_token` of `num_experts` SwiGLU experts of width `expert_intermediate_size`
     # per token, weighted by their softmax probabilities (renormalised over the chosen ones
@@ -386,9 +395,12 @@ class ModelConfig:
             cfg["use_sliding_window"] = True
         if self.num_experts:
             cfg.update(_moe_to_hf(self))
-        if self.architecture == "gemma3_text":
-            cfg["rope_parameters"] = {"full_attention": rope,
-                                      "sliding_attention": self.rope_local.to_hf()}  # fmt: skip
+        if self.architecture.startswith("gemma"):
+            if self.rope_local is not None:
+                cfg["rope_parameters"] = {"full_attention": rope,
+                                          "sliding_attention": self.rope_local.to_hf()}  # fmt: skip
+            cfg["attn_logit_softcapping"] = self.attention_softcap or None
+            cfg["final_logit_softcapping"] = self.final_softcap or None
             cfg["layer_types"] = [
                 "sliding_attention" if self.window(i) else "full_attention"
                 for i in range(self.num_layers)
@@ -409,11 +421,11 @@ class ModelConfig:
         hidden = f.integer("hidden_size")
         heads = f.integer("num_attention_heads")
         window = None
-        if arch in ("mistral", "mixtral", "phi3", "gemma3_text") or f.flag(
+        if arch in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text") or f.flag(
             "use_sliding_window", False
         ):
             window = f.integer("sliding_window", None) or None
-        gemma = _gemma_fields(cfg, f, window) if arch == "gemma3_text" else {}
+        gemma = _gemma_fields(cfg, f, window, arch) if arch.startswith("gemma") else {}
         return cls(
             architecture=arch,
             vocab_size=f.integer("vocab_size"),
@@ -442,13 +454,19 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], freq_factors: np.ndarray | None = None) -> ModelConfig:
-        """Build from GGUF metadata (keys as written by llama.cpp's converter).
+    def from_gguf(
+        cls, meta: dict[str, Any], rope_tensors: Mapping[str, np.ndarray] | None = None
+    ) -> ModelConfig:
+        """Build from GGUF metadata (keys as written by llama.cpp's converter), and the
+        file's rope tensors by the RopeConfig field they fill (llama3's freq_factors,
+        LongRoPE's short_factor and long_factor; see tensor_source.GGUF_ROPE_TENSORS).
 
         The keys llama.cpp requires are required here too (context length and norm epsilon
         included), so a key whose name was corrupted is not silently replaced by a default.
         """
-        arch = _resolve_arch(meta.get("general.architecture"), [])
+        name = meta.get("general.architecture")
+        known = _GGUF_ARCHITECTURES.get(name, name) if isinstance(name, str) else name
+        arch = _resolve_arch(known, [])
         p = f"{meta['general.architecture']}."
         f = _Fields(meta, "GGUF metadata")
         moe = _moe_from_gguf(arch, f, p)
@@ -460,24 +478,30 @@ class ModelConfig:
         heads = f.integer(p + "attention.head_count")
         tokens = meta.get("tokenizer.ggml.tokens")
         window = f.integer(p + "attention.sliding_window", None)
+        layers = f.integer(p + "block_count")
+        head_dim = f.integer(p + "attention.key_length", None) or hidden // max(heads, 1)
+        gemma = {}
+        if arch == "gemma3_text":
+            gemma = _gemma3_from_gguf(f, p, layers, window, hidden // max(heads, 1), head_dim)
         return cls(
             architecture=arch,
             vocab_size=f.integer(p + "vocab_size", None)
             or (len(tokens) if isinstance(tokens, list) else 0),
             hidden_size=hidden,
             intermediate_size=f.integer(p + "feed_forward_length"),
-            num_layers=f.integer(p + "block_count"),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=f.integer(p + "attention.head_count_kv", None) or heads,
-            head_dim=f.integer(p + "attention.key_length", None) or hidden // max(heads, 1),
+            head_dim=head_dim,
             rms_norm_eps=f.number(p + "attention.layer_norm_rms_epsilon"),
             max_position_embeddings=f.integer(p + "context_length"),
-            rope=_rope_from_gguf(f, p, freq_factors),
+            rope=_rope_from_gguf(f, p, rope_tensors or {}),
             tie_word_embeddings=False,  # decided by the loader from the tensors present
             qkv_bias=arch == "qwen2",
-            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3_text"),
             fused_projections=arch == "phi3",
             sliding_window=window or None,
+            **gemma,
             **moe,
             bos_token_id=f.token_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids=f.token_ids("tokenizer.ggml.eos_token_id"),
@@ -583,19 +607,27 @@ def _resolve_arch(model_type: Any, architectures: list[Any]) -> str:
     )
 
 
-def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[str, Any]:
-    """ModelConfig fields of a Gemma 3 config.json (transformers 5's layout: layer_types,
-    and rope_parameters per layer type)."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg.get(key) is not None:
-            raise UnsupportedModelError(f"logit soft-capping ({key}) is not supported")
+def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None, arch: str) -> dict[str, Any]:
+    """ModelConfig fields of a Gemma 2 or 3 config.json (transformers 5's layout:
+    layer_types, and for Gemma 3 rope_parameters per layer type; or the Hub's), with
+    transformers' defaults: Gemma 2 alternates sliding and global layers and soft-caps
+    at 50 (attention) and 30 (logits) unless its config says null; Gemma 3 has a global
+    layer in six, a rope of its own for the sliding ones and no soft-capping."""
+    gemma2 = arch == "gemma2"
+    caps = {}
+    for key, field_name, default in (("attn_logit_softcapping", "attention_softcap", 50.0),
+                                     ("final_logit_softcapping", "final_softcap", 30.0)):  # fmt: skip
+        value = cfg.get(key, default if gemma2 else None)
+        if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise f.invalid(key, value, "a positive number or null")
+        caps[field_name] = float(value or 0.0)
     activation = f.text("hidden_activation", "gelu_pytorch_tanh")
     if activation not in _ACTIVATIONS:
         raise UnsupportedModelError(f"MLP activation {activation!r} is not supported")
     types = cfg.get("layer_types")
     layers = f.integer("num_hidden_layers")
     if types is None:  # the Hub's layout: every pattern-th layer global, as transformers reads it
-        pattern = f.integer("sliding_window_pattern", 6)
+        pattern = f.integer("sliding_window_pattern", 2 if gemma2 else 6)
         if pattern < 1:
             raise f.invalid("sliding_window_pattern", pattern, "at least 1")
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
@@ -605,7 +637,9 @@ def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[s
     if any(t not in ("sliding_attention", "full_attention") for t in types):
         raise f.invalid("layer_types", types, "sliding_attention or full_attention entries")
     per_type = f.mapping("rope_parameters")
-    if "full_attention" in per_type:
+    if gemma2:  # one rope for every layer
+        ropes = {"full_attention": _rope_from_hf(cfg, f), "sliding_attention": None}
+    elif "full_attention" in per_type:
         ropes = {kind: _rope_of_type(cfg, per_type, kind, f)
                  for kind in ("full_attention", "sliding_attention")}  # fmt: skip
     else:  # the Hub's layout: rope_theta and rope_scaling for the global layers,
@@ -628,6 +662,7 @@ def _gemma_fields(cfg: dict[str, Any], f: _Fields, window: int | None) -> dict[s
         "tie_word_embeddings": f.flag("tie_word_embeddings", True),
         "rope": ropes["full_attention"],
         "rope_local": ropes["sliding_attention"],
+        **caps,
     }
 
 
@@ -759,12 +794,38 @@ def _factors(r: _Fields, key: str, rope_type: str) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value)
 
 
-def _rope_from_gguf(f: _Fields, p: str, freq_factors: np.ndarray | None) -> RopeConfig:
+def _rope_from_gguf(f: _Fields, p: str, tensors: Mapping[str, np.ndarray]) -> RopeConfig:
+    """The rope of GGUF metadata and the file's rope tensors (keyed by RopeConfig field).
+
+    LongRoPE (Phi-3) is told by its factor tensors, as llama.cpp tells it (the converter
+    writes no scaling type for it): the attention factor is the file's, 1 without one, as
+    llama.cpp reads it. llama.cpp picks the long factors for a context longer than the
+    original; lamina, as transformers, for a pass whose sequences are.
+    """
     scaling = f.text(p + "rope.scaling.type", "none")
     factor = f.number(p + "rope.scaling.factor", 1.0) or 1.0
     theta = f.number(p + "rope.freq_base", 10000.0)
-    if freq_factors is not None:
-        return RopeConfig(theta=theta, freq_factors=tuple(float(v) for v in freq_factors))
+    if tensors.get("freq_factors") is not None:
+        return RopeConfig(theta=theta, freq_factors=_tensor_values(tensors["freq_factors"]))
+    long, short = tensors.get("long_factor"), tensors.get("short_factor")
+    if long is not None or short is not None or scaling == "longrope":
+        if long is None or short is None:
+            raise ModelLoadError(
+                "GGUF LongRoPE needs both tensors rope_factors_long.weight and "
+                "rope_factors_short.weight"
+            )
+        original = f.integer(p + "rope.scaling.original_context_length")
+        if original < 1:
+            raise f.invalid(p + "rope.scaling.original_context_length", original, "at least 1")
+        return RopeConfig(
+            theta=theta,
+            rope_type="longrope",
+            factor=max(f.integer(p + "context_length") / original, 1.0),
+            original_max_position_embeddings=original,
+            attention_factor=f.number(p + "rope.scaling.attn_factor", 1.0),
+            short_factor=_tensor_values(short),
+            long_factor=_tensor_values(long),
+        )
     if scaling in ("none", "") or factor == 1.0:
         return RopeConfig(theta=theta)
     if scaling == "linear":
@@ -779,3 +840,53 @@ def _rope_from_gguf(f: _Fields, p: str, freq_factors: np.ndarray | None) -> Rope
             beta_slow=f.number(p + "rope.scaling.yarn_beta_slow", 1.0),
         )
     raise UnsupportedModelError(f"GGUF rope scaling type {scaling!r} is not supported")
+
+
+def _tensor_values(values: np.ndarray) -> tuple[float, ...]:
+    """A GGUF rope tensor's values, which must be positive numbers."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not flat.size or not np.all(np.isfinite(flat) & (flat > 0)):
+        raise ModelLoadError("GGUF rope factor tensors must hold positive numbers")
+    return tuple(float(v) for v in flat)
+
+
+def _gemma3_from_gguf(
+    f: _Fields, p: str, layers: int, window: int | None, hidden_per_head: int, head_dim: int
+) -> dict[str, Any]:
+    """ModelConfig fields of a Gemma 3 GGUF, read as llama.cpp reads them
+    (src/models/gemma3.cpp), where they differ from config.json's:
+
+    - the converter stores each norm as the 1 + w it is applied as, so nothing is added;
+    - a file names no layer types: with a window, the layers of `attention.sliding_window_pattern`
+      slide (one flag per layer, or every n-th layer global; n is 6 without the key), the others,
+      and all of them without a window, attend globally;
+    - query_pre_attn_scalar is not stored: the softmax scale is 1/sqrt(head_dim), and
+      1/sqrt(hidden / heads) for the 62-layer model (27B), as Google's reference has it;
+    - sliding layers rotate with `rope.freq_base_swa` (10000 without it), unscaled.
+    """
+    swa = [False] * layers
+    if window:
+        pattern = f.values.get(p + "attention.sliding_window_pattern")
+        if isinstance(pattern, list):
+            if len(pattern) != layers or not all(isinstance(v, bool) for v in pattern):
+                raise f.invalid(
+                    p + "attention.sliding_window_pattern", pattern, f"{layers} booleans"
+                )
+            swa = list(pattern)
+        else:
+            n = f.integer(p + "attention.sliding_window_pattern", 6)
+            if n < 0:
+                raise f.invalid(p + "attention.sliding_window_pattern", n, "at least 0")
+            swa = [n == 0 or i % n < n - 1 for i in range(layers)]
+    final_softcap = f.number(p + "final_logit_softcapping", 0.0)  # llama.cpp reads only this
+    if final_softcap < 0:
+        raise f.invalid(p + "final_logit_softcapping", final_softcap, "a positive number")
+    return {
+        "sandwich_norms": True,
+        "embed_scale": float(np.float32(math.sqrt(f.integer(p + "embedding_length")))),
+        "mlp_activation": "gelu_tanh",
+        "attention_scale": (hidden_per_head if layers == 62 else head_dim) ** -0.5,
+        "layer_windows": tuple(window if s else 0 for s in swa),
+        "rope_local": RopeConfig(theta=f.number(p + "rope.freq_base_swa", 10000.0)),
+        "final_softcap": final_softcap,
+    }

@@ -1,5 +1,5 @@
-"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3, Phi-3, Gemma 3, and the
-mixtures of experts Qwen3-MoE and Mixtral).
+"""One decoder-only transformer forward pass (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3, and
+the mixtures of experts Qwen3-MoE and Mixtral).
 
 No numba and no formats here: the Backend chooses kernels by weight type and device, the KV
 cache hides behind `Backend.attention`, and the layers come from a LayerSource, fetched and
@@ -105,7 +105,7 @@ class Transformer:
                     be.qk_norm_(qkv, layer.q_norm, layer.k_norm, eps, c.num_heads, c.num_kv_heads)
                 attn = be.attention(
                     i, qkv, batch, c.num_heads, inv_freqs[self.ropes[i]], self.scales[i],
-                    self.windows[i], out=buf("attn"),
+                    self.windows[i], out=buf("attn"), softcap=c.attention_softcap,
                 )  # fmt: skip
                 if c.sandwich_norms:
                     self._sandwich_rest(layer, x, attn, buf)
@@ -122,10 +122,12 @@ class Transformer:
         last_buf = ws.views(len(batch.logits_rows)).get
         last = be.take_rows(x, batch.logits_rows, out=last_buf("last"))
         logits = be.norm_linear(last, w.final_norm, eps, w.lm_head, out=last_buf("logits"))
+        if c.final_softcap:
+            be.softcap_(logits, c.final_softcap)
         return be.to_numpy(logits)
 
     def _sandwich_rest(self, layer, x: Array, attn: Array, buf) -> None:
-        """The rest of a Gemma 3 layer, whose norms also follow attention and the MLP:
+        """The rest of a Gemma 2/3 layer, whose norms also follow attention and the MLP:
         x += norm(attn @ o_proj); x += norm(down(act(gate) * up) of norm(x))."""
         be, eps = self.backend, self.config.rms_norm_eps
         be.norm_add_(x, be.linear(attn, layer.o_proj, out=buf("out")), layer.post_attn_norm, eps)

@@ -467,7 +467,9 @@ def _prefetch_tile(kf, vf, table, block_size, kv_heads, dim, kvh, lo, hi):
 
 
 @njit(cache=True, fastmath=True)
-def _attend_part(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, lo, hi, scale, fs, part):
+def _attend_part(
+    q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, lo, hi, scale, fs, part, softcap
+):  # fmt: skip
     """Online-softmax attention of token t's GQA group (kv head kvh) over positions lo..hi-1,
     unnormalised, into `part`: best (group), total (group), acc (group * dim).
 
@@ -483,7 +485,8 @@ def _attend_part(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, lo, h
     they are summed into `total`, which must not see it).
 
     fs is a float32 scratch row, carved into base (int64), the scaled queries, the tile's
-    scores and row scales.
+    scores and row scales. softcap > 0 caps the scores to softcap * tanh(score / softcap)
+    before the softmax (Gemma 2's attention logit soft-capping).
     """
     group = q.shape[1] // kv_heads
     dim = q.shape[2]
@@ -531,6 +534,10 @@ def _attend_part(q, kf, vf, ksf, vsf, table, block_size, kv_heads, t, kvh, lo, h
             for g in range(group):
                 for j in range(n):
                     scores[g, j] *= k_row_scale[j]
+        if softcap > 0:
+            for g in range(group):
+                for j in range(n):
+                    scores[g, j] = softcap * np.tanh(scores[g, j] / softcap)
         for g in range(group):
             m = scores[g, 0]
             for j in range(1, n):
@@ -606,6 +613,7 @@ def _paged(
     window,
     out,
     scratch,
+    softcap,
 ):
     """The batch driver shared by both cache formats.
 
@@ -671,7 +679,7 @@ def _paged(
                 hi = min(lo + PART, end)
                 _attend_part(
                     q, kf, vf, ksf, vsf, block_tables[s], block_size, kv_heads, t, kvh, lo, hi,
-                    np.float32(scale), fs, dest,
+                    np.float32(scale), fs, dest, np.float32(softcap),
                 )  # fmt: skip
                 if not spread and i > i0:
                     _merge(into, later, group, dim)
@@ -702,6 +710,7 @@ def paged_attention_into(
     window: int,
     out: np.ndarray,
     scratch: np.ndarray,
+    softcap: float = 0.0,
 ) -> None:
     """Causal softmax attention of a batch's new tokens q (T, H, D) over a paged cache.
 
@@ -709,8 +718,9 @@ def paged_attention_into(
     cached tokens including the new ones, which are its last positions and already written to
     the C-contiguous k_cache/v_cache (num_blocks, block_size, Hkv, D). Query head h reads kv
     head h // (H // Hkv) (GQA). `window` > 0 limits each query to its last `window` keys
-    (Mistral sliding window); 0 means unlimited. Writes out (T, H, D) float32; scratch is
-    float32 of `attention_scratch_shape`, whatever T and the contexts are.
+    (Mistral sliding window); 0 means unlimited. `softcap` > 0 caps each score (after
+    `scale`) to softcap * tanh(score / softcap) (Gemma 2). Writes out (T, H, D) float32;
+    scratch is float32 of `attention_scratch_shape`, whatever T and the contexts are.
 
     One job is one (token, kv head): its GQA group of query heads is handled together so each
     key and value row is read once per group while it is in L1, and the online softmax keeps
@@ -732,6 +742,7 @@ def paged_attention_into(
         window,
         out,
         scratch,
+        softcap,
     )
 
 
@@ -749,6 +760,7 @@ def paged_attention_int8_into(
     window: int,
     out: np.ndarray,
     scratch: np.ndarray,
+    softcap: float = 0.0,
 ) -> None:
     """`paged_attention_into` over an int8 cache written by `write_kv_int8`.
 
@@ -774,6 +786,7 @@ def paged_attention_int8_into(
         window,
         out,
         scratch,
+        softcap,
     )
 
 
@@ -797,6 +810,7 @@ def attend_qkv_into(
     v: np.ndarray,
     out: np.ndarray,
     scratch: np.ndarray,
+    softcap: float = 0.0,
 ) -> None:
     """A layer's whole attention from its fused projections, in one call from Python.
 
@@ -828,13 +842,13 @@ def attend_qkv_into(
         write_kv(k_cache, v_cache, k, v, slots)
         paged_attention_into(
             q, k_cache, v_cache, block_tables, query_start, context_lens, scale, window, out,
-            scratch,
+            scratch, softcap,
         )  # fmt: skip
     else:
         write_kv_int8(k_cache, v_cache, k_scale, v_scale, k, v, slots)
         paged_attention_int8_into(
             q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start, context_lens,
-            scale, window, out, scratch,
+            scale, window, out, scratch, softcap,
         )  # fmt: skip
 
 
@@ -852,11 +866,13 @@ def paged_attention(
     context_lens: np.ndarray,
     scale: float,
     window: int,
+    softcap: float = 0.0,
 ) -> np.ndarray:
     """`paged_attention_into` into a new (T, H, D) array, with its own scratch."""
     out = np.empty(q.shape, dtype=np.float32)
     where = (block_tables, query_start, context_lens, scale, window)
-    paged_attention_into(q, k_cache, v_cache, *where, out, _new_scratch(q, k_cache.shape[2]))
+    scratch = _new_scratch(q, k_cache.shape[2])
+    paged_attention_into(q, k_cache, v_cache, *where, out, scratch, softcap)
     return out
 
 
@@ -871,12 +887,13 @@ def paged_attention_int8(
     context_lens: np.ndarray,
     scale: float,
     window: int,
+    softcap: float = 0.0,
 ) -> np.ndarray:
     """`paged_attention_int8_into` into a new (T, H, D) array, with its own scratch."""
     out = np.empty(q.shape, dtype=np.float32)
     where = (block_tables, query_start, context_lens, scale, window)
     scratch = _new_scratch(q, k_cache.shape[2])
-    paged_attention_int8_into(q, k_cache, v_cache, k_scale, v_scale, *where, out, scratch)
+    paged_attention_int8_into(q, k_cache, v_cache, k_scale, v_scale, *where, out, scratch, softcap)
     return out
 
 

@@ -1,7 +1,10 @@
 """Small elementwise ops the forward pass needs between the big kernels: residual adds, bias
-adds, and splitting the fused QKV projection into contiguous q, k, v."""
+adds, scaling and soft-capping, and splitting the fused QKV projection into contiguous q, k,
+v."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import cuda
@@ -57,6 +60,22 @@ def scale_inplace(x, factor: float, stream=0):
     n = x.shape[0] * x.shape[1]
     if n:
         _scale[elementwise_grid(n), ELEMENTWISE_THREADS, stream](x, np.float32(factor))
+    return x
+
+
+@cuda.jit(cache=True)
+def _softcap(x, cap):
+    rows, cols = x.shape
+    for idx in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
+        t = idx // cols
+        x[t, idx - t * cols] = math.tanh(x[t, idx - t * cols] / cap) * cap
+
+
+def softcap_inplace(x, cap: float, stream=0):
+    """x (T, N) = cap * tanh(x / cap) (Gemma 2's logit soft-capping); returns x."""
+    n = x.shape[0] * x.shape[1]
+    if n:
+        _softcap[elementwise_grid(n), ELEMENTWISE_THREADS, stream](x, np.float32(cap))
     return x
 
 

@@ -59,9 +59,11 @@ def _attend(
     part_acc,
     part_max,
     part_sum,
+    softcap,
 ):
     """Grid (T, Hkv * chunks, splits), TILE threads. k, v are the caches as (rows, D) with row
-    (block * block_size + r) * Hkv + kv head, k_scale/v_scale their flat row scales or empty."""
+    (block * block_size + r) * Hkv + kv head, k_scale/v_scale their flat row scales or empty;
+    softcap > 0 caps scores to softcap * tanh(score / softcap)."""
     t = cuda.blockIdx.x
     split = cuda.blockIdx.z
     splits = cuda.gridDim.z
@@ -128,6 +130,9 @@ def _attend(
                 for g in range(gc):
                     dots[g] *= k_scale[row]
                 v_row_scale[b, tid] = v_scale[row]
+            if softcap > 0:
+                for g in range(gc):
+                    dots[g] = softcap * math.tanh(dots[g] / softcap)
             for g in range(gc):
                 scores[g, tid] = dots[g]
         cuda.syncthreads()
@@ -292,6 +297,7 @@ def _launch(
     out,
     parts,
     stream,
+    softcap,
 ):
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, cache_dim = k_cache.shape
@@ -330,6 +336,7 @@ def _launch(
         part_acc,
         part_max,
         part_sum,
+        np.float32(softcap),
     )
     if splits > 1:
         _combine[(tokens, heads), COMBINE_THREADS, stream](part_acc, part_max, part_sum, out)
@@ -349,13 +356,15 @@ def paged_attention(
     out=None,
     stream=0,
     parts=None,
+    softcap: float = 0.0,
 ):
     """Causal softmax attention of q (T, H, D) over a float32 paged cache -> (T, H, D) float32.
 
     The arguments of kernels_cpu.paged_attention.paged_attention, as device arrays (q, caches
     float32; block_tables (B, max_blocks), query_start (B + 1,), context_lens (B,) integers),
-    plus `splits` (see `attention_splits`). window > 0 keeps each query's last `window` keys.
-    `parts`: scratch for the splits' partials (`partials_shapes`), else allocated per call.
+    plus `splits` (see `attention_splits`). window > 0 keeps each query's last `window` keys;
+    softcap > 0 caps the scores (Gemma 2). `parts`: scratch for the splits' partials
+    (`partials_shapes`), else allocated per call.
     """
     return _launch(
         q,
@@ -372,6 +381,7 @@ def paged_attention(
         out,
         parts,
         stream,
+        softcap,
     )
 
 
@@ -390,6 +400,7 @@ def paged_attention_int8(
     out=None,
     stream=0,
     parts=None,
+    softcap: float = 0.0,
 ):
     """`paged_attention` over an int8 cache and its (num_blocks, block_size, Hkv) row scales,
     as written by `write_kv_int8`."""
@@ -409,4 +420,5 @@ def paged_attention_int8(
         out,
         parts,
         stream,
+        softcap,
     )

@@ -56,6 +56,7 @@ def test_default_model_int8_round_trip(tmp_path):
         ("phi3-longrope", "int8"),
         ("llama-yarn", "f32"),
         ("gemma3_text-mixed", "int8"),
+        ("gemma2-softcap", "int4"),
     ],
 )
 def test_tiny_model_round_trip(name, weights, tmp_path, hf_tokenizer):

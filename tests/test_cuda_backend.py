@@ -209,7 +209,7 @@ def test_paged_int8_cache_with_copy_on_write_matches_cpu(untied):
 # Logits over the first tokens only: one GEMV over the 49k rows of the tiny models' head
 # takes minutes in the simulator.
 MOE_VOCAB = 64
-MOE_MODELS = ("qwen3_moe-renorm", "mixtral-window")
+MOE_MODELS = ("qwen3_moe-renorm", "mixtral-window", "gemma2-softcap")
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +254,7 @@ def moe_logits(backend, folder, quant: str) -> list[np.ndarray]:
         # paged test: its tolerance (measured: 4e-5 and 2e-5).
         ("qwen3_moe-renorm", "int8", 1e-4),
         ("mixtral-window", "int8", 1e-4),
+        ("gemma2-softcap", "f32", 3e-6),  # soft-capped attention and logits
     ],
 )
 def test_mixture_of_experts_matches_cpu(moe_folders, name, quant, share):

@@ -368,7 +368,7 @@ def quantize_pool(cache):
     return q, scale
 
 
-def check_attention(data, heads, dim, window, block_size, splits, seed, int8):
+def check_attention(data, heads, dim, window, block_size, splits, seed, int8, softcap=0.0):
     rng = np.random.default_rng(seed)
     lengths = data.draw(st.lists(st.integers(1, 70), min_size=1, max_size=2), label="lengths")
     new_tokens = [data.draw(st.integers(1, min(n, 2)), label="new") for n in lengths]
@@ -386,13 +386,14 @@ def check_attention(data, heads, dim, window, block_size, splits, seed, int8):
         k8, k_scale = quantize_pool(k_cache)
         v8, v_scale = quantize_pool(v_cache)
         cache = (k8, v8, k_scale, v_scale)
-        ref = cpu_attention.paged_attention_int8(q, *cache, *where, scale, window)
+        ref = cpu_attention.paged_attention_int8(q, *cache, *where, scale, window, softcap)
         run = gpu_attention.paged_attention_int8
     else:
         cache = (k_cache, v_cache)
-        ref = cpu_attention.paged_attention(q, *cache, *where, scale, window)
+        ref = cpu_attention.paged_attention(q, *cache, *where, scale, window, softcap)
         run = gpu_attention.paged_attention
-    out = run(*on_device(q, *cache, *where), scale, window, splits=splits).copy_to_host()
+    device = on_device(q, *cache, *where)
+    out = run(*device, scale, window, splits=splits, softcap=softcap).copy_to_host()
     assert not np.isnan(ref).any()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -429,6 +430,26 @@ def test_paged_attention_equals_cpu(data, heads, dim, window, block_size, splits
 )
 def test_paged_attention_int8_equals_cpu(data, heads, dim, window, block_size, splits, seed):
     check_attention(data, heads, dim, window, block_size, splits, seed, int8=True)
+
+
+@settings(max_examples=3, deadline=None)
+@given(
+    data=st.data(),
+    heads=HEADS,
+    softcap=st.sampled_from([0.5, 2.0]),
+    int8=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_attention_soft_caps_as_cpu(data, heads, softcap, int8, seed):
+    """Gemma 2's capped scores, on both cache formats."""
+    check_attention(data, heads, 8, 0, 4, 2, seed, int8=int8, softcap=softcap)
+
+
+def test_softcap_inplace_matches_numpy():
+    x = np.random.default_rng(3).normal(0, 20, (3, 37)).astype(np.float32)
+    d = cuda.to_device(x)
+    kernels_gpu.elementwise.softcap_inplace(d, 30.0)
+    np.testing.assert_allclose(d.copy_to_host(), np.tanh(x / 30) * 30, rtol=1e-5, atol=1e-5)
 
 
 def test_paged_attention_chunks_a_large_group():

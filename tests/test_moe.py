@@ -393,12 +393,23 @@ def variant(name: str, base: str, **overrides):
 
 # name -> (base variant, overrides): what llama.cpp's converter can write. Its Qwen3-MoE
 # has no plain-MLP layers (mlp_only_layers) and always renormalises the top k; it writes
-# no sliding window for Mixtral (llama.cpp runs it with full attention).
+# no sliding window for Mixtral (llama.cpp runs it with full attention). A Gemma 3 GGUF
+# names no layer types nor query_pre_attn_scalar: llama.cpp makes every sixth layer global
+# and scales by 1/sqrt(head_dim), as Google's models are.
 CONVERTED = {
     "qwen3_moe-renorm-gguf": ("qwen3_moe-renorm", {"mlp_only_layers": []}),
     "mixtral-full-gguf": ("mixtral-window", {"sliding_window": None}),
     "qwen3-qknorm-tied": ("qwen3-qknorm-tied", {}),
     "phi3-fused": ("phi3-fused", {}),
+    "phi3-longrope": ("phi3-longrope", {}),
+    "gemma3_text-mixed-gguf": (
+        "gemma3_text-mixed",
+        {
+            "num_hidden_layers": 6,
+            "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+            "query_pre_attn_scalar": 16,
+        },
+    ),
 }
 
 

@@ -34,14 +34,18 @@ def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def reference(q, k, v, scale, window):
-    """Dense causal attention of q (n, H, D), the last n positions of k/v (L, Hkv, D), float64."""
+def reference(q, k, v, scale, window, softcap=0.0):
+    """Dense causal attention of q (n, H, D), the last n positions of k/v (L, Hkv, D), float64;
+    scores capped to softcap * tanh(score / softcap) when softcap > 0 (as transformers'
+    Gemma 2)."""
     n, heads, _ = q.shape
     length, kv_heads, _ = k.shape
     group = heads // kv_heads
     k = np.repeat(k.astype(np.float64), group, axis=1)
     v = np.repeat(v.astype(np.float64), group, axis=1)
     scores = np.einsum("ihd,phd->hip", q.astype(np.float64), k) * scale
+    if softcap > 0:
+        scores = np.tanh(scores / softcap) * softcap
     pos = np.arange(length - n, length)[:, None]
     keys = np.arange(length)[None, :]
     visible = keys <= pos
@@ -116,7 +120,7 @@ def quantize_pool(cache):
     return q, scale
 
 
-def check(data, dim, heads, kv_heads, window, block_size, seed, int8=False):
+def check(data, dim, heads, kv_heads, window, block_size, seed, int8=False, softcap=0.0):
     rng = np.random.default_rng(seed)
     lengths = data.draw(st.lists(LENGTHS, min_size=1, max_size=4), label="lengths")
     new_tokens = [data.draw(st.integers(1, n), label="new") for n in lengths]
@@ -147,14 +151,16 @@ def check(data, dim, heads, kv_heads, window, block_size, seed, int8=False):
             context_lens,
             scale,
             window,
+            softcap,
         )
     else:
         out = paged_attention(
-            np.concatenate(qs), k_cache, v_cache, tables, query_start, context_lens, scale, window
-        )
+            np.concatenate(qs), k_cache, v_cache, tables, query_start, context_lens, scale, window,
+            softcap,
+        )  # fmt: skip
     assert out.shape == (sum(new_tokens), heads, dim) and out.dtype == np.float32
     for s in range(len(lengths)):
-        ref = reference(qs[s], ks[s], vs[s], scale, window)
+        ref = reference(qs[s], ks[s], vs[s], scale, window, softcap)
         got = out[query_start[s] : query_start[s + 1]]
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -183,6 +189,21 @@ def test_paged_attention_matches_dense_reference(data, dim, heads, window, block
 def test_paged_attention_odd_head_dim_and_wide_window(data, dim, window, block_size, seed):
     """Head sizes that are not a multiple of 8 take the scalar tails; a window wider than a tile."""
     check(data, dim, 6, 2, window, block_size, seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    data=st.data(),
+    heads=st.sampled_from(HEADS),
+    window=st.sampled_from([0, 3]),
+    softcap=st.sampled_from([0.5, 2.0, 50.0]),
+    int8=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_attention_soft_caps_scores(data, heads, window, softcap, int8, seed):
+    """Gemma 2's soft-capping: each score (after the scale) becomes softcap * tanh(score /
+    softcap) before the softmax, float32 and int8 caches alike."""
+    check(data, 8, heads[0], heads[1], window, 4, seed, int8=int8, softcap=softcap)
 
 
 @pytest.mark.parametrize("window", [0, 100])

@@ -109,6 +109,67 @@ def test_yarn_from_gguf_metadata():
     check(ours, hf, 0)
 
 
+def _gguf_meta(arch: str, **keys) -> dict:
+    """Minimal GGUF metadata of a 4-head, 64-wide model; `keys` without the arch prefix."""
+    base = {"embedding_length": 64, "attention.head_count": 4, "vocab_size": 32,
+            "feed_forward_length": 96, "block_count": 1, "context_length": 256,
+            "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 10000.0}  # fmt: skip
+    meta = {f"{arch}.{k}": v for k, v in {**base, **keys}.items()}
+    return {"general.architecture": arch, **meta}
+
+
+def test_longrope_from_gguf_factor_tensors():
+    """The converter writes Phi-3's LongRoPE as two factor tensors, the original context
+    and the attention factor, with no scaling type: the same rope as config.json's."""
+    short, long = [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], [1.2, 1.5, 2.1, 2.9, 4, 5.5, 7.5, 10]
+    meta = _gguf_meta("phi3", **{"rope.scaling.original_context_length": 32,
+                                 "rope.scaling.attn_factor": 1.2649110555648804})  # fmt: skip
+    tensors = {"short_factor": np.float32(short), "long_factor": np.float32(long)}
+    ours = ModelConfig.from_gguf(meta, tensors)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+            "long_factor": long}  # fmt: skip
+    same, hf = both(rope, 256, "phi3", original_max_position_embeddings=32)
+    assert ours.rope.rope_type == "longrope" and ours.rope.factor == same.rope.factor == 8
+    for seq_len in (0, 32, 33):  # short factors up to the original context, long past it
+        inv, factor = ROPE_INIT_FUNCTIONS["longrope"](hf, torch.device("cpu"), seq_len=seq_len)
+        np.testing.assert_allclose(ours.rope.inv_freq(HEAD_DIM, seq_len), inv.numpy(), rtol=2e-6)
+        assert math.isclose(ours.rope.cos_sin_factor(), factor, rel_tol=1e-6)
+    # no attention factor in the file: 1, as llama.cpp reads it
+    del meta["phi3.rope.scaling.attn_factor"]
+    assert ModelConfig.from_gguf(meta, tensors).rope.cos_sin_factor() == 1.0
+    with pytest.raises(ModelLoadError, match="rope_factors_short"):
+        ModelConfig.from_gguf(meta, {"long_factor": np.float32(long)})
+    with pytest.raises(ModelLoadError, match="positive"):
+        ModelConfig.from_gguf(meta, {**tensors, "long_factor": np.float32([0.0] * 8)})
+
+
+def test_gemma3_gguf_layers_and_ropes_as_llama_cpp_reads_them():
+    """No layer types in the file: with a window every sixth layer is global (or the file's
+    pattern); local layers take freq_base_swa unscaled; scale 1/sqrt(head_dim); the stored
+    norms are already 1 + w."""
+    keys = {"block_count": 7, "attention.key_length": 32, "attention.sliding_window": 16,
+            "rope.freq_base": 1e6, "rope.freq_base_swa": 1e4, "rope.scaling.type": "linear",
+            "rope.scaling.factor": 8.0}  # fmt: skip
+    c = ModelConfig.from_gguf(_gguf_meta("gemma3", **keys))
+    assert c.architecture == "gemma3_text" and c.sandwich_norms and c.qk_norm
+    assert not c.norm_plus_one and c.mlp_activation == "gelu_tanh"
+    assert c.layer_windows == (16, 16, 16, 16, 16, 0, 16)
+    assert c.attention_scale == 32**-0.5 and c.embed_scale == np.float32(8.0)
+    assert c.layer_rope(0).theta == 1e4 and c.layer_rope(0).rope_type == "default"
+    assert c.layer_rope(5).theta == 1e6 and c.layer_rope(5).factor == 8.0
+    pattern = {**keys, "attention.sliding_window_pattern": 2}
+    assert ModelConfig.from_gguf(_gguf_meta("gemma3", **pattern)).layer_windows == (
+        16, 0, 16, 0, 16, 0, 16)  # fmt: skip
+    flags = [True, False] * 3 + [False]
+    per_layer = {**keys, "attention.sliding_window_pattern": flags}
+    assert ModelConfig.from_gguf(_gguf_meta("gemma3", **per_layer)).layer_windows == tuple(
+        16 if s else 0 for s in flags)  # fmt: skip
+    no_window = {k: v for k, v in keys.items() if k != "attention.sliding_window"}
+    assert ModelConfig.from_gguf(_gguf_meta("gemma3", **no_window)).layer_windows == (0,) * 7
+    capped = ModelConfig.from_gguf(_gguf_meta("gemma3", final_logit_softcapping=30.0, **keys))
+    assert capped.final_softcap == 30.0
+
+
 def test_yarn_and_longrope_default_their_original_context_to_max_positions():
     ours, hf = both({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}, 64)
     check(ours, hf, 0)

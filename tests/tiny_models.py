@@ -114,6 +114,19 @@ VARIANTS = {
             },
         },
     ),
+    # alternating sliding and global layers, one rope, soft-capping small enough to bite
+    "gemma2-softcap": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "num_hidden_layers": 3,
+        },
+    ),
     # a plain-MLP layer between MoE ones, top 2 of 8 renormalised
     "qwen3_moe-renorm": (
         "Qwen3MoeConfig",

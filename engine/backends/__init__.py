@@ -68,10 +68,12 @@ class Backend(Protocol):
         window: int,
         *,
         out: Array | None = None,
+        softcap: float = 0.0,
     ) -> Array:
         """From the fused projections qkv (T, (H + 2 Hkv) D): rotate q and k to the batch's
         positions, write k and v into the layer's paged cache, and attend each sequence's new
-        queries over its own blocks; -> (T, H * D)."""
+        queries over its own blocks (scores capped to softcap * tanh(score / softcap) when
+        softcap > 0); -> (T, H * D)."""
         ...
 
     def qk_norm_(
@@ -95,6 +97,10 @@ class Backend(Protocol):
         router's softmax picks each token's top_k experts (their weights renormalised to sum
         to one when `normalize`), and only those experts run (SwiGLU MLPs), each weighted
         by its probability; returns residual."""
+        ...
+
+    def softcap_(self, x: Array, cap: float) -> Array:
+        """x = cap * tanh(x / cap) in place (Gemma 2's final logits); returns x."""
         ...
 
     def scale_(self, x: Array, factor: float) -> Array:

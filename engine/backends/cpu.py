@@ -319,6 +319,7 @@ class CPUBackend:
         window: int,
         *,
         out: np.ndarray | None = None,
+        softcap: float = 0.0,
     ) -> np.ndarray:
         cache = batch.cache
         kc, vc = cache.k[layer], cache.v[layer]
@@ -340,7 +341,7 @@ class CPUBackend:
         attend_qkv_into(
             qkv, cos, sin, kc, vc, ks, vs, batch.slots, batch.block_tables,
             batch.query_start, batch.context_lens, scale, window, q, k, v,
-            out.reshape(tokens, heads, dim), scratch,
+            out.reshape(tokens, heads, dim), scratch, softcap,
         )  # fmt: skip
         return out
 
@@ -450,6 +451,12 @@ class CPUBackend:
         for e in ids.tolist():
             self.expert_bytes_read += experts.expert_nbytes(e)
         return True
+
+    def softcap_(self, x: np.ndarray, cap: float) -> np.ndarray:
+        x /= np.float32(cap)  # transformers' order: divide, tanh, multiply
+        np.tanh(x, out=x)
+        x *= np.float32(cap)
+        return x
 
     def scale_(self, x: np.ndarray, factor: float) -> np.ndarray:
         x *= np.float32(factor)

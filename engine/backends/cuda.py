@@ -263,6 +263,7 @@ class CUDABackend:
         window: int,
         *,
         out: DeviceArray | None = None,
+        softcap: float = 0.0,
     ) -> DeviceArray:
         """Split qkv into scratch q, k and v, rotate q and k, write k and v into the paged
         cache, then attend q of every sequence over its own blocks; -> (T, H * D)."""
@@ -291,12 +292,14 @@ class CUDABackend:
         kc, vc = cache.k[layer], cache.v[layer]
         if cache.k_scale is None:
             write_kv(kc, vc, k, v, slots, stream=s)
-            out3 = paged_attention(q, kc, vc, *where, scale, window, splits, out3, s, parts)
+            out3 = paged_attention(
+                q, kc, vc, *where, scale, window, splits, out3, s, parts, softcap
+            )
         else:
             ks, vs = cache.k_scale[layer], cache.v_scale[layer]
             write_kv_int8(kc, vc, ks, vs, k, v, slots, stream=s)
             out3 = paged_attention_int8(
-                q, kc, vc, ks, vs, *where, scale, window, splits, out3, s, parts
+                q, kc, vc, ks, vs, *where, scale, window, splits, out3, s, parts, softcap
             )
         return out3.reshape(tokens, heads * dim) if out is None else out
 
@@ -391,6 +394,9 @@ class CUDABackend:
 
     def scale_(self, x: DeviceArray, factor: float) -> DeviceArray:
         return elementwise.scale_inplace(x, factor, self.stream)
+
+    def softcap_(self, x: DeviceArray, cap: float) -> DeviceArray:
+        return elementwise.softcap_inplace(x, cap, self.stream)
 
     def glu(
         self, gate_up: DeviceArray, activation: str, *, out: DeviceArray | None = None

@@ -20,7 +20,7 @@ from engine.loader import repack_cache
 from engine.loader.checkpoint import load_checkpoint_weights
 from engine.loader.default_model import default_model_path
 from engine.loader.gguf_file import gguf_metadata, open_gguf
-from engine.loader.tensor_source import GGUFSource, SafetensorsSource
+from engine.loader.tensor_source import GGUF_ROPE_TENSORS, GGUFSource, SafetensorsSource
 from engine.loader.tokenizer import Tokenizer, load_hf_tokenizer, tokenizer_from_gguf
 from engine.loader.weights_builder import build_weights
 from engine.quant.formats import Quantizer, WeightPlan
@@ -159,10 +159,15 @@ def _load_gguf(
 ) -> LoadedModel:
     reader = open_gguf(path)
     meta = gguf_metadata(reader, path)
-    config = ModelConfig.from_gguf(meta, _rope_freq_factors(reader))
+    config = ModelConfig.from_gguf(meta, _rope_tensors(reader))
     arch = meta["general.architecture"]
     source = GGUFSource(
-        path, reader, config.num_heads, config.num_kv_heads, permute_qk=arch in ("llama", "mistral")
+        path,
+        reader,
+        config.num_heads,
+        config.num_kv_heads,
+        permute_qk=arch in ("llama", "mistral"),
+        sandwich_norms=config.sandwich_norms,
     )
     tokenizer = tokenizer_from_gguf(meta)
     # The parsed metadata (a vocabulary's worth of small arrays, ~70 MB) is no longer needed
@@ -184,17 +189,20 @@ def _load_gguf(
     return LoadedModel(path, config, weights, tokenizer, {}, note=note)
 
 
-def _rope_freq_factors(reader: Any) -> np.ndarray | None:
-    """llama3 rope scaling as a GGUF stores it: per-frequency divisors in rope_freqs.weight."""
+def _rope_tensors(reader: Any) -> dict[str, np.ndarray]:
+    """Rope scaling as a GGUF stores it, by the RopeConfig field each tensor fills: llama3's
+    per-frequency divisors (rope_freqs.weight), LongRoPE's factors (rope_factors_*.weight)."""
+    found = {}
     for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
+        if tensor.name in GGUF_ROPE_TENSORS:
             if tensor.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 raise ModelLoadError(
-                    f"tensor 'rope_freqs.weight' has type {tensor.tensor_type.name}; "
+                    f"tensor {tensor.name!r} has type {tensor.tensor_type.name}; "
                     "llama.cpp writes it as F32"
                 )
-            return np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-    return None
+            values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+            found[GGUF_ROPE_TENSORS[tensor.name]] = values
+    return found
 
 
 def _ids(value: Any, where: Path) -> tuple[int, ...]:

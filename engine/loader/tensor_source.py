@@ -216,6 +216,21 @@ GGUF_LAYER_NAMES = {
     "mlp.gate": "ffn_gate_inp",  # the routers of Qwen3-MoE and Mixtral
     "block_sparse_moe.gate": "ffn_gate_inp",
 }
+# Models with norms after attention and after the MLP too (Gemma's "sandwich"): there the
+# Hugging Face post_attention_layernorm follows attention and pre_feedforward_layernorm
+# precedes the MLP, which GGUF calls ffn_norm.
+GGUF_SANDWICH_NORM_NAMES = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+# Rope tensors a GGUF may carry, by the RopeConfig field they fill: llama3 scaling as
+# per-frequency divisors, LongRoPE's factors. The config reads them, not the builder.
+GGUF_ROPE_TENSORS = {
+    "rope_freqs.weight": "freq_factors",
+    "rope_factors_short.weight": "short_factor",
+    "rope_factors_long.weight": "long_factor",
+}
 # GGUF stacks a layer's experts into one tensor per projection (experts, rows, inputs).
 GGUF_EXPERT_NAMES = {
     "gate_proj": "ffn_gate_exps",
@@ -244,13 +259,22 @@ class GGUFSource:
     """
 
     def __init__(
-        self, path: Path, reader: Any, num_heads: int, num_kv_heads: int, permute_qk: bool
+        self,
+        path: Path,
+        reader: Any,
+        num_heads: int,
+        num_kv_heads: int,
+        permute_qk: bool,
+        sandwich_norms: bool = False,
     ):
         self.path = path
         self._tensors = {t.name: t for t in reader.tensors}
         self._heads = num_heads
         self._kv_heads = num_kv_heads
         self._permute_qk = permute_qk
+        self._layer_names = GGUF_LAYER_NAMES
+        if sandwich_norms:
+            self._layer_names = {**GGUF_LAYER_NAMES, **GGUF_SANDWICH_NORM_NAMES}
 
     def gguf_name(self, name: str) -> str:
         return self._locate(name)[0]
@@ -264,8 +288,8 @@ class GGUFSource:
         if m and m.group(3) in GGUF_EXPERT_NAMES:
             return f"blk.{m.group(1)}.{GGUF_EXPERT_NAMES[m.group(3)]}.weight", int(m.group(2))
         m = _LAYER_RE.match(name)
-        if m and m.group(2) in GGUF_LAYER_NAMES:
-            return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}", None
+        if m and m.group(2) in self._layer_names:
+            return f"blk.{m.group(1)}.{self._layer_names[m.group(2)]}.{m.group(3)}", None
         return name, None
 
     def has(self, name: str) -> bool:
@@ -291,8 +315,8 @@ class GGUFSource:
         return f"{self.gguf_name(name)!r} ({name})"
 
     def unused(self, used: set[str]) -> list[str]:
-        # rope_freqs carries llama3 rope scaling; the config already read it.
-        known = {self.gguf_name(n) for n in used} | {"rope_freqs.weight"}
+        # The rope tensors carry rope scaling; the config already read them.
+        known = {self.gguf_name(n) for n in used} | set(GGUF_ROPE_TENSORS)
         return [n for n in self._tensors if n not in known]
 
     def load_native(self, name: str) -> BlockWeight | DenseWeight:
