@@ -481,8 +481,8 @@ class ModelConfig:
         layers = f.integer(p + "block_count")
         head_dim = f.integer(p + "attention.key_length", None) or hidden // max(heads, 1)
         gemma = {}
-        if arch == "gemma3_text":
-            gemma = _gemma3_from_gguf(f, p, layers, window, hidden // max(heads, 1), head_dim)
+        if arch.startswith("gemma"):
+            gemma = _gemma_from_gguf(arch, f, p, layers, window, hidden // max(heads, 1), head_dim)
         return cls(
             architecture=arch,
             vocab_size=f.integer(p + "vocab_size", None)
@@ -850,20 +850,29 @@ def _tensor_values(values: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in flat)
 
 
-def _gemma3_from_gguf(
-    f: _Fields, p: str, layers: int, window: int | None, hidden_per_head: int, head_dim: int
-) -> dict[str, Any]:
-    """ModelConfig fields of a Gemma 3 GGUF, read as llama.cpp reads them
-    (src/models/gemma3.cpp), where they differ from config.json's:
+def _gemma_from_gguf(
+    arch: str, f: _Fields, p: str, layers: int, window: int | None, hidden_per_head: int,
+    head_dim: int,
+) -> dict[str, Any]:  # fmt: skip
+    """ModelConfig fields of a Gemma 2 or 3 GGUF, read as llama.cpp reads them
+    (src/models/gemma2.cpp, gemma3.cpp), where they differ from config.json's:
 
     - the converter stores each norm as the 1 + w it is applied as, so nothing is added;
-    - a file names no layer types: with a window, the layers of `attention.sliding_window_pattern`
-      slide (one flag per layer, or every n-th layer global; n is 6 without the key), the others,
-      and all of them without a window, attend globally;
+    - a file names no layer types: the layers of `attention.sliding_window_pattern` slide (one
+      flag per layer, or every n-th layer global; n is 2 for Gemma 2 and 6 for Gemma 3 without
+      the key), the others attend globally; Gemma 2's window is 4096 unless the file says,
+      Gemma 3 without a window has only global layers;
     - query_pre_attn_scalar is not stored: the softmax scale is 1/sqrt(head_dim), and
-      1/sqrt(hidden / heads) for the 62-layer model (27B), as Google's reference has it;
-    - sliding layers rotate with `rope.freq_base_swa` (10000 without it), unscaled.
+      1/sqrt(hidden / heads) for the 27B models (46 layers of Gemma 2, 62 of Gemma 3), as
+      Google's reference has it;
+    - sliding layers rotate with `rope.freq_base_swa` (Gemma 3: 10000 without it; Gemma 2: the
+      global rope), unscaled;
+    - Gemma 2 soft-caps attention scores and final logits (50 and 30 without the keys);
+      llama.cpp's Gemma 3 caps the logits only where the file says so.
     """
+    gemma2 = arch == "gemma2"
+    if gemma2 and not window:
+        window = 4096
     swa = [False] * layers
     if window:
         pattern = f.values.get(p + "attention.sliding_window_pattern")
@@ -874,19 +883,25 @@ def _gemma3_from_gguf(
                 )
             swa = list(pattern)
         else:
-            n = f.integer(p + "attention.sliding_window_pattern", 6)
+            n = f.integer(p + "attention.sliding_window_pattern", 2 if gemma2 else 6)
             if n < 0:
                 raise f.invalid(p + "attention.sliding_window_pattern", n, "at least 0")
             swa = [n == 0 or i % n < n - 1 for i in range(layers)]
-    final_softcap = f.number(p + "final_logit_softcapping", 0.0)  # llama.cpp reads only this
-    if final_softcap < 0:
-        raise f.invalid(p + "final_logit_softcapping", final_softcap, "a positive number")
+    caps = {}
+    for key, name, default in (("attn_logit_softcapping", "attention_softcap", 50.0),
+                               ("final_logit_softcapping", "final_softcap", 30.0)):  # fmt: skip
+        if gemma2 or name == "final_softcap":
+            caps[name] = f.number(p + key, default if gemma2 else 0.0)
+            if caps[name] < 0:
+                raise f.invalid(p + key, caps[name], "a positive number")
+    local = f.number(p + "rope.freq_base_swa", None if gemma2 else 10000.0)
+    big = layers == (46 if gemma2 else 62)
     return {
         "sandwich_norms": True,
         "embed_scale": float(np.float32(math.sqrt(f.integer(p + "embedding_length")))),
         "mlp_activation": "gelu_tanh",
-        "attention_scale": (hidden_per_head if layers == 62 else head_dim) ** -0.5,
+        "attention_scale": (hidden_per_head if big else head_dim) ** -0.5,
         "layer_windows": tuple(window if s else 0 for s in swa),
-        "rope_local": RopeConfig(theta=f.number(p + "rope.freq_base_swa", 10000.0)),
-        "final_softcap": final_softcap,
+        "rope_local": None if local is None else RopeConfig(theta=local),
+        **caps,
     }

@@ -170,6 +170,27 @@ def test_gemma3_gguf_layers_and_ropes_as_llama_cpp_reads_them():
     assert capped.final_softcap == 30.0
 
 
+def test_gemma2_gguf_as_llama_cpp_reads_it():
+    """Gemma 2: every other layer slides (4096 tokens without the key), one rope for all,
+    soft-capping at 50 and 30 unless the file says otherwise, no q/k norms; the 46-layer
+    model (27B) scales by 1/sqrt(hidden / heads)."""
+    keys = {"block_count": 5, "attention.key_length": 32, "rope.freq_base": 1e4}
+    c = ModelConfig.from_gguf(_gguf_meta("gemma2", **keys))
+    assert c.architecture == "gemma2" and c.sandwich_norms and not c.qk_norm
+    assert not c.norm_plus_one and c.mlp_activation == "gelu_tanh"
+    assert c.layer_windows == (4096, 0, 4096, 0, 4096)
+    assert c.rope_local is None and c.layer_rope(0) == c.layer_rope(1) == c.rope
+    assert (c.attention_softcap, c.final_softcap) == (50.0, 30.0)
+    assert c.attention_scale == 32**-0.5
+    own = {**keys, "attention.sliding_window": 8, "attn_logit_softcapping": 20.0,
+           "final_logit_softcapping": 10.0}  # fmt: skip
+    c = ModelConfig.from_gguf(_gguf_meta("gemma2", **own))
+    assert c.layer_windows == (8, 0, 8, 0, 8)
+    assert (c.attention_softcap, c.final_softcap) == (20.0, 10.0)
+    big = ModelConfig.from_gguf(_gguf_meta("gemma2", **{**keys, "block_count": 46}))
+    assert big.attention_scale == (big.hidden_size / big.num_heads) ** -0.5
+
+
 def test_yarn_and_longrope_default_their_original_context_to_max_positions():
     ours, hf = both({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}, 64)
     check(ours, hf, 0)
