@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from engine.errors import InvalidInputError
 from kernels_cpu.jit_cache import cache_dir
 
 _LLAMA_1B = {"hidden": 2048, "layers": 22, "ffn": 5632, "heads": 32, "kv_heads": 4, "vocab": 49152}
@@ -50,7 +51,7 @@ def random_model_path(spec: str) -> Path:
     """Folder of the random model named by `random:NAME`, built on first use."""
     name = spec.split(":", 1)[1]
     if name not in SHAPES:
-        raise ValueError(f"unknown random model {name!r}; choose from {', '.join(SHAPES)}")
+        raise InvalidInputError(f"unknown random model {name!r}; choose from {', '.join(SHAPES)}")
     folder = cache_dir() / f"random-{name}"
     if not (folder / "config.json").exists():  # written last
         build_random_model(folder, **SHAPES[name])

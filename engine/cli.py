@@ -284,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--clients", type=_positive_int, default=32, help="concurrent streams (bench serve)"
     )
     bench.add_argument(
-        "--model", "-m", help="model path, or random:llama-1b (default model if absent)"
+        "--model",
+        "-m",
+        help="model path, or random:NAME (llama-1b, qwen3-1b, qwen3-moe, llama-tiny; "
+        "default model if absent)",
     )
     bench.add_argument("--quant", choices=QUANTS, default=None)
     bench.add_argument(
