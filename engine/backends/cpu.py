@@ -121,6 +121,7 @@ class CPUBackend:
 
     name = "cpu"
     separate_memory = False
+    expert_bytes_read = 0  # see Backend; counted per instance from the first MoE layer on
 
     def __init__(self) -> None:
         self.scratch = Scratch()
@@ -128,7 +129,6 @@ class CPUBackend:
         # cache, which holds this backend (a strong one would leave the cache to the GC).
         self._rope_batch: weakref.ref | None = None
         self._rope_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.expert_bytes_read = 0  # see Backend
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialised activation buffer (the runner's workspace)."""

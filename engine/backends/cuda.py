@@ -99,6 +99,7 @@ class CUDABackend:
     name = "cuda"
     # Computes in device memory: weights are placed there under the GPU budget.
     separate_memory = True
+    expert_bytes_read = 0  # see Backend; counted per instance from the first MoE layer on
 
     def __init__(self) -> None:
         if not kernels_gpu.available():
@@ -117,7 +118,6 @@ class CUDABackend:
         self.scratch = Scratch(self._scratch_empty)
         # Host working arrays: the routing of mixture-of-experts layers.
         self.host_scratch = Scratch()
-        self.expert_bytes_read = 0  # as the CPU backend counts it
 
     def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Move the non-layer weights and decoder `layers` (default: all) to the GPU once,
