@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader.chat_template import ChatTemplateError, render_chat_template
@@ -109,9 +109,12 @@ _PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     **dict.fromkeys(("gpt-4o", "llama4"), ((_GPT4O_SPLIT,), False, False)),
 }
 
-# SentencePiece vocabularies these architectures need rebuilt differently (Gemma's respelled
-# whitespace tokens and merge order, Phi-3's normalizer); not implemented.
-_UNSUPPORTED_SPM_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "phi3")
+# SentencePiece vocabularies these architectures need rebuilt differently (Phi-3's
+# normalizer); not implemented.
+_UNSUPPORTED_SPM_ARCHITECTURES = ("phi3",)
+# Gemma's: spaces become "▁" in a normalizer (no prefix space), whitespace-run tokens are
+# stored as real spaces, and the merge order is the vocabulary's order, not its scores.
+_GEMMA_SPM_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
 class Tokenizer:
@@ -618,13 +621,15 @@ def _sentencepiece_backend(
     """SentencePiece-style BPE with byte fallback, as LlamaTokenizerFast builds it.
 
     GGUF stores scores, not merges; merges are recovered from the scores (best first), which is
-    how transformers converts SentencePiece models.
+    how transformers converts SentencePiece models. Gemma's vocabulary is rebuilt as
+    transformers' GGUF loader rebuilds it for GemmaTokenizer (`_gemma_vocabulary`).
     """
     architecture = metadata.get("general.architecture")
     if architecture in _UNSUPPORTED_SPM_ARCHITECTURES:
         raise UnsupportedModelError(
             f"SentencePiece tokenizers of {architecture!r} GGUF files are not supported yet"
         )
+    gemma = architecture in _GEMMA_SPM_ARCHITECTURES
     scores = metadata.get("tokenizer.ggml.scores")
     if (
         not isinstance(scores, list)
@@ -634,6 +639,8 @@ def _sentencepiece_backend(
         raise ModelLoadError(
             "GGUF SentencePiece tokenizer needs one finite tokenizer.ggml.scores value per token"
         )
+    if gemma:
+        tokens, scores = _gemma_vocabulary(tokens)
     vocab = {token: index for index, token in enumerate(tokens)}
     unk_id = _gguf_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens))
     backend = tokenizers.Tokenizer(
@@ -646,6 +653,12 @@ def _sentencepiece_backend(
             dropout=None,
         )
     )
+    if gemma:
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        return backend
     prefix_space = _gguf_flag(metadata, "tokenizer.ggml.add_space_prefix", True)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
@@ -655,6 +668,14 @@ def _sentencepiece_backend(
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
     return backend
+
+
+def _gemma_vocabulary(tokens: list[str]) -> tuple[list[str], list[float]]:
+    """Gemma's tokens and merge ranks as transformers' GGUF loader rebuilds them: a token of
+    spaces only is stored as real spaces and looked up as "▁" * length, and its merges
+    follow the file's order (earlier is better), which Gemma's scores do not."""
+    respelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    return respelled, [-float(i) for i in range(len(tokens))]
 
 
 def _merges_from_scores(
