@@ -8,7 +8,6 @@ Tests use the export to check lamina's GGUF reader; the bench uses both for its 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,13 +15,12 @@ import gguf
 import numpy as np
 from safetensors import safe_open
 
-from engine.loader.tensor_source import GGUF_EXPERT_NAMES, GGUF_LAYER_NAMES
-
-_GLOBAL = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+from engine.loader.tensor_source import (
+    GGUF_EXPERT_NAMES,
+    GGUF_EXPERT_RE,
+    GGUF_GLOBAL_NAMES,
+    GGUF_LAYER_NAMES,
+)
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -53,9 +51,6 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: gguf.GGUFReader) -> None:
 
 # GGUF's architecture names for the model types that differ (Mixtral is written as a llama).
 _GGUF_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}
-_EXPERT = re.compile(
-    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight"
-)
 
 
 class _Folder:
@@ -82,7 +77,7 @@ def _plan(cfg: dict, folder: _Folder) -> list[tuple[str, tuple[int, ...], Callab
     stacks: dict[str, dict[int, str]] = {}
     plan = []
     for name in folder.handles:
-        expert = _EXPERT.fullmatch(name)
+        expert = GGUF_EXPERT_RE.match(name)
         if expert:
             layer, e, proj = expert.groups()
             gguf_name = f"blk.{layer}.{GGUF_EXPERT_NAMES[proj]}.weight"
@@ -91,8 +86,8 @@ def _plan(cfg: dict, folder: _Folder) -> list[tuple[str, tuple[int, ...], Callab
                 plan.append((gguf_name, None, None))
             stacks[gguf_name][int(e)] = name
             continue
-        if name in _GLOBAL:
-            gguf_name, permute = _GLOBAL[name], None
+        if name in GGUF_GLOBAL_NAMES:
+            gguf_name, permute = GGUF_GLOBAL_NAMES[name], None
         else:
             parts = name.split(".")
             module = ".".join(parts[3:-1])
@@ -132,12 +127,16 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, tokenizer_gguf: Path) -> None
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
     experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
         if "moe_intermediate_size" in cfg:
             w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if "norm_topk_prob" in cfg:  # llama.cpp's Qwen3-MoE renormalises whatever it says
+            w.add_expert_weights_norm(cfg["norm_topk_prob"])
     _copy_tokenizer(w, gguf.GGUFReader(tokenizer_gguf))
 
 

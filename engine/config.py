@@ -469,7 +469,7 @@ class ModelConfig:
         arch = _resolve_arch(known, [])
         p = f"{meta['general.architecture']}."
         f = _Fields(meta, "GGUF metadata")
-        moe = _moe_from_gguf(arch, f, p)
+        moe = _moe_from_gguf(f, p)
         if moe and arch == "llama":
             arch = "mixtral"
         elif arch in ("qwen3_moe", "mixtral") and not moe:
@@ -710,7 +710,7 @@ def _moe_to_hf(c: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _moe_from_gguf(arch: str, f: _Fields, p: str) -> dict[str, Any]:
+def _moe_from_gguf(f: _Fields, p: str) -> dict[str, Any]:
     """The mixture-of-experts fields of GGUF metadata. llama.cpp's converter writes Mixtral
     as a llama with an expert count; llama.cpp always renormalises Qwen3-MoE's and Mixtral's
     top k (unless a file says otherwise)."""

@@ -326,17 +326,19 @@ class ExpertWeights:
         maps them; else a copy, each expert then a view of it)."""
         if self.stacked is not None:
             return
-        self.stacked = {}
+        self.stacked, copied = {}, False
         for name in ("gate_up", "down"):
             experts = getattr(self, name)
             fields = _stackable_fields(experts)
             if fields is None:
                 continue
             arrays = {f: _stacked_array([getattr(w, f) for w in experts]) for f in fields}
+            copied = copied or any(a.flags.owndata for a in arrays.values())
             self.stacked[name] = dataclasses.replace(experts[0], **arrays)
             for e, w in enumerate(experts):
                 experts[e] = dataclasses.replace(w, **{f: a[e] for f, a in arrays.items()})
-        _return_freed_memory()
+        if copied:
+            _return_freed_memory()
 
 
 def _return_freed_memory() -> None:

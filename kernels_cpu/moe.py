@@ -110,18 +110,6 @@ def scale_up_half_(gate_up: np.ndarray, scales: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def put_rows(src: np.ndarray, rows: np.ndarray, dst: np.ndarray) -> None:
-    """dst[rows[i]] = src[i]: the inverse of take_rows_into, for distinct rows."""
-    n, k = dst.shape
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        if r < 0 or r >= n:
-            raise IndexError("row index out of range")
-        for c in range(k):
-            dst[r, c] = src[i, c]
-
-
-@njit(cache=True)
 def _ascending(ids: np.ndarray, scales: np.ndarray, order_ids, order_scales) -> None:
     """One token's k experts and weights sorted by expert, the order the grouped path adds
     them into the residual in (so both paths give the same bits)."""

@@ -35,6 +35,20 @@ def take_rows_into(x: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def put_rows(src: np.ndarray, rows: np.ndarray, dst: np.ndarray) -> None:
+    """dst[rows[i]] = src[i]: the inverse of take_rows_into, for distinct rows."""
+    n, k = dst.shape
+    if src.shape[0] != rows.shape[0] or src.shape[1] != k:
+        raise ValueError("src must be (len(rows), K)")
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r < 0 or r >= n:
+            raise IndexError("row index out of range")
+        for c in range(k):
+            dst[r, c] = src[i, c]
+
+
+@njit(cache=True)
 def add_bias_inplace(x: np.ndarray, bias: np.ndarray) -> None:
     """x (T, N) += bias (N,) on every row. numpy's broadcasting `x += bias` goes through a
     temporary as large as x."""

@@ -119,6 +119,8 @@ def test_half_precision_sharded_checkpoint(dtype, tmp_path, tokenizer_for_tiny):
         ("qwen2-bias-tied", False),
         ("qwen3-qknorm-tied", False),
         ("phi3-fused", False),
+        ("qwen3_moe-softmax", False),  # experts stacked per projection, no renormalising
+        ("mixtral-window", True),  # a llama with experts, and a sliding window
     ],
 )
 def test_gguf_export_of_tiny_model(name, half, tmp_path, tokenizer_for_tiny, default_gguf):

@@ -20,7 +20,8 @@ from engine import LLM, SamplingParams
 from engine.cli import main
 from engine.kv_cache import ForwardBatch
 from engine.weights import BlockWeight, DenseWeight, ExpertWeights, Int8Weight
-from kernels_cpu.moe import group_by_expert_into, put_rows, route_top_k_into
+from kernels_cpu.moe import group_by_expert_into, route_top_k_into
+from kernels_cpu.rows import put_rows
 from tests.test_model_parity import assert_logits_close, greedy, hf_greedy, hf_logits
 from tests.tiny_models import VARIANTS, build_tiny_model
 

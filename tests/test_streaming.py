@@ -359,33 +359,23 @@ def test_streaming_bench_reports_its_figures(small_int8):
     assert result["page_cache"].startswith("dropped")
 
 
-def test_qwen3_head_norms_stream_with_their_layer(tmp_path, hf_tokenizer):
-    """A Qwen3 int8 checkpoint streamed from disk: its q and k norms travel with each layer."""
+@pytest.mark.parametrize(
+    ("name", "resident_layers"),
+    [("qwen3-qknorm-tied", 1), ("qwen3_moe-renorm", 0)],
+)
+def test_architecture_extras_stream_with_their_layer(name, resident_layers, tmp_path, hf_tokenizer):
+    """int8 checkpoints streamed from disk: Qwen3's q and k norms, and a Qwen3-MoE layer's
+    router and stacked experts (split into per-expert views), travel with each layer;
+    prefill and decode give the resident model's bits."""
     from engine.cli import main
     from tests.tiny_models import build_tiny_model
 
-    build_tiny_model("qwen3-qknorm-tied", tmp_path / "hf", hf_tokenizer)
+    build_tiny_model(name, tmp_path / "hf", hf_tokenizer)
     checkpoint = tmp_path / "ck"
     assert main(["quantize", str(tmp_path / "hf"), str(checkpoint)]) == 0
     resident = LLM(checkpoint, max_model_len=256)
-    with LLM(checkpoint, max_model_len=256, cpu_memory=budget_for(checkpoint, 1)) as streamed:
-        assert Tier.DISK in streamed.placement.tiers
-        ids = PROMPT[:20]
-        assert np.array_equal(streamed.prompt_logits(ids), resident.prompt_logits(ids))
-
-
-def test_mixture_of_experts_streams_from_disk(tmp_path, hf_tokenizer):
-    """A Qwen3-MoE int8 checkpoint streamed layer by layer: each layer's stacked experts and
-    router are read with it and split into per-expert views; decode and prefill give the
-    resident model's bits."""
-    from engine.cli import main
-    from tests.tiny_models import build_tiny_model
-
-    build_tiny_model("qwen3_moe-renorm", tmp_path / "hf", hf_tokenizer)
-    checkpoint = tmp_path / "ck"
-    assert main(["quantize", str(tmp_path / "hf"), str(checkpoint)]) == 0
-    resident = LLM(checkpoint, max_model_len=256)
-    with LLM(checkpoint, max_model_len=256, cpu_memory=budget_for(checkpoint, 0)) as streamed:
+    budget = budget_for(checkpoint, resident_layers)
+    with LLM(checkpoint, max_model_len=256, cpu_memory=budget) as streamed:
         assert Tier.DISK in streamed.placement.tiers
         ids = PROMPT[:20]
         assert np.array_equal(streamed.prompt_logits(ids), resident.prompt_logits(ids))

@@ -52,7 +52,6 @@ from kernels_cpu.moe import (
     group_by_expert_into,
     moe_decode_blocks_into,
     moe_decode_w8_into,
-    put_rows,
     route_top_k_into,
     scale_up_half_,
 )
@@ -410,7 +409,7 @@ class CPUBackend:
             scale_up_half_(h, scales[lo:hi])
             self._linear(h, experts.down[e], out_e, gated=True, accumulate=True)
             if out_e is not residual:
-                put_rows(out_e, rows[lo:hi], residual)
+                kernels_cpu.put_rows(out_e, rows[lo:hi], residual)
         return residual
 
     def _moe_decode(self, x, ids, scales, experts: ExpertWeights, residual) -> bool:

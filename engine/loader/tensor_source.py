@@ -240,10 +240,11 @@ GGUF_EXPERT_NAMES = {
     "w3": "ffn_up_exps",
     "w2": "ffn_down_exps",
 }
-_EXPERT_RE = re.compile(
+# An expert matrix's Hugging Face name: (layer, expert, projection).
+GGUF_EXPERT_RE = re.compile(
     r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$"
 )
-_GGUF_GLOBAL_NAMES = {
+GGUF_GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
@@ -282,9 +283,9 @@ class GGUFSource:
     def _locate(self, name: str) -> tuple[str, int | None]:
         """The file's tensor holding `name`, and the expert's index in it for an expert's
         matrix (None otherwise)."""
-        if name in _GGUF_GLOBAL_NAMES:
-            return _GGUF_GLOBAL_NAMES[name], None
-        m = _EXPERT_RE.match(name)
+        if name in GGUF_GLOBAL_NAMES:
+            return GGUF_GLOBAL_NAMES[name], None
+        m = GGUF_EXPERT_RE.match(name)
         if m and m.group(3) in GGUF_EXPERT_NAMES:
             return f"blk.{m.group(1)}.{GGUF_EXPERT_NAMES[m.group(3)]}.weight", int(m.group(2))
         m = _LAYER_RE.match(name)
