@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations are never evaluated
 
     from offload.device_stream import DeviceStreamStats  # imports numba.cuda
+    from offload.expert_cache import ExpertCacheStats
 
 __all__ = ["LLM", "RequestMetrics", "RequestOutput", "SamplingParams", "TextStream"]
 
@@ -130,6 +131,12 @@ class LLM:
         """Counters of host -> GPU streaming, when some layers are copied in."""
         stream = self._engine.runner.placement.device_stream
         return None if stream is None else stream.stats
+
+    @property
+    def expert_cache_stats(self) -> ExpertCacheStats | None:
+        """Counters of the GPU's expert cache, when a mixture of experts did not fit whole."""
+        cache = self._engine.runner.placement.expert_cache
+        return None if cache is None else cache.stats
 
     def close(self) -> None:
         """Release the layer streams' file, thread, device buffers and pinned memory, if

@@ -416,7 +416,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result["load_s"] = llm.loaded.load_s
             print(json.dumps(result, ensure_ascii=False))
         if args.verbose:
-            for stats in (llm.stream_stats, llm.device_stream_stats):
+            for stats in (llm.stream_stats, llm.device_stream_stats, llm.expert_cache_stats):
                 if stats is not None:
                     print(stats.describe(), file=sys.stderr)
     return 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
+import numpy as np
+
 from engine.errors import LaminaError
 from engine.loader.checkpoint import (
     build_layer,
@@ -26,20 +28,22 @@ from engine.loader.checkpoint import (
     open_layer_stream,
 )
 from engine.loader.model_loader import LoadedModel
-from engine.weights import LayerWeights, ModelWeights
+from engine.weights import ExpertWeights, LayerWeights, ModelWeights
 from offload.placement import (
+    ExpertSizes,
     PlacementPlan,
     Tier,
     default_cpu_budget,
     default_gpu_budget,
     plan_placement,
 )
-from offload.streaming import LayerLayout, LayerStream
+from offload.streaming import LayerLayout, LayerStream, TensorSpec
 
 if TYPE_CHECKING:
     from engine.backends import Backend, DeviceBackend
     from engine.engine_config import EngineConfig
     from offload.device_stream import DeviceLayerStream
+    from offload.expert_cache import DeviceExpertCache
 
 
 class LayerSource(Protocol):
@@ -74,6 +78,7 @@ class Placement:
     disk_stream: LayerStream | None = None
     device_stream: DeviceLayerStream | None = None
     pinned_weights: ModelWeights | None = None
+    expert_cache: DeviceExpertCache | None = None
 
     def close(self) -> None:
         """The device stream first: its copies may read the disk stream's buffers. A model
@@ -81,6 +86,8 @@ class Placement:
         is returned (a closed engine runs nothing)."""
         if self.device_stream is not None:
             self.device_stream.close()
+        if self.expert_cache is not None:
+            self.expert_cache.close()
         if self.disk_stream is not None:
             self.disk_stream.close()
         if self.pinned_weights is not None:
@@ -173,27 +180,33 @@ def _place_on_device(
 
     A layer is sized as the streaming buffers hold it: its checkpoint byte ranges (with the
     file's alignment) for a lamina checkpoint, which is also what a disk read fills, else
-    its arrays packed on 64-byte boundaries.
+    its arrays packed on 64-byte boundaries. A mixture of experts that does not fit whole
+    is placed without its experts, which stay in host memory behind a device expert cache.
     """
     from offload.device_stream import DeviceLayerStream  # imports numba.cuda
+    from offload.expert_cache import DeviceExpertCache
 
     cpu_budget = default_cpu_budget() if config.cpu_memory is None else config.cpu_memory
     gpu_budget = memory.gpu_budget
     weights, folder = loaded.weights, loaded.checkpoint
     n = len(weights.layers)
     tensors = None if folder is None else checkpoint_layer_tensors(folder, n)
-    if tensors is None:
-        layouts = [LayerLayout.packed(layer_arrays(lay, i)) for i, lay in enumerate(weights.layers)]
-    else:
-        layouts = [LayerLayout.of(specs) for specs in tensors]
+    layouts = _layouts(weights, tensors)
     non_layer = weights.nbytes - sum(layer.nbytes for layer in weights.layers)
+    experts = _expert_sizes(weights, tensors)
     plan = plan_placement(
         [layout.nbytes for layout in layouts],
         non_layer,
         cpu_budget,
         gpu_budget=gpu_budget,
         reserve_bytes=reserve,
+        experts=experts,
     )
+    host_experts: dict[int, ExpertWeights] = {}
+    if plan.expert_cache is not None:
+        host_experts = {i: lay.experts for i, lay in enumerate(weights.layers) if lay.experts}
+        tensors = tensors and [[s for s in specs if not _is_expert(s.name)] for specs in tensors]
+        layouts = _layouts(weights, tensors, dense=True)
     on_disk = plan.layers(Tier.DISK)
     if on_disk and tensors is None:
         raise LaminaError(
@@ -203,17 +216,26 @@ def _place_on_device(
             "OUT --weights int8` and load OUT, or raise --gpu-memory / --cpu-memory"
         )
     resident = plan.layers(Tier.DEVICE)
-    backend.prepare_weights(weights, resident)
+    backend.prepare_weights(weights, resident, keep_experts=bool(host_experts))
+    if plan.expert_cache is not None:
+        cache = plan.expert_cache
+        backend.expert_cache = DeviceExpertCache(
+            cache.slots, cache.transient, cache.slot_bytes, backend.device_empty, backend.stream
+        )
     if plan.fully_resident:
-        return Placement(plan, ResidentLayers(weights.layers))
+        return Placement(plan, ResidentLayers(weights.layers), expert_cache=backend.expert_cache)
     source = str(folder or loaded.path)
+
+    def build(i: int, arrays: dict) -> LayerWeights:
+        return build_layer(arrays, i, source, host_experts.get(i))
+
     pinned = {}
     for i in plan.layers(Tier.HOST_TO_DEVICE):
         image = backend.pinned_empty(layouts[i].nbytes)
-        layouts[i].pack(layer_arrays(weights.layers[i], i), image)
+        layouts[i].pack(_layer_arrays(weights.layers[i], i, bool(host_experts)), image)
         pinned[i] = (image, layouts[i])
         # The layer's host copy is now its pinned image: drop the arrays it was packed from.
-        weights.layers[i] = build_layer(layouts[i].unpack(image), i, source)
+        weights.layers[i] = build(i, layouts[i].unpack(image))
     disk = None
     if on_disk:
         disk = open_layer_stream(
@@ -231,7 +253,7 @@ def _place_on_device(
             {i: weights.layers[i] for i in resident},
             pinned,
             disk,
-            lambda i, arrays: build_layer(arrays, i, source),
+            build,
             backend.stream,
             backend.device_empty,
             buffers=plan.device_buffers.count,
@@ -241,4 +263,47 @@ def _place_on_device(
             disk.close()
         raise
     weights_in_pinned = weights if pinned else None
-    return Placement(plan, stream, disk, stream, weights_in_pinned)
+    return Placement(plan, stream, disk, stream, weights_in_pinned, backend.expert_cache)
+
+
+def _is_expert(name: str) -> bool:
+    """Whether a checkpoint tensor name is one of a layer's experts (layers.i.experts.*)."""
+    return name.split(".", 3)[2] == "experts"
+
+
+def _layer_arrays(layer: LayerWeights, i: int, dense: bool) -> dict[str, np.ndarray]:
+    """Layer i's arrays by checkpoint name; with `dense`, those of its experts left out."""
+    arrays = layer_arrays(layer, i)
+    return {k: a for k, a in arrays.items() if not _is_expert(k)} if dense else arrays
+
+
+def _layouts(
+    weights: ModelWeights, tensors: list[list[TensorSpec]] | None, dense: bool = False
+) -> list[LayerLayout]:
+    """How each layer fills a streaming buffer: its checkpoint tensors' byte ranges, or its
+    arrays packed (with `dense`, without its experts)."""
+    if tensors is not None:
+        return [LayerLayout.of(specs) for specs in tensors]
+    return [
+        LayerLayout.packed(_layer_arrays(lay, i, dense)) for i, lay in enumerate(weights.layers)
+    ]
+
+
+def _expert_sizes(
+    weights: ModelWeights, tensors: list[list[TensorSpec]] | None
+) -> ExpertSizes | None:
+    """A mixture of experts' layers without their experts, and its experts, as their bytes
+    in a streaming buffer and an expert cache slot; None for a dense model."""
+    if not any(layer.experts for layer in weights.layers):
+        return None
+    if tensors is not None:
+        dense = [LayerLayout.of([s for s in specs if not _is_expert(s.name)]) for specs in tensors]
+    else:
+        dense = _layouts(weights, None, dense=True)
+    sizes = [
+        LayerLayout.packed(layer.experts.expert_arrays(e)).nbytes
+        for layer in weights.layers
+        if layer.experts is not None
+        for e in range(layer.experts.count)
+    ]
+    return ExpertSizes(tuple(layout.nbytes for layout in dense), tuple(sizes))

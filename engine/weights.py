@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -315,6 +316,27 @@ class ExpertWeights:
 
     def expert_nbytes(self, e: int) -> int:
         return self.gate_up[e].nbytes + self.down[e].nbytes
+
+    def expert_arrays(self, e: int) -> dict[str, np.ndarray]:
+        """Expert e's arrays as "gate_up.data", "down.scale", ...: what a device copies in to
+        run it (`with_arrays` puts the copies back in its weights)."""
+        return {
+            f"{proj}.{field.name}": value
+            for proj in ("gate_up", "down")
+            for field in dataclasses.fields(getattr(self, proj)[e])
+            if isinstance(value := getattr(getattr(self, proj)[e], field.name), np.ndarray)
+        }
+
+    def with_arrays(self, e: int, arrays: dict[str, Any]) -> tuple[Weight, Weight]:
+        """Expert e's (gate_up, down) over `arrays` named as `expert_arrays` names them
+        (device copies, say), each of its own class."""
+        return tuple(
+            dataclasses.replace(
+                getattr(self, proj)[e],
+                **{k.split(".", 1)[1]: a for k, a in arrays.items() if k.startswith(proj + ".")},
+            )
+            for proj in ("gate_up", "down")
+        )
 
     @property
     def nbytes(self) -> int:

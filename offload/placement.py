@@ -13,10 +13,18 @@ Streamed layers pass through a ring of reusable buffers (two: one being computed
 next is filled), each as large as the largest streamed layer. The non-layer weights
 (embedding, output head, final norm) and the reserve (KV cache, activations) stay on the
 compute device, since every token touches them.
+
+A mixture of experts that does not fit a GPU whole is placed in two parts, since a token
+runs only k of a layer's E experts: the layers without their experts are placed as above
+(resident first), and the GPU memory left becomes an expert cache, slots each holding one
+expert, kept filled with the most used experts; the experts themselves stay where the loader
+put them in host memory (mapped from the file, or in RAM). Streaming whole layers instead
+would copy every expert of a streamed layer for each token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Sequence
@@ -66,6 +74,31 @@ class Buffers:
 
 
 @dataclass(frozen=True)
+class ExpertSizes:
+    """A mixture of experts' layers in two parts: each layer without its experts (`dense`),
+    and the bytes of every expert of the model (`experts`, all layers together)."""
+
+    dense: tuple[int, ...]
+    experts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExpertCachePlan:
+    """Device slots for experts, each as large as the largest expert: `slots` keep the most
+    used experts resident; `transient` slots serve, one use at a time, an expert used too
+    seldom to displace one of them (none when every expert has a slot)."""
+
+    slots: int
+    transient: int
+    slot_bytes: int
+    experts: int  # experts in the model
+
+    @property
+    def total(self) -> int:
+        return (self.slots + self.transient) * self.slot_bytes
+
+
+@dataclass(frozen=True)
 class Charge:
     """What a plan puts on one memory budget, by purpose."""
 
@@ -74,10 +107,13 @@ class Charge:
     reserve: int = 0
     resident_layers: int = 0
     buffers: int = 0
+    expert_cache: int = 0
 
     @property
     def used(self) -> int:
-        return self.non_layer + self.reserve + self.resident_layers + self.buffers
+        return (
+            self.non_layer + self.reserve + self.resident_layers + self.buffers + self.expert_cache
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +124,9 @@ class PlacementPlan:
     device_buffers: Buffers
     cpu: Charge
     gpu: Charge | None  # None when there is no GPU
+    # Set when a mixture of experts is placed in two parts: layer_bytes then count the
+    # layers without their experts, which live in host memory and in this cache.
+    expert_cache: ExpertCachePlan | None = None
 
     def layers(self, tier: Tier) -> list[int]:
         return [i for i, t in enumerate(self.tiers) if t is tier]
@@ -111,6 +150,14 @@ class PlacementPlan:
             if found:
                 parts.append(f"{len(found)} {words} ({_ranges(found)})")
         lines = [f"placement of {n} layers: " + "; ".join(parts)]
+        cache = self.expert_cache
+        if cache is not None:
+            lines[0] += " (without their experts)"
+            lines.append(
+                f"  experts in host memory, {cache.slots} of {cache.experts} kept on the device"
+                f" by use, + {cache.transient} transient: {cache.slots + cache.transient} slots"
+                f" x {_mib(cache.slot_bytes)}"
+            )
         for name, buffers in (("host", self.host_buffers), ("device", self.device_buffers)):
             if buffers.count:
                 lines.append(
@@ -123,6 +170,11 @@ class PlacementPlan:
                     f"non-layer weights {_mib(charge.non_layer)} + reserve {_mib(charge.reserve)}"
                     f" + resident layers {_mib(charge.resident_layers)}"
                     f" + buffers {_mib(charge.buffers)}"
+                    + (
+                        f" + expert cache {_mib(charge.expert_cache)}"
+                        if charge.expert_cache
+                        else ""
+                    )
                 )
         return "\n".join(lines)
 
@@ -135,6 +187,7 @@ def plan_placement(
     gpu_budget: int | None = None,
     reserve_bytes: int = 0,
     buffer_slots: int = 2,
+    experts: ExpertSizes | None = None,
 ) -> PlacementPlan:
     """Place every layer under the budgets, keeping as many resident as fit.
 
@@ -150,6 +203,10 @@ def plan_placement(
     sampling and the embedding) computes, which hides the one read that would otherwise
     wait. Among prefixes the longest that fits wins: decoder layers have nearly equal sizes,
     so this also keeps the largest number of layers resident.
+
+    `experts` (a mixture of experts, with a GPU): when the whole layers do not all fit the
+    GPU, the layers are placed without their experts, and the GPU memory left over becomes
+    the expert cache (`expert_cache_plan`).
 
     Raises PlacementError when even streaming cannot fit: a budget smaller than its fixed
     charges plus the cheapest split into resident layers and buffers (`least_bytes`).
@@ -176,6 +233,51 @@ def plan_placement(
             cpu=Charge(cpu_budget, non_layer_bytes, reserve_bytes, sum(sizes[:k]), host.total),
             gpu=None,
         )
+    fixed = (non_layer_bytes, cpu_budget, gpu_budget, reserve_bytes, buffer_slots)
+    if experts is None or not experts.experts:
+        return _plan_on_gpu(sizes, *fixed)
+    try:
+        whole = _plan_on_gpu(sizes, *fixed)
+        if whole.fully_resident:
+            return whole
+    except PlacementError:
+        pass
+    return expert_cache_plan(experts, *fixed)
+
+
+def expert_cache_plan(
+    experts: ExpertSizes,
+    non_layer_bytes: int,
+    cpu_budget: int,
+    gpu_budget: int,
+    reserve_bytes: int = 0,
+    buffer_slots: int = 2,
+) -> PlacementPlan:
+    """Place a mixture of experts' layers without their experts, with one transient expert
+    slot held back, then give every whole slot the GPU budget has left to the cache: one
+    per expert at most (and then no transient slot)."""
+    dense = tuple(int(b) for b in experts.dense)
+    slot = max(experts.experts)
+    count = len(experts.experts)
+    plan = _plan_on_gpu(dense, non_layer_bytes, cpu_budget, gpu_budget, reserve_bytes + slot,
+                        buffer_slots)  # fmt: skip
+    assert plan.gpu is not None
+    left = gpu_budget - plan.gpu.used + slot
+    resident, transient = (count, 0) if left >= count * slot else (left // slot - 1, 1)
+    cache = ExpertCachePlan(resident, transient, slot, count)
+    gpu = dataclasses.replace(plan.gpu, reserve=reserve_bytes, expert_cache=cache.total)
+    return dataclasses.replace(plan, gpu=gpu, expert_cache=cache)
+
+
+def _plan_on_gpu(
+    sizes: tuple[int, ...],
+    non_layer_bytes: int,
+    cpu_budget: int,
+    gpu_budget: int,
+    reserve_bytes: int,
+    buffer_slots: int,
+) -> PlacementPlan:
+    n = len(sizes)
     room = gpu_budget - non_layer_bytes - reserve_bytes
     d = _longest_prefix(sizes, 0, room, buffer_slots)
     if d is None:

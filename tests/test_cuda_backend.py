@@ -36,6 +36,7 @@ from tests.tiny_models import build_tiny_model
 pytestmark = pytest.mark.skipif(not kernels_gpu.available(), reason="no CUDA GPU or simulator")
 
 VOCAB = 32
+EXPERT_FFN = 8
 PROMPTS = [[3, 5, 7, 9, 11], [4, 6, 8]]
 
 
@@ -45,10 +46,14 @@ def fast_simulator():
         yield
 
 
-def build_toy_llama(folder, tied: bool, seed: int = 0, layers: int = 2, qwen3=False) -> None:
+def build_toy_llama(
+    folder, tied: bool, seed: int = 0, layers: int = 2, qwen3=False, experts: int = 0
+) -> None:
     """A random Llama (`layers` layers, hidden 16, 2 query heads on 1 kv head, ffn 32,
     attention biases) with a word-level tokenizer `w0 .. w31`, saved as a Hugging Face
-    folder; with `qwen3`, a Qwen3 (the same plus per-head q and k norms)."""
+    folder; with `qwen3`, a Qwen3 (the same plus per-head q and k norms); with `experts`, a
+    Mixtral (no biases; that many experts of width 8 in each layer, top 2: each smaller
+    than the layer's attention, as in real mixtures of experts)."""
     hidden, ffn, heads, kv_heads, head_dim = 16, 32, 2, 1, 8
     rng = np.random.default_rng(seed)
 
@@ -68,10 +73,19 @@ def build_toy_llama(folder, tied: bool, seed: int = 0, layers: int = 2, qwen3=Fa
             ("self_attn.o_proj", hidden, heads * head_dim),
         ]:
             tensors[p + name + ".weight"] = rand(rows, cols)
-            tensors[p + name + ".bias"] = rand(rows)
-        tensors[p + "mlp.gate_proj.weight"] = rand(ffn, hidden)
-        tensors[p + "mlp.up_proj.weight"] = rand(ffn, hidden)
-        tensors[p + "mlp.down_proj.weight"] = rand(hidden, ffn)
+            if not experts:
+                tensors[p + name + ".bias"] = rand(rows)
+        if experts:
+            tensors[p + "block_sparse_moe.gate.weight"] = rand(experts, hidden) * 3
+            for e in range(experts):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                tensors[q + "w1.weight"] = rand(EXPERT_FFN, hidden)
+                tensors[q + "w3.weight"] = rand(EXPERT_FFN, hidden)
+                tensors[q + "w2.weight"] = rand(hidden, EXPERT_FFN)
+        else:
+            tensors[p + "mlp.gate_proj.weight"] = rand(ffn, hidden)
+            tensors[p + "mlp.up_proj.weight"] = rand(ffn, hidden)
+            tensors[p + "mlp.down_proj.weight"] = rand(hidden, ffn)
         tensors[p + "input_layernorm.weight"] = 1 + rand(hidden)
         tensors[p + "post_attention_layernorm.weight"] = 1 + rand(hidden)
         if qwen3:
@@ -79,16 +93,19 @@ def build_toy_llama(folder, tied: bool, seed: int = 0, layers: int = 2, qwen3=Fa
             tensors[p + "self_attn.k_norm.weight"] = 1 + rand(head_dim)
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    arch = "mixtral" if experts else "qwen3" if qwen3 else "llama"
+    classes = {"mixtral": "MixtralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     config = {
-        "model_type": "qwen3" if qwen3 else "llama",
-        "architectures": ["Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM"],
+        "model_type": arch,
+        "architectures": [classes.get(arch, "LlamaForCausalLM")],
         "vocab_size": VOCAB,
         "hidden_size": hidden,
-        "intermediate_size": ffn,
+        "intermediate_size": EXPERT_FFN if experts else ffn,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "attention_bias": True,
+        "attention_bias": not experts,
+        **({"num_local_experts": experts, "num_experts_per_tok": 2} if experts else {}),
         "max_position_embeddings": 64,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from engine.cli import main
 from offload.placement import (
+    ExpertSizes,
     MiB,
     PlacementError,
     PlacementPlan,
@@ -98,6 +99,49 @@ def test_gpu_plan_fails_only_when_streaming_cannot_fit(layers, gpu, slot_count):
     else:
         plan = plan_placement(layers, 100, ample_cpu, gpu_budget=gpu, buffer_slots=slot_count)
         assert Tier.DISK not in plan.tiers  # host RAM holds whatever the device streams
+
+
+moe_layers = st.lists(
+    st.tuples(st.integers(1, 300), st.lists(st.integers(1, 60), min_size=1, max_size=6)),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(moe_layers, fixed, fixed, budget, budget, slots)
+def test_mixture_of_experts_plans(moe, non_layer, reserve, gpu, cpu, slot_count):
+    """A mixture of experts that fits whole is placed whole; otherwise its layers are placed
+    without their experts and every whole slot left holds an expert, one per expert at most,
+    with one transient slot unless every expert has its own."""
+    dense = [d for d, _ in moe]
+    experts = [e for _, layer in moe for e in layer]
+    whole = [d + sum(layer) for d, layer in moe]
+    sizes = ExpertSizes(tuple(dense), tuple(experts))
+    kw = {"gpu_budget": gpu, "reserve_bytes": reserve, "buffer_slots": slot_count}
+    try:
+        plan = plan_placement(whole, non_layer, cpu, experts=sizes, **kw)
+    except PlacementError as error:  # not even the dense parts, one slot and buffers fit
+        if "gpu memory budget" in str(error):
+            assert non_layer + reserve + max(experts) + least(dense, slot_count) > gpu
+        return
+    fits_whole = non_layer + reserve + sum(whole) <= gpu
+    cache = plan.expert_cache
+    assert (cache is None) == fits_whole
+    if cache is None:
+        check_plan(plan, whole, slot_count)
+        assert plan.fully_resident
+        return
+    check_plan(plan, dense, slot_count)
+    slot = max(experts)
+    assert cache.slot_bytes == slot and cache.experts == len(experts)
+    assert plan.gpu.expert_cache == cache.total and plan.gpu.reserve == reserve
+    if cache.slots == len(experts):
+        assert cache.transient == 0
+    else:
+        assert cache.transient == 1 and plan.gpu.used + slot > gpu  # no room for another
+    # The dense parts were placed first, as if the transient slot were part of the reserve.
+    first = plan_placement(dense, non_layer, cpu, **{**kw, "reserve_bytes": reserve + slot})
+    assert first.tiers == plan.tiers
 
 
 def test_plan_describe_and_buffers():

@@ -12,7 +12,7 @@ Kernels are queued on one stream and nothing comes back to the host except the l
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -47,6 +47,9 @@ from kernels_gpu.paged_attention import (
     write_kv,
     write_kv_int8,
 )
+
+if TYPE_CHECKING:
+    from offload.expert_cache import DeviceExpertCache
 
 # A numba DeviceNDArray (the simulator's FakeCUDAArray in tests): numba ships no type stubs.
 DeviceArray = Any
@@ -118,10 +121,20 @@ class CUDABackend:
         self.scratch = Scratch(self._scratch_empty)
         # Host working arrays: the routing of mixture-of-experts layers.
         self.host_scratch = Scratch()
+        # Serves experts left in host memory (a mixture of experts larger than the GPU
+        # budget); the placement sets it up.
+        self.expert_cache: DeviceExpertCache | None = None
 
-    def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
+    def prepare_weights(
+        self,
+        weights: ModelWeights,
+        layers: Collection[int] | None = None,
+        *,
+        keep_experts: bool = False,
+    ) -> None:
         """Move the non-layer weights and decoder `layers` (default: all) to the GPU once,
-        in place; the other layers stay in host memory for a device stream to copy in.
+        in place; the other layers stay in host memory for a device stream to copy in. With
+        `keep_experts`, experts stay in host memory too, for `expert_cache` to serve.
 
         The typed weights stay what they are (an Int8Weight is still an Int8Weight); only
         their arrays become device arrays. So the model, and anything else that walks
@@ -150,7 +163,8 @@ class CUDABackend:
                 if getattr(layer, name) is not None:
                     setattr(layer, name, self._to_device(getattr(layer, name)))
             for name, weight in layer.linears():
-                layer.set_linear(name, move(weight))
+                if not (keep_experts and name.startswith("experts.")):
+                    layer.set_linear(name, move(weight))
             if layer.experts is not None:
                 layer.experts.router = move(layer.experts.router)
         self.stream.synchronize()
@@ -331,10 +345,24 @@ class CUDABackend:
         for e in range(experts.count):
             lo, hi = bounds[e], bounds[e + 1]
             if lo < hi:
-                gate_up, down = experts.gate_up[e], experts.down[e]
+                gate_up, down = self._expert(experts, e)
                 self._expert_add_(residual, x, gate_up, down, rows[lo:hi], scales[lo:hi])
                 self.expert_bytes_read += experts.expert_nbytes(e)
         return residual
+
+    def _expert(self, experts: ExpertWeights, e: int) -> tuple[Weight, Weight]:
+        """Expert e's (gate_up, down) on the device: as they are, or from the expert cache
+        when they were left in host memory."""
+        gate_up, down = experts.gate_up[e], experts.down[e]
+        if not isinstance(gate_up.data, np.ndarray):
+            return gate_up, down
+        if self.expert_cache is None:
+            raise LaminaError(
+                "the CUDA backend was handed an expert in host memory with no expert cache"
+            )
+        return self.expert_cache.fetch(
+            gate_up, experts.expert_arrays(e), lambda arrays: experts.with_arrays(e, arrays)
+        )
 
     def _route(
         self, logits: DeviceArray, top_k: int, normalize: bool

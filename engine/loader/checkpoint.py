@@ -12,6 +12,7 @@ no quantization, and the outputs are bit-identical to quantizing on load.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -325,20 +326,27 @@ def _vector(arrays: dict[str, Any], name: str, path: Path | str) -> np.ndarray:
     return arrays[name]
 
 
-def build_layer(arrays: dict[str, Any], i: int, path: Path | str) -> LayerWeights:
+def build_layer(
+    arrays: dict[str, Any], i: int, path: Path | str, experts: ExpertWeights | None = None
+) -> LayerWeights:
     """Decoder layer i from arrays named as in the checkpoint (layers.i.qkv.data, ...): numpy
-    arrays, or device arrays of a streamed layer; `path` names their source in errors."""
+    arrays, or device arrays of a streamed layer; `path` names their source in errors.
+    `experts`: the layer's experts when they are not among `arrays` (left in host memory
+    while the rest of the layer goes to a device); they get the router from `arrays`."""
     p = f"layers.{i}."
-    experts = mlp = None
+    mlp = None
     if p + "router.data" in arrays:
         router = _weight(arrays, p + "router", path)
         if not isinstance(router, DenseWeight) or router.data.ndim != 2:
             raise ModelLoadError(f"{path}: the router of layer {i} is not a float32 matrix")
-        experts = ExpertWeights(
-            router,
-            *(_unstacked_experts(arrays, f"{p}experts.{name}", router.out_features, path)
-              for name in ("gate_up", "down")),
-        )  # fmt: skip
+        if experts is not None:
+            experts = dataclasses.replace(experts, router=router)
+        else:
+            experts = ExpertWeights(
+                router,
+                *(_unstacked_experts(arrays, f"{p}experts.{name}", router.out_features, path)
+                  for name in ("gate_up", "down")),
+            )  # fmt: skip
     else:
         mlp = {name: _weight(arrays, p + name, path) for name in ("gate_up", "down")}
     return LayerWeights(
