@@ -445,3 +445,101 @@ def test_llama_cpp_converter_gguf_matches_transformers(
     ids = [int(i) for i in rng.integers(3, 49152, size=40)]
     assert_logits_close(llm.prompt_logits(ids), hf_logits(hf, ids))
     assert greedy(llm, ids[:8], 32) == hf_greedy(hf, ids[:8], 32)
+
+
+# Text a tiny SentencePiece model is trained on: words, digits, accents, curly quotes and
+# runs of spaces and tabs, so its pieces include whitespace runs and byte fallbacks.
+_SPM_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+    "in",
+    "the",
+    "old",
+    "town",
+    "square",
+    "near",
+    "rivers",
+    "and",
+    "mountains",
+    "under",
+    "blue",
+    "skies",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma_sentencepiece(tmp_path_factory) -> Path:
+    """A 320-piece BPE SentencePiece model as Gemma's are made (byte fallback, digits split,
+    no dummy prefix, whitespace kept as it is, turn markers as user symbols)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(_SPM_WORDS) for _ in range(12)) for _ in range(2000)]
+    lines += ["Numbers 123 456 and symbols: café, naïve — “quotes”.  Tabs\tand  spaces."] * 50
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=320, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, user_defined_symbols=["<start_of_turn>",
+        "<end_of_turn>"], pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+class _SentencePieceFiles:
+    """Stands in for a tokenizer in build_tiny_model: saves Gemma's tokenizer.model only."""
+
+    def __init__(self, model: Path) -> None:
+        self.model = model
+
+    def save_pretrained(self, folder: Path) -> None:
+        (Path(folder) / "tokenizer.model").write_bytes(self.model.read_bytes())
+
+
+def test_gemma2_gguf_from_the_converter_matches_transformers_and_sentencepiece(
+    llama_cpp_converter, gemma_sentencepiece, tmp_path
+):
+    """Gemma 2 through llama.cpp's converter, which insists on a SentencePiece
+    tokenizer.model: the logits and greedy tokens of transformers (soft-capping, sliding
+    window, post-norms, 1 + w norms), and the token ids of the sentencepiece library."""
+    import sentencepiece as spm
+
+    # A Gemma 2 GGUF holds no query_pre_attn_scalar: llama.cpp scales by 1/sqrt(head_dim),
+    # as Google's models below 27B are (the 27B's scale it derives from the layer count).
+    special = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    shape = {"vocab_size": 320, "query_pre_attn_scalar": 16}
+    with variant("gemma2-spm", "gemma2-softcap", **shape, **special):
+        hf = build_tiny_model(
+            "gemma2-spm", tmp_path / "hf", _SentencePieceFiles(gemma_sentencepiece)
+        )
+    gguf = convert(llama_cpp_converter, tmp_path / "hf", tmp_path / "model.gguf", "f32")
+    llm = LLM(gguf)
+    assert llm.config.attention_softcap == 2.0 and llm.config.final_softcap == 3.0
+    rng = np.random.default_rng(2)
+    ids = [int(i) for i in rng.integers(4, 320, size=24)]
+    assert_logits_close(llm.prompt_logits(ids), hf_logits(hf, ids))
+    assert greedy(llm, ids[:6], 16) == hf_greedy(hf, ids[:6], 16)
+    sp = spm.SentencePieceProcessor(model_file=str(gemma_sentencepiece))
+    for text in ["the quick  fox café 123", "Tabs\tand  spaces.", " lead", "“quotes” ü 7", ""]:
+        assert llm.tokenizer.encode(text) == [2, *sp.encode(text)]
+        assert llm.tokenizer.decode(sp.encode(text)) == text
