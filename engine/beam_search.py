@@ -18,6 +18,7 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import SamplingParams, log_softmax
 from engine.scheduler import Sequence
 from engine.sequence_group import GenerationContext, SequenceGroup
+from engine.structured import Guide
 
 
 class BeamSearchGroup(SequenceGroup):
@@ -28,6 +29,14 @@ class BeamSearchGroup(SequenceGroup):
         self._pending: dict[int, np.ndarray] = {}
         # (generated tokens, cumulative logprob, finish reason) of finished hypotheses
         self._hypotheses: list[tuple[list[int], float, str]] = []
+        # Each live beam's place in a structured-output constraint, by sequence id.
+        self._guides: dict[int, Guide] = {} if self.guide is None else {
+            self.live[0].seq_id: self.guide
+        }  # fmt: skip
+
+    def guides_to_fill(self, seq: Sequence) -> list[Guide]:
+        guide = self._guides.get(seq.seq_id)
+        return [] if guide is None else [guide]
 
     def on_preempted(self) -> None:
         self._pending.clear()
@@ -40,10 +49,20 @@ class BeamSearchGroup(SequenceGroup):
         if any(seq.seq_id not in self._pending for seq in self.live):
             return  # after a preemption the beams may finish recomputing in different steps
         chosen = self._step_candidates()
-        children = [self._extend(parent, token, score, cache) for score, parent, token in chosen]
+        children, guides = [], {}
+        for score, parent, token in chosen:
+            guide = self._guides.get(parent.seq_id)
+            if guide is not None:
+                guide = guide.fork()
+                if guide.advance(token):  # the constraint is complete: a finished hypothesis
+                    self._hypotheses.append((parent.generated + [token], score, "stop"))
+                    continue
+            children.append(self._extend(parent, token, score, cache))
+            if guide is not None:
+                guides[children[-1].seq_id] = guide
         for seq in self.live:
             cache.free(seq.seq_id)
-        self.live = children
+        self.live, self._guides = children, guides
         self._pending.clear()
         self._record_step(len(chosen) or 1)
         if not self.live:
@@ -54,9 +73,14 @@ class BeamSearchGroup(SequenceGroup):
         width = self.params.best_of
         candidates = []
         for order, seq in enumerate(self.live):
-            logprobs = log_softmax(self._pending[seq.seq_id], self.ctx.vocab_size)
+            logits, guide = self._pending[seq.seq_id], self._guides.get(seq.seq_id)
+            if guide is not None:
+                logits = guide.apply(logits, self.ctx.vocab_size)
+            logprobs = log_softmax(logits, self.ctx.vocab_size)
             k = min(2 * width, len(logprobs))
             for token in np.argpartition(-logprobs, k - 1)[:k]:
+                if logprobs[token] == -np.inf:  # disallowed by the constraint
+                    continue
                 score = seq.cumulative_logprob + float(logprobs[token])
                 candidates.append((score, order, int(token), seq))
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))  # ties broken deterministically

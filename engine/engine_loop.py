@@ -36,6 +36,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, Sequence, StepPlan
 from engine.sequence_group import GenerationContext, SamplingGroup, SequenceGroup
+from engine.structured import Guide, StructuredOutputs
 
 logger = logging.getLogger("lamina.engine")
 
@@ -53,11 +54,13 @@ class EngineLoop:
         self._lock = threading.RLock()
         self.closed = False
         self._score_ids = itertools.count()
+        vocab_size = min(loaded.tokenizer.vocab_size, loaded.config.vocab_size)
         self.ctx = GenerationContext(
             tokenizer=loaded.tokenizer,
             eos_token_ids=tuple(loaded.config.eos_token_ids),
-            vocab_size=min(loaded.tokenizer.vocab_size, loaded.config.vocab_size),
+            vocab_size=vocab_size,
             max_model_len=self.max_model_len,
+            structured=StructuredOutputs(loaded.tokenizer, vocab_size),
         )
         self.scheduler = Scheduler(
             self.cache,
@@ -72,6 +75,7 @@ class EngineLoop:
         with self._lock:
             self.closed = True
             self.runner.close()
+            self.ctx.structured.close()
 
     def submit(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
         """Queue a request (checked first, so a bad prompt raises here)."""
@@ -110,6 +114,8 @@ class EngineLoop:
             chunks = [
                 (seq.seq_id, seq.tokens[seq.computed : seq.computed + n]) for seq, n in plan.chunks
             ]
+            # Structured-output masks for the logits this pass makes, computed meanwhile.
+            masks = self.ctx.structured.fill_async(self._guides_to_fill(plan))
             try:
                 logits = self.runner.run(chunks)
             except ReservationError as error:
@@ -122,6 +128,9 @@ class EngineLoop:
                 for group in plan.groups():
                     self._fail(group, error)
                 return
+            finally:
+                if masks is not None:
+                    masks.result()
             ready = self._commit(plan, chunks, logits)
             for group, items in ready.values():
                 if group.finished:
@@ -131,6 +140,16 @@ class EngineLoop:
                 except Exception as error:  # noqa: BLE001 - any bug ends only its request
                     self._fail(group, error)
             self.scheduler.remove_finished()
+
+    @staticmethod
+    def _guides_to_fill(plan: StepPlan) -> list[Guide]:
+        """The guides of the sequences whose pending tokens this pass completes."""
+        return [
+            guide
+            for seq, n in plan.chunks
+            if seq.computed + n == len(seq.tokens)
+            for guide in plan.owner[seq.seq_id].guides_to_fill(seq)
+        ]
 
     def _commit(
         self, plan: StepPlan, chunks: list, logits: np.ndarray

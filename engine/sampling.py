@@ -15,11 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.errors import InvalidInputError
+from engine.structured import check_guided_fields
+
+if TYPE_CHECKING:
+    from engine.structured import Guide
 
 # Temperatures below this are treated as greedy (as in vLLM): dividing logits by ~0 overflows.
 _GREEDY_EPS = 1e-5
@@ -65,6 +69,10 @@ class SamplingParams:
     and of the `logprobs` most likely tokens at that step (raw logits, as in vLLM).
     logit_bias maps token ids to values in [-100, 100] added to their logits before sampling
     (OpenAI's field: -100 bans a token, 100 all but forces it).
+
+    guided_json (a JSON schema), guided_regex, guided_choice and guided_grammar (vLLM's names;
+    at most one) constrain the output: tokens the constraint rejects are never sampled, and
+    the completion ends when it is complete (engine/structured.py).
     """
 
     max_tokens: int = field(
@@ -151,6 +159,20 @@ class SamplingParams:
         default=None,
         metadata=_doc("token id -> value in [-100, 100] added to its logit", unset="none"),
     )
+    guided_json: dict[str, Any] | str | None = field(
+        default=None,
+        metadata=_doc("constrain the output to JSON valid under this schema", unset="none"),
+    )
+    guided_regex: str | None = field(
+        default=None, metadata=_doc("constrain the output to a full match of this regex")
+    )
+    guided_choice: list[str] | None = field(
+        default=None, metadata=_doc("constrain the output to one of these strings")
+    )
+    guided_grammar: str | None = field(
+        default=None,
+        metadata=_doc("constrain the output to this grammar (Lark, or GBNF as llama.cpp's)"),
+    )
 
     def __post_init__(self) -> None:
         for name in BOOL_FIELDS:
@@ -176,6 +198,7 @@ class SamplingParams:
             )
             _require(not self.use_beam_search, "logprobs are not supported with beam search")
         self.logit_bias = _normalize_bias(self.logit_bias)
+        check_guided_fields(self)
 
     def _check_parallel(self) -> None:
         self.n = _as_int("n", self.n)
@@ -306,12 +329,19 @@ class Sampler:
         self._prompt_unique = np.empty(0, dtype=np.int64)
 
     def sample(
-        self, logits: np.ndarray, prompt_ids: Sequence[int], output_ids: Sequence[int]
+        self,
+        logits: np.ndarray,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        guide: Guide | None = None,
     ) -> int:
-        """Return the next token id, always < vocab_size (padded head columns are ignored)."""
+        """Return the next token id, always < vocab_size (padded head columns are ignored);
+        with a `guide`, one its grammar allows (masked before anything else applies)."""
         x = _logits_row(logits, self.vocab_size)
+        if guide is not None:
+            x = guide.apply(x, self.vocab_size)  # a copy
         if self._bias_ids.size:
-            x = x.copy()
+            x = x.copy() if guide is None else x
             x[self._bias_ids] += self._bias_values
         if self._penalized:
             x = apply_penalties(x, self._unique_prompt(prompt_ids, len(x)), output_ids, self.params)

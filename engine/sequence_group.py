@@ -21,6 +21,7 @@ from engine.kv_cache import PagedKVCache
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.sampling import Sampler, SamplingParams, token_logprob, top_logprobs
 from engine.scheduler import Sequence
+from engine.structured import Guide, StructuredOutputs
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class GenerationContext:
     eos_token_ids: tuple[int, ...]
     vocab_size: int
     max_model_len: int
+    structured: StructuredOutputs
 
 
 class SequenceGroup:
@@ -49,6 +51,9 @@ class SequenceGroup:
         self.stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             self.stop_ids.update(ctx.eos_token_ids)
+        # The structured-output constraint's state before the first token (compiled here,
+        # so a constraint llguidance refuses fails this request as it is submitted).
+        self.guide = ctx.structured.guide(params, self.stop_ids)
         self._admitted_once = False
         output.metrics.prompt_tokens = len(prompt)
 
@@ -79,6 +84,11 @@ class SequenceGroup:
     def process(self, ready: list[tuple[Sequence, np.ndarray]], cache: PagedKVCache) -> None:
         raise NotImplementedError
 
+    def guides_to_fill(self, seq: Sequence) -> list[Guide]:
+        """The guides that need a next-token mask once `seq`'s logits come (none unless the
+        request is constrained)."""
+        raise NotImplementedError
+
     def _record_step(self, new_tokens: int) -> None:
         self.output.metrics.record_step(time.perf_counter() - self.arrival, new_tokens)
 
@@ -92,9 +102,11 @@ class _Track:
         completion: CompletionOutput,
         params: SamplingParams,
         ctx: GenerationContext,
+        guide: Guide | None,
     ) -> None:
         self.seq = seq
         self.completion = completion
+        self.guide = guide
         index = completion.index
         if index and params.seed is not None:
             params = replace(params, seed=params.seed + index)  # distinct, reproducible draws
@@ -116,6 +128,13 @@ class SamplingGroup(SequenceGroup):
         self._wants_logprob = params.best_of > params.n or params.logprobs is not None
         output.outputs = [CompletionOutput(i) for i in range(params.best_of)]
 
+    def guides_to_fill(self, seq: Sequence) -> list[Guide]:
+        if self.guide is None:
+            return []
+        if not self._tracks:  # the prompt: its mask serves every completion's first token
+            return [self.guide]
+        return [self._tracks[seq.seq_id].guide]
+
     def process(self, ready: list[tuple[Sequence, np.ndarray]], cache: PagedKVCache) -> None:
         new_tokens = 0
         for seq, logits in ready:
@@ -135,17 +154,18 @@ class SamplingGroup(SequenceGroup):
         """The prompt is computed; start the best_of sequences, sharing its blocks."""
         for _ in range(self.params.best_of - 1):
             self.live.append(first.fork(cache))
-        for seq, completion in zip(self.live, self.output.outputs, strict=True):
+        for k, (seq, completion) in enumerate(zip(self.live, self.output.outputs, strict=True)):
             if self._wants_logprob:
                 completion.cumulative_logprob = 0.0
             if self.params.logprobs is not None:
                 completion.logprobs = []
-            self._tracks[seq.seq_id] = _Track(seq, completion, self.params, self.ctx)
+            guide = self.guide if self.guide is None or k == 0 else self.guide.fork()
+            self._tracks[seq.seq_id] = _Track(seq, completion, self.params, self.ctx, guide)
 
     def _take(self, track: _Track, logits: np.ndarray, cache: PagedKVCache) -> None:
         """Sample one token for a sequence, stream its text, and end it if it stops."""
         seq, c = track.seq, track.completion
-        token = track.sampler.sample(logits, self.output.prompt_token_ids, c.token_ids)
+        token = track.sampler.sample(logits, self.output.prompt_token_ids, c.token_ids, track.guide)
         if self.params.logprobs is not None:
             chosen, top = top_logprobs(logits, token, self.params.logprobs, self.ctx.vocab_size)
             c.logprobs.append(TokenLogprob(token, chosen, top))
@@ -159,7 +179,9 @@ class SamplingGroup(SequenceGroup):
             reason, text = "stop", track.detok.flush()
         else:
             text = track.detok.push(token)
-            if len(c.token_ids) >= self.budget:
+            if track.guide is not None and track.guide.advance(token):
+                reason, text = "stop", text + track.detok.flush()  # the constraint is complete
+            elif len(c.token_ids) >= self.budget:
                 reason, text = "length", text + track.detok.flush()
         piece, hit_stop_string = track.stops.feed(text)
         if hit_stop_string:

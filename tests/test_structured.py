@@ -1,0 +1,190 @@
+"""Structured output (engine/structured.py): what the constrained engine emits, checked
+against independent references: Python's `re` for regexes, `jsonschema` for JSON schemas,
+membership for choices.
+
+The hypothesis tests run a random-weight Llama with a 271-token byte-level vocabulary: its
+logits favour arbitrary tokens, so only the mask keeps its output inside the constraint, and
+a small vocabulary makes tokens that cross the constraint's boundaries common.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from engine import LLM, SamplingParams
+from engine.errors import InvalidInputError
+
+EOS = "<eos>"
+CORPUS = ['ab ba 01 10 abba 0110 {"a": 1, "b": [true, null]}', "yes no maybe 2024-12-05"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> LLM:
+    """A random Llama over a 271-token byte-level BPE vocabulary (EOS is id 0)."""
+    folder = tmp_path_factory.mktemp("structured") / "tiny"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 10, trainer)
+    vocab = tok.get_vocab_size()
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=None, eos_token_id=0, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+    wrapped.save_pretrained(folder)
+    return LLM(folder, max_model_len=256)
+
+
+def run(llm: LLM, params: SamplingParams, prompt: str = "ab") -> list:
+    (out,) = llm.generate(prompt, params)
+    assert out.error is None, out.error
+    return out.outputs
+
+
+# Regexes with a bounded match length, from pieces over the tiny vocabulary's alphabet.
+_ATOMS = st.sampled_from(["a", "b", "0", "1", "ab", "[01]", "[ab]", "(ab|ba)", " ", "x"])
+_QUANT = st.sampled_from(["", "?", "{1,3}", "{2}", "{0,2}"])
+regexes = st.lists(st.tuples(_ATOMS, _QUANT), min_size=1, max_size=5).map(
+    lambda parts: "".join(f"(?:{a}){q}" if q else a for a, q in parts)
+)
+sampling = st.one_of(
+    st.just({"temperature": 0.0}),
+    st.integers(0, 2**16).map(lambda seed: {"temperature": 1.5, "seed": seed}),
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(regex=regexes, how=sampling)
+def test_regex_output_is_a_full_match(tiny, regex, how):
+    """Whatever the model prefers, the completion is a full match, and it ends (finish
+    reason stop) as soon as the regex allows nothing more or the model picks EOS."""
+    (c,) = run(tiny, SamplingParams(max_tokens=40, guided_regex=regex, **how))
+    assert c.finish_reason == "stop"
+    assert re.fullmatch(regex, c.text), (regex, c.text)
+
+
+words = st.text(alphabet="ab01 xy", min_size=1, max_size=8)
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(choices=st.lists(words, min_size=1, max_size=5, unique=True), how=sampling)
+def test_choice_output_is_one_of_the_choices(tiny, choices, how):
+    (c,) = run(tiny, SamplingParams(max_tokens=20, guided_choice=choices, **how))
+    assert c.text in choices and c.finish_reason == "stop"
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+     "additionalProperties": False},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3},
+    {"type": "object", "properties": {"b": {"enum": ["ab", "ba", None]},
+     "n": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["b", "n"],
+     "additionalProperties": False},
+    {"type": "string", "pattern": "^[ab]{2,4}$"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_json_output_validates_with_n_completions(tiny, schema, n):
+    """The random model is pushed through the schema by the mask alone: every one of n
+    sampled completions parses and validates."""
+    params = SamplingParams(max_tokens=120, guided_json=schema, temperature=1.0, seed=3, n=n)
+    outputs = run(tiny, params)
+    assert len(outputs) == n
+    for c in outputs:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), schema)
+
+
+def test_beam_search_under_a_constraint(tiny):
+    params = SamplingParams(
+        max_tokens=30, guided_regex="(ab|ba){1,3}[01]", use_beam_search=True, best_of=3, n=2
+    )
+    outputs = run(tiny, params)
+    assert len(outputs) == 2
+    for c in outputs:
+        assert re.fullmatch("(ab|ba){1,3}[01]", c.text), c.text
+
+
+def test_eos_is_allowed_exactly_when_the_constraint_can_end(tiny):
+    """EOS pushed up by +100: taken at the first place the regex may end, never before."""
+    eos = tiny.tokenizer.eos_token_id
+    bias = {eos: 100.0}
+    (c,) = run(tiny, SamplingParams(max_tokens=20, guided_regex="ab(01)+", logit_bias=bias,
+                                    temperature=0))  # fmt: skip
+    assert c.text == "ab01" and c.token_ids[-1] == eos and c.finish_reason == "stop"
+    # Pushed down by -100, EOS still ends a completion that can take nothing more.
+    (c,) = run(tiny, SamplingParams(max_tokens=20, guided_choice=["ba"], temperature=0,
+                                    logit_bias={eos: -100.0}))  # fmt: skip
+    assert c.text == "ba" and c.finish_reason == "stop"
+
+
+def test_stream_and_batch_of_mixed_requests(tiny):
+    """A constrained and an unconstrained request in one batch; the stream's pieces add up
+    to the final text."""
+    params = [SamplingParams(max_tokens=12, guided_regex="[01]{5}", temperature=0),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]  # fmt: skip
+    constrained, free = tiny.generate(["ab", "ab"], params)
+    assert re.fullmatch("[01]{5}", constrained.outputs[0].text)
+    assert len(free.outputs[0].token_ids) == 12
+    stream = tiny.stream("ab", params[0])
+    assert "".join(stream) == constrained.outputs[0].text
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"guided_regex": "(ab"}, "guided_regex cannot be compiled"),
+        ({"guided_json": {"type": "frobnicate"}}, "guided_json cannot be compiled"),
+        ({"guided_grammar": "start: foo"}, "guided_grammar cannot be compiled"),
+    ],
+)
+def test_a_constraint_that_cannot_compile_fails_only_its_request(tiny, fields, message):
+    good = SamplingParams(max_tokens=4, temperature=0, guided_choice=["ab"])
+    bad_out, good_out = tiny.generate(["ab", "ab"], [SamplingParams(max_tokens=4, **fields), good])
+    assert message in bad_out.error and "\n" not in bad_out.error
+    assert good_out.error is None and good_out.outputs[0].text == "ab"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "one structured-output constraint"),
+        ({"guided_json": "{not json"}, "guided_json is not valid JSON"),
+        ({"guided_json": [1]}, "guided_json must be a JSON schema"),
+        ({"guided_choice": []}, "guided_choice must be a list of non-empty strings"),
+        ({"guided_regex": ""}, "guided_regex must be a non-empty string"),
+    ],
+)
+def test_malformed_constraints_are_refused(fields, message):
+    with pytest.raises(InvalidInputError, match=message):
+        SamplingParams(**fields)
+
+
+def test_gbnf_and_lark_grammars(tiny):
+    gbnf = 'root ::= "a" ("b" | "0") [b0]? "1"'
+    lark = 'start: "a" /[b0]{1,2}/ "1"'
+    for grammar in (gbnf, lark):
+        (c,) = run(tiny, SamplingParams(max_tokens=30, guided_grammar=grammar, temperature=0))
+        assert re.fullmatch("a[b0]{1,2}1", c.text), (grammar, c.text)
