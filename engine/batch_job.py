@@ -30,12 +30,15 @@ from engine.errors import InvalidInputError, LaminaError, OutputPathError
 from engine.loader.chat_template import check_template_kwargs
 from engine.outputs import RequestOutput
 from engine.sampling import SAMPLING_FIELDS, SamplingParams, sampling_kwargs
+from engine.structured import GUIDED_FORMATS, response_format_fields
 from engine.text_input import invalid_text
 
 if TYPE_CHECKING:
     from engine.api import LLM
 
-_ALLOWED_FIELDS = frozenset(SAMPLING_FIELDS) | {"id", "prompt", "messages", "chat_template_kwargs"}
+_ALLOWED_FIELDS = frozenset(SAMPLING_FIELDS) | {
+    "id", "prompt", "messages", "chat_template_kwargs", "response_format"
+}  # fmt: skip
 # How a request ends when it produced no result: could not run, or failed in the engine.
 _FAILED = ("abort", "error")
 _TIMING_DIGITS = 4
@@ -270,7 +273,10 @@ def _build_request(
     if ("prompt" in obj) == ("messages" in obj):
         raise BadLine('give exactly one of "prompt" and "messages"')
     try:
-        params = SamplingParams(**{**defaults, **sampling_kwargs(obj)})
+        structured = response_format_fields(obj.get("response_format"))
+        if structured and any(obj.get(name) is not None for name in GUIDED_FORMATS):
+            raise InvalidInputError('give "response_format" or a guided_* field, not both')
+        params = SamplingParams(**{**defaults, **sampling_kwargs(obj), **structured})
     except InvalidInputError as exc:
         raise BadLine(str(exc)) from None
     if "prompt" in obj:

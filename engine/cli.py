@@ -135,6 +135,50 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
         else:
             raise TypeError(f"no flag type for SamplingParams.{f.name}: {hints[f.name]}")
         group.add_argument("--" + f.name.replace("_", "-"), **options)
+    _add_structured_args(p)
+
+
+def _add_structured_args(p: argparse.ArgumentParser) -> None:
+    """Structured output: at most one of these (SamplingParams' guided_* fields)."""
+    group = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    group.add_argument(
+        "--json-schema",
+        dest="guided_json",
+        type=_json_file,
+        metavar="FILE",
+        help="reply with JSON valid under the JSON schema in FILE",
+    )
+    group.add_argument(
+        "--regex", dest="guided_regex", metavar="REGEX", help="reply with a full match of REGEX"
+    )
+    group.add_argument(
+        "--grammar",
+        dest="guided_grammar",
+        type=_text_file,
+        metavar="FILE",
+        help="reply in the grammar in FILE (Lark, or GBNF as llama.cpp's --grammar-file)",
+    )
+    group.add_argument(
+        "--choice",
+        dest="guided_choice",
+        action="append",
+        metavar="TEXT",
+        help="reply with one of these strings (repeatable)",
+    )
+
+
+def _text_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from None
+
+
+def _json_file(path: str) -> Any:
+    try:
+        return json.loads(_text_file(path))
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {exc}") from None
 
 
 def _version() -> str:

@@ -5,10 +5,10 @@ rather than silently ignored. Fields OpenAI documents fall in three groups: thos
 honours; those that cannot change its answer (bookkeeping such as `store` and `metadata`,
 caching and latency hints, tool options when no tool is called), accepted and ignored as
 vLLM does, so that OpenAI's SDKs and the frameworks on them work unchanged (`_IgnoredFields`);
-and those that would change the answer but that lamina cannot honour (tool calls, a JSON
-response format, audio, web search, a suffix), refused with a 400 that says so. Extensions
-that vLLM and llama.cpp's server also accept (top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids) are allowed.
+and those that would change the answer but that lamina cannot honour (audio, web search, a
+suffix), refused with a 400 that says so. Extensions that vLLM and llama.cpp's server also
+accept (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, vLLM's guided_json,
+guided_regex, guided_choice and guided_grammar) are allowed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.async_engine import CompletionDelta
 from engine.outputs import TokenLogprob
 from engine.sampling import SamplingParams, sampling_kwargs
+from engine.structured import GUIDED_FORMATS, response_format_fields
 
 
 class OpenAIError(Exception):
@@ -86,6 +87,12 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    # vLLM's structured-output extensions (SamplingParams' fields of the same names).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, best_of: int | None = None
@@ -95,7 +102,10 @@ class _SamplingFields(BaseModel):
             raise OpenAIError("stream_options is only allowed with stream: true")
         # Fields named as in SamplingParams map by name; these three differ per endpoint.
         given = {"max_tokens": max_tokens, "logprobs": logprobs, "best_of": best_of}
-        return SamplingParams(**{**sampling_kwargs(self), **given})
+        structured = response_format_fields(self.response_format)
+        if structured and any(getattr(self, name) is not None for name in GUIDED_FORMATS):
+            raise OpenAIError("give response_format or a guided_* field, not both")
+        return SamplingParams(**{**sampling_kwargs(self), **given, **structured})
 
     @property
     def include_usage(self) -> bool:
@@ -157,17 +167,11 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     # Extra chat template variables, as vLLM accepts them ({"enable_thinking": false}).
     chat_template_kwargs: dict[str, Any] | None = None
     # Refused by `_refuse_unsupported` when they ask for what lamina cannot do.
@@ -209,11 +213,6 @@ class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
 
     def params(self, context_window: int) -> SamplingParams:
         self._refuse_unsupported()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise OpenAIError(
-                f"response_format {self.response_format.type!r} is not supported; only 'text'",
-                param="response_format",
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
         limit = (

@@ -88,6 +88,32 @@ def check_guided_fields(params: SamplingParams) -> None:
         params.guided_choice = list(choice)
 
 
+def response_format_fields(response_format: Any) -> dict[str, Any]:
+    """SamplingParams fields for OpenAI's `response_format`: "text" constrains nothing,
+    "json_object" asks for any JSON object, "json_schema" for JSON valid under its
+    `json_schema.schema` (strict or not: the constraint is always strict)."""
+    if response_format is None:
+        return {}
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise InvalidInputError('response_format must be an object with a "type"')
+    kind = response_format["type"]
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"guided_json": {"type": "object"}}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidInputError(
+                'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}'
+            )
+        return {"guided_json": schema}
+    raise InvalidInputError(
+        f"response_format type {kind!r} is not supported; use text, json_object or json_schema"
+    )
+
+
 class Guide:
     """One sequence's place in its grammar, and its next-token mask once filled."""
 
