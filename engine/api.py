@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from engine.backends.device import DeviceChoice, make_backend, select_device
+from engine.chat_tools import ChatTools
 from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop
 from engine.errors import InvalidInputError, LaminaError
@@ -239,12 +240,33 @@ class LLM:
                 yield output, None
 
     def chat(
-        self, messages: Messages, params: SamplingParams | None = None, **template_kwargs
+        self,
+        messages: Messages,
+        params: SamplingParams | None = None,
+        *,
+        tools: Sequence[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
+        **template_kwargs,
     ) -> RequestOutput:
-        """Reply to a conversation rendered with the model's chat template."""
+        """Reply to a conversation rendered with the model's chat template.
+
+        tools (OpenAI's function tool objects) are rendered into the prompt, and each
+        completion's `tool_calls` holds the calls parsed from its text, in the syntax the
+        template teaches (Hermes/Qwen, Llama 3 JSON or Mistral; engine/chat_tools.py).
+        tool_choice "required" or {"type": "function", "function": {"name": N}} constrains
+        the reply to calls; "none" leaves the tools out.
+        """
+        chat_tools = ChatTools.of(tools, tool_choice, parallel_tool_calls, self.tokenizer)
+        if chat_tools is not None:
+            template_kwargs = {**template_kwargs, **chat_tools.template_kwargs()}
+            params = chat_tools.constrain(params or SamplingParams(), self.tokenizer)
         stream = self.stream_chat(messages, params, **template_kwargs)
         for _ in stream:
             pass
+        if chat_tools is not None:
+            for completion in stream.output.outputs:
+                completion.tool_calls = chat_tools.parse(completion.text)[1] or None
         return stream.output
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> TextStream:

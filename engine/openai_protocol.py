@@ -6,7 +6,8 @@ honours; those that cannot change its answer (bookkeeping such as `store` and `m
 caching and latency hints, tool options when no tool is called), accepted and ignored as
 vLLM does, so that OpenAI's SDKs and the frameworks on them work unchanged (`_IgnoredFields`);
 and those that would change the answer but that lamina cannot honour (audio, web search, a
-suffix), refused with a 400 that says so. Extensions that vLLM and llama.cpp's server also
+suffix, the deprecated `functions`), refused with a 400 that says so. Tools are honoured
+(engine/chat_tools.py). Extensions that vLLM and llama.cpp's server also
 accept (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, vLLM's guided_json,
 guided_regex, guided_choice and guided_grammar) are allowed.
 """
@@ -60,7 +61,6 @@ class _IgnoredFields(BaseModel):
     prompt_cache_key: str | None = None  # the prefix cache needs no key
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # no tool is ever called
     prediction: dict[str, Any] | None = None  # a latency hint: the answer stays the same
     reasoning_effort: str | None = None  # lamina's models answer without a reasoning phase
 
@@ -154,17 +154,31 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a "tool" message answers
+    # What the openai SDK sends back with an assistant message it received: not rendered.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         # Chat templates know "system", not OpenAI's newer "developer".
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
@@ -174,9 +188,10 @@ class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
     top_logprobs: int | None = None
     # Extra chat template variables, as vLLM accepts them ({"enable_thinking": false}).
     chat_template_kwargs: dict[str, Any] | None = None
-    # Refused by `_refuse_unsupported` when they ask for what lamina cannot do.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # Refused by `_refuse_unsupported` when they ask for what lamina cannot do.
     functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
     function_call: Any = None
     modalities: list[str] | None = None
@@ -186,17 +201,15 @@ class ChatCompletionRequest(_SamplingFields, _IgnoredFields):
     moderation: dict[str, Any] | None = None
 
     def _refuse_unsupported(self) -> None:
-        for tools, choice, kind, choice_field in (
-            (self.tools, self.tool_choice, "tools", "tool_choice"),
-            (self.functions, self.function_call, "functions", "function_call"),
+        # Functions the model may not call change nothing (OpenAI's "none").
+        if self.function_call != "none" and (
+            self.functions or self.function_call not in (None, "auto")
         ):
-            # Tools the model may not call change nothing (OpenAI's "none").
-            if choice != "none" and (tools or choice not in (None, "auto")):
-                raise OpenAIError(
-                    f"calling {kind} is not supported by lamina; {kind} are accepted with "
-                    f'{choice_field}: "none"',
-                    param=kind if tools else choice_field,
-                )
+            raise OpenAIError(
+                "the deprecated functions are not supported by lamina; use tools (functions "
+                'are accepted with function_call: "none")',
+                param="functions" if self.functions else "function_call",
+            )
         if self.modalities is not None and set(self.modalities) != {"text"}:
             raise OpenAIError(
                 "output modalities other than text are not supported", param="modalities"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.tool_calls import ToolCall
 
 
 @dataclass
@@ -60,6 +64,8 @@ class CompletionOutput:
     cumulative_logprob is the sum of the model's log-probabilities of the generated tokens;
     it is computed only where it is needed (best_of > n, beam search, logprobs).
     logprobs holds one entry per generated token when SamplingParams.logprobs was set.
+    tool_calls holds the calls parsed from `text` when a chat request had tools (None when
+    it had none, or the model called nothing).
     """
 
     index: int
@@ -68,6 +74,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     cumulative_logprob: float | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass

@@ -42,6 +42,7 @@ from starlette.routing import Route
 
 from engine.api import LLM
 from engine.async_engine import AsyncEngine, EngineStopped, RequestHandle, Update, updates
+from engine.chat_tools import ChatTools
 from engine.errors import ContextLengthError, EngineClosedError, LaminaError
 from engine.loader.chat_template import check_template_kwargs
 from engine.openai_protocol import (
@@ -56,6 +57,7 @@ from engine.openai_protocol import (
 )
 from engine.outputs import RequestOutput
 from engine.text_input import invalid_text
+from engine.tool_calls import ContentDelta, ToolCallDelta, ToolCallStream
 
 log = logging.getLogger("lamina.server")
 
@@ -234,21 +236,35 @@ class OpenAIServer:
         body = ChatCompletionRequest.model_validate(await _json_body(request))
         self._check_model(body.model)
         kwargs = check_template_kwargs(body.chat_template_kwargs)  # before unpacking them
+        tokenizer = self.llm.tokenizer
+        tools = ChatTools.of(body.tools, body.tool_choice, body.parallel_tool_calls, tokenizer)
+        params = body.params(self.llm.max_model_len)
+        if tools is not None:
+            kwargs = {**kwargs, **tools.template_kwargs()}
+            params = tools.constrain(params, tokenizer)
         text, ids = self.llm.encode_chat(body.template_messages(), **kwargs)
-        output, params = self.llm.new_request(ids, body.params(self.llm.max_model_len))
+        output, params = self.llm.new_request(ids, params)
         output.prompt = text
         run = _Run(self.engine, [(output, params)], body.stream)
         if body.stream:
-            return _sse(self._chat_chunks(body, run), run)
+            return _sse(self._chat_chunks(body, run, tools), run)
         (output,) = await run.finish(request)
         choices = []
         for c in output.outputs:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            reason = c.finish_reason
+            if tools is not None:
+                content, calls = tools.parse(c.text)
+                if calls:
+                    message = {"role": "assistant", "content": content,
+                               "tool_calls": [call.to_openai() for call in calls]}  # fmt: skip
+                    reason = "tool_calls"
             choices.append(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": None if c.logprobs is None else self.logprobs.chat(c.logprobs),
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": reason,
                 }
             )
         result = {
@@ -262,23 +278,41 @@ class OpenAIServer:
         return JSONResponse(result)
 
     async def _chat_chunks(
-        self, body: ChatCompletionRequest, run: _Run
+        self, body: ChatCompletionRequest, run: _Run, tools: ChatTools | None
     ) -> AsyncIterator[dict[str, Any]]:
+        """One chunk per engine delta; with tools, its text goes through each choice's
+        tool-call parser, and calls come out as `delta.tool_calls` entries."""
         rid, created, kind = new_id("chatcmpl"), now(), "chat.completion.chunk"
         started: set[int] = set()
+        parsers: dict[int, ToolCallStream] = {}
+        called: set[int] = set()
         async for update in run.updates():
             for d in update.deltas:
-                delta: dict[str, str] = {}
+                delta: dict[str, Any] = {}
                 if d.index not in started:
                     started.add(d.index)
                     delta["role"] = "assistant"
-                if d.text or "role" in delta:
-                    delta["content"] = d.text
+                content, calls = d.text, []
+                if tools is not None:
+                    parser = parsers.setdefault(d.index, tools.stream())
+                    events = parser.feed(d.text)
+                    if d.finish_reason is not None:
+                        events += parser.finish()
+                    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+                    calls = [e.to_openai() for e in events if isinstance(e, ToolCallDelta)]
+                if content or "role" in delta:
+                    delta["content"] = content
+                if calls:
+                    delta["tool_calls"] = calls
+                    called.add(d.index)
+                reason = finish_reason(d)
+                if reason is not None and d.index in called:
+                    reason = "tool_calls"
                 choice = {
                     "index": d.index,
                     "delta": delta,
                     "logprobs": None if d.logprobs is None else self.logprobs.chat(d.logprobs),
-                    "finish_reason": finish_reason(d),
+                    "finish_reason": reason,
                 }
                 yield _chunk(rid, kind, created, self.model_name, [choice])
         if body.include_usage:

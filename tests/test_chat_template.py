@@ -295,6 +295,25 @@ def test_tools_and_tool_calls_match_transformers(pairs):
     assert "e.g. <Zürich> & 'Bern'\"" in expected  # tojson neither HTML- nor ASCII-escapes
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_tool_calls_as_openai_sends_them_render_as_transformers_documents(pairs, family):
+    """OpenAI clients send a call's arguments as JSON text and the assistant's content as
+    null; transformers documents arguments as a dict: rendered alike."""
+    ours, hf = pairs[family]
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+    sent = {**call, "function": {"name": "f", "arguments": '{"a": 1}'}}
+    history = [{"role": "user", "content": "Hi"}]
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "2"}
+    expected = hf.apply_chat_template(
+        [*history, {"role": "assistant", "content": "", "tool_calls": [call]}, tool],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    got = ours.apply_chat_template(
+        [*history, {"role": "assistant", "content": None, "tool_calls": [sent]}, tool]
+    )
+    assert got == expected and '"arguments": {"a": 1}' in got
+
+
 def test_extra_variables_documents_and_reasoning_match_transformers(pairs):
     ours, hf = pairs["features"]
     messages = [

@@ -291,7 +291,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_goes_on(
 
 def test_chat_refuses_what_it_cannot_do(client: OpenAI):
     messages = [{"role": "user", "content": "Hi"}]
-    with pytest.raises(BadRequestError, match="tool"):
+    # SmolLM2's template writes no tool calls: lamina would not know how to read them.
+    with pytest.raises(BadRequestError, match="tool-call syntax"):
         client.chat.completions.create(
             model="smollm2",
             messages=messages,
@@ -433,7 +434,6 @@ def test_openai_sdk_fields_that_cannot_change_the_answer_are_accepted(llm: LLM, 
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("verbosity", "low"),
         ("moderation", {"model": "omni-moderation-latest"}),
-        ("tool_choice", "required"),
         ("functions", [{"name": "f", "parameters": {}}]),
     ],
 )

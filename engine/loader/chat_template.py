@@ -212,8 +212,25 @@ def _prepare_messages(messages: list[dict]) -> list[dict]:
         if not isinstance(message, Mapping):
             raise ChatTemplateError(f"chat messages must be dicts, got {message!r}")
         plain = _plain({k: v for k, v in message.items() if v is not None})
+        if isinstance(plain.get("tool_calls"), list):
+            plain["tool_calls"] = [_call_arguments_as_object(c) for c in plain["tool_calls"]]
+            plain.setdefault("content", "")  # templates search an assistant's content
         prepared.append(_alias_reasoning(plain))
     return prepared
+
+
+def _call_arguments_as_object(call: Any) -> Any:
+    """An earlier tool call with its `function.arguments` decoded: OpenAI sends them as JSON
+    text, templates write them with `tojson` (as vLLM does, and transformers documents)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        decoded = json.loads(arguments)
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": decoded}}
 
 
 def _alias_reasoning(message: dict) -> dict:
