@@ -72,7 +72,13 @@ class ChatTools:
         return {"tools": self.tools}
 
     def constrain(self, params: SamplingParams, tokenizer: Tokenizer) -> SamplingParams:
-        """`params`, with the reply constrained to calls unless the choice is "auto"."""
+        """`params` for a reply that may call tools: constrained to calls unless the choice
+        is "auto", and keeping special tokens in the text when the call markers are special
+        tokens of this vocabulary (Mistral's [TOOL_CALLS]), so the parser sees them."""
+        markers = GRAMMAR_MARKERS[self.syntax]
+        ids = {m: i for m in markers if (i := _special_id(tokenizer, m)) is not None}
+        if ids:
+            params = replace(params, skip_special_tokens=False)
         if self.choice == "auto":
             return params
         if guided_constraint(params) is not None:
@@ -80,7 +86,6 @@ class ChatTools:
                 "a tool_choice that forces calls cannot be combined with response_format or "
                 "guided_* constraints"
             )
-        ids = {m: i for m in GRAMMAR_MARKERS if (i := _special_id(tokenizer, m)) is not None}
         grammar = tool_call_grammar(
             self.tools, self.syntax, self.choice, self.parallel, marker_ids=ids
         )

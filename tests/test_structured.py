@@ -2,7 +2,7 @@
 against independent references: Python's `re` for regexes, `jsonschema` for JSON schemas,
 membership for choices.
 
-The hypothesis tests run a random-weight Llama with a 271-token byte-level vocabulary: its
+The hypothesis tests run a random-weight Llama with a 273-token byte-level vocabulary: its
 logits favour arbitrary tokens, so only the mask keeps its output inside the constraint, and
 a small vocabulary makes tokens that cross the constraint's boundaries common.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -24,31 +25,36 @@ from engine import LLM, SamplingParams
 from engine.errors import InvalidInputError
 
 EOS = "<eos>"
+TOOL_MARKERS = ["<tool_call>", "</tool_call>"]
+QWEN3 = Path(__file__).parent / "data" / "templates" / "qwen3.jinja"
 CORPUS = ['ab ba 01 10 abba 0110 {"a": 1, "b": [true, null]}', "yes no maybe 2024-12-05"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> LLM:
-    """A random Llama over a 271-token byte-level BPE vocabulary (EOS is id 0)."""
+    """A random Llama over a 273-token byte-level BPE vocabulary (EOS is id 0; Hermes'
+    tool-call markers are special tokens, as in Qwen's vocabulary)."""
     folder = tmp_path_factory.mktemp("structured") / "tiny"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=300,
+        special_tokens=[EOS, *TOOL_MARKERS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 10, trainer)
     vocab = tok.get_vocab_size()
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=None, eos_token_id=0, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
     wrapped.save_pretrained(folder)
-    return LLM(folder, max_model_len=256)
+    return LLM(folder, max_model_len=1024)
 
 
 def run(llm: LLM, params: SamplingParams, prompt: str = "ab") -> list:
@@ -188,3 +194,24 @@ def test_gbnf_and_lark_grammars(tiny):
     for grammar in (gbnf, lark):
         (c,) = run(tiny, SamplingParams(max_tokens=30, guided_grammar=grammar, temperature=0))
         assert re.fullmatch("a[b0]{1,2}1", c.text), (grammar, c.text)
+
+
+def test_forced_tool_calls_through_special_token_markers(tiny):
+    """Markers that are special tokens are named by id in the grammar and kept in the text,
+    so the random model's constrained reply parses into a valid call."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": SCHEMAS[0]}}
+    tiny.tokenizer.chat_template = QWEN3.read_text()
+    try:
+        out = tiny.chat(
+            [{"role": "user", "content": "ab"}],
+            SamplingParams(max_tokens=120, temperature=1.0, seed=2),
+            tools=[tool], tool_choice="required", parallel_tool_calls=False,
+            enable_thinking=False,
+        )  # fmt: skip
+    finally:
+        tiny.tokenizer.chat_template = None
+    (c,) = out.outputs
+    assert c.text.startswith("<tool_call>") and c.finish_reason == "stop", c.text
+    (call,) = c.tool_calls
+    assert call.name == "f"
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS[0])
