@@ -407,6 +407,14 @@ def main(args) -> int:
         for row in [*rows, speed, *rows_int4, speed_int4]:
             print(json.dumps(row) if args.json else json.dumps(row, indent=2))
         return 0
+    if args.what == "structured":
+        from bench.structured import run_structured, write_structured
+
+        rows = run_structured(args.model, args.quant, args.gen_tokens, args.runs)
+        write_structured(rows)
+        for row in rows:
+            print(json.dumps(row) if args.json else json.dumps(row, indent=2))
+        return 0
     if args.cpu_memory is not None:
         from bench.streaming import run_streaming_bench
 

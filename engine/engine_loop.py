@@ -114,8 +114,10 @@ class EngineLoop:
             chunks = [
                 (seq.seq_id, seq.tokens[seq.computed : seq.computed + n]) for seq, n in plan.chunks
             ]
-            # Structured-output masks for the logits this pass makes, computed meanwhile.
-            masks = self.ctx.structured.fill_async(self._guides_to_fill(plan))
+            # Structured-output masks for the logits this pass makes (meanwhile, if a core
+            # is free).
+            spare = self.runner.threads.spare_core()
+            masks = self.ctx.structured.fill(self._guides_to_fill(plan), overlap=spare)
             try:
                 logits = self.runner.run(chunks)
             except ReservationError as error:

@@ -89,6 +89,10 @@ class ThreadPolicy:
             self._last = now
         return self._current
 
+    def spare_core(self) -> bool:
+        """Whether a core is left over by the kernels' threads (for work beside them)."""
+        return len(self._cpus) > self._current
+
     def apply(self) -> int:
         """Set numba's thread count for the calling thread; return it."""
         threads = self.threads()

@@ -12,10 +12,11 @@ jit_cache.configure()  # before any module below defines a cached kernel
 from kernels_cpu.activations import silu_mul, silu_mul_into
 from kernels_cpu.norms import rmsnorm, rmsnorm_into
 from kernels_cpu.rope import rope_angles_into, rope_heads
-from kernels_cpu.rows import add_bias_inplace, put_rows, take_rows_into
+from kernels_cpu.rows import add_bias_inplace, masked_copy_into, put_rows, take_rows_into
 
 __all__ = [
     "add_bias_inplace",
+    "masked_copy_into",
     "put_rows",
     "rmsnorm",
     "rmsnorm_into",

@@ -215,3 +215,21 @@ def test_forced_tool_calls_through_special_token_markers(tiny):
     (call,) = c.tool_calls
     assert call.name == "f"
     jsonschema.validate(json.loads(call.arguments), SCHEMAS[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 200), st.data())
+def test_masked_copy_matches_numpy(n, data):
+    """The mask kernel against numpy's unpacking of llguidance's bit order."""
+    import numpy as np
+
+    from kernels_cpu.rows import masked_copy_into
+
+    words = (n + 31) // 32
+    mask = np.array(data.draw(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=words,
+                                       max_size=words)), dtype=np.int32)  # fmt: skip
+    x = np.arange(n + 3, dtype=np.float32)
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:n].astype(bool)
+    out = np.empty(n, np.float32)
+    masked_copy_into(x, mask, out)
+    np.testing.assert_array_equal(out, np.where(bits, x[:n], -np.inf))
