@@ -216,12 +216,12 @@ def _place_on_device(
             "OUT --weights int8` and load OUT, or raise --gpu-memory / --cpu-memory"
         )
     resident = plan.layers(Tier.DEVICE)
-    backend.prepare_weights(weights, resident, keep_experts=bool(host_experts))
-    if plan.expert_cache is not None:
+    if plan.expert_cache is not None:  # before prepare_weights, which then leaves experts
         cache = plan.expert_cache
         backend.expert_cache = DeviceExpertCache(
             cache.slots, cache.transient, cache.slot_bytes, backend.device_empty, backend.stream
         )
+    backend.prepare_weights(weights, resident)
     if plan.fully_resident:
         return Placement(plan, ResidentLayers(weights.layers), expert_cache=backend.expert_cache)
     source = str(folder or loaded.path)

@@ -125,16 +125,10 @@ class CUDABackend:
         # budget); the placement sets it up.
         self.expert_cache: DeviceExpertCache | None = None
 
-    def prepare_weights(
-        self,
-        weights: ModelWeights,
-        layers: Collection[int] | None = None,
-        *,
-        keep_experts: bool = False,
-    ) -> None:
+    def prepare_weights(self, weights: ModelWeights, layers: Collection[int] | None = None) -> None:
         """Move the non-layer weights and decoder `layers` (default: all) to the GPU once,
-        in place; the other layers stay in host memory for a device stream to copy in. With
-        `keep_experts`, experts stay in host memory too, for `expert_cache` to serve.
+        in place; the other layers stay in host memory for a device stream to copy in. When
+        an `expert_cache` is set, experts stay in host memory too, for it to serve.
 
         The typed weights stay what they are (an Int8Weight is still an Int8Weight); only
         their arrays become device arrays. So the model, and anything else that walks
@@ -163,7 +157,7 @@ class CUDABackend:
                 if getattr(layer, name) is not None:
                     setattr(layer, name, self._to_device(getattr(layer, name)))
             for name, weight in layer.linears():
-                if not (keep_experts and name.startswith("experts.")):
+                if not (self.expert_cache is not None and name.startswith("experts.")):
                     layer.set_linear(name, move(weight))
             if layer.experts is not None:
                 layer.experts.router = move(layer.experts.router)
