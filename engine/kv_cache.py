@@ -148,6 +148,12 @@ class BlockAllocator:
             self._block_of[key] = block
             self._key_of[block] = key
 
+    def unregister(self, block: int) -> None:
+        """Forget what `block` holds: its holder is about to overwrite part of it."""
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._block_of[key]
+
 
 @dataclass
 class _Sequence:
@@ -307,6 +313,27 @@ class PagedKVCache:
         while len(seq.blocks) > max(seq.blocks_before_reserve, self.blocks_for(len(seq.tokens))):
             self.allocator.release(seq.blocks.pop())
         seq.reserved = 0
+
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Forget the sequence's tokens from `length` on (speculative tokens the target
+        model rejected): blocks past the new end go back, still indexed by the tokens they
+        hold, which are true; a full block that becomes partial, and that this sequence
+        alone holds, leaves the prefix index, since its tail will be overwritten (a shared
+        one is copied on the next write, so its index entry stays true)."""
+        seq = self._seqs[seq_id]
+        if seq.reserved:
+            raise RuntimeError("cannot truncate a sequence with slots reserved")
+        if not 0 <= length <= len(seq.tokens):
+            raise ValueError(f"cannot truncate {len(seq.tokens)} tokens to {length}")
+        del seq.tokens[length:]
+        kept = self.blocks_for(length)
+        while len(seq.keys) > length // self.block_size:
+            seq.keys.pop()
+            block = seq.blocks[len(seq.keys)]
+            if len(seq.keys) < kept and self.allocator.refcount[block] == 1:
+                self.allocator.unregister(block)
+        while len(seq.blocks) > kept:
+            self.allocator.release(seq.blocks.pop())
 
     def free(self, seq_id: Hashable) -> None:
         """Release a sequence's blocks, its last block first so prefixes stay cached longer."""

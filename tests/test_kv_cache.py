@@ -72,7 +72,9 @@ def check_invariants(cache: PagedKVCache, model: dict[str, list[int]]) -> None:
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["add", "fork", "append", "free", "rollback", "failed_step"]),
+        st.sampled_from(
+            ["add", "fork", "append", "free", "rollback", "failed_step", "speculate"]
+        ),
         st.integers(0, 10**6),
         st.integers(1, 40),
     ),
@@ -81,7 +83,7 @@ OPS = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(ops=OPS, block_size=st.sampled_from([1, 4, 16]), num_blocks=st.integers(1, 24))
 def test_random_operations_keep_the_cache_consistent(ops, block_size, num_blocks):
     cache = make_cache(num_blocks, block_size)
@@ -115,6 +117,16 @@ def test_random_operations_keep_the_cache_consistent(ops, block_size, num_blocks
                 assert cache.allocator.num_free == free_before  # all or nothing
                 continue
             model[name] = model[name] + new
+        elif op == "speculate":  # proposed tokens written, the rejected tail truncated
+            name = names[pick % len(names)]
+            proposed = [(pick >> i) & 1 for i in range(min(n, 6))]
+            try:
+                write(cache, name, model[name], proposed)
+            except NoFreeBlocksError:
+                continue
+            kept = len(model[name]) + pick % (len(proposed) + 1)
+            cache.truncate(name, kept)
+            model[name] = (model[name] + proposed)[:kept]
         elif op == "rollback":  # a pass that reserved slots and then failed
             name = names[pick % len(names)]
             table, free = cache.block_table(name), cache.allocator.num_free
@@ -238,3 +250,19 @@ def test_a_64k_token_prefix_is_reused_with_fixed_size_keys():
     assert cache.block_table("again") == list(range(4096))  # the very same blocks
     changed = tokens[:-2] + [tokens[-2] + 1, tokens[-1]]  # differs in the last full block
     assert cache.add_sequence("other", changed) == 65_536 - 16
+
+
+def test_truncating_into_a_full_block_drops_it_from_the_prefix_index():
+    """Rejected speculative tokens filled a block, then the block is overwritten: the prefix
+    cache must not hand out its old contents; blocks past the end keep their (true) keys."""
+    cache = make_cache(8, 4)
+    cache.add_sequence("a", [1, 2])
+    write(cache, "a", [], [1, 2])
+    write(cache, "a", [1, 2], [3, 4, 5, 6, 7])  # blocks (1 2 3 4) and (5 6 7 .) proposed
+    cache.truncate("a", 3)  # 4 and beyond rejected
+    assert cache.length("a") == 3 and len(cache.block_table("a")) == 1
+    write(cache, "a", [1, 2, 3], [9])  # the first block now holds 1 2 3 9
+    assert cache.add_sequence("b", [1, 2, 3, 4, 0]) == 0  # (1 2 3 4) is gone
+    assert cache.add_sequence("c", [1, 2, 3, 9, 0]) == 4
+    assert read(cache, "a") == [key_value([1, 2, 3, 9], i) for i in range(4)]
+    check_invariants(cache, {"a": [1, 2, 3, 9], "b": [], "c": [1, 2, 3, 9]})
