@@ -19,6 +19,7 @@ from engine.backends.device import DEVICES
 from engine.errors import InvalidInputError
 from engine.kv_cache import DEFAULT_KV_FRACTION, KV_DTYPES
 from engine.quant.formats import WEIGHT_FORMATS
+from engine.speculative import METHODS, SpeculativeConfig
 from offload.placement import parse_memory_size
 
 DEFAULT_MAX_NUM_SEQS = 64
@@ -128,8 +129,14 @@ class EngineConfig:
         default=False,
         metadata=_option("drop streamed layers from the OS page cache after reading them"),
     )
+    # Speculative decoding ({"method": "ngram", "num_speculative_tokens": 4, ...}, vLLM's
+    # speculative_config): its flags are SpeculativeConfig's fields (`_SPECULATIVE_FLAGS`).
+    speculative: SpeculativeConfig | None = field(
+        default=None, metadata={**_option("speculative decoding"), "flag": False}
+    )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative", SpeculativeConfig.of(self.speculative))
         for name in ("cpu_memory", "gpu_memory"):
             value = getattr(self, name)
             if value is not None:
@@ -193,6 +200,8 @@ class EngineConfig:
         for f in dataclasses.fields(cls):
             if names is not None and f.name not in names:
                 continue
+            if not f.metadata.get("flag", True):
+                continue
             meta, flag = f.metadata, "--" + f.name.replace("_", "-")
             shown = meta["help"]  # a None default is explained there
             if f.default is not None:
@@ -214,10 +223,45 @@ class EngineConfig:
                 help=shown,
             )
 
+        if names is None or "speculative" in names:
+            group = parser.add_argument_group("speculative decoding")
+            group.add_argument(
+                "--speculative-method",
+                choices=METHODS,
+                help="propose tokens and verify them in one pass (ngram: prompt lookup)",
+            )
+            for name, help in _SPECULATIVE_FLAGS.items():
+                group.add_argument(
+                    "--" + name.replace("_", "-"), type=_cli_type(name, int), metavar="N",
+                    help=f"{help} (default: {SpeculativeConfig.__dataclass_fields__[name].default})",
+                )  # fmt: skip
+
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> EngineConfig:
         """The config of the flags `add_cli_args` added."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        values = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(cls)
+            if f.metadata.get("flag", True)
+        }
+        method = getattr(args, "speculative_method", None)
+        given = {n: getattr(args, n, None) for n in _SPECULATIVE_FLAGS}
+        given = {n: v for n, v in given.items() if v is not None}
+        if method is None and given:
+            raise InvalidInputError(
+                f"--{next(iter(given)).replace('_', '-')} needs --speculative-method"
+            )
+        if method is not None:
+            values["speculative"] = {"method": method, **given}
+        return cls(**values)
+
+
+# SpeculativeConfig's fields that are flags, besides the method.
+_SPECULATIVE_FLAGS = {
+    "num_speculative_tokens": "tokens proposed per step, at most (each sequence adapts)",
+    "prompt_lookup_min": "shortest suffix ngram looks up",
+    "prompt_lookup_max": "longest suffix ngram looks up",
+}
 
 
 def _field(name: str) -> dataclasses.Field:

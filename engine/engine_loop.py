@@ -36,6 +36,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, Sequence, StepPlan
 from engine.sequence_group import GenerationContext, SamplingGroup, SequenceGroup
+from engine.speculative import Speculator
 from engine.structured import Guide, StructuredOutputs
 
 logger = logging.getLogger("lamina.engine")
@@ -61,6 +62,7 @@ class EngineLoop:
             vocab_size=vocab_size,
             max_model_len=self.max_model_len,
             structured=StructuredOutputs(loaded.tokenizer, vocab_size),
+            speculator=None if config.speculative is None else Speculator(config.speculative),
         )
         self.scheduler = Scheduler(
             self.cache,
@@ -114,12 +116,13 @@ class EngineLoop:
             chunks = [
                 (seq.seq_id, seq.tokens[seq.computed : seq.computed + n]) for seq, n in plan.chunks
             ]
+            counts = [1 + seq.draft for seq, _ in plan.chunks]
             # Structured-output masks for the logits this pass makes (meanwhile, if a core
             # is free).
             spare = self.runner.threads.spare_core()
             masks = self.ctx.structured.fill(self._guides_to_fill(plan), overlap=spare)
             try:
-                logits = self.runner.run(chunks)
+                logits = self.runner.run(chunks, counts if any(c > 1 for c in counts) else None)
             except ReservationError as error:
                 # Nothing is reserved: the others run next step, without the failed request.
                 if isinstance(error.__cause__, NoFreeBlocksError):
@@ -133,7 +136,7 @@ class EngineLoop:
             finally:
                 if masks is not None:
                     masks.result()
-            ready = self._commit(plan, chunks, logits)
+            ready = self._commit(plan, chunks, logits, counts)
             for group, items in ready.values():
                 if group.finished:
                     continue
@@ -142,6 +145,9 @@ class EngineLoop:
                 except Exception as error:  # noqa: BLE001 - any bug ends only its request
                     self._fail(group, error)
             self.scheduler.remove_finished()
+            if self.ctx.speculator is not None:  # speculate only while few sequences decode
+                decoding = sum(len(g.live) for g in self.scheduler.running)
+                self.ctx.speculator.enabled = decoding <= self.ctx.speculator.config.max_batch
 
     @staticmethod
     def _guides_to_fill(plan: StepPlan) -> list[Guide]:
@@ -154,12 +160,16 @@ class EngineLoop:
         ]
 
     def _commit(
-        self, plan: StepPlan, chunks: list, logits: np.ndarray
+        self, plan: StepPlan, chunks: list, logits: np.ndarray, counts: list[int]
     ) -> dict[int, tuple[SequenceGroup, list[tuple[Sequence, np.ndarray]]]]:
         """Mark each chunk's tokens as computed; gather the logits of sequences whose pending
-        tokens are all in, per request."""
+        tokens are all in, per request (a row, or one per position of a speculative chunk)."""
         ready: dict[int, tuple[SequenceGroup, list[tuple[Sequence, np.ndarray]]]] = {}
-        for row, ((seq, n), (seq_id, tokens)) in enumerate(zip(plan.chunks, chunks, strict=True)):
+        ends = np.cumsum(counts)
+        for (seq, n), (seq_id, tokens), end, count in zip(
+            plan.chunks, chunks, ends, counts, strict=True
+        ):
+            rows = logits[end - count : end]
             group = plan.owner[seq_id]
             if group.finished:  # failed on an earlier chunk of this step
                 continue
@@ -170,7 +180,9 @@ class EngineLoop:
                 continue
             seq.computed += n
             if seq.uncomputed == 0:
-                ready.setdefault(id(group), (group, []))[1].append((seq, logits[row]))
+                ready.setdefault(id(group), (group, []))[1].append(
+                    (seq, rows if seq.draft else rows[0])
+                )
         return ready
 
     def _fail(self, group: SequenceGroup, error: BaseException) -> None:

@@ -401,12 +401,14 @@ class ForwardBatch:
         cache: PagedKVCache,
         chunks: Sequence[tuple[Hashable, Sequence[int]]],
         all_logits: bool = False,
+        logit_counts: Sequence[int] | None = None,
     ) -> ForwardBatch:
         """Reserve slots for each (sequence, new tokens) chunk and describe the pass.
 
-        Logits are wanted for the last token of each chunk, or for every token. All or
-        nothing: if one reservation fails, the others are rolled back and ReservationError
-        names the sequence.
+        Logits are wanted for the last token of each chunk, for its last logit_counts[i]
+        tokens (a speculative chunk's proposals), or for every token. All or nothing: if
+        one reservation fails, the others are rolled back and ReservationError names the
+        sequence.
         """
         slots, positions, starts, lens, tables = [], [], [0], [], []
         reserved: list[Hashable] = []
@@ -435,9 +437,25 @@ class ForwardBatch:
                 query_start=query_start,
                 context_lens=np.asarray(lens, dtype=np.int64),
                 block_tables=block_tables,
-                logits_rows=np.arange(query_start[-1]) if all_logits else query_start[1:] - 1,
+                logits_rows=_logits_rows(query_start, all_logits, logit_counts),
             )
         except BaseException:  # Ctrl-C included: nothing stays reserved
             for seq_id in reserved:
                 cache.rollback(seq_id)
             raise
+
+
+def _logits_rows(
+    query_start: np.ndarray, all_logits: bool, counts: Sequence[int] | None
+) -> np.ndarray:
+    """The rows of a pass whose logits are wanted, in order."""
+    if all_logits:
+        return np.arange(query_start[-1])
+    ends = query_start[1:]
+    if counts is None:
+        return ends - 1
+    if len(counts) != len(ends) or any(
+        not 1 <= c <= e - s for c, s, e in zip(counts, query_start[:-1], ends, strict=True)
+    ):
+        raise ValueError("each chunk wants between one logit row and one per token")
+    return np.concatenate([np.arange(e - c, e) for c, e in zip(counts, ends, strict=True)])

@@ -14,9 +14,12 @@ class RequestMetrics:
     """Timings of one request, in seconds, counted from when it was submitted.
 
     ttft_s: submission to the first generated token (queueing, prefill, one sampling step).
-    tpot_s: mean time per decode step after the first token.
+    tpot_s: mean time per output token of a sequence after its first (a speculative step
+    can give a sequence several).
     tokens_per_s: decode speed of one sequence, 1 / tpot_s (generated / total with one token).
     generated_tokens counts the tokens of every sequence of the request (n > 1, beams).
+    spec_proposed / spec_accepted: speculative tokens proposed and accepted (engine/
+    speculative.py); their ratio is the acceptance rate.
     """
 
     prompt_tokens: int = 0
@@ -26,6 +29,9 @@ class RequestMetrics:
     ttft_s: float = 0.0
     tpot_s: float = 0.0
     total_s: float = 0.0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+    first_tokens: int = 0  # tokens of the first step: one per sequence
 
     def record_step(self, elapsed_s: float, new_tokens: int = 1) -> None:
         """Account one decode step that produced `new_tokens`, `elapsed_s` after submission."""
@@ -34,8 +40,15 @@ class RequestMetrics:
         self.total_s = elapsed_s
         if self.steps == 1:
             self.ttft_s = elapsed_s
-        else:
-            self.tpot_s = (elapsed_s - self.ttft_s) / (self.steps - 1)
+            self.first_tokens = new_tokens
+        elif self.generated_tokens > self.first_tokens:
+            per_sequence = (self.generated_tokens - self.first_tokens) / max(1, self.first_tokens)
+            self.tpot_s = (elapsed_s - self.ttft_s) / per_sequence
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of the speculative tokens proposed that were accepted (None: none)."""
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,6 +151,10 @@ class RequestOutput:
             "tpot_s": m.tpot_s,
             "tokens_per_s": m.tokens_per_s,
         }
+        if m.spec_proposed:
+            result["spec_proposed"] = m.spec_proposed
+            result["spec_accepted"] = m.spec_accepted
+            result["acceptance_rate"] = m.acceptance_rate
         if len(self.outputs) > 1:
             result["outputs"] = [
                 {

@@ -51,6 +51,8 @@ class ModelRunner:
         memory = cache_memory(loaded, backend, config)
         self.cache = self._make_cache(model_config, config, memory)
         tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
+        if config.speculative is not None:  # a logit row per proposal too
+            seqs *= 1 + config.speculative.num_speculative_tokens
         reserve = self.kv_cache_bytes + activation_bytes(model_config, tokens, seqs)
         self.placement: Placement = place_layers(loaded, backend, config, memory, reserve)
         try:
@@ -90,14 +92,15 @@ class ModelRunner:
             dtype,
         )
 
-    def run(self, chunks: Sequence[Chunk]) -> np.ndarray:
-        """Logits of each chunk's last token, (len(chunks), vocab): a workspace view, valid
-        until the next run. The chunks' slots stay reserved for the caller to commit.
+    def run(self, chunks: Sequence[Chunk], logit_counts: Sequence[int] | None = None) -> np.ndarray:
+        """Logits of each chunk's last token (or last logit_counts[i] tokens), one row each
+        in chunk order: a workspace view, valid until the next run. The chunks' slots stay
+        reserved for the caller to commit.
 
         Raises ReservationError (nothing reserved) if a chunk's slots cannot be reserved;
         any error of the pass rolls every reservation back before it propagates.
         """
-        batch = ForwardBatch.build(self.cache, chunks)
+        batch = ForwardBatch.build(self.cache, chunks, logit_counts=logit_counts)
         try:
             self.threads.apply()
             return self.model.forward(batch, self.workspace)

@@ -43,7 +43,9 @@ class Sequence:
     """One token stream in the KV cache: its prompt, what it generated, and what is computed.
 
     tokens[:computed] have their keys and values in the cache; the rest (the prompt at first,
-    then the last sampled token) go into the next forward passes.
+    then the last sampled token) go into the next forward passes. The last `draft` tokens,
+    when there are any, are speculative proposals (engine/speculative.py): computed in one
+    chunk with the sampled token before them, and verified from that chunk's logits.
     """
 
     def __init__(self, tokens: list[int], num_prompt: int) -> None:
@@ -52,6 +54,13 @@ class Sequence:
         self.num_prompt = num_prompt
         self.computed = 0
         self.cumulative_logprob = 0.0
+        self.draft = 0
+
+    def drop_draft(self) -> None:
+        """Forget the proposals not yet computed (the step has no room, or a preemption)."""
+        if self.draft:
+            del self.tokens[len(self.tokens) - self.draft :]
+            self.draft = 0
 
     @property
     def uncomputed(self) -> int:
@@ -144,16 +153,22 @@ class Scheduler:
         return StepPlan(plan, owner)
 
     def _plan_running(self) -> list[tuple[Sequence, int]]:
+        """Decoding sequences first, each with its proposals whole (their logits are all
+        needed in one pass) while the token budget leaves every decoding sequence its
+        token; then prefill chunks with what is left."""
         budget = self.max_num_batched_tokens
+        decoding = [s for g in self.running for s in g.live if s.uncomputed == 1 + s.draft]
+        spare = budget - len(decoding)
         plan = []
+        for seq in decoding:
+            if seq.draft > spare:
+                seq.drop_draft()
+            spare -= seq.draft
+            plan.append((seq, seq.uncomputed))
+            budget -= seq.uncomputed
         for group in self.running:
             for seq in group.live:
-                if seq.uncomputed == 1:
-                    plan.append((seq, 1))
-                    budget -= 1
-        for group in self.running:
-            for seq in group.live:
-                if seq.uncomputed > 1 and budget > 0:
+                if seq.uncomputed > 1 + seq.draft and budget > 0:
                     plan.append((seq, min(seq.uncomputed, budget)))
                     budget -= plan[-1][1]
         return plan

@@ -21,6 +21,7 @@ from engine.kv_cache import PagedKVCache
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.sampling import Sampler, SamplingParams, token_logprob, top_logprobs
 from engine.scheduler import Sequence
+from engine.speculative import DraftLength, Speculator
 from engine.structured import Guide, StructuredOutputs
 
 
@@ -33,6 +34,7 @@ class GenerationContext:
     vocab_size: int
     max_model_len: int
     structured: StructuredOutputs
+    speculator: Speculator | None = None
 
 
 class SequenceGroup:
@@ -111,6 +113,10 @@ class _Track:
         if index and params.seed is not None:
             params = replace(params, seed=params.seed + index)  # distinct, reproducible draws
         self.sampler = Sampler(params, ctx.vocab_size)
+        spec = ctx.speculator
+        self.draft_length = (
+            None if spec is None else DraftLength(spec.config.num_speculative_tokens)
+        )
         self.detok = IncrementalDetokenizer(
             ctx.tokenizer, seq.tokens[: seq.num_prompt], params.skip_special_tokens
         )
@@ -135,17 +141,19 @@ class SamplingGroup(SequenceGroup):
             return [self.guide]
         return [self._tracks[seq.seq_id].guide]
 
+    def on_preempted(self) -> None:
+        for seq in self.live:  # proposals are made again after the recomputation
+            seq.drop_draft()
+
     def process(self, ready: list[tuple[Sequence, np.ndarray]], cache: PagedKVCache) -> None:
         new_tokens = 0
         for seq, logits in ready:
             if not self._tracks:
                 self._fork(seq, cache)
                 for track in list(self._tracks.values()):
-                    self._take(track, logits, cache)
-                new_tokens += len(self._tracks)
+                    new_tokens += self._take(track, logits, cache)
             else:
-                self._take(self._tracks[seq.seq_id], logits, cache)
-                new_tokens += 1
+                new_tokens += self._take(self._tracks[seq.seq_id], logits, cache)
         self._record_step(new_tokens)
         if not self.live:
             self._choose_best()
@@ -162,10 +170,60 @@ class SamplingGroup(SequenceGroup):
             guide = self.guide if self.guide is None or k == 0 else self.guide.fork()
             self._tracks[seq.seq_id] = _Track(seq, completion, self.params, self.ctx, guide)
 
-    def _take(self, track: _Track, logits: np.ndarray, cache: PagedKVCache) -> None:
-        """Sample one token for a sequence, stream its text, and end it if it stops."""
+    def _take(self, track: _Track, logits: np.ndarray, cache: PagedKVCache) -> int:
+        """Sample a sequence's next token (or check its proposals, one logits row each, and
+        keep the accepted ones and the token after them), stream the text, end the sequence
+        if it stops, else propose again; return how many tokens it gained."""
+        seq = track.seq
+        if not seq.draft:
+            finished = self._append(track, logits, cache)
+            gained = 1
+        else:
+            proposals = seq.tokens[len(seq.tokens) - seq.draft :]
+            seq.drop_draft()
+            start = len(seq.tokens)  # the K/V of tokens[:start] and of the proposals are in
+            gained = accepted = 0
+            for i, row in enumerate(logits):
+                proposal = proposals[i] if i < len(proposals) else None
+                if i and track.guide is not None:  # the guide has taken the accepted ones
+                    self.ctx.structured.fill([track.guide], overlap=False)
+                finished = self._append(track, row, cache, proposal)
+                gained += 1
+                if proposal is None or seq.tokens[-1] != proposal:
+                    break
+                accepted += 1
+                if finished:
+                    break
+            track.draft_length.update(len(proposals), accepted)
+            self.output.metrics.spec_proposed += len(proposals)
+            self.output.metrics.spec_accepted += accepted
+            if not finished:  # the rejected proposals' keys and values go
+                cache.truncate(seq.seq_id, start + accepted)
+                seq.computed = start + accepted
+        if not finished:
+            self._propose(track)
+        return gained
+
+    def _propose(self, track: _Track) -> None:
+        """Append proposals after the token just sampled, when the engine speculates."""
+        speculator, seq = self.ctx.speculator, track.seq
+        if speculator is None or not speculator.enabled:
+            return
+        room = self.budget - len(track.completion.token_ids) - 1  # the verified token's
+        k = min(track.draft_length.k, room, self.ctx.max_model_len - len(seq.tokens) - 1)
+        proposals = speculator.propose(seq.tokens, k) if k > 0 else []
+        seq.tokens.extend(proposals)
+        seq.draft = len(proposals)
+
+    def _append(
+        self, track: _Track, logits: np.ndarray, cache: PagedKVCache, proposal: int | None = None
+    ) -> bool:
+        """Sample one token from one row of logits, stream its text, and end the sequence if
+        it stops; True when it ended."""
         seq, c = track.seq, track.completion
-        token = track.sampler.sample(logits, self.output.prompt_token_ids, c.token_ids, track.guide)
+        token = track.sampler.sample(
+            logits, self.output.prompt_token_ids, c.token_ids, track.guide, proposal
+        )
         if self.params.logprobs is not None:
             chosen, top = top_logprobs(logits, token, self.params.logprobs, self.ctx.vocab_size)
             c.logprobs.append(TokenLogprob(token, chosen, top))
@@ -193,6 +251,7 @@ class SamplingGroup(SequenceGroup):
             c.finish_reason = reason
             cache.free(seq.seq_id)
             self.live.remove(seq)
+        return reason is not None
 
     def _choose_best(self) -> None:
         """Keep the n completions with the highest cumulative log-probability."""

@@ -1,0 +1,125 @@
+"""Speculative decoding: propose a few tokens cheaply, check them in one forward pass.
+
+Decode on a CPU is memory-bound: a pass over k + 1 tokens of one sequence reads the weights
+once, as a pass over one token does. So after each sampled token a sequence appends up to k
+proposed tokens; the next pass computes all of them, with logits at each position, and the
+request's own sampler walks the positions: it samples a token from position i's logits as
+it always would, and keeps going while that token equals proposal i. The first token that
+differs (or the one after the last proposal) ends the walk; the rejected proposals' keys and
+values are cut from the KV cache (`PagedKVCache.truncate`).
+
+Lossless: greedy output is the same token for token, since each position's token is the
+argmax of the same logits. With sampling, a proposal x is kept with probability p(x) under
+the request's full processing (mask, bias, penalties, temperature, top-k/p, min-p), else a
+token is drawn from p with x removed: P(x) = p(x) and P(y) = (1 - p(x)) p(y) / (1 - p(x)),
+the target's distribution exactly, as the rejection scheme gives for a proposal that is
+certain (`Sampler.sample(..., proposal=x)`).
+
+Methods: "ngram" (prompt lookup): the last n tokens (n from prompt_lookup_max down to
+prompt_lookup_min) are looked up in everything before them, prompt and output, and the k
+tokens that followed their latest earlier occurrence are proposed. It costs microseconds
+and pays on input-grounded tasks (summaries, edits, code), where the output copies spans.
+
+Each sequence adapts its k to how many proposals it has had accepted lately, and the engine
+stops speculating when more sequences decode together than `max_batch`: a batch already
+reads the weights once for many tokens, so verification would only add compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InvalidInputError
+
+METHODS = ("ngram",)
+# Decoding sequences above which an engine step speculates no more.
+DEFAULT_MAX_BATCH = 4
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How an engine speculates (vLLM's speculative_config keys)."""
+
+    method: str
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInputError(
+                f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                     "max_batch"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise InvalidInputError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+    @classmethod
+    def of(cls, value: Mapping[str, Any] | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """From `LLM(speculative={...})`: a dict with "method" and the other field names."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, Mapping) or "method" not in value:
+            raise InvalidInputError('speculative must be an object with a "method"')
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown speculative setting {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**value)
+
+
+def ngram_proposal(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
+    `tokens` (max_n down to min_n tokens long); [] when no suffix occurred before."""
+    length = len(tokens)
+    if length < 2 or k < 1:
+        return []
+    seen = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seen[: length - 1], n)
+        hits = np.flatnonzero((windows == seen[length - n :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return [int(t) for t in seen[start : start + k]]
+    return []
+
+
+class Speculator:
+    """The engine's speculation: the config, and whether this step's batch is small enough."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.enabled = True  # set by the engine loop each step
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        c = self.config
+        return ngram_proposal(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
+
+
+class DraftLength:
+    """One sequence's k: one more after every proposal accepted whole, halved after a
+    proposal rejected at its first token, between 1 and the configured maximum."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.k = maximum
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if accepted == proposed:
+            self.k = min(self.maximum, self.k + 1)
+        elif accepted == 0:
+            self.k = max(1, self.k // 2)
