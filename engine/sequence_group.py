@@ -209,8 +209,8 @@ class SamplingGroup(SequenceGroup):
         speculator, seq = self.ctx.speculator, track.seq
         if speculator is None or not speculator.enabled:
             return
-        room = self.budget - len(track.completion.token_ids) - 1  # the verified token's
-        k = min(track.draft_length.k, room, self.ctx.max_model_len - len(seq.tokens) - 1)
+        room = self.budget - len(track.completion.token_ids)  # tokens it may still take
+        k = min(track.draft_length.k, room, self.ctx.max_model_len - len(seq.tokens))
         proposals = speculator.propose(seq.tokens, k) if k > 0 else []
         seq.tokens.extend(proposals)
         seq.draft = len(proposals)
