@@ -407,6 +407,14 @@ def main(args) -> int:
         for row in [*rows, speed, *rows_int4, speed_int4]:
             print(json.dumps(row) if args.json else json.dumps(row, indent=2))
         return 0
+    if args.what == "speculative":
+        from bench.speculative import run_speculative, write_speculative
+
+        rows = run_speculative(args.model, args.quant, args.runs)
+        write_speculative(rows)
+        for row in rows:
+            print(json.dumps(row) if args.json else json.dumps(row, indent=2))
+        return 0
     if args.what == "structured":
         from bench.structured import run_structured, write_structured
 

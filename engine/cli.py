@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what",
         nargs="?",
-        choices=["e2e", "kernels", "sparsity", "serve", "perplexity", "structured"],
+        choices=["e2e", "kernels", "sparsity", "serve", "perplexity", "structured", "speculative"],
         default="e2e",
         help="what to measure",
     )

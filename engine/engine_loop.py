@@ -113,6 +113,9 @@ class EngineLoop:
             plan = self.scheduler.schedule()
             if not plan:
                 return
+            if self.ctx.speculator is not None:  # speculate only while few sequences decode
+                running = sum(len(g.live) for g in self.scheduler.running)
+                self.ctx.speculator.enabled = running <= self.ctx.speculator.config.max_batch
             chunks = [
                 (seq.seq_id, seq.tokens[seq.computed : seq.computed + n]) for seq, n in plan.chunks
             ]
@@ -145,9 +148,6 @@ class EngineLoop:
                 except Exception as error:  # noqa: BLE001 - any bug ends only its request
                     self._fail(group, error)
             self.scheduler.remove_finished()
-            if self.ctx.speculator is not None:  # speculate only while few sequences decode
-                decoding = sum(len(g.live) for g in self.scheduler.running)
-                self.ctx.speculator.enabled = decoding <= self.ctx.speculator.config.max_batch
 
     @staticmethod
     def _guides_to_fill(plan: StepPlan) -> list[Guide]:

@@ -207,7 +207,7 @@ class SamplingGroup(SequenceGroup):
     def _propose(self, track: _Track) -> None:
         """Append proposals after the token just sampled, when the engine speculates."""
         speculator, seq = self.ctx.speculator, track.seq
-        if speculator is None or not speculator.enabled:
+        if speculator is None or not speculator.enabled or not track.draft_length.ready():
             return
         room = self.budget - len(track.completion.token_ids)  # tokens it may still take
         k = min(track.draft_length.k, room, self.ctx.max_model_len - len(seq.tokens))

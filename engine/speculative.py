@@ -112,14 +112,31 @@ class Speculator:
 
 class DraftLength:
     """One sequence's k: one more after every proposal accepted whole, halved after a
-    proposal rejected at its first token, between 1 and the configured maximum."""
+    proposal rejected at its first token, between 1 and the configured maximum. A single
+    proposed token rejected pauses proposals for a while, doubling the pause each time
+    (up to MAX_PAUSE steps): text the lookup cannot predict then costs almost nothing."""
+
+    MAX_PAUSE = 16
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
         self.k = maximum
+        self._pause = 0  # steps left without proposals
+        self._next_pause = 1
 
     def update(self, proposed: int, accepted: int) -> None:
         if accepted == proposed:
             self.k = min(self.maximum, self.k + 1)
+            self._next_pause = 1
         elif accepted == 0:
+            if self.k == 1:
+                self._pause = self._next_pause
+                self._next_pause = min(self.MAX_PAUSE, 2 * self._next_pause)
             self.k = max(1, self.k // 2)
+
+    def ready(self) -> bool:
+        """Whether to propose at this step (counts down a pause)."""
+        if self._pause:
+            self._pause -= 1
+            return False
+        return True

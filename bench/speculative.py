@@ -1,0 +1,130 @@
+"""`lamina bench speculative`: what n-gram speculation buys, per task, against plain decode.
+
+Two engines over the same weights, one speculating (`method` ngram, k = 4), take turns run
+by run (medians of `runs`), greedy, 128 tokens:
+- edit: a ~450-token passage to reproduce with its typos fixed (the output copies spans);
+- summarise: the same passage to summarise (copies less);
+- chat: free generation on short chat prompts (copies little).
+Decode tok/s of one request is (generated - 1) / (total - ttft); the acceptance rate is
+accepted / proposed tokens. Both engines must give the same tokens (greedy is lossless),
+checked on every run. Then 16 chat requests at once, where speculation turns itself off
+(more sequences decode than `max_batch`): aggregate decode tok/s of both engines.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+PASSAGE = (
+    "The river that runs through the old town was once the only road to the sea. Merchants "
+    "brought salt, wool and timber down to the harbour on flat boats, and the town grew rich "
+    "on the tolls it charged at the stone bridge. In the spring floods the water rose over "
+    "the lower streets, and the families who lived there moved their goods to the upper "
+    "floors and waited. When the railway arrived the boats stopped coming, the toll house "
+    "closed, and the bridge became a place where children fished on summer evenings. Today "
+    "the harbour holds a museum, a few sailing boats and a cafe that serves fish caught the "
+    "same morning. Visitors walk along the river path from the bridge to the sea in about an "
+    "hour, passing the mill, the old warehouses and the gardens that were planted where the "
+    "timber yards used to be. The town council keeps the path open all year, and in winter "
+    "volunteers clear the fallen branches after every storm. "
+) * 2
+TYPOS = (
+    PASSAGE.replace("merchants", "merchnats")
+    .replace("timber", "timbre")
+    .replace("harbour", "harbuor")
+)
+TASKS = {
+    "edit": [f"Rewrite this passage exactly, fixing the spelling mistakes:\n\n{TYPOS}"],
+    "summarise": [f"Summarise this passage in a few sentences:\n\n{PASSAGE}"],
+    "chat": [
+        "Tell me a short story about a lighthouse keeper.",
+        "What are three good habits for learning a language?",
+        "Explain why the sky is blue.",
+    ],
+}
+GEN_TOKENS = 128
+BATCH = 16
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
+
+
+def run_speculative(model: str | None, quant: str | None, runs: int) -> list[dict]:
+    from engine import LLM, SamplingParams
+
+    plain = LLM(model, quant=quant, max_model_len=2048)
+    spec = LLM(model, quant=quant, max_model_len=2048, speculative=NGRAM)
+    params = SamplingParams(max_tokens=GEN_TOKENS, temperature=0)
+    rows = []
+    for task, prompts in TASKS.items():
+        ids = [plain.encode_chat([{"role": "user", "content": p}])[1] for p in prompts]
+        for llm in (plain, spec):  # warm-up (compilation, prefix cache)
+            llm.generate(ids, params)
+        speeds: dict[str, list[float]] = {"plain": [], "ngram": []}
+        proposed = accepted = tokens = 0
+        for _ in range(runs):
+            outs = {}
+            for name, llm in (("plain", plain), ("ngram", spec)):
+                outs[name] = [llm.generate([i], params)[0] for i in ids]
+                speeds[name].append(statistics.mean(_decode_tok_s(o) for o in outs[name]))
+            if [o.token_ids for o in outs["plain"]] != [o.token_ids for o in outs["ngram"]]:
+                raise AssertionError(f"speculation changed the greedy tokens of task {task}")
+            proposed += sum(o.metrics.spec_proposed for o in outs["ngram"])
+            accepted += sum(o.metrics.spec_accepted for o in outs["ngram"])
+            tokens += sum(o.metrics.generated_tokens for o in outs["ngram"])
+        plain_s, spec_s = statistics.median(speeds["plain"]), statistics.median(speeds["ngram"])
+        rows.append({
+            "kind": "task", "task": task, "method": "ngram", "runs": runs,
+            "prompt_tokens": statistics.mean(len(i) for i in ids), "gen_tokens": GEN_TOKENS,
+            "plain_decode_tok_s": plain_s, "ngram_decode_tok_s": spec_s,
+            "speedup": spec_s / plain_s,
+            "acceptance_rate": accepted / proposed if proposed else None,
+            "accepted_per_step": accepted / max(1, tokens - accepted),
+        })  # fmt: skip
+    rows.append(_batch_row(plain, spec, runs))
+    return rows
+
+
+def _decode_tok_s(output) -> float:
+    m = output.metrics
+    return (m.generated_tokens - 1) / (m.total_s - m.ttft_s)
+
+
+def _batch_row(plain, spec, runs: int) -> dict:
+    """16 chat requests together: aggregate tokens after each one's first over the time
+    all were decoding (from the last first token to the last token)."""
+    from engine import SamplingParams
+
+    prompts = [f"Write a few sentences about the number {i}." for i in range(BATCH)]
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    speeds: dict[str, list[float]] = {"plain": [], "ngram": []}
+    proposed = 0
+    for run in range(runs + 1):
+        for name, llm in (("plain", plain), ("ngram", spec)):
+            ids = [llm.encode_chat([{"role": "user", "content": p}])[1] for p in prompts]
+            outs = llm.generate(ids, params)
+            first = max(o.metrics.ttft_s for o in outs)
+            last = max(o.metrics.total_s for o in outs)
+            if run:  # the first is a warm-up
+                speeds[name].append(
+                    sum(o.metrics.generated_tokens - 1 for o in outs) / (last - first)
+                )
+            if name == "ngram":
+                proposed += sum(o.metrics.spec_proposed for o in outs)
+    plain_s, spec_s = statistics.median(speeds["plain"]), statistics.median(speeds["ngram"])
+    return {
+        "kind": "batch", "batch": BATCH, "method": "ngram", "runs": runs,
+        "plain_decode_tok_s": plain_s, "ngram_decode_tok_s": spec_s, "ratio": spec_s / plain_s,
+        "proposed_tokens": proposed,
+    }  # fmt: skip
+
+
+def write_speculative(rows: list[dict]) -> None:
+    """bench/results/speculative.json, the rows stamped with the machine."""
+    from bench.report import machine, results_dir
+
+    stamp = machine()
+    for row in rows:
+        row.setdefault("machine", stamp)
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speculative.json").write_text(json.dumps(rows, indent=2) + "\n")
