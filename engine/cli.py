@@ -463,6 +463,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for stats in (llm.stream_stats, llm.device_stream_stats, llm.expert_cache_stats):
                 if stats is not None:
                     print(stats.describe(), file=sys.stderr)
+            m = output.metrics
+            if m.spec_proposed:
+                print(
+                    f"speculative: {m.spec_accepted} of {m.spec_proposed} proposed tokens "
+                    f"accepted ({m.acceptance_rate:.0%}), {m.generated_tokens} tokens in "
+                    f"{m.steps} steps",
+                    file=sys.stderr,
+                )
     return 0
 
 

@@ -414,10 +414,20 @@ def _chunk(
     return chunk
 
 
-def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def _usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+    """OpenAI's usage, plus lamina's `speculative` counts when tokens were proposed."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     generated = sum(o.metrics.generated_tokens for o in outputs)
-    return usage(prompt, generated)
+    result: dict[str, Any] = usage(prompt, generated)
+    proposed = sum(o.metrics.spec_proposed for o in outputs)
+    if proposed:
+        accepted = sum(o.metrics.spec_accepted for o in outputs)
+        result["speculative"] = {
+            "proposed_tokens": proposed,
+            "accepted_tokens": accepted,
+            "acceptance_rate": accepted / proposed,
+        }
+    return result
 
 
 def _engine_error(update: Update) -> OpenAIError:

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
+from engine.cli import main
 from engine.errors import InvalidInputError
 from engine.sampling import Sampler
 from engine.speculative import SpeculativeConfig, ngram_proposal
@@ -240,3 +243,43 @@ def test_sampling_after_speculation_keeps_the_models_distribution(peaked):
 def test_bad_settings_are_refused(value, message):
     with pytest.raises(InvalidInputError, match=message):
         SpeculativeConfig.of(value)
+
+
+def test_cli_flags_json_and_verbose(capsys):
+    argv = ["generate", "--quant", "int8", "--max-tokens", "48", "--temperature", "0", "--json",
+            "--chat", f"Repeat this text exactly:\n\n{PASSAGE}"]  # fmt: skip
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    flags = ["--speculative-method", "ngram", "--num-speculative-tokens", "3", "-v"]
+    assert main([*argv, *flags]) == 0
+    out, err = capsys.readouterr()
+    spec = json.loads(out)
+    assert spec["token_ids"] == plain["token_ids"] and "spec_proposed" not in plain
+    assert spec["spec_accepted"] > 0 and 0 < spec["acceptance_rate"] <= 1
+    assert re.search(r"speculative: \d+ of \d+ proposed tokens accepted", err)
+    code = main(["generate", "--num-speculative-tokens", "3", "Hi"])
+    assert code == 2 and "needs --speculative-method" in capsys.readouterr().err
+
+
+def test_server_usage_reports_acceptance(spec):
+    from openai import OpenAI
+
+    from engine.server import OpenAIServer, listen, uvicorn_server
+    from tests.test_server import _wait_for
+
+    app = OpenAIServer(spec, "smollm2")
+    sock = listen("127.0.0.1", 0)
+    uv = uvicorn_server(app, log_level="warning")
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    _wait_for(lambda: uv.started, "the server did not start")
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="x")
+        reply = client.chat.completions.create(
+            model="smollm2", messages=COPY, max_tokens=48, temperature=0
+        )
+        extra = reply.usage.model_extra["speculative"]
+        assert extra["accepted_tokens"] > 0 and extra["proposed_tokens"] >= extra["accepted_tokens"]
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
