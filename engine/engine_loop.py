@@ -36,7 +36,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, Sequence, StepPlan
 from engine.sequence_group import GenerationContext, SamplingGroup, SequenceGroup
-from engine.speculative import Speculator
+from engine.speculative import NgramProposer, Speculator
 from engine.structured import Guide, StructuredOutputs
 
 logger = logging.getLogger("lamina.engine")
@@ -62,7 +62,7 @@ class EngineLoop:
             vocab_size=vocab_size,
             max_model_len=self.max_model_len,
             structured=StructuredOutputs(loaded.tokenizer, vocab_size),
-            speculator=None if config.speculative is None else Speculator(config.speculative),
+            speculator=_speculator(loaded, backend, config, self.max_model_len, vocab_size),
         )
         self.scheduler = Scheduler(
             self.cache,
@@ -78,6 +78,8 @@ class EngineLoop:
             self.closed = True
             self.runner.close()
             self.ctx.structured.close()
+            if self.ctx.speculator is not None:
+                self.ctx.speculator.proposer.close()
 
     def submit(self, output: RequestOutput, params: SamplingParams) -> SequenceGroup:
         """Queue a request (checked first, so a bad prompt raises here)."""
@@ -148,6 +150,21 @@ class EngineLoop:
                 except Exception as error:  # noqa: BLE001 - any bug ends only its request
                     self._fail(group, error)
             self.scheduler.remove_finished()
+            if self.ctx.speculator is not None:
+                self._propose([group for group, _ in ready.values()])
+
+    def _propose(self, groups: list[SequenceGroup]) -> None:
+        """Proposals for every sequence of the step that asked, from one proposer call (a
+        draft model runs its passes for all of them together); the proposer then forgets
+        the sequences that are gone."""
+        asks = [ask for g in groups if not g.finished for ask in g.asks]
+        for group in groups:
+            group.asks = []
+        proposer = self.ctx.speculator.proposer
+        for (seq, _), proposals in zip(asks, proposer.propose(asks), strict=True):
+            seq.tokens.extend(proposals)
+            seq.draft = len(proposals)
+        proposer.release({s.seq_id for g in self.scheduler.running for s in g.live})
 
     @staticmethod
     def _guides_to_fill(plan: StepPlan) -> list[Guide]:
@@ -288,3 +305,17 @@ class EngineLoop:
                 f"the prompt has {len(prompt)} tokens but the context window is "
                 f"{self.max_model_len}; shorten it to at most {longest} tokens"
             )
+
+
+def _speculator(
+    loaded: LoadedModel, backend: Backend, config: EngineConfig, max_model_len: int, vocab: int
+) -> Speculator | None:
+    """The engine's speculation, with the proposer its method needs (None: none)."""
+    spec = config.speculative
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        return Speculator(spec, NgramProposer(spec))
+    from engine.draft_model import DraftProposer
+
+    return Speculator(spec, DraftProposer(loaded, backend, config, max_model_len, vocab))

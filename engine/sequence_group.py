@@ -58,6 +58,8 @@ class SequenceGroup:
         self.guide = ctx.structured.guide(params, self.stop_ids)
         self._admitted_once = False
         output.metrics.prompt_tokens = len(prompt)
+        # (sequence, k): sequences that want k proposals after this step's token.
+        self.asks: list[tuple[Sequence, int]] = []
 
     @property
     def finished(self) -> bool:
@@ -201,19 +203,19 @@ class SamplingGroup(SequenceGroup):
                 cache.truncate(seq.seq_id, start + accepted)
                 seq.computed = start + accepted
         if not finished:
-            self._propose(track)
+            self._ask_proposals(track)
         return gained
 
-    def _propose(self, track: _Track) -> None:
-        """Append proposals after the token just sampled, when the engine speculates."""
+    def _ask_proposals(self, track: _Track) -> None:
+        """Ask for proposals after the token just sampled, when the engine speculates (the
+        engine loop asks the proposer for every sequence of a step at once)."""
         speculator, seq = self.ctx.speculator, track.seq
         if speculator is None or not speculator.enabled or not track.draft_length.ready():
             return
         room = self.budget - len(track.completion.token_ids)  # tokens it may still take
         k = min(track.draft_length.k, room, self.ctx.max_model_len - len(seq.tokens))
-        proposals = speculator.propose(seq.tokens, k) if k > 0 else []
-        seq.tokens.extend(proposals)
-        seq.draft = len(proposals)
+        if k > 0:
+            self.asks.append((seq, k))
 
     def _append(
         self, track: _Track, logits: np.ndarray, cache: PagedKVCache, proposal: int | None = None

@@ -19,6 +19,9 @@ Methods: "ngram" (prompt lookup): the last n tokens (n from prompt_lookup_max do
 prompt_lookup_min) are looked up in everything before them, prompt and output, and the k
 tokens that followed their latest earlier occurrence are proposed. It costs microseconds
 and pays on input-grounded tasks (summaries, edits, code), where the output copies spans.
+"draft": a smaller model with the same vocabulary decodes k tokens greedily; "self": the
+target's own first layers (and/or its weights in another precision) do
+(engine/draft_model.py).
 
 Each sequence adapts its k to how many proposals it has had accepted lately, and the engine
 stops speculating when more sequences decode together than `max_batch`: a batch already
@@ -29,13 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from engine.errors import InvalidInputError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft", "self")
 # Decoding sequences above which an engine step speculates no more.
 DEFAULT_MAX_BATCH = 4
 
@@ -49,6 +52,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     max_batch: int = DEFAULT_MAX_BATCH
+    draft_model: str | None = None  # "draft": the smaller model's path
+    draft_quant: str | None = None  # the draft's precision (default: as it loads)
+    draft_layers: int | None = None  # run only the first layers ("self": default half)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,6 +66,20 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise InvalidInputError("draft_model is given exactly with method draft")
+        if self.draft_model is not None:
+            object.__setattr__(self, "draft_model", str(self.draft_model))
+        if self.draft_layers is not None and (
+            isinstance(self.draft_layers, bool)
+            or not isinstance(self.draft_layers, int)
+            or self.draft_layers < 1
+        ):
+            raise InvalidInputError(
+                f"draft_layers must be a positive integer, got {self.draft_layers!r}"
+            )
+        if self.method == "ngram" and (self.draft_quant or self.draft_layers):
+            raise InvalidInputError("draft_quant and draft_layers apply to draft and self")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise InvalidInputError(
                 f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
@@ -98,16 +118,44 @@ def ngram_proposal(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> lis
     return []
 
 
-class Speculator:
-    """The engine's speculation: the config, and whether this step's batch is small enough."""
+class Proposer(Protocol):
+    def propose(self, requests: Sequence[tuple[Any, int]]) -> list[list[int]]:
+        """Up to k proposed tokens after each (Sequence, k)'s tokens."""
+
+    def release(self, live: set[int]) -> None:
+        """Forget every sequence id not in `live`."""
+
+    def close(self) -> None: ...
+
+
+class NgramProposer:
+    """Prompt lookup: no state, microseconds per sequence."""
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        self.enabled = True  # set by the engine loop each step
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+    def propose(self, requests: Sequence[tuple[Any, int]]) -> list[list[int]]:
         c = self.config
-        return ngram_proposal(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
+        return [
+            ngram_proposal(seq.tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
+            for seq, k in requests
+        ]
+
+    def release(self, live: set[int]) -> None:
+        """Nothing is kept per sequence."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class Speculator:
+    """The engine's speculation: the config, its proposer, and whether this step's batch is
+    small enough to speculate."""
+
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
+        self.config = config
+        self.proposer = proposer
+        self.enabled = True  # set by the engine loop each step
 
 
 class DraftLength:

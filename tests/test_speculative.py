@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from engine import LLM, SamplingParams
 from engine.cli import main
 from engine.errors import InvalidInputError
+from engine.loader.default_model import default_model_path
 from engine.sampling import Sampler
 from engine.speculative import SpeculativeConfig, ngram_proposal
 from tests.test_structured import tiny  # noqa: F401 - the random 273-token model fixture
@@ -238,6 +239,9 @@ def test_sampling_after_speculation_keeps_the_models_distribution(peaked):
         ({"method": "ngram", "num_speculative_tokens": 0}, "positive integer"),
         ({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "must not exceed"),
         ({"method": "ngram", "k": 2}, "unknown speculative setting"),
+        ({"method": "draft"}, "draft_model is given exactly with method draft"),
+        ({"method": "self", "draft_layers": 0}, "draft_layers must be a positive integer"),
+        ({"method": "ngram", "draft_layers": 2}, "apply to draft and self"),
     ],
 )
 def test_bad_settings_are_refused(value, message):
@@ -283,3 +287,43 @@ def test_server_usage_reports_acceptance(spec):
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "draft", "draft_model": None},  # the target itself: every proposal holds
+        {"method": "self", "draft_layers": 1},
+        {"method": "self"},  # half the layers
+        {"method": "self", "draft_quant": "int8"},
+    ],
+)
+def test_draft_and_self_drafting_are_lossless(tiny, spec):  # noqa: F811
+    """Greedy tokens equal plain decode's for a batch with n > 1, and sampled runs keep
+    the batch's KV cache whole; a draft identical to the target has every proposal kept."""
+    folder = tiny.engine_config.model
+    if spec["method"] == "draft":
+        spec = {**spec, "draft_model": folder}
+    llm = LLM(folder, max_model_len=1024, speculative={**spec, "max_batch": 16})
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 101, 5, 6, 7], [3]]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, n=2)
+    want = [[c.token_ids for c in o.outputs] for o in tiny.generate(prompts, params)]
+    outs = llm.generate(prompts, params)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == want
+    proposed = sum(o.metrics.spec_proposed for o in outs)
+    accepted = sum(o.metrics.spec_accepted for o in outs)
+    assert proposed > 0
+    if spec["method"] == "draft":
+        assert accepted == proposed
+    llm.generate(prompts, SamplingParams(max_tokens=24, temperature=1.0, seed=3, n=2))
+    draft = llm.engine_loop.ctx.speculator.proposer
+    assert draft.cache.sequence_ids() == [] and not draft.cache.allocator.refcount.any()
+    assert llm.engine_loop.cache.usage() == (0, 0)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny):  # noqa: F811
+    with pytest.raises(InvalidInputError, match="another vocabulary"):
+        LLM(
+            tiny.engine_config.model,
+            speculative={"method": "draft", "draft_model": str(default_model_path())},
+        )
