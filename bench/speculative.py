@@ -1,6 +1,7 @@
 """`lamina bench speculative`: what n-gram speculation buys, per task, against plain decode.
 
-Two engines over the same weights, one speculating (`method` ngram, k = 4), take turns run
+Plain decode and a speculating engine over the same weights (k = 4; n-gram lookup, and on
+chat also the target's 4-bit weights and its first 8 layers as its own draft) take turns run
 by run (medians of `runs`), greedy, 128 tokens:
 - edit: a ~450-token passage to reproduce with its typos fixed (the output copies spans);
 - summarise: the same passage to summarise (copies less);
@@ -45,43 +46,62 @@ TASKS = {
 }
 GEN_TOKENS = 128
 BATCH = 16
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
+METHODS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 4},
+    # The target's weights in 4 bits as its own draft, and its first 8 layers.
+    "self-int4": {"method": "self", "draft_quant": "int4", "num_speculative_tokens": 4},
+    "self-8-layers": {"method": "self", "draft_layers": 8, "num_speculative_tokens": 4},
+}
+TASK_METHODS = {
+    "edit": ("ngram",),
+    "summarise": ("ngram",),
+    "chat": ("ngram", "self-int4", "self-8-layers"),
+}
 
 
 def run_speculative(model: str | None, quant: str | None, runs: int) -> list[dict]:
     from engine import LLM, SamplingParams
 
     plain = LLM(model, quant=quant, max_model_len=2048)
-    spec = LLM(model, quant=quant, max_model_len=2048, speculative=NGRAM)
+    engines = {name: LLM(model, quant=quant, max_model_len=2048, speculative=spec)
+               for name, spec in METHODS.items()}  # fmt: skip
     params = SamplingParams(max_tokens=GEN_TOKENS, temperature=0)
     rows = []
-    for task, prompts in TASKS.items():
-        ids = [plain.encode_chat([{"role": "user", "content": p}])[1] for p in prompts]
-        for llm in (plain, spec):  # warm-up (compilation, prefix cache)
-            llm.generate(ids, params)
-        speeds: dict[str, list[float]] = {"plain": [], "ngram": []}
-        proposed = accepted = tokens = 0
-        for _ in range(runs):
-            outs = {}
-            for name, llm in (("plain", plain), ("ngram", spec)):
-                outs[name] = [llm.generate([i], params)[0] for i in ids]
-                speeds[name].append(statistics.mean(_decode_tok_s(o) for o in outs[name]))
-            if [o.token_ids for o in outs["plain"]] != [o.token_ids for o in outs["ngram"]]:
-                raise AssertionError(f"speculation changed the greedy tokens of task {task}")
-            proposed += sum(o.metrics.spec_proposed for o in outs["ngram"])
-            accepted += sum(o.metrics.spec_accepted for o in outs["ngram"])
-            tokens += sum(o.metrics.generated_tokens for o in outs["ngram"])
-        plain_s, spec_s = statistics.median(speeds["plain"]), statistics.median(speeds["ngram"])
-        rows.append({
-            "kind": "task", "task": task, "method": "ngram", "runs": runs,
-            "prompt_tokens": statistics.mean(len(i) for i in ids), "gen_tokens": GEN_TOKENS,
-            "plain_decode_tok_s": plain_s, "ngram_decode_tok_s": spec_s,
-            "speedup": spec_s / plain_s,
-            "acceptance_rate": accepted / proposed if proposed else None,
-            "accepted_per_step": accepted / max(1, tokens - accepted),
-        })  # fmt: skip
-    rows.append(_batch_row(plain, spec, runs))
+    for task, methods in TASK_METHODS.items():
+        ids = [plain.encode_chat([{"role": "user", "content": p}])[1] for p in TASKS[task]]
+        for method in methods:
+            rows.append(_task_row(task, method, plain, engines[method], ids, params, runs))
+    rows.append(_batch_row(plain, engines["ngram"], runs))
+    for llm in (plain, *engines.values()):
+        llm.close()
     return rows
+
+
+def _task_row(task: str, method: str, plain, spec, ids: list, params, runs: int) -> dict:
+    """Plain and speculative decode of one task, taking turns run by run."""
+    for llm in (plain, spec):  # warm-up (compilation, prefix cache)
+        llm.generate(ids, params)
+    speeds: dict[str, list[float]] = {"plain": [], method: []}
+    proposed = accepted = tokens = 0
+    for _ in range(runs):
+        outs = {}
+        for name, llm in (("plain", plain), (method, spec)):
+            outs[name] = [llm.generate([i], params)[0] for i in ids]
+            speeds[name].append(statistics.mean(_decode_tok_s(o) for o in outs[name]))
+        if [o.token_ids for o in outs["plain"]] != [o.token_ids for o in outs[method]]:
+            raise AssertionError(f"{method} speculation changed the greedy tokens of {task}")
+        proposed += sum(o.metrics.spec_proposed for o in outs[method])
+        accepted += sum(o.metrics.spec_accepted for o in outs[method])
+        tokens += sum(o.metrics.generated_tokens for o in outs[method])
+    plain_s, spec_s = statistics.median(speeds["plain"]), statistics.median(speeds[method])
+    return {
+        "kind": "task", "task": task, "method": method, "speculative": METHODS[method],
+        "runs": runs, "prompt_tokens": statistics.mean(len(i) for i in ids),
+        "gen_tokens": GEN_TOKENS, "plain_decode_tok_s": plain_s,
+        "speculative_decode_tok_s": spec_s, "speedup": spec_s / plain_s,
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "accepted_per_step": accepted / max(1, tokens - accepted),
+    }  # fmt: skip
 
 
 def _decode_tok_s(output) -> float:
@@ -89,7 +109,7 @@ def _decode_tok_s(output) -> float:
     return (m.generated_tokens - 1) / (m.total_s - m.ttft_s)
 
 
-def _batch_row(plain, spec, runs: int) -> dict:
+def _batch_row(plain, spec, runs: int) -> dict:  # spec: the n-gram engine
     """16 chat requests together: aggregate tokens after each one's first over the time
     all were decoding (from the last first token to the last token)."""
     from engine import SamplingParams
