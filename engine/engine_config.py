@@ -228,13 +228,19 @@ class EngineConfig:
             group.add_argument(
                 "--speculative-method",
                 choices=METHODS,
-                help="propose tokens and verify them in one pass (ngram: prompt lookup)",
+                help="propose tokens and verify them in one pass (ngram: prompt lookup; "
+                "draft: --draft-model; self: the model's first layers or another precision)",
             )
-            for name, help in _SPECULATIVE_FLAGS.items():
-                group.add_argument(
-                    "--" + name.replace("_", "-"), type=_cli_type(name, int), metavar="N",
-                    help=f"{help} (default: {SpeculativeConfig.__dataclass_fields__[name].default})",
-                )  # fmt: skip
+            for name, (help, parse) in _SPECULATIVE_FLAGS.items():
+                default = SpeculativeConfig.__dataclass_fields__[name].default
+                options: dict[str, Any] = {"help": f"{help} (default: {default})"}
+                if parse is int:
+                    options.update(type=_cli_type(name, int), metavar="N")
+                elif name == "draft_quant":
+                    options.update(choices=QUANTS)
+                else:
+                    options.update(metavar="PATH")
+                group.add_argument("--" + name.replace("_", "-"), **options)
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> EngineConfig:
@@ -257,10 +263,13 @@ class EngineConfig:
 
 
 # SpeculativeConfig's fields that are flags, besides the method.
-_SPECULATIVE_FLAGS = {
-    "num_speculative_tokens": "tokens proposed per step, at most (each sequence adapts)",
-    "prompt_lookup_min": "shortest suffix ngram looks up",
-    "prompt_lookup_max": "longest suffix ngram looks up",
+_SPECULATIVE_FLAGS: dict[str, tuple[str, type]] = {
+    "num_speculative_tokens": ("tokens proposed per step, at most (each sequence adapts)", int),
+    "prompt_lookup_min": ("shortest suffix ngram looks up", int),
+    "prompt_lookup_max": ("longest suffix ngram looks up", int),
+    "draft_model": ("the draft model (method draft), with the target's vocabulary", str),
+    "draft_quant": ("the draft's weight precision (draft, self)", str),
+    "draft_layers": ("run only the draft's first N layers (self: default half)", int),
 }
 
 
