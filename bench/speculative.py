@@ -9,12 +9,16 @@ by run (medians of `runs`), greedy, 128 tokens:
 Decode tok/s of one request is (generated - 1) / (total - ttft); the acceptance rate is
 accepted / proposed tokens. Both engines must give the same tokens (greedy is lossless),
 checked on every run. Then 16 chat requests at once, where speculation turns itself off
-(more sequences decode than `max_batch`): aggregate decode tok/s of both engines.
+(more sequences decode than `max_batch`): aggregate decode tok/s of both engines. Last, where
+a draft model pays: the random 1.1B model with a random tiny draft of its vocabulary, whose
+proposals are swapped for the target's own greedy tokens with a set probability (the draft
+still runs, so its cost is real): the speed-up against the acceptance rate.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import statistics
 
 PASSAGE = (
@@ -45,6 +49,8 @@ TASKS = {
     ],
 }
 GEN_TOKENS = 128
+DRAFT_TOKENS = 64
+DRAFT_AGREEMENTS = (0.0, 0.5, 0.7, 0.85, 0.95, 1.0)
 BATCH = 16
 METHODS = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
@@ -73,6 +79,79 @@ def run_speculative(model: str | None, quant: str | None, runs: int) -> list[dic
             rows.append(_task_row(task, method, plain, engines[method], ids, params, runs))
     rows.append(_batch_row(plain, engines["ngram"], runs))
     for llm in (plain, *engines.values()):
+        llm.close()
+    rows.extend(_draft_curve(runs))
+    return rows
+
+
+class _OracleDraft:
+    """A draft whose agreement with the target is set: each proposal is the target's own
+    greedy continuation, each token swapped for another with probability 1 - `agreement`;
+    the real draft model still runs its passes for every proposal, so its cost is paid."""
+
+    def __init__(self, real, reference: list[int], prompt_len: int, agreement: float) -> None:
+        self.real, self.reference, self.prompt_len = real, reference, prompt_len
+        self.agreement = agreement
+        self.rng = random.Random(0)
+
+    def propose(self, requests):
+        self.real.propose(requests)  # the draft model's cost
+        out = []
+        for seq, k in requests:
+            at = len(seq.tokens) - self.prompt_len
+            tokens = self.reference[at : at + k]
+            out.append([t if self.rng.random() < self.agreement else (t + 1) % 49152
+                        for t in tokens])  # fmt: skip
+        return out
+
+    def release(self, live):
+        self.real.release(live)
+
+    def close(self):
+        self.real.close()
+
+
+def _draft_curve(runs: int) -> list[dict]:
+    """Random 1.1B target (int8), random tiny draft of its vocabulary (hidden 256, 4 layers,
+    int8): the speed-up as a function of how often the draft agrees, set by `_OracleDraft`."""
+    from bench.random_model import random_model_path
+    from engine import LLM, SamplingParams
+
+    target_path = random_model_path("random:llama-1b")
+    draft_path = random_model_path("random:llama-tiny")
+    plain = LLM(target_path, quant="int8", max_model_len=1024)
+    spec = LLM(target_path, quant="int8", max_model_len=1024, speculative={
+        "method": "draft", "draft_model": str(draft_path), "draft_quant": "int8",
+        "num_speculative_tokens": 4})  # fmt: skip
+    prompt = list(range(1000, 1032))
+    params = SamplingParams(max_tokens=DRAFT_TOKENS, temperature=0, ignore_eos=True)
+    reference = plain.generate([prompt], params)[0].token_ids
+    speculator = spec.engine_loop.ctx.speculator
+    real = speculator.proposer
+    rows = []
+    for agreement in DRAFT_AGREEMENTS:
+        speculator.proposer = _OracleDraft(real, reference, len(prompt), agreement)
+        spec.generate([prompt], params)  # warm-up
+        speeds: dict[str, list[float]] = {"plain": [], "draft": []}
+        proposed = accepted = 0
+        for _ in range(runs):
+            for name, llm in (("plain", plain), ("draft", spec)):
+                out = llm.generate([prompt], params)[0]
+                if out.token_ids != reference:
+                    raise AssertionError("a draft changed the greedy tokens")
+                speeds[name].append(_decode_tok_s(out))
+                proposed += out.metrics.spec_proposed
+                accepted += out.metrics.spec_accepted
+        plain_s, spec_s = statistics.median(speeds["plain"]), statistics.median(speeds["draft"])
+        rows.append({
+            "kind": "draft_curve", "target": "random:llama-1b int8",
+            "draft": "random:llama-tiny int8", "draft_agreement": agreement, "runs": runs,
+            "gen_tokens": DRAFT_TOKENS, "plain_decode_tok_s": plain_s,
+            "speculative_decode_tok_s": spec_s, "speedup": spec_s / plain_s,
+            "acceptance_rate": accepted / proposed if proposed else None,
+        })  # fmt: skip
+    speculator.proposer = real
+    for llm in (plain, spec):
         llm.close()
     return rows
 
