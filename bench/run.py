@@ -49,18 +49,20 @@ def lamina_figures(
     gen: int,
     runs: int,
     between: Callable[[], None] | None = None,
+    speculative: dict | None = None,
 ) -> tuple[dict, list[int]]:
     """lamina's figures, and the prompt ids it used (the peers get the same ones).
     `between` runs after each of lamina's runs: a peer's run, interleaved with lamina's so
-    that both see the same machine load."""
+    that both see the same machine load. `speculative`: decode speculating so."""
     from engine import LLM, SamplingParams
 
-    llm = LLM(path, quant=quant, enable_prefix_caching=False)  # every run prefills in full
+    # Every run prefills in full.
+    llm = LLM(path, quant=quant, enable_prefix_caching=False, speculative=speculative)
     ids = prompt_ids(llm.tokenizer, prompt)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     llm.generate(llm.tokenizer.decode(ids[:16]), SamplingParams(max_tokens=2))  # warm-up
     timer = KernelTimer(llm.backend)
-    ttft, tpot, outside, expert_bytes = [], [], [], []
+    ttft, tpot, outside, expert_bytes, accepted = [], [], [], [], []
     for _ in range(runs):
         stream = llm.stream(ids, params)
         next(stream)
@@ -69,6 +71,7 @@ def lamina_figures(
         for _ in stream:
             pass
         m = stream.output.metrics
+        accepted.append(m.acceptance_rate)
         ttft.append(m.ttft_s)
         tpot.append(m.tpot_s)
         decode_s = m.total_s - m.ttft_s
@@ -103,7 +106,9 @@ def lamina_figures(
         "kernel_calls_per_token": timer.calls / max(1, gen - 1),
         "bytes_per_token": weights.nbytes - all_experts + statistics.median(expert_bytes),
         **moe,
-    }, ids
+        **({} if speculative is None else {
+            "speculative": speculative, "acceptance_rate": statistics.median(accepted)})
+    }, ids  # fmt: skip
 
 
 def _active_expert_bytes(weights, config) -> float:
@@ -192,6 +197,7 @@ def run_e2e(
     runs: int,
     peers: list[str],
     gguf_type: str | None = None,
+    speculative: dict | None = None,
 ) -> dict:
     """Decode and prefill speed, start-up, bandwidth ratio and the peers on the same weights.
     `gguf_type`: both engines run the model as llama-quantize makes it in that type (lamina
@@ -207,7 +213,7 @@ def run_e2e(
     between = None
     if "llama.cpp" in peers and installed("llama.cpp"):
         between = _llama_bench_round(path, quant, prompt, gen, peer_runs)
-    figures, ids = lamina_figures(path, quant, prompt, gen, runs, between)
+    figures, ids = lamina_figures(path, quant, prompt, gen, runs, between, speculative)
     result.update(figures)
     result["quant"] = figures["weights"]
     result["bandwidth_limit_tok_s"] = result["bandwidth_gbps"] * 1e9 / result["bytes_per_token"]
@@ -479,11 +485,14 @@ def main(args) -> int:
         write_report(f"batch-{_slug(args.model)}-{result['quant']}{kv}", [result])
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
         return 0
+    from engine.engine_config import speculative_from_cli
+
     result = run_e2e(
         args.model, args.quant, args.prompt_tokens, args.gen_tokens, args.runs, peers,
-        args.gguf_type,
+        args.gguf_type, speculative_from_cli(args),
     )  # fmt: skip
-    write_report(f"e2e-{_slug(args.model)}-{result['quant']}", [result])
+    spec = f"-spec-{args.speculative_method}" if args.speculative_method else ""
+    write_report(f"e2e-{_slug(args.model)}-{result['quant']}{spec}", [result])
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 

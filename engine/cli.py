@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode at each thread count, idle and with one busy process per core",
     )
-    EngineConfig.add_cli_args(bench, ("kv_cache_dtype",))
+    EngineConfig.add_cli_args(bench, ("kv_cache_dtype", "speculative"))
     bench.add_argument(
         "--cpu-memory",
         type=_memory_size,

@@ -250,16 +250,20 @@ class EngineConfig:
             for f in dataclasses.fields(cls)
             if f.metadata.get("flag", True)
         }
-        method = getattr(args, "speculative_method", None)
-        given = {n: getattr(args, n, None) for n in _SPECULATIVE_FLAGS}
-        given = {n: v for n, v in given.items() if v is not None}
-        if method is None and given:
-            raise InvalidInputError(
-                f"--{next(iter(given)).replace('_', '-')} needs --speculative-method"
-            )
-        if method is not None:
-            values["speculative"] = {"method": method, **given}
+        values["speculative"] = speculative_from_cli(args)
         return cls(**values)
+
+
+def speculative_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The speculative settings of the flags `add_cli_args` added (None: no method)."""
+    method = getattr(args, "speculative_method", None)
+    given = {n: getattr(args, n, None) for n in _SPECULATIVE_FLAGS}
+    given = {n: v for n, v in given.items() if v is not None}
+    if method is None and given:
+        raise InvalidInputError(
+            f"--{next(iter(given)).replace('_', '-')} needs --speculative-method"
+        )
+    return None if method is None else {"method": method, **given}
 
 
 # SpeculativeConfig's fields that are flags, besides the method.
