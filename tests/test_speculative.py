@@ -327,3 +327,24 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny):  # noqa: F811
             tiny.engine_config.model,
             speculative={"method": "draft", "draft_model": str(default_model_path())},
         )
+
+
+@pytest.mark.parametrize("method", ["ngram", "self"])
+def test_constrained_and_preempted_speculation_keeps_greedy_tokens(tiny, method):  # noqa: F811
+    """A regex constraint and a KV cache too small for the batch (preemptions) together."""
+    folder = tiny.engine_config.model
+    spec = {"method": method, "max_batch": 16, **({"draft_layers": 1} if method == "self" else {})}
+    # Four 16-token blocks (256 bytes a token): the three sequences need nine at their end.
+    small = {"max_model_len": 64, "kv_cache_mb": 64 * 256 / 2**20}
+    plain = LLM(folder, **small)
+    llm = LLM(folder, **small, speculative=spec)
+    prompts = [[5, 6, 7], [9, 8, 9], [100, 101, 102]]
+    params = SamplingParams(max_tokens=40, temperature=0, guided_regex="(ab|ba|01)+")
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    for o in outs:  # a full match, or a prefix of one where max_tokens cut it
+        pattern = "(ab|ba|01)+" if o.outputs[0].finish_reason == "stop" else "(ab|ba|01)*[ab0]?"
+        assert re.fullmatch(pattern, o.text), o.text
+    assert llm.engine_loop.scheduler.num_preemptions > 0
+    assert sum(o.metrics.spec_proposed for o in outs) > 0
