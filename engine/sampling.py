@@ -334,15 +334,9 @@ class Sampler:
         prompt_ids: Sequence[int],
         output_ids: Sequence[int],
         guide: Guide | None = None,
-        proposal: int | None = None,
     ) -> int:
         """Return the next token id, always < vocab_size (padded head columns are ignored);
-        with a `guide`, one its grammar allows (masked before anything else applies).
-
-        With a speculative `proposal`, the token has the same distribution as without one,
-        and is the proposal as often as that allows: greedy picks the argmax as always; a
-        draw keeps the proposal with its probability p, else draws from the others
-        (engine/speculative.py)."""
+        with a `guide`, one its grammar allows (masked before anything else applies)."""
         x = _logits_row(logits, self.vocab_size)
         if guide is not None:
             x = guide.apply(x, self.vocab_size)  # a copy
@@ -353,8 +347,6 @@ class Sampler:
             x = apply_penalties(x, self._unique_prompt(prompt_ids, len(x)), output_ids, self.params)
         if self.is_greedy:
             return _greedy(x)
-        if proposal is not None and 0 <= proposal < len(x):
-            return self._draw_checking(x, proposal)
         return self._draw(x)
 
     def _unique_prompt(self, prompt_ids: Sequence[int], n: int) -> np.ndarray:
@@ -396,33 +388,6 @@ class Sampler:
         else:
             index = _draw_index(weights, u)
         return index if candidates is None else int(candidates[index])
-
-    def _draw_checking(self, x: np.ndarray, proposal: int) -> int:
-        """`_draw`'s distribution, keeping `proposal` with its probability: the weights
-        `_draw` draws from, computed over the whole row (the proposal may lie outside a
-        top-k), the proposal kept if one uniform falls under its share, else a draw from
-        the rest."""
-        n = len(x)
-        top = x.max()
-        if not np.isfinite(top):
-            return _degenerate_choice(x, None, top, self._rng.random())
-        if 0 < self._top_k < n:
-            cut = np.partition(x, n - self._top_k)[n - self._top_k]
-            x = np.where(x >= cut, x, np.float32(-np.inf))
-        with np.errstate(over="ignore"):
-            weights = x - top
-            weights *= np.float32(self._inv_temperature)
-        np.exp(weights, out=weights)
-        threshold = self._min_p
-        if self._top_p < 1.0:
-            threshold = max(threshold, _nucleus_threshold(weights, self._top_p))
-        if threshold > 0.0:
-            weights[weights < threshold] = 0.0
-        total = float(weights.sum(dtype=np.float64))
-        if self._rng.random() * total < float(weights[proposal]):
-            return proposal
-        weights[proposal] = 0.0
-        return _draw_index(weights, self._rng.random())
 
 
 def apply_penalties(

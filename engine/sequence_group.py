@@ -189,7 +189,7 @@ class SamplingGroup(SequenceGroup):
                 proposal = proposals[i] if i < len(proposals) else None
                 if i and track.guide is not None:  # the guide has taken the accepted ones
                     self.ctx.structured.fill([track.guide], overlap=False)
-                finished = self._append(track, row, cache, proposal)
+                finished = self._append(track, row, cache)
                 gained += 1
                 if proposal is None or seq.tokens[-1] != proposal:
                     break
@@ -212,20 +212,16 @@ class SamplingGroup(SequenceGroup):
         speculator, seq = self.ctx.speculator, track.seq
         if speculator is None or not speculator.enabled or not track.draft_length.ready():
             return
-        room = self.budget - len(track.completion.token_ids)  # tokens it may still take
-        k = min(track.draft_length.k, room, self.ctx.max_model_len - len(seq.tokens))
+        # A check of k proposals gives up to k + 1 tokens: no more than the request may take.
+        k = min(track.draft_length.k, self.budget - len(track.completion.token_ids) - 1)
         if k > 0:
             self.asks.append((seq, k))
 
-    def _append(
-        self, track: _Track, logits: np.ndarray, cache: PagedKVCache, proposal: int | None = None
-    ) -> bool:
+    def _append(self, track: _Track, logits: np.ndarray, cache: PagedKVCache) -> bool:
         """Sample one token from one row of logits, stream its text, and end the sequence if
         it stops; True when it ended."""
         seq, c = track.seq, track.completion
-        token = track.sampler.sample(
-            logits, self.output.prompt_token_ids, c.token_ids, track.guide, proposal
-        )
+        token = track.sampler.sample(logits, self.output.prompt_token_ids, c.token_ids, track.guide)
         if self.params.logprobs is not None:
             chosen, top = top_logprobs(logits, token, self.params.logprobs, self.ctx.vocab_size)
             c.logprobs.append(TokenLogprob(token, chosen, top))

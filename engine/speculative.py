@@ -8,12 +8,12 @@ it always would, and keeps going while that token equals proposal i. The first t
 differs (or the one after the last proposal) ends the walk; the rejected proposals' keys and
 values are cut from the KV cache (`PagedKVCache.truncate`).
 
-Lossless: greedy output is the same token for token, since each position's token is the
-argmax of the same logits. With sampling, a proposal x is kept with probability p(x) under
-the request's full processing (mask, bias, penalties, temperature, top-k/p, min-p), else a
-token is drawn from p with x removed: P(x) = p(x) and P(y) = (1 - p(x)) p(y) / (1 - p(x)),
-the target's distribution exactly, as the rejection scheme gives for a proposal that is
-certain (`Sampler.sample(..., proposal=x)`).
+Lossless, and the same output: each position's token is sampled from that position's
+logits exactly as without speculation (same processing, same seeded draw, one per position
+in order), and a proposal is kept when the sampled token equals it. For a proposal that is
+certain (every method here proposes deterministically), this is the rejection scheme's rule:
+the proposal x is kept with probability p(x), else the token comes from p without x. So
+greedy and seeded sampling give the very tokens plain decode gives, whatever the batch.
 
 Methods: "ngram" (prompt lookup): the last n tokens (n from prompt_lookup_max down to
 prompt_lookup_min) are looked up in everything before them, prompt and output, and the k
