@@ -50,13 +50,7 @@ class BeamSearchGroup(SequenceGroup):
             return  # after a preemption the beams may finish recomputing in different steps
         chosen = self._step_candidates()
         children, guides = [], {}
-        for score, parent, token in chosen:
-            guide = self._guides.get(parent.seq_id)
-            if guide is not None:
-                guide = guide.fork()
-                if guide.advance(token):  # the constraint is complete: a finished hypothesis
-                    self._hypotheses.append((parent.generated + [token], score, "stop"))
-                    continue
+        for score, parent, token, guide in chosen:
             children.append(self._extend(parent, token, score, cache))
             if guide is not None:
                 guides[children[-1].seq_id] = guide
@@ -68,8 +62,9 @@ class BeamSearchGroup(SequenceGroup):
         if not self.live:
             self._finish()
 
-    def _step_candidates(self) -> list[tuple[float, Sequence, int]]:
-        """The next beams; finished hypotheses are moved to `_hypotheses` on the way."""
+    def _step_candidates(self) -> list[tuple[float, Sequence, int, Guide | None]]:
+        """The next beams (with their constraint's state after the token); finished
+        hypotheses (a stop token, or a constraint made complete) go to `_hypotheses`."""
         width = self.params.best_of
         candidates = []
         for order, seq in enumerate(self.live):
@@ -86,27 +81,32 @@ class BeamSearchGroup(SequenceGroup):
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))  # ties broken deterministically
         chosen = []
         for rank, (score, _, token, seq) in enumerate(candidates):
-            if token in self.stop_ids:
+            finished = token in self.stop_ids
+            guide = self._guides.get(seq.seq_id)
+            if guide is not None and not finished:
+                guide = guide.fork()
+                finished = guide.advance(token)  # the constraint is complete: as a stop token
+            if finished:
                 if rank < width:
                     self._hypotheses.append((seq.generated + [token], score, "stop"))
                 continue
-            chosen.append((score, seq, token))
+            chosen.append((score, seq, token, guide))
             if len(chosen) == width:
                 break
         length = len(self.live[0].generated) + 1
         if length >= self.budget:
-            self._hypotheses += [(s.generated + [t], score, "length") for score, s, t in chosen]
+            self._hypotheses += [(s.generated + [t], score, "length") for score, s, t, _ in chosen]
             return []
         if self._done(chosen, length):
             return []
         return chosen
 
-    def _done(self, chosen: list[tuple[float, Sequence, int]], length: int) -> bool:
+    def _done(self, chosen: list[tuple[float, Sequence, int, Guide | None]], length: int) -> bool:
         width = self.params.best_of
         if len(self._hypotheses) < width or not chosen:
             return not chosen
         worst_kept = sorted(self._scores(), reverse=True)[width - 1]
-        best_live = max(score for score, _, _ in chosen) / length**self.params.length_penalty
+        best_live = max(c[0] for c in chosen) / length**self.params.length_penalty
         return best_live <= worst_kept
 
     def _scores(self) -> list[float]:

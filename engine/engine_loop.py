@@ -56,13 +56,18 @@ class EngineLoop:
         self.closed = False
         self._score_ids = itertools.count()
         vocab_size = min(loaded.tokenizer.vocab_size, loaded.config.vocab_size)
+        try:
+            speculator = _speculator(loaded, backend, config, self.max_model_len, vocab_size)
+        except BaseException:  # a bad draft: release what the runner holds open
+            self.runner.close()
+            raise
         self.ctx = GenerationContext(
             tokenizer=loaded.tokenizer,
             eos_token_ids=tuple(loaded.config.eos_token_ids),
             vocab_size=vocab_size,
             max_model_len=self.max_model_len,
             structured=StructuredOutputs(loaded.tokenizer, vocab_size),
-            speculator=_speculator(loaded, backend, config, self.max_model_len, vocab_size),
+            speculator=speculator,
         )
         self.scheduler = Scheduler(
             self.cache,
@@ -161,10 +166,15 @@ class EngineLoop:
         for group in groups:
             group.asks = []
         proposer = self.ctx.speculator.proposer
-        for (seq, _), proposals in zip(asks, proposer.propose(asks), strict=True):
+        proposer.release({s.seq_id for g in self.scheduler.running for s in g.live})
+        try:
+            made = proposer.propose(asks)
+        except Exception:  # proposals are an optimisation: decode goes on without them
+            logger.exception("the speculative proposer failed; this step proposes nothing")
+            return
+        for (seq, _), proposals in zip(asks, made, strict=True):
             seq.tokens.extend(proposals)
             seq.draft = len(proposals)
-        proposer.release({s.seq_id for g in self.scheduler.running for s in g.live})
 
     @staticmethod
     def _guides_to_fill(plan: StepPlan) -> list[Guide]:

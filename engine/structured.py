@@ -77,8 +77,10 @@ def check_guided_fields(params: SamplingParams) -> None:
         except json.JSONDecodeError as error:
             raise InvalidInputError(f"guided_json is not valid JSON: {error}") from None
         params.guided_json = schema
-    if schema is not None and not isinstance(schema, dict | bool):
-        raise InvalidInputError("guided_json must be a JSON schema (an object)")
+    if schema is True:  # JSON schema's "anything"
+        schema = params.guided_json = {}
+    if schema is not None and not isinstance(schema, dict):
+        raise InvalidInputError("guided_json must be a JSON schema (an object, or true)")
     for name in ("guided_regex", "guided_grammar"):
         value = getattr(params, name)
         if value is not None and (not isinstance(value, str) or not value):
@@ -123,21 +125,25 @@ def response_format_fields(response_format: Any) -> dict[str, Any]:
 class Guide:
     """One sequence's place in its grammar, and its next-token mask once filled."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, stop_ids: frozenset[int]) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, stop_ids: frozenset[int], banned: frozenset[int]
+    ) -> None:
         self.matcher = matcher
-        self.stop_ids = stop_ids
+        self.stop_ids = stop_ids  # the request's: allowed exactly where the grammar may end
+        self.banned = banned  # EOS ids llguidance allows that do not stop this request
         self.mask: np.ndarray | None = None  # int32 bit words, filled by StructuredOutputs
 
     def fork(self) -> Guide:
         """A copy at the same place (and with the same mask), for a sequence forked from
         this one."""
-        twin = Guide(self.matcher.deep_copy(), self.stop_ids)
+        twin = Guide(self.matcher.deep_copy(), self.stop_ids, self.banned)
         twin.mask = self.mask
         return twin
 
     def apply(self, logits: np.ndarray, vocab_size: int) -> np.ndarray:
-        """A copy of the first vocab_size logits with every disallowed token at -inf. A stop
-        token is allowed exactly when the grammar accepts what came before."""
+        """A copy of the first vocab_size logits with every disallowed token at -inf. The
+        request's stop tokens are allowed exactly when the grammar accepts what came before;
+        an EOS that does not stop it (ignore_eos) never is."""
         if self.mask is None:
             raise RuntimeError("the mask of a guided sequence was not computed before sampling")
         x = np.asarray(logits, dtype=np.float32)
@@ -146,14 +152,13 @@ class Guide:
         stops = [t for t in self.stop_ids if t < vocab_size]
         if stops:
             out[stops] = x[stops] if self.matcher.is_accepting() else -np.inf
+        out[[t for t in self.banned if t < vocab_size]] = -np.inf
         return out
 
     def advance(self, token: int) -> bool:
-        """Consume a sampled token; True when the grammar can take nothing more (the
-        completion is over). A stop token ends the sequence without being consumed."""
+        """Consume a sampled token (not a stop token, which ends the sequence first); True
+        when the grammar can take nothing more (the completion is over)."""
         self.mask = None
-        if token in self.stop_ids:
-            return True
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
         return self.matcher.is_stopped()
@@ -173,9 +178,11 @@ class StructuredOutputs:
         """Built on first use (about 0.15 s for a 49k vocabulary): unguided engines never pay."""
         import llguidance
 
+        # At least the tokenizer's own ids (a model's head may have fewer rows, or more).
+        vocab = max(self.vocab_size, self._tokenizer.vocab_size)
         return llguidance.LLTokenizer(
             self._tokenizer.backend.to_str(),
-            n_vocab=self.vocab_size,
+            n_vocab=vocab,
             eos_token=list(self._tokenizer.eos_token_ids) or None,
         )
 
@@ -186,7 +193,8 @@ class StructuredOutputs:
         if constraint is None:
             return None
         matcher = self._compiled(*constraint)
-        return Guide(matcher.deep_copy(), frozenset(stop_ids))
+        stops = frozenset(stop_ids)
+        return Guide(matcher.deep_copy(), stops, frozenset(self._lltokenizer.eos_tokens) - stops)
 
     @functools.lru_cache(maxsize=_COMPILED_KEPT)  # noqa: B019 - one instance per engine
     def _compiled(self, field: str, text: str) -> llguidance.LLMatcher:
@@ -228,7 +236,7 @@ class StructuredOutputs:
     def _fill(self, guides: list[Guide]) -> None:
         from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
-        masks = allocate_token_bitmask(len(guides), self.vocab_size)
+        masks = allocate_token_bitmask(len(guides), self._lltokenizer.vocab_size)
         fill_next_token_bitmask_par(
             self._executor, [(g.matcher, i) for i, g in enumerate(guides)], masks
         )

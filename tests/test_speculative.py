@@ -328,3 +328,20 @@ def test_constrained_and_preempted_speculation_keeps_greedy_tokens(tiny, method)
         assert re.fullmatch(pattern, o.text), o.text
     assert llm.engine_loop.scheduler.num_preemptions > 0
     assert sum(o.metrics.spec_proposed for o in outs) > 0
+
+
+def test_a_failing_proposer_costs_only_its_proposals(plain, caplog):
+    """A bug in the proposer is logged with its traceback; every request still completes,
+    with plain decode's tokens."""
+    llm = LLM(quant="int8", max_model_len=1024, speculative=NGRAM)
+    proposer = llm.engine_loop.ctx.speculator.proposer
+
+    def broken(asks):
+        raise RuntimeError("proposer bug")
+
+    proposer.propose = broken
+    params = SamplingParams(max_tokens=24, temperature=0)
+    with caplog.at_level("ERROR", logger="lamina.engine"):
+        out = llm.chat(COPY, params)
+    assert out.outputs[0].token_ids == plain.chat(COPY, params).outputs[0].token_ids
+    assert "proposer bug" in caplog.text and out.metrics.spec_proposed == 0

@@ -233,3 +233,45 @@ def test_masked_copy_matches_numpy(n, data):
     out = np.empty(n, np.float32)
     masked_copy_into(x, mask, out)
     np.testing.assert_array_equal(out, np.where(bits, x[:n], -np.inf))
+
+
+def test_beam_search_keeps_its_width_when_the_constraint_completes(tiny):
+    choices = ["0", "1", "01", "10", "0110", "1001"]
+    params = SamplingParams(max_tokens=10, guided_choice=choices, use_beam_search=True,
+                            best_of=4, n=4)  # fmt: skip
+    outputs = run(tiny, params)
+    assert len(outputs) == 4 and len({tuple(c.token_ids) for c in outputs}) == 4
+    assert all(c.text in choices for c in outputs)
+
+
+def test_ignore_eos_under_a_constraint_never_emits_eos(tiny):
+    eos = tiny.tokenizer.eos_token_id
+    for seed in range(8):
+        (c,) = run(tiny, SamplingParams(max_tokens=12, guided_regex="(ab)+", ignore_eos=True,
+                                        temperature=1.0, seed=seed, logit_bias={eos: 5.0}))  # fmt: skip
+        assert eos not in c.token_ids and re.fullmatch("(ab)*a?", c.text), c.text
+
+
+def test_guided_json_true_means_any_json(tiny):
+    (c,) = run(tiny, SamplingParams(max_tokens=40, guided_json=True, temperature=0))
+    if c.finish_reason == "stop":
+        json.loads(c.text)
+    with pytest.raises(InvalidInputError, match="guided_json must be a JSON schema"):
+        SamplingParams(guided_json=False)
+
+
+def test_a_tokenizer_with_more_ids_than_the_head(tiny, tmp_path):
+    """Added tokens past the model's vocabulary: constrained and plain requests both run."""
+    import shutil
+
+    folder = tmp_path / "more-ids"
+    shutil.copytree(tiny.engine_config.model, folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens(["<extra1>", "<extra2>", "<extra3>"])
+    tok.save(str(folder / "tokenizer.json"))
+    llm = LLM(folder, max_model_len=256)
+    guided, plain = llm.generate(["ab", "ab"], [
+        SamplingParams(max_tokens=8, temperature=0, guided_regex="[01]{3}"),
+        SamplingParams(max_tokens=4, temperature=0)])  # fmt: skip
+    assert guided.error is None and re.fullmatch("[01]{3}", guided.outputs[0].text)
+    assert plain.error is None and len(plain.outputs[0].token_ids) >= 1

@@ -164,11 +164,15 @@ class CUDABackend:
         self.stream.synchronize()
 
     def _to_device(self, host: np.ndarray) -> DeviceArray:
+        if not isinstance(host, np.ndarray):  # already on the device (a self-draft's weights)
+            return host
         self.allocated_bytes += host.nbytes
         return cuda.to_device(np.ascontiguousarray(host), stream=self.stream)
 
     def _to_device_weight(self, weight: Weight) -> Weight:
         _check_kernel(weight)
+        if not isinstance(weight.data, np.ndarray):  # moved already
+            return weight
         bias = None if weight.bias is None else self._to_device(weight.bias)
         if isinstance(weight, DenseWeight):
             return DenseWeight(self._to_device(weight.data), bias)
