@@ -152,6 +152,8 @@ class EngineLoop:
                     continue
                 try:
                     group.process(items, self.cache)
+                except LaminaError as error:  # the request's own settings cannot go on
+                    self.scheduler.abort(group, str(error))
                 except Exception as error:  # noqa: BLE001 - any bug ends only its request
                     self._fail(group, error)
             self.scheduler.remove_finished()

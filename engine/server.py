@@ -56,6 +56,7 @@ from engine.openai_protocol import (
     usage,
 )
 from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
 from engine.text_input import invalid_text
 from engine.tool_calls import ContentDelta, ToolCallDelta, ToolCallStream
 
@@ -168,6 +169,7 @@ class OpenAIServer:
         self._check_model(body.model)
         # Without max_tokens, generate up to the context window (the engine caps it there).
         params = body.params(self.llm.max_model_len)
+        await self._compile(params)
         requests = [self.llm.new_request(prompt, params) for prompt in body.prompts()]
         run = _Run(self.engine, requests, body.stream)
         if body.stream:
@@ -197,6 +199,13 @@ class OpenAIServer:
             "usage": _usage(outputs),
         }
         return JSONResponse(result)
+
+    async def _compile(self, params: SamplingParams) -> None:
+        """Compile a structured-output constraint on a worker thread (the first one also
+        builds llguidance's tokenizer, tenths of a second): the engine's submit then finds
+        it compiled, and the event loop serves the other streams meanwhile."""
+        structured = self.llm.engine_loop.ctx.structured
+        await asyncio.to_thread(structured.guide, params, ())
 
     def _prompt_text(self, output: RequestOutput) -> str:
         """What `echo` repeats: the prompt as sent, or its token ids decoded."""
@@ -242,6 +251,7 @@ class OpenAIServer:
         if tools is not None:
             kwargs = {**kwargs, **tools.template_kwargs()}
             params = tools.constrain(params, tokenizer)
+        await self._compile(params)
         text, ids = self.llm.encode_chat(body.template_messages(), **kwargs)
         output, params = self.llm.new_request(ids, params)
         output.prompt = text

@@ -153,6 +153,11 @@ class Guide:
         if stops:
             out[stops] = x[stops] if self.matcher.is_accepting() else -np.inf
         out[[t for t in self.banned if t < vocab_size]] = -np.inf
+        if not np.isfinite(out).any():
+            raise InvalidInputError(
+                "the structured-output constraint allows only stop tokens here, and the "
+                "grammar cannot end yet: remove them from stop_token_ids"
+            )
         return out
 
     def advance(self, token: int) -> bool:

@@ -275,3 +275,16 @@ def test_a_tokenizer_with_more_ids_than_the_head(tiny, tmp_path):
         SamplingParams(max_tokens=4, temperature=0)])  # fmt: skip
     assert guided.error is None and re.fullmatch("[01]{3}", guided.outputs[0].text)
     assert plain.error is None and len(plain.outputs[0].token_ids) >= 1
+
+
+def test_stop_ids_that_block_the_grammar_are_the_requests_error(tiny):
+    """The grammar's only way on is a token the request made a stop token: a one-line user
+    error for that request, no traceback; the batch goes on."""
+    x = tiny.tokenizer.encode("x", add_special_tokens=False)
+    assert len(x) == 1
+    bad = SamplingParams(max_tokens=4, guided_regex="xa", stop_token_ids=x)
+    blocked, fine = tiny.generate(["ab", "ab"], [bad, SamplingParams(max_tokens=3, temperature=0)])
+    assert "allows only stop tokens" in blocked.error and "\n" not in blocked.error
+    assert fine.error is None and fine.outputs[0].finish_reason == "length"
+    cache = tiny.engine_loop.cache
+    assert cache.usage() == (0, 0)
