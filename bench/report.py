@@ -62,15 +62,21 @@ def machine() -> dict:
     }
 
 
-def write_report(name: str, rows: list[dict]) -> None:
-    """Stamp each row with `machine()` (so the JSON printed after it carries it too), then
-    write the rows."""
+def write_rows(name: str, rows: list[dict]) -> Path:
+    """Stamp each row with `machine()` (so the JSON printed after it carries it too), write
+    them to bench/results/NAME.json; -> the results folder."""
     stamp = machine()
     for row in rows:
         row.setdefault("machine", stamp)
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return out
+
+
+def write_report(name: str, rows: list[dict]) -> None:
+    """The rows' JSON (`write_rows`), a markdown table and a chart."""
+    out = write_rows(name, rows)
     (out / f"{name}.md").write_text(_markdown(rows))
     try:
         _chart(out / f"{name}.png", name, rows)

@@ -17,7 +17,6 @@ still runs, so its cost is real): the speed-up against the acceptance rate.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 
@@ -219,11 +218,6 @@ def _batch_row(plain, spec, runs: int) -> dict:  # spec: the n-gram engine
 
 def write_speculative(rows: list[dict]) -> None:
     """bench/results/speculative.json, the rows stamped with the machine."""
-    from bench.report import machine, results_dir
+    from bench.report import write_rows
 
-    stamp = machine()
-    for row in rows:
-        row.setdefault("machine", stamp)
-    out = results_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speculative.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows("speculative", rows)

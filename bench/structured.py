@@ -395,15 +395,10 @@ def _refusals(llm) -> dict:
 
 def write_structured(rows: list[dict]) -> None:
     """bench/results/structured.json (the rows, stamped with the machine) and a short .md."""
-    from bench.report import machine, results_dir
+    from bench.report import write_rows
 
-    stamp = machine()
-    for row in rows:
-        row.setdefault("machine", stamp)
-    out = results_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "structured.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "structured.md").write_text(_markdown(rows, stamp))
+    out = write_rows("structured", rows)
+    (out / "structured.md").write_text(_markdown(rows, rows[0]["machine"]))
 
 
 def _markdown(rows: list[dict], stamp: dict) -> str:

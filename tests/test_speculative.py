@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from engine.cli import main
 from engine.errors import InvalidInputError
 from engine.loader.default_model import default_model_path
 from engine.speculative import SpeculativeConfig, ngram_proposal
+from tests.test_server import client, server  # noqa: F401 - fixtures serving `llm`
 from tests.test_structured import tiny  # noqa: F401 - the random 273-token model fixture
 
 PASSAGE = (
@@ -245,28 +245,18 @@ def test_cli_flags_json_and_verbose(capsys):
     assert code == 2 and "needs --speculative-method" in capsys.readouterr().err
 
 
-def test_server_usage_reports_acceptance(spec):
-    from openai import OpenAI
+@pytest.fixture(scope="module")
+def llm(spec) -> LLM:
+    """The model tests.test_server's `server` fixture serves: the speculating one."""
+    return spec
 
-    from engine.server import OpenAIServer, listen, uvicorn_server
-    from tests.test_server import _wait_for
 
-    app = OpenAIServer(spec, "smollm2")
-    sock = listen("127.0.0.1", 0)
-    uv = uvicorn_server(app, log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    _wait_for(lambda: uv.started, "the server did not start")
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="x")
-        reply = client.chat.completions.create(
-            model="smollm2", messages=COPY, max_tokens=48, temperature=0
-        )
-        extra = reply.usage.model_extra["speculative"]
-        assert extra["accepted_tokens"] > 0 and extra["proposed_tokens"] >= extra["accepted_tokens"]
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+def test_server_usage_reports_acceptance(client):  # noqa: F811
+    reply = client.chat.completions.create(
+        model="smollm2", messages=COPY, max_tokens=48, temperature=0
+    )
+    extra = reply.usage.model_extra["speculative"]
+    assert extra["accepted_tokens"] > 0 and extra["proposed_tokens"] >= extra["accepted_tokens"]
 
 
 @pytest.mark.parametrize(
