@@ -72,9 +72,7 @@ def check_invariants(cache: PagedKVCache, model: dict[str, list[int]]) -> None:
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(
-            ["add", "fork", "append", "free", "rollback", "failed_step", "speculate"]
-        ),
+        st.sampled_from(["add", "fork", "append", "free", "rollback", "failed_step", "speculate"]),
         st.integers(0, 10**6),
         st.integers(1, 40),
     ),
