@@ -160,7 +160,8 @@ def _task_row(task: str, method: str, plain, spec, ids: list, params, runs: int)
     for llm in (plain, spec):  # warm-up (compilation, prefix cache)
         llm.generate(ids, params)
     speeds: dict[str, list[float]] = {"plain": [], method: []}
-    proposed = accepted = tokens = 0
+    proposed = accepted = checks = 0
+    draft_s = decode_s = 0.0
     for _ in range(runs):
         outs = {}
         for name, llm in (("plain", plain), (method, spec)):
@@ -168,9 +169,10 @@ def _task_row(task: str, method: str, plain, spec, ids: list, params, runs: int)
             speeds[name].append(statistics.mean(_decode_tok_s(o) for o in outs[name]))
         if [o.token_ids for o in outs["plain"]] != [o.token_ids for o in outs[method]]:
             raise AssertionError(f"{method} speculation changed the greedy tokens of {task}")
-        proposed += sum(o.metrics.spec_proposed for o in outs[method])
-        accepted += sum(o.metrics.spec_accepted for o in outs[method])
-        tokens += sum(o.metrics.generated_tokens for o in outs[method])
+        for m in (o.metrics for o in outs[method]):
+            proposed, accepted = proposed + m.spec_proposed, accepted + m.spec_accepted
+            checks, draft_s = checks + m.spec_steps, draft_s + m.spec_draft_s
+            decode_s += m.total_s - m.ttft_s
     plain_s, spec_s = statistics.median(speeds["plain"]), statistics.median(speeds[method])
     return {
         "kind": "task", "task": task, "method": method, "speculative": METHODS[method],
@@ -178,7 +180,8 @@ def _task_row(task: str, method: str, plain, spec, ids: list, params, runs: int)
         "gen_tokens": GEN_TOKENS, "plain_decode_tok_s": plain_s,
         "speculative_decode_tok_s": spec_s, "speedup": spec_s / plain_s,
         "acceptance_rate": accepted / proposed if proposed else None,
-        "accepted_per_step": accepted / max(1, tokens - accepted),
+        "mean_accepted_length": accepted / checks if checks else None,
+        "draft_time_share": draft_s / decode_s,
     }  # fmt: skip
 
 

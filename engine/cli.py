@@ -467,8 +467,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if m.spec_proposed:
                 print(
                     f"speculative: {m.spec_accepted} of {m.spec_proposed} proposed tokens "
-                    f"accepted ({m.acceptance_rate:.0%}), {m.generated_tokens} tokens in "
-                    f"{m.steps} steps",
+                    f"accepted ({m.acceptance_rate:.0%}, {m.mean_accepted_length:.2f} per check), "
+                    f"{m.generated_tokens} tokens in {m.steps} steps, "
+                    f"{m.draft_time_share or 0:.0%} of the decode time drafting",
                     file=sys.stderr,
                 )
     return 0

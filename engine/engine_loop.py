@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -164,16 +165,22 @@ class EngineLoop:
         """Proposals for every sequence of the step that asked, from one proposer call (a
         draft model runs its passes for all of them together); the proposer then forgets
         the sequences that are gone."""
-        asks = [ask for g in groups if not g.finished for ask in g.asks]
+        asking = [g for g in groups if not g.finished and g.asks]
+        asks = [ask for g in asking for ask in g.asks]
         for group in groups:
             group.asks = []
         proposer = self.ctx.speculator.proposer
         proposer.release({s.seq_id for g in self.scheduler.running for s in g.live})
+        started = time.perf_counter()
         try:
             made = proposer.propose(asks)
         except Exception:  # proposals are an optimisation: decode goes on without them
             logger.exception("the speculative proposer failed; this step proposes nothing")
             return
+        finally:  # every request that asked waited for the whole call
+            elapsed = time.perf_counter() - started
+            for group in asking:
+                group.output.metrics.spec_draft_s += elapsed
         for (seq, _), proposals in zip(asks, made, strict=True):
             seq.tokens.extend(proposals)
             seq.draft = len(proposals)

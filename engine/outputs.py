@@ -20,6 +20,9 @@ class RequestMetrics:
     generated_tokens counts the tokens of every sequence of the request (n > 1, beams).
     spec_proposed / spec_accepted: speculative tokens proposed and accepted (engine/
     speculative.py); their ratio is the acceptance rate.
+    spec_steps: steps that checked proposals; accepted / steps is the mean accepted length.
+    spec_draft_s: time the engine spent proposing for this request (a draft model's passes,
+    shared by every sequence of the step); over the decode time, the draft time share.
     """
 
     prompt_tokens: int = 0
@@ -31,6 +34,8 @@ class RequestMetrics:
     total_s: float = 0.0
     spec_proposed: int = 0
     spec_accepted: int = 0
+    spec_steps: int = 0
+    spec_draft_s: float = 0.0
     first_tokens: int = 0  # tokens of the first step: one per sequence
 
     def record_step(self, elapsed_s: float, new_tokens: int = 1) -> None:
@@ -49,6 +54,27 @@ class RequestMetrics:
     def acceptance_rate(self) -> float | None:
         """Share of the speculative tokens proposed that were accepted (None: none)."""
         return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Proposed tokens accepted per step that checked proposals (None: none)."""
+        return self.spec_accepted / self.spec_steps if self.spec_steps else None
+
+    @property
+    def draft_time_share(self) -> float | None:
+        """Share of the decode time (after the first token) spent proposing (None: none)."""
+        decode_s = self.total_s - self.ttft_s
+        return min(1.0, self.spec_draft_s / decode_s) if self.spec_steps and decode_s > 0 else None
+
+    def speculative_dict(self) -> dict:
+        """The speculative counts and ratios, as --json and the bench print them."""
+        return {
+            "spec_proposed": self.spec_proposed,
+            "spec_accepted": self.spec_accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "draft_time_share": self.draft_time_share,
+        }
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,9 +178,7 @@ class RequestOutput:
             "tokens_per_s": m.tokens_per_s,
         }
         if m.spec_proposed:
-            result["spec_proposed"] = m.spec_proposed
-            result["spec_accepted"] = m.spec_accepted
-            result["acceptance_rate"] = m.acceptance_rate
+            result.update(m.speculative_dict())
         if len(self.outputs) > 1:
             result["outputs"] = [
                 {

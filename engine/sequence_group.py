@@ -199,6 +199,7 @@ class SamplingGroup(SequenceGroup):
             track.draft_length.update(len(proposals), accepted)
             self.output.metrics.spec_proposed += len(proposals)
             self.output.metrics.spec_accepted += accepted
+            self.output.metrics.spec_steps += 1
             if not finished:  # the rejected proposals' keys and values go
                 cache.truncate(seq.seq_id, start + accepted)
                 seq.computed = start + accepted

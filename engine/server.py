@@ -55,7 +55,7 @@ from engine.openai_protocol import (
     now,
     usage,
 )
-from engine.outputs import RequestOutput
+from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling import SamplingParams
 from engine.text_input import invalid_text
 from engine.tool_calls import ContentDelta, ToolCallDelta, ToolCallStream
@@ -429,14 +429,16 @@ def _usage(outputs: list[RequestOutput]) -> dict[str, Any]:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     generated = sum(o.metrics.generated_tokens for o in outputs)
     result: dict[str, Any] = usage(prompt, generated)
-    proposed = sum(o.metrics.spec_proposed for o in outputs)
-    if proposed:
-        accepted = sum(o.metrics.spec_accepted for o in outputs)
-        result["speculative"] = {
-            "proposed_tokens": proposed,
-            "accepted_tokens": accepted,
-            "acceptance_rate": accepted / proposed,
-        }
+    if any(o.metrics.spec_proposed for o in outputs):
+        m = [o.metrics for o in outputs]
+        total = RequestMetrics(  # the request's sequences together
+            spec_proposed=sum(x.spec_proposed for x in m),
+            spec_accepted=sum(x.spec_accepted for x in m),
+            spec_steps=sum(x.spec_steps for x in m),
+            spec_draft_s=sum(x.spec_draft_s for x in m),
+            total_s=sum(x.total_s - x.ttft_s for x in m),
+        )
+        result["speculative"] = total.speculative_dict()
     return result
 
 

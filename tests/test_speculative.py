@@ -240,7 +240,10 @@ def test_cli_flags_json_and_verbose(capsys):
     spec = json.loads(out)
     assert spec["token_ids"] == plain["token_ids"] and "spec_proposed" not in plain
     assert spec["spec_accepted"] > 0 and 0 < spec["acceptance_rate"] <= 1
-    assert re.search(r"speculative: \d+ of \d+ proposed tokens accepted", err)
+    assert 0 < spec["mean_accepted_length"] <= 3  # at most k per check
+    assert 0 < spec["draft_time_share"] < 1
+    assert re.search(r"speculative: \d+ of \d+ proposed tokens accepted \(\d+%, [\d.]+ per "
+                     r"check\), .* \d+% of the decode time drafting", err)  # fmt: skip
     code = main(["generate", "--num-speculative-tokens", "3", "Hi"])
     assert code == 2 and "needs --speculative-method" in capsys.readouterr().err
 
@@ -256,7 +259,8 @@ def test_server_usage_reports_acceptance(client):  # noqa: F811
         model="smollm2", messages=COPY, max_tokens=48, temperature=0
     )
     extra = reply.usage.model_extra["speculative"]
-    assert extra["accepted_tokens"] > 0 and extra["proposed_tokens"] >= extra["accepted_tokens"]
+    assert extra["spec_accepted"] > 0 and extra["spec_proposed"] >= extra["spec_accepted"]
+    assert 0 < extra["mean_accepted_length"] <= 4 and 0 < extra["draft_time_share"] < 1
 
 
 @pytest.mark.parametrize(
