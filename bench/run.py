@@ -23,6 +23,7 @@ from bench.peers import gguf_of_type, installed, llama_cpp_gguf, transformers_fi
 from bench.random_model import random_model_path
 from bench.report import write_report
 from bench.timing import KernelTimer
+from engine.errors import InvalidInputError
 from engine.loader.checkpoint import weights_format
 from kernels_cpu.jit_cache import cache_dir
 
@@ -473,6 +474,15 @@ def main(args) -> int:
         )
         kv = "" if args.kv_cache_dtype == "float32" else f"-kv{args.kv_cache_dtype}"
         write_report(f"serve-{_slug(args.model)}-{result['quant']}{kv}", [result])
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
+    if args.ray and not args.batch:
+        raise InvalidInputError("bench --ray measures the batch job: give --batch too")
+    if args.batch and args.ray:
+        from bench.ray_batch import run_ray_batch_bench
+
+        result = run_ray_batch_bench(args.quant, args.runs)
+        write_report("batch-ray", [result])
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
         return 0
     if args.batch:

@@ -36,7 +36,7 @@ from engine.text_input import invalid_text
 if TYPE_CHECKING:
     from engine.api import LLM
 
-_ALLOWED_FIELDS = frozenset(SAMPLING_FIELDS) | {
+ALLOWED_FIELDS = frozenset(SAMPLING_FIELDS) | {
     "id", "prompt", "messages", "chat_template_kwargs", "response_format"
 }  # fmt: skip
 # How a request ends when it produced no result: could not run, or failed in the engine.
@@ -263,13 +263,13 @@ def _check_unicode(name: str, value: Any) -> None:
         )
 
 
-def _build_request(
+def build_request(
     llm: LLM, obj: dict, defaults: Mapping[str, Any], template_kwargs: Mapping[str, Any]
 ) -> tuple[str | list[int], SamplingParams]:
     """The (prompt, params) pair of a parsed line; BadLine says what is wrong with it."""
     for name, value in obj.items():
         _check_unicode(name, value)
-    _check_unknown(obj.keys() - _ALLOWED_FIELDS)
+    _check_unknown(obj.keys() - ALLOWED_FIELDS)
     if ("prompt" in obj) == ("messages" in obj):
         raise BadLine('give exactly one of "prompt" and "messages"')
     try:
@@ -307,10 +307,17 @@ def _check_unknown(names: set[str]) -> None:
         raise BadLine(f"unknown field(s): {', '.join(sorted(names))}")
 
 
-def error_record(request_id: Any, line: int, message: str) -> dict:
+def error_record(request_id: Any, line: int | None, message: str) -> dict:
     """The OUT line of an input line that produced no result: id is null when the line has
     no usable one, and `line` (1-based) points at it either way."""
     return {"id": request_id, "line": line, "finish_reason": "error", "error": message}
+
+
+def output_record(request_id: Any, line: int | None, output: RequestOutput) -> dict:
+    """The OUT line of a request the engine ended: its result, or an error line."""
+    if output.error is not None or output.finish_reason in _FAILED:
+        return error_record(request_id, line, output.error or "aborted")
+    return result_record(request_id, output)
 
 
 def result_record(request_id: Any, output: RequestOutput) -> dict:
@@ -357,7 +364,53 @@ def _count_pending(in_path: Path, done: set[str]) -> int:
     return pending
 
 
-class _Progress:
+@dataclass(frozen=True)
+class Line:
+    """An input line to run: its 1-based number, its id and its parsed object."""
+
+    number: int
+    request_id: Any
+    obj: dict
+
+
+class InputLines:
+    """The lines of IN to run, read lazily: a `Line` for each, or (number, BadLine) for a
+    line whose JSON or id is bad or repeated. Lines whose id OUT already holds are skipped
+    and counted."""
+
+    def __init__(self, in_path: Path, done: set[str]) -> None:
+        self.in_path = in_path
+        self.done = done
+        self.skipped = 0
+        self._seen: dict[str, int] = {}  # id key -> line number, to name the first of a pair
+
+    def __iter__(self) -> Iterator[Line | tuple[int, BadLine]]:
+        with self.in_path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = self._parse(raw, number)
+                except BadLine as exc:
+                    yield number, exc
+                    continue
+                if line is not None:
+                    yield line
+
+    def _parse(self, raw: bytes, number: int) -> Line | None:
+        obj = _decode(raw)
+        request_id = _parse_id(obj)
+        key = _id_key(request_id)
+        if key in self._seen:
+            raise BadLine(f"duplicate id {key} (first on line {self._seen[key]})", request_id)
+        self._seen[key] = number
+        if key in self.done:
+            self.skipped += 1
+            return None
+        return Line(number, request_id, obj)
+
+
+class Progress:
     """A tqdm bar over finished lines with the generated tokens/s; messages print above it."""
 
     def __init__(self, total: int | None, enabled: bool, log: TextIO) -> None:
@@ -400,17 +453,16 @@ class _BatchJob:
         self.out_path = out_path
         self.defaults = defaults
         self.template_kwargs = template_kwargs
-        self.done = done
         self.log = log
         self.summary = BatchSummary()
         self.out: TextIO | None = None  # OUT, open while the job runs
-        self.seen: dict[str, int] = {}  # id key -> line number, to name the first of a pair
+        self.lines = InputLines(in_path, done)
         # generate_iter request id -> (line number, id) of requests pulled but not finished.
         self.pending: dict[str, tuple[int, Any]] = {}
         if progress is None:
             progress = log.isatty()
         total = _count_pending(in_path, done) if progress else None
-        self.progress = _Progress(total, progress, log)
+        self.progress = Progress(total, progress, log)
 
     def run(self) -> BatchSummary:
         start = time.perf_counter()
@@ -425,50 +477,34 @@ class _BatchJob:
             outputs.close()  # aborts whatever is still running
             self.progress.close()
             self.summary.elapsed_s = time.perf_counter() - start
+            self.summary.skipped = self.lines.skipped
         return self.summary
 
     def _requests(self) -> Iterator[tuple[str | list[int], SamplingParams]]:
         """(prompt, params) for every runnable line, read only as the engine asks for more."""
         index = 0
-        with self.in_path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    request = self._parse(raw, number)
-                except BadLine as exc:
-                    self._fail(number, exc.request_id, str(exc))
-                    continue
-                if request is None:
-                    continue
-                request_id, prompt, params = request
-                self.pending[str(index)] = (number, request_id)
-                index += 1
-                yield prompt, params
-
-    def _parse(self, raw: bytes, number: int) -> tuple[Any, str | list[int], SamplingParams] | None:
-        """(id, prompt, params) of a line, or None when OUT already has its result."""
-        obj = _decode(raw)
-        request_id = _parse_id(obj)
-        key = _id_key(request_id)
-        if key in self.seen:
-            raise BadLine(f"duplicate id {key} (first on line {self.seen[key]})", request_id)
-        self.seen[key] = number
-        if key in self.done:
-            self.summary.skipped += 1
-            return None
-        try:
-            prompt, params = _build_request(self.llm, obj, self.defaults, self.template_kwargs)
-        except BadLine as exc:
-            raise BadLine(str(exc), request_id) from None
-        return request_id, prompt, params
+        for line in self.lines:
+            if not isinstance(line, Line):
+                self._fail(line[0], line[1].request_id, str(line[1]))
+                continue
+            try:
+                prompt, params = build_request(
+                    self.llm, line.obj, self.defaults, self.template_kwargs
+                )
+            except BadLine as exc:
+                self._fail(line.number, line.request_id, str(exc))
+                continue
+            self.pending[str(index)] = (line.number, line.request_id)
+            index += 1
+            yield prompt, params
 
     def _finish(self, output: RequestOutput) -> None:
         number, request_id = self.pending.pop(output.request_id)
-        if output.error is not None or output.finish_reason in _FAILED:
-            self._fail(number, request_id, output.error or "aborted")
+        record = output_record(request_id, number, output)
+        if "error" in record:
+            self._fail(number, request_id, record["error"])
             return
-        self._write(result_record(request_id, output))
+        self._write(record)
         self.summary.written += 1
         self.summary.generated_tokens += output.metrics.generated_tokens
         self.progress.advance(output.metrics.generated_tokens)

@@ -250,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(batch, max_tokens=256)
     batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_template_args(batch)
+    ray = batch.add_argument_group("on a Ray cluster (pip install 'lamina[ray]')")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray: without ADDRESS on RAY_ADDRESS's cluster, else on a local Ray "
+        "started for the job; 'auto' joins the cluster `ray start` runs here; or host:port, "
+        "ray://host:port",
+    )
+    ray.add_argument("--actors", type=int, help="model copies (default: one per node)")
+    ray.add_argument(
+        "--threads-per-actor", type=int, help="kernel threads per actor (default: a node's CPUs)"
+    )
+    ray.add_argument(
+        "--ship-model",
+        action="store_true",
+        help="send --model through Ray's object store to nodes, instead of every node "
+        "reading it at its own path",
+    )
     batch.add_argument("input", metavar="IN", help="JSONL requests")
     batch.add_argument("output", metavar="OUT", help="JSONL results (appended to)")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
@@ -348,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--batch", action="store_true", help="continuous batching: batch curve, prefix, job"
+    )
+    bench.add_argument(
+        "--ray",
+        action="store_true",
+        help="with --batch: the batch job on a local 2-node Ray cluster against the local job",
     )
     bench.add_argument(
         "--profile", action="store_true", help="where a decode step's time goes, op by op"
@@ -491,13 +516,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from engine.batch_job import check_job, run_batch
 
     defaults = sampling_kwargs(args)
+    _check_ray_args(args)
     check_job(args.input, args.output, defaults)
-    llm = _load(args)
     progress = False if args.no_progress else None  # None: only when stderr is a terminal
-    summary = run_batch(
-        llm, args.input, args.output, defaults, template_kwargs=args.chat_template_kwargs,
-        progress=progress,
-    )  # fmt: skip
+    if args.ray is not None:
+        summary = _run_on_ray(args, defaults, progress)
+    else:
+        summary = run_batch(
+            _load(args), args.input, args.output, defaults,
+            template_kwargs=args.chat_template_kwargs, progress=progress,
+        )  # fmt: skip
     if summary.interrupted:
         print(
             f"lamina batch: interrupted; every finished result is in {args.output}. "
@@ -506,6 +534,36 @@ def cmd_batch(args: argparse.Namespace) -> int:
         )
     print(f"lamina batch: {summary.line()}", file=sys.stderr)
     return summary.exit_code
+
+
+def _check_ray_args(args: argparse.Namespace) -> None:
+    ray_only = [f for f, v in (("--actors", args.actors), ("--threads-per-actor",
+                args.threads_per_actor), ("--ship-model", args.ship_model)) if v]  # fmt: skip
+    if args.ray is None and ray_only:
+        raise InvalidInputError(f"{ray_only[0]} needs --ray")
+    if args.ray is not None and args.threads is not None:
+        raise InvalidInputError("with --ray, give --threads-per-actor instead of --threads")
+    for flag, value in (("--actors", args.actors), ("--threads-per-actor", args.threads_per_actor)):
+        if value is not None and value < 1:
+            raise InvalidInputError(f"{flag} must be at least 1, got {value}")
+
+
+def _run_on_ray(args: argparse.Namespace, defaults: dict, progress: bool | None):
+    import dataclasses
+
+    from engine.distributed.ray_job import run_ray_batch
+
+    summary = run_ray_batch(
+        args.input, args.output, defaults,
+        engine_kwargs=dataclasses.asdict(EngineConfig.from_cli(args)),
+        address=None if args.ray == "local" else args.ray, actors=args.actors,
+        threads_per_actor=args.threads_per_actor, ship_model=args.ship_model,
+        template_kwargs=args.chat_template_kwargs, progress=progress,
+    )  # fmt: skip
+    print(f"lamina batch: Ray ready in {summary.startup_s:.1f}s", file=sys.stderr)
+    for name, stats in sorted(summary.actors.items()):
+        print(f"lamina batch: {stats.describe(name)}", file=sys.stderr)
+    return summary
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
