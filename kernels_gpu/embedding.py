@@ -39,4 +39,4 @@ def embed_rows_w8(w, scale, ids, out=None, stream=0):
 def gather_rows(x, ids, out=None, stream=0):
     """Rows `ids` (T,) of a float32 (R, K) array: an embedding lookup, or the rows whose
     logits are wanted."""
-    return _launch(x, no_scale(stream), ids, out, stream)
+    return _launch(x, no_scale(), ids, out, stream)

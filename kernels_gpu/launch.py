@@ -40,9 +40,18 @@ def result(out, shape: tuple[int, ...], dtype: type, stream=0):
     return out
 
 
-def no_scale(stream=0):
-    """An empty float32 device array: kernels read `scale.size == 0` as "not quantised".
+_EMPTY: dict[int, object] = {}
 
-    numba cannot pass None to a kernel on a real GPU, and an empty array allocates nothing.
-    """
-    return cuda.device_array(0, dtype=np.float32, stream=stream)
+
+def empty(ndim: int = 1):
+    """An empty float32 device array of `ndim` dimensions, made once and shared: an argument
+    a launch does not read (numba cannot pass None to a kernel on a real GPU), so a warm
+    step calls the allocator for nothing."""
+    if ndim not in _EMPTY:
+        _EMPTY[ndim] = cuda.device_array((0,) * ndim, dtype=np.float32)
+    return _EMPTY[ndim]
+
+
+def no_scale():
+    """`empty()`: kernels read `scale.size == 0` as "not quantised"."""
+    return empty(1)

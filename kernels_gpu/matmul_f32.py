@@ -149,4 +149,4 @@ def float_matmul(x, w, scale, out=None, stream=0):
 
 def matmul_f32(x, w, out=None, stream=0):
     """x (T, K) float32 @ w.T for w (N, K) float32 -> (T, N) float32, all device arrays."""
-    return float_matmul(x, w, no_scale(stream), out, stream)
+    return float_matmul(x, w, no_scale(), out, stream)

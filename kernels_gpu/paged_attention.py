@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int8, int64
 
-from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid, no_scale, result
+from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid, empty, no_scale, result
 
 TILE = 64  # keys per step = threads per attention block
 HEAD_SLOTS = 1024  # query and output floats per block in shared memory: group chunk x D
@@ -313,8 +313,10 @@ def _launch(
     group = heads // kv_heads
     chunk = min(group, MAX_GROUP, HEAD_SLOTS // dim)
     rows = num_blocks * block_size * kv_heads
-    if splits == 1 or parts is None:  # unread with one split: empty, so nothing is allocated
-        shapes = partials_shapes(splits if splits > 1 else 0, tokens, heads, dim)
+    if splits == 1:  # unread with one split
+        parts = [empty(4), empty(3), empty(3)]
+    elif parts is None:
+        shapes = partials_shapes(splits, tokens, heads, dim)
         parts = [cuda.device_array(shape, dtype=np.float32, stream=stream) for shape in shapes]
     part_acc, part_max, part_sum = parts
     grid = (tokens, kv_heads * -(-group // chunk), splits)
@@ -370,8 +372,8 @@ def paged_attention(
         q,
         k_cache,
         v_cache,
-        no_scale(stream),
-        no_scale(stream),
+        no_scale(),
+        no_scale(),
         block_tables,
         query_start,
         context_lens,

@@ -362,3 +362,39 @@ def test_cli_device_flag(untied, capsys, monkeypatch):
     assert main([*argv, "--device", "cuda", "w3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no usable CUDA GPU" in err
+
+
+ALLOCATORS = ("device_array", "device_array_like", "to_device", "pinned_array", "mapped_array")
+
+
+def warm_step_calls(llm: LLM, monkeypatch, steps: int = 3) -> list[list[str]]:
+    """Two sequences decode; after warm-up, the allocator calls (device or page-locked) and
+    waits for the device of each of `steps` decode steps, in order."""
+    loop = llm.engine_loop
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for prompt in PROMPTS:
+        loop.add(loop.new_group(*llm.new_request(prompt, params)))
+    for _ in range(4):  # prefill, then decode steps
+        loop.step()
+    calls: list[str] = []
+    for name in ALLOCATORS:
+        original = getattr(cuda, name)
+        monkeypatch.setattr(cuda, name, lambda *a, _f=original, _n=name, **k: calls.append(_n)
+                            or _f(*a, **k))  # fmt: skip
+    stream_type = type(loop.runner.backend.stream)
+    wait = stream_type.synchronize
+    monkeypatch.setattr(stream_type, "synchronize", lambda s: calls.append("wait") or wait(s))
+    monkeypatch.setattr(cuda, "synchronize", lambda: calls.append("device wait"))
+    per_step = []
+    for _ in range(steps):
+        calls.clear()
+        loop.step()
+        per_step.append(list(calls))
+    return per_step
+
+
+@pytest.mark.parametrize(("quant", "kv"), [("int8", "float32"), ("f32", "int8")])
+def test_a_warm_decode_step_allocates_nothing_and_waits_once(untied, quant, kv, monkeypatch):
+    """...and the one wait is for the logits."""
+    llm = LLM(untied, device="cuda", kv_cache_mb=1, quant=quant, kv_cache_dtype=kv)
+    assert warm_step_calls(llm, monkeypatch) == [["wait"]] * 3

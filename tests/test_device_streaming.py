@@ -32,7 +32,7 @@ from offload.device_stream import DeviceLayerStream
 from offload.placement import PlacementError, Tier
 from offload.streaming import LayerLayout
 from tests.cudasim import pooled_blocks
-from tests.test_cuda_backend import assert_logits_close, build_toy_llama
+from tests.test_cuda_backend import assert_logits_close, build_toy_llama, warm_step_calls
 
 pytestmark = pytest.mark.skipif(not kernels_gpu.available(), reason="no CUDA GPU or simulator")
 
@@ -214,3 +214,12 @@ def test_device_stream_in_order_and_random_access(buffers):
         assert stream.fetch(0) == "resident"
         with pytest.raises(IndexError):
             stream.fetch(6)
+
+
+def test_a_warm_streamed_decode_step_allocates_nothing(toy, resident, monkeypatch):
+    """Layers copied in from pinned host memory each step reuse their streaming buffers, and
+    the copies are ordered by events: the host waits only for the logits. (Layers streamed
+    from disk still make it wait, per layer, before a staging buffer is reused.)"""
+    with LLM(toy, device="cuda", kv_cache_mb=1, gpu_memory=budget_keeping(resident, 1)) as llm:
+        assert llm.placement.tiers == STREAMED
+        assert warm_step_calls(llm, monkeypatch) == [["wait"]] * 3

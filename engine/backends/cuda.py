@@ -4,9 +4,12 @@ Everything a forward pass touches lives on the GPU: the weights (moved once by
 `prepare_weights`, or, for layers that do not fit the GPU budget, copied into streaming
 buffers by offload.device_stream on a second stream), the paged KV cache (`allocate_kv`),
 the activations between calls, and the pass's small integer arrays (token ids, positions,
-slots, block tables...), which are uploaded once per pass however many layers read them.
+slots, block tables...), which are uploaded once per pass however many layers read them,
+through page-locked staging into device buffers kept from pass to pass. After the first
+steps a decode step allocates nothing (`tests/test_cuda_backend.py` counts the calls).
 Kernels are queued on one stream and nothing comes back to the host except the logits
-(`to_numpy`) and, once per mixture-of-experts layer, its router's logits (`moe_add_`).
+(`to_numpy`, the one wait of a dense model's step) and, once per mixture-of-experts layer,
+its router's logits (`moe_add_`).
 """
 
 from __future__ import annotations
@@ -70,25 +73,47 @@ _GATES = {"silu": activations.silu_mul, "gelu_tanh": activations.gelu_tanh_mul}
 
 
 class _Uploads:
-    """Device copies of host arrays, made on first request and kept until `clear`.
+    """A forward pass's small host arrays (token ids, positions, slots, block tables...) on
+    the device, each uploaded once per pass however many layers read it.
 
-    Keyed by the host array's id, and the host array is kept alive with its copy, so an id
-    cannot be reused by another array while its entry exists.
+    Each use (a name, and its n-th distinct array in the pass) owns a page-locked staging
+    buffer and a device buffer, kept from pass to pass and grown only when a pass needs more;
+    the host array is copied into the staging buffer and from there asynchronously on the
+    stream. So a warm decode step allocates nothing and does not wait for the copies. A
+    staging buffer is rewritten only by a later pass, after the previous one's logits were
+    read (which waits for every queued copy).
     """
 
     def __init__(self, stream: Any) -> None:  # a numba Stream
         self._stream = stream
+        self._buffers: dict[tuple[str, int], tuple[np.ndarray, DeviceArray]] = {}
+        # This pass: host array id -> (the array, kept alive so its id stays unique; its copy)
         self._copies: dict[int, tuple[np.ndarray, DeviceArray]] = {}
+        self._uses: dict[str, int] = {}
 
-    def get(self, host: np.ndarray) -> DeviceArray:
+    def get(self, host: np.ndarray, name: str) -> DeviceArray:
         entry = self._copies.get(id(host))
-        if entry is None:
-            entry = (host, cuda.to_device(np.ascontiguousarray(host), stream=self._stream))
-            self._copies[id(host)] = entry
-        return entry[1]
+        if entry is not None:
+            return entry[1]
+        flat = np.ascontiguousarray(host).reshape(-1)
+        use = self._uses.get(name, 0)
+        self._uses[name] = use + 1
+        staging, device = self._buffers.get((name, use), (None, None))
+        if device is None or device.size < flat.size or device.dtype != flat.dtype:
+            size = max(flat.size, 2 * (0 if device is None else device.size), 64)
+            staging = cuda.pinned_array(size, dtype=flat.dtype)
+            device = cuda.device_array(size, dtype=flat.dtype, stream=self._stream)
+            self._buffers[(name, use)] = (staging, device)
+        staging[: flat.size] = flat
+        copy = device[: flat.size]
+        copy.copy_to_device(staging[: flat.size], stream=self._stream)
+        copy = copy.reshape(host.shape)
+        self._copies[id(host)] = (host, copy)
+        return copy
 
     def clear(self) -> None:
         self._copies.clear()
+        self._uses.clear()
 
 
 class CUDABackend:
@@ -121,6 +146,9 @@ class CUDABackend:
         self.scratch = Scratch(self._scratch_empty)
         # Host working arrays: the routing of mixture-of-experts layers.
         self.host_scratch = Scratch()
+        # Page-locked host memory the logits are read into (the DMA engine writes it
+        # directly; pageable memory would be staged through a driver buffer).
+        self._readback = Scratch(lambda size, dtype: cuda.pinned_array(size, dtype=dtype))
         # Serves experts left in host memory (a mixture of experts larger than the GPU
         # budget); the placement sets it up.
         self.expert_cache: DeviceExpertCache | None = None
@@ -205,7 +233,7 @@ class CUDABackend:
         """Rows of the embedding table. model.forward calls this first in every pass, so it
         also drops the previous pass's uploaded batch arrays."""
         self._pass.clear()
-        ids = self._pass.get(token_ids)
+        ids = self._pass.get(token_ids, "token_ids")
         if isinstance(table, Int8Weight):
             return embedding.embed_rows_w8(table.data, table.scale, ids, out, self.stream)
         if isinstance(table, DenseWeight):
@@ -287,11 +315,14 @@ class CUDABackend:
                    (("q", heads), ("k", kv_heads), ("v", kv_heads)))  # fmt: skip
         elementwise.split_qkv(qkv, heads, kv_heads, dim, (q, k, v), s)
         # The pass's own copy: dynamic NTK and LongRoPE make new frequencies every pass
-        positions, freqs = up(batch.positions), up(inv_freq)
+        positions, freqs = up(batch.positions, "positions"), up(inv_freq, "inv_freq")
         rope.rope_inplace(q, positions, freqs, stream=s)
         rope.rope_inplace(k, positions, freqs, stream=s)
-        slots = up(batch.slots)
-        where = (up(batch.block_tables), up(batch.query_start), up(batch.context_lens))
+        slots = up(batch.slots, "slots")
+        where = tuple(
+            up(getattr(batch, name), name)
+            for name in ("block_tables", "query_start", "context_lens")
+        )
         splits, parts = 1, None
         if self._sm_count is not None:
             longest = int(batch.context_lens.max())
@@ -453,11 +484,13 @@ class CUDABackend:
     def take_rows(
         self, x: DeviceArray, rows: np.ndarray, *, out: DeviceArray | None = None
     ) -> DeviceArray:
-        return embedding.gather_rows(x, self._pass.get(rows), out, self.stream)
+        return embedding.gather_rows(x, self._pass.get(rows, "rows"), out, self.stream)
 
     def to_numpy(self, x: DeviceArray) -> np.ndarray:
-        """Copy a device array to the host, waiting for the work queued before it."""
-        host = x.copy_to_host(stream=self.stream)
+        """Copy a device array to the host, waiting for the work queued before it: a view of
+        page-locked memory, valid until the next call (as the CPU's workspace views are)."""
+        host = self._readback.take("out", tuple(x.shape), x.dtype)
+        x.copy_to_host(host, stream=self.stream)
         self.stream.synchronize()
         return host
 
