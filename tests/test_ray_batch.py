@@ -106,8 +106,9 @@ def test_cluster_job_equals_local_job(cluster, llm, tmp_path):
 
 
 def long_job(tmp_path: Path) -> Path:
-    """Lines of very different lengths: the short ones reach OUT while the long ones run."""
-    lines = [{"id": i, "prompt": f"Story {i}:", "max_tokens": 4 if i % 4 == 0 else 160,
+    """Four short lines, then twelve long ones: the driver hands out four lines per task, so
+    the short ones reach OUT together while the long ones run for many steps."""
+    lines = [{"id": i, "prompt": f"Story {i}:", "max_tokens": 4 if i < 4 else 160,
               "ignore_eos": True} for i in range(16)]  # fmt: skip
     return write_lines(tmp_path / "in.jsonl", *lines)
 
