@@ -202,6 +202,32 @@ def test_gemm_w8_error_is_bounded_by_activation_rounding(tokens, k, seed, act_ma
 
 @settings(max_examples=25, deadline=None)
 @given(
+    tokens=st.sampled_from([2, 3, 5]),
+    n=st.sampled_from([1, 17, 130]),
+    k=st.sampled_from([7, 576, 2064]),
+    accumulate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_w8_tokens_together_equal_one_by_one_bit_for_bit(tokens, n, k, accumulate, seed):
+    """The GEMV's two-token tile (a row against two tokens per pass) rounds as its one-token
+    tile: a verification pass or a batch of two gives each token its own decode's bits."""
+    from kernels_cpu.matmul_int8 import gemv_w8_into
+
+    rng = np.random.default_rng(seed)
+    x = rand(rng, tokens, k)
+    w, scale = int8_matrix(rng, n, k)
+    start = rand(rng, tokens, n)
+    got = start.copy()
+    a, a_scale = np.empty((tokens, k), np.int16), np.empty(tokens, np.float32)
+    gemv_w8_into(x, w, scale, got, a, a_scale, accumulate=accumulate)
+    for t in range(tokens):
+        one = start[t : t + 1].copy()
+        gemv_w8_into(x[t : t + 1], w, scale, one, a[:1], a_scale[:1], accumulate=accumulate)
+        assert np.array_equal(got[t], one[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
     tokens=st.sampled_from([3, 4, 6, 7, 17]),
     n=st.sampled_from([4, 5, 130]),
     k=st.sampled_from([32, 576, 2048, 2064]),  # one SIMD call per row (scaled tiles), or not
