@@ -29,11 +29,24 @@ TILE_PAD = TILE + 1  # row length of shared tiles: the padding avoids bank confl
 
 
 @cuda.jit(device=True)
-def _store_row_sums(acc, part, t0, nt, row, live, scale, out):
-    """Sum the lanes' partials acc[:nt] of one row through shared `part`, write out[t0:, row].
+def _epilogue(value, t, row, bias, out, accumulate):
+    """out[t, row] = value (+ bias[row]), or += it: the bias is added before the residual,
+    as the CPU backend adds it to a linear's result before adding that into the stream."""
+    if bias.size > 0:
+        value += bias[row]
+    if accumulate:
+        out[t, row] += value
+    else:
+        out[t, row] = value
+
+
+@cuda.jit(device=True)
+def _store_row_sums(acc, part, t0, nt, row, live, scale, bias, out, accumulate):
+    """Sum the lanes' partials acc[:nt] of one row through shared `part`, write out[t0:, row]
+    through `_epilogue`.
 
     All threads of the block call it (barriers); `part` is (ROWS, TOKENS, WARP) float32.
-    An empty `scale` means unscaled.
+    An empty `scale` means unscaled, an empty `bias` no bias.
     """
     lane = cuda.threadIdx.x
     warp = cuda.threadIdx.y
@@ -47,11 +60,11 @@ def _store_row_sums(acc, part, t0, nt, row, live, scale, out):
             total += part[warp, lane, i]
         if scale.size > 0:
             total *= scale[row]
-        out[t0 + lane, row] = total
+        _epilogue(total, t0 + lane, row, bias, out, accumulate)
 
 
 @cuda.jit(cache=True)
-def _gemv(x, w, scale, out):
+def _gemv(x, w, scale, bias, out, accumulate):
     """Block (WARP, ROWS): warp y of block b computes out[:, b * ROWS + y]."""
     lane = cuda.threadIdx.x
     row = cuda.blockIdx.x * ROWS + cuda.threadIdx.y
@@ -68,11 +81,11 @@ def _gemv(x, w, scale, out):
                 wc = float32(w[row, c])
                 for j in range(nt):
                     acc[j] += x[t0 + j, c] * wc
-        _store_row_sums(acc, part, t0, nt, row, live, scale, out)
+        _store_row_sums(acc, part, t0, nt, row, live, scale, bias, out, accumulate)
 
 
 @cuda.jit(cache=True)
-def _gemv_words(x, w4, scale, out):
+def _gemv_words(x, w4, scale, bias, out, accumulate):
     """`_gemv` for int8 rows seen as int32 words w4 (N, K / 4), bytes little-endian."""
     lane = cuda.threadIdx.x
     row = cuda.blockIdx.x * ROWS + cuda.threadIdx.y
@@ -93,11 +106,11 @@ def _gemv_words(x, w4, scale, out):
                     wb = float32(byte - ((byte & 0x80) << 1))  # sign-extend
                     for j in range(nt):
                         acc[j] += x[t0 + j, 4 * c + b] * wb
-        _store_row_sums(acc, part, t0, nt, row, live, scale, out)
+        _store_row_sums(acc, part, t0, nt, row, live, scale, bias, out, accumulate)
 
 
 @cuda.jit(cache=True)
-def _gemm(x, w, scale, out):
+def _gemm(x, w, scale, bias, out, accumulate):
     """Block (TILE, TILE) computes the tile out[by*TILE:, bx*TILE:]; thread (tx, ty) one entry."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -122,11 +135,12 @@ def _gemm(x, w, scale, out):
     if t < tokens and r < n:
         if scale.size > 0:
             acc *= scale[r]
-        out[t, r] = acc
+        _epilogue(acc, t, r, bias, out, accumulate)
 
 
-def float_matmul(x, w, scale, out=None, stream=0):
-    """x (T, K) float32 @ w.T * scale (N,) for w (N, K) float32 or int8 and any T.
+def float_matmul(x, w, scale, out=None, stream=0, bias=None, accumulate=False):
+    """x (T, K) float32 @ w.T * scale (N,) for w (N, K) float32 or int8 and any T, plus
+    `bias` (N,) when given; `accumulate` adds the result into `out` instead of storing it.
 
     An empty `scale` (launch.no_scale) means unscaled.
     """
@@ -134,19 +148,24 @@ def float_matmul(x, w, scale, out=None, stream=0):
     n = w.shape[0]
     if k != w.shape[1]:
         raise ValueError(f"x has {k} columns, w has {w.shape[1]}")
+    if accumulate and out is None:
+        raise ValueError("accumulate needs out")
     out = result(out, (tokens, n), np.float32, stream)
     if tokens == 0 or n == 0:
         return out
+    bias = no_scale() if bias is None else bias
     if tokens > GEMV_MAX_TOKENS:
         grid = (-(-n // TILE), -(-tokens // TILE))
-        _gemm[grid, (TILE, TILE), stream](x, w, scale, out)
+        _gemm[grid, (TILE, TILE), stream](x, w, scale, bias, out, accumulate)
     elif w.dtype == np.int8 and k % 4 == 0 and w.is_c_contiguous():
-        _gemv_words[-(-n // ROWS), (WARP, ROWS), stream](x, w.view(np.int32), scale, out)
+        words = w.view(np.int32)
+        _gemv_words[-(-n // ROWS), (WARP, ROWS), stream](x, words, scale, bias, out, accumulate)
     else:
-        _gemv[-(-n // ROWS), (WARP, ROWS), stream](x, w, scale, out)
+        _gemv[-(-n // ROWS), (WARP, ROWS), stream](x, w, scale, bias, out, accumulate)
     return out
 
 
-def matmul_f32(x, w, out=None, stream=0):
-    """x (T, K) float32 @ w.T for w (N, K) float32 -> (T, N) float32, all device arrays."""
-    return float_matmul(x, w, no_scale(), out, stream)
+def matmul_f32(x, w, out=None, stream=0, bias=None, accumulate=False):
+    """x (T, K) float32 @ w.T (+ bias) for w (N, K) float32 -> (T, N) float32, all device
+    arrays; `accumulate` adds into `out`."""
+    return float_matmul(x, w, no_scale(), out, stream, bias, accumulate)

@@ -8,7 +8,13 @@ Two numerics, as on the CPU:
   with act_max 32767): activations quantised per token to [-act_max, act_max] by
   `quantize_rows`, products summed exactly in integers, scaled in float64 as the CPU does, so
   both devices give the same bits. A K tile's integer sum fits int32 (16 * 32767 * 127 <
-  2**31) and is added into an int64 total, so any K is exact.
+  2**31) and is added into an int64 total, so any K is exact. Decode (a few tokens, rows of
+  whole int32 words) runs `_gemv_int`, laid out as matmul_f32's GEMV: one warp per output
+  row reading it once as words, a few tokens' sums per lane, so no thread computes padding;
+  prefill runs the tiled `_gemm_int`.
+
+Both add the bias and store or add into `out` (the residual stream) in their epilogue,
+instead of two more launches.
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32, float64, int16, int32, int64
 
-from kernels_gpu.launch import ROW_THREADS, result
-from kernels_gpu.matmul_f32 import TILE, TILE_PAD, float_matmul
+from kernels_gpu.launch import ROW_THREADS, no_scale, result
+from kernels_gpu.matmul_f32 import (
+    GEMV_MAX_TOKENS,
+    ROWS,
+    TILE,
+    TILE_PAD,
+    TOKENS,
+    WARP,
+    _epilogue,
+    float_matmul,
+)
 
 
 @cuda.jit(cache=True)
@@ -47,8 +62,50 @@ def _quantize_rows(x, qmax, a, a_scale):
         a_scale[t] = s
 
 
+@cuda.jit(device=True)
+def _scaled(total, t, r, a_scale, scale):
+    """As the CPU's _store_tile: the exact float64 product of the scales, one rounding."""
+    return float32(float64(total) * (float64(a_scale[t]) * float64(scale[r])))
+
+
 @cuda.jit(cache=True)
-def _gemm_int(a, a_scale, w, scale, out):
+def _gemv_int(a, a_scale, w4, scale, bias, out, accumulate):
+    """Block (WARP, ROWS): warp y of block b computes out[:, b * ROWS + y] from int8 rows seen
+    as int32 words w4 (N, K / 4), bytes little-endian, TOKENS tokens per pass over the row."""
+    lane = cuda.threadIdx.x
+    warp = cuda.threadIdx.y
+    row = cuda.blockIdx.x * ROWS + warp
+    tokens = a.shape[0]
+    words = w4.shape[1]
+    live = row < w4.shape[0]
+    part = cuda.shared.array((ROWS, TOKENS, WARP), int64)
+    acc = cuda.local.array(TOKENS, int64)
+    for t0 in range(0, tokens, TOKENS):
+        nt = TOKENS if tokens - t0 > TOKENS else tokens - t0
+        for j in range(TOKENS):
+            acc[j] = 0
+        if live:
+            for c in range(lane, words, WARP):
+                word = w4[row, c]
+                for b in range(4):
+                    byte = (word >> (8 * b)) & 0xFF
+                    wb = int32(byte - ((byte & 0x80) << 1))  # sign-extend
+                    for j in range(nt):
+                        acc[j] += int32(a[t0 + j, 4 * c + b]) * wb
+        cuda.syncthreads()  # the previous pass has finished reading `part`
+        for j in range(TOKENS):
+            part[warp, j, lane] = acc[j]
+        cuda.syncthreads()
+        if live and lane < nt:
+            total = part[warp, lane, 0]
+            for i in range(1, WARP):
+                total += part[warp, lane, i]
+            t = t0 + lane
+            _epilogue(_scaled(total, t, row, a_scale, scale), t, row, bias, out, accumulate)
+
+
+@cuda.jit(cache=True)
+def _gemm_int(a, a_scale, w, scale, bias, out, accumulate):
     """matmul_f32's tiled `_gemm` on integers: quantised a (T, K) times int8 w (N, K)."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -72,9 +129,7 @@ def _gemm_int(a, a_scale, w, scale, out):
     t = t0 + ty
     r = n0 + tx
     if t < tokens and r < n:
-        # As the CPU's _store_tile: exact float64 product of the scales, one rounding.
-        both = float64(a_scale[t]) * float64(scale[r])
-        out[t, r] = float32(float64(total) * both)
+        _epilogue(_scaled(total, t, r, a_scale, scale), t, r, bias, out, accumulate)
 
 
 def matmul_w8(x, w, scale, out=None, stream=0):
@@ -97,8 +152,9 @@ def quantize_rows(x, qmax: int, out=None, stream=0):
     return a, a_scale
 
 
-def gemm_w8(x, w, scale, act_max: int, out=None, stream=0, act=None):
-    """x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T with x quantised per token.
+def gemm_w8(x, w, scale, act_max: int, out=None, stream=0, act=None, bias=None, accumulate=False):
+    """x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T with x quantised per token, plus
+    `bias` (N,) when given; `accumulate` adds the result into `out` instead of storing it.
 
     act_max 127 is W8A8, 32767 matches the CPU's default int16 activations. `act`: scratch
     (int16 (T, K), float32 (T,)) for the quantised activations, else allocated per call.
@@ -107,10 +163,19 @@ def gemm_w8(x, w, scale, act_max: int, out=None, stream=0, act=None):
     n = w.shape[0]
     if k != w.shape[1]:
         raise ValueError(f"x has {k} columns, w has {w.shape[1]}")
+    if accumulate and out is None:
+        raise ValueError("accumulate needs out")
     out = result(out, (tokens, n), np.float32, stream)
     if tokens == 0 or n == 0:
         return out
     a, a_scale = quantize_rows(x, act_max, act, stream)
-    grid = (-(-n // TILE), -(-tokens // TILE))
-    _gemm_int[grid, (TILE, TILE), stream](a, a_scale, w, scale, out)
+    bias = no_scale() if bias is None else bias
+    if tokens <= GEMV_MAX_TOKENS and k % 4 == 0 and w.is_c_contiguous():
+        words = w.view(np.int32)
+        _gemv_int[-(-n // ROWS), (WARP, ROWS), stream](
+            a, a_scale, words, scale, bias, out, accumulate
+        )
+    else:
+        grid = (-(-n // TILE), -(-tokens // TILE))
+        _gemm_int[grid, (TILE, TILE), stream](a, a_scale, w, scale, bias, out, accumulate)
     return out

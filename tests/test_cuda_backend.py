@@ -398,3 +398,22 @@ def test_a_warm_decode_step_allocates_nothing_and_waits_once(untied, quant, kv, 
     """...and the one wait is for the logits."""
     llm = LLM(untied, device="cuda", kv_cache_mb=1, quant=quant, kv_cache_dtype=kv)
     assert warm_step_calls(llm, monkeypatch) == [["wait"]] * 3
+
+
+def test_a_failed_pass_is_waited_for_before_its_staging_is_reused(untied, monkeypatch):
+    """A pass that raised after queueing its uploads never read its logits (the wait that
+    covers its copies), so the next pass waits before it rewrites their staging."""
+    llm = LLM(untied, device="cuda", kv_cache_mb=1)
+    backend = llm.engine_loop.runner.backend
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "attention", lambda *a, **k: 1 / 0)
+        assert llm.generate([3, 5, 7], one)[0].error is not None
+    waits = []
+    stream_type = type(backend.stream)
+    wait = stream_type.synchronize
+    monkeypatch.setattr(stream_type, "synchronize", lambda s: waits.append(1) or wait(s))
+    for expected in (2, 1):  # the failed pass's copies, then the logits; then the logits
+        waits.clear()
+        assert llm.generate([3, 5, 7], one)[0].error is None
+        assert len(waits) == expected

@@ -71,14 +71,20 @@ def test_available_and_simulated():
     tokens=st.sampled_from([1, 5, 9, 17]),  # 9 and 17: the tiled kernel, one and two row tiles
     n=st.sampled_from([1, 5, 17]),
     k=st.sampled_from([1, 17, 40]),
+    bias=st.booleans(),
+    accumulate=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matmul_f32(tokens, n, k, seed):
+def test_matmul_f32(tokens, n, k, bias, accumulate, seed):
+    """With the epilogue's bias and accumulation into `out`."""
     rng = np.random.default_rng(seed)
-    x, w = rand(rng, tokens, k), rand(rng, n, k)
-    out = matmul_f32.matmul_f32(*on_device(x, w)).copy_to_host()
-    ref = x.astype(np.float64) @ w.T.astype(np.float64)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    x, w, b, start = rand(rng, tokens, k), rand(rng, n, k), rand(rng, n), rand(rng, tokens, n)
+    x_d, w_d, b_d, out_d = on_device(x, w, b, start)
+    got = matmul_f32.matmul_f32(x_d, w_d, out_d if accumulate else None,
+                                bias=b_d if bias else None, accumulate=accumulate)  # fmt: skip
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
+    ref = ref + start if accumulate else ref
+    np.testing.assert_allclose(got.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
 
 
 @FEW
@@ -119,23 +125,33 @@ def test_quantize_rows_equals_cpu(tokens, k, qmax, seed):
     np.testing.assert_array_equal(a_scale.copy_to_host(), ref_scale)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
-    tokens=st.sampled_from([1, 3]),
+    tokens=st.sampled_from([1, 3, 5]),
     n=st.sampled_from([1, 17]),
-    k=st.sampled_from([5, 33]),
+    k=st.sampled_from([5, 32, 36]),  # 32, 36: whole int32 words, the decode GEMV
     act_max=st.sampled_from([127, 32767]),
+    bias=st.booleans(),
+    accumulate=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-@example(tokens=17, n=17, k=33, act_max=127, seed=0)  # two tiles each way (costly: 17 rows)
-def test_gemm_w8_equals_cpu_bit_for_bit(tokens, n, k, act_max, seed):
-    """Same quantised activations, exact integer sums, the same float64 scaling: same bits."""
+@example(tokens=17, n=17, k=33, act_max=127, bias=True, accumulate=True, seed=0)  # tiled
+def test_gemm_w8_equals_cpu_bit_for_bit(tokens, n, k, act_max, bias, accumulate, seed):
+    """Same quantised activations, exact integer sums, the same float64 scaling: same bits;
+    the epilogue adds the bias and then adds into `out` as the CPU backend does, unfused."""
     rng = np.random.default_rng(seed)
     x = rand(rng, tokens, k)
     w, scale = int8_matrix(rng, n, k)
-    x_d, w_d, scale_d = on_device(x, w, scale)
-    out = matmul_int8.gemm_w8(x_d, w_d, scale_d, act_max).copy_to_host()
-    np.testing.assert_array_equal(out, cpu_int8.gemm_w8(x, w, scale, act_max))
+    b, start = rand(rng, n), rand(rng, tokens, n)
+    x_d, w_d, scale_d, b_d, out_d = on_device(x, w, scale, b, start)
+    got = matmul_int8.gemm_w8(x_d, w_d, scale_d, act_max, out_d if accumulate else None,
+                              bias=b_d if bias else None, accumulate=accumulate)  # fmt: skip
+    expected = cpu_int8.gemm_w8(x, w, scale, act_max)
+    if bias:
+        expected += b
+    if accumulate:
+        expected = start + expected
+    np.testing.assert_array_equal(got.copy_to_host(), expected)
 
 
 @FEW

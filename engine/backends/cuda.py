@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 DeviceArray = Any
 # Activations are quantised to int16 as on the CPU, so int8 linears give the CPU's bits.
 INT16_MAX = 32767
+# The most page-locked memory the logits are read into: a step's rows (64 of a 152k
+# vocabulary take 39 MiB); a whole prompt's logits (scoring) go to ordinary memory instead
+# of pinning gigabytes for the backend's lifetime.
+PINNED_READBACK_BYTES = 64 * 2**20
 # Weight formats with no CUDA kernel yet, by how users know them.
 _NO_KERNEL = {
     SparseInt8Weight: "sparse int8 (bitmask, from `lamina quantize --sparsity`)",
@@ -90,6 +94,7 @@ class _Uploads:
         # This pass: host array id -> (the array, kept alive so its id stays unique; its copy)
         self._copies: dict[int, tuple[np.ndarray, DeviceArray]] = {}
         self._uses: dict[str, int] = {}
+        self._pending = False  # copies queued since the last wait
 
     def get(self, host: np.ndarray, name: str) -> DeviceArray:
         entry = self._copies.get(id(host))
@@ -107,11 +112,20 @@ class _Uploads:
         staging[: flat.size] = flat
         copy = device[: flat.size]
         copy.copy_to_device(staging[: flat.size], stream=self._stream)
+        self._pending = True
         copy = copy.reshape(host.shape)
         self._copies[id(host)] = (host, copy)
         return copy
 
+    def settled(self) -> None:
+        """The stream was waited for: every queued copy is done."""
+        self._pending = False
+
     def clear(self) -> None:
+        """Start a pass (after waiting for a failed one's copies, whose staging it reuses)."""
+        if self._pending:
+            self._stream.synchronize()
+            self._pending = False
         self._copies.clear()
         self._uses.clear()
 
@@ -245,9 +259,12 @@ class CUDABackend:
     ) -> DeviceArray:
         return self._linear(x, weight, out)
 
-    def _linear(self, x: DeviceArray, weight: Weight, out: DeviceArray | None) -> DeviceArray:
-        """The linear itself, which the fused ops call too (not through `linear`, which the
-        bench's kernel timer wraps: their time would count twice)."""
+    def _linear(
+        self, x: DeviceArray, weight: Weight, out: DeviceArray | None, accumulate: bool = False
+    ) -> DeviceArray:
+        """The linear itself, bias included, stored into `out` or added into it
+        (`accumulate`), in the matmul's epilogue; the fused ops call it too (not through
+        `linear`, which the bench's kernel timer wraps: their time would count twice)."""
         if not isinstance(weight, DenseWeight | Int8Weight):
             raise TypeError(f"CUDABackend has no kernel for {type(weight).__name__}")
         if isinstance(weight.data, np.ndarray):
@@ -261,12 +278,9 @@ class CUDABackend:
                 self.scratch.take("act", (tokens, k), np.int16),
                 self.scratch.take("act_scale", (tokens,), np.float32),
             )
-            out = gemm_w8(x, weight.data, weight.scale, INT16_MAX, out, self.stream, act)
-        else:
-            out = matmul_f32(x, weight.data, out, self.stream)
-        if weight.bias is not None:
-            elementwise.add_inplace(out, weight.bias, stream=self.stream)
-        return out
+            return gemm_w8(x, weight.data, weight.scale, INT16_MAX, out, self.stream, act,
+                           weight.bias, accumulate)  # fmt: skip
+        return matmul_f32(x, weight.data, out, self.stream, weight.bias, accumulate)
 
     def norm_linear(
         self,
@@ -288,9 +302,7 @@ class CUDABackend:
         if gated:
             h = self.scratch.take("h", (x.shape[0], x.shape[1] // 2), np.float32)
             x = activations.silu_mul(x, h, self.stream)
-        result = self.scratch.take("linear_out", (x.shape[0], weight.out_features), np.float32)
-        self._linear(x, weight, result)
-        return elementwise.add_inplace(residual, result, stream=self.stream)
+        return self._linear(x, weight, residual, accumulate=True)
 
     def attention(
         self,
@@ -442,11 +454,10 @@ class CUDABackend:
         self._linear(x_e, gate_up, h)
         moe.scale_up_half_(h, scales, s)
         gated = activations.silu_mul(h, take("moe_gated", (n, h.shape[1] // 2), f32), s)
-        out = take("moe_out", (n, hidden), f32)
-        self._linear(gated, down, out)
         if whole:
-            elementwise.add_inplace(residual, out, s)
+            self._linear(gated, down, residual, accumulate=True)
         else:
+            out = self._linear(gated, down, take("moe_out", (n, hidden), f32))
             moe.add_rows_at(residual, rows, out, s)
 
     def scale_(self, x: DeviceArray, factor: float) -> DeviceArray:
@@ -487,11 +498,16 @@ class CUDABackend:
         return embedding.gather_rows(x, self._pass.get(rows, "rows"), out, self.stream)
 
     def to_numpy(self, x: DeviceArray) -> np.ndarray:
-        """Copy a device array to the host, waiting for the work queued before it: a view of
-        page-locked memory, valid until the next call (as the CPU's workspace views are)."""
-        host = self._readback.take("out", tuple(x.shape), x.dtype)
-        x.copy_to_host(host, stream=self.stream)
+        """Copy a device array to the host, waiting for the work queued before it: for a
+        step's logits, a view of page-locked memory valid until the next call (as the CPU's
+        workspace views are); a larger array (a whole prompt's logits) into new memory."""
+        if x.size * x.dtype.itemsize <= PINNED_READBACK_BYTES:
+            host = self._readback.take("out", tuple(x.shape), x.dtype)
+            x.copy_to_host(host, stream=self.stream)
+        else:
+            host = x.copy_to_host(stream=self.stream)
         self.stream.synchronize()
+        self._pass.settled()
         return host
 
     def free_memory(self) -> int:
