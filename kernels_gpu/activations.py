@@ -10,18 +10,24 @@ from numba import cuda, float32
 from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid, result
 
 
+@cuda.jit(device=True)
+def silu_mul_value(g, u):
+    """silu(g) * u in float32; -g is clamped to [-87, 88] as on the CPU (silu is already g or
+    0 there to float32 precision), which also keeps expf finite. No `cuda.*`: the int8
+    GEMM's activation quantisation (norms.py) calls it too."""
+    m = -g if -g > float32(-87.0) else float32(-87.0)
+    e = math.exp(m if m < float32(88.0) else float32(88.0))
+    return g / (float32(1.0) + e) * u
+
+
 @cuda.jit(cache=True)
 def _silu_mul(gate_up, out):
-    """Thread per output; -gate is clamped to [-87, 88] as on the CPU (silu is already gate or
-    0 there to float32 precision), which also keeps expf finite."""
+    """Thread per output."""
     rows, half = out.shape
     for idx in range(cuda.grid(1), rows * half, cuda.gridsize(1)):
         t = idx // half
         i = idx - t * half
-        g = gate_up[t, i]
-        m = -g if -g > float32(-87.0) else float32(-87.0)
-        e = math.exp(m if m < float32(88.0) else float32(88.0))
-        out[t, i] = g / (float32(1.0) + e) * gate_up[t, half + i]
+        out[t, i] = silu_mul_value(gate_up[t, i], gate_up[t, half + i])
 
 
 def silu_mul(gate_up, out=None, stream=0):

@@ -7,7 +7,8 @@ Two numerics, as on the CPU:
 - `gemm_w8`, the twin of kernels_cpu.matmul_int8.gemm_w8 (and of gemv_w8, which is gemm_w8
   with act_max 32767): activations quantised per token to [-act_max, act_max] by
   `quantize_rows`, products summed exactly in integers, scaled in float64 as the CPU does, so
-  both devices give the same bits. A K tile's integer sum fits int32 (16 * 32767 * 127 <
+  both devices give the same bits (the quantisation, with its rmsnorm or gate prologue, is
+  in norms.py, beside the rmsnorm it shares a reduction with). A K tile's integer sum fits int32 (16 * 32767 * 127 <
   2**31) and is added into an int64 total, so any K is exact. Decode (a few tokens, rows of
   whole int32 words) runs `_gemv_int`, laid out as matmul_f32's GEMV: one warp per output
   row reading it once as words, a few tokens' sums per lane, so no thread computes padding;
@@ -20,9 +21,9 @@ instead of two more launches.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, float32, float64, int16, int32, int64
+from numba import cuda, float32, float64, int32, int64
 
-from kernels_gpu.launch import ROW_THREADS, no_scale, result
+from kernels_gpu.launch import no_scale, result
 from kernels_gpu.matmul_f32 import (
     GEMV_MAX_TOKENS,
     ROWS,
@@ -33,33 +34,7 @@ from kernels_gpu.matmul_f32 import (
     _epilogue,
     float_matmul,
 )
-
-
-@cuda.jit(cache=True)
-def _quantize_rows(x, qmax, a, a_scale):
-    """One block per row: a[t] = rint(x[t] / s) with s = max|x[t]| / qmax (1 for a zero row).
-
-    The same float32 operations as the CPU's `_quantize_row` (an IEEE division, a multiply by
-    its reciprocal, round half to even), so the integers and scales are identical.
-    """
-    t = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    k = x.shape[1]
-    peaks = cuda.shared.array(ROW_THREADS, float32)
-    peak = float32(0)
-    for i in range(tid, k, ROW_THREADS):
-        v = abs(x[t, i])
-        peak = v if v > peak else peak
-    peaks[tid] = peak
-    cuda.syncthreads()
-    for i in range(ROW_THREADS):
-        peak = peaks[i] if peaks[i] > peak else peak
-    s = peak / float32(qmax) if peak > 0 else float32(1)
-    inv = float32(1) / s
-    for i in range(tid, k, ROW_THREADS):
-        a[t, i] = int16(round(x[t, i] * inv))
-    if tid == 0:
-        a_scale[t] = s
+from kernels_gpu.norms import GATED, PLAIN, quantize_rows
 
 
 @cuda.jit(device=True)
@@ -137,38 +112,38 @@ def matmul_w8(x, w, scale, out=None, stream=0):
     return float_matmul(x, w, scale, out, stream)
 
 
-def quantize_rows(x, qmax: int, out=None, stream=0):
-    """Per-row symmetric quantisation of x (T, K) float32 to int16 in [-qmax, qmax].
-
-    Returns device arrays (values (T, K) int16, scales (T,) float32), like the CPU twin:
-    `out` = (values, scales) when given, else new ones.
-    """
-    tokens, k = x.shape
-    a_out, scale_out = (None, None) if out is None else out
-    a = result(a_out, (tokens, k), np.int16, stream)
-    a_scale = result(scale_out, (tokens,), np.float32, stream)
-    if tokens:
-        _quantize_rows[tokens, ROW_THREADS, stream](x, qmax, a, a_scale)
-    return a, a_scale
-
-
-def gemm_w8(x, w, scale, act_max: int, out=None, stream=0, act=None, bias=None, accumulate=False):
+def gemm_w8(
+    x,
+    w,
+    scale,
+    act_max: int,
+    out=None,
+    stream=0,
+    act=None,
+    bias=None,
+    accumulate=False,
+    prologue: int = PLAIN,
+    norm=None,
+    eps: float = 0.0,
+):
     """x (T, K) float32 @ (w (N, K) int8 * scale (N,)).T with x quantised per token, plus
     `bias` (N,) when given; `accumulate` adds the result into `out` instead of storing it.
 
     act_max 127 is W8A8, 32767 matches the CPU's default int16 activations. `act`: scratch
     (int16 (T, K), float32 (T,)) for the quantised activations, else allocated per call.
+    `prologue` RMSNORM quantises rmsnorm(x) (norm (K,), eps) instead of x, GATED silu(gate) *
+    up of x (T, 2K), in the quantisation's launch (norms.quantize_rows).
     """
-    tokens, k = x.shape
+    tokens, k = x.shape[0], w.shape[1]
     n = w.shape[0]
-    if k != w.shape[1]:
-        raise ValueError(f"x has {k} columns, w has {w.shape[1]}")
+    if x.shape[1] != (2 * k if prologue == GATED else k):
+        raise ValueError(f"x has {x.shape[1]} columns for w's {k}")
     if accumulate and out is None:
         raise ValueError("accumulate needs out")
     out = result(out, (tokens, n), np.float32, stream)
     if tokens == 0 or n == 0:
         return out
-    a, a_scale = quantize_rows(x, act_max, act, stream)
+    a, a_scale = quantize_rows(x, act_max, act, stream, prologue, norm, eps)
     bias = no_scale() if bias is None else bias
     if tokens <= GEMV_MAX_TOKENS and k % 4 == 0 and w.is_c_contiguous():
         words = w.view(np.int32)

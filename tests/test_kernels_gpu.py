@@ -111,6 +111,30 @@ def test_matmul_w8_weight_only(tokens, n, k, seed):
 @FEW
 @given(
     tokens=st.sampled_from([1, 3]),
+    k=st.sampled_from([1, 17, 130]),
+    gated=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_rows_prologues_equal_the_unfused_kernels(tokens, k, gated, seed):
+    """rmsnorm(x) or silu(gate) * up, quantised in one launch: the same bits as the rmsnorm or
+    gate kernel's output quantised after it (and those kernels agree with the CPU's)."""
+    rng = np.random.default_rng(seed)
+    x = rand(rng, tokens, 2 * k if gated else k) * 3
+    w = rand(rng, k)
+    x_d, w_d = on_device(x, w)
+    if gated:
+        fused = norms.quantize_rows(x_d, 32767, mode=norms.GATED)
+        unfused = norms.quantize_rows(activations.silu_mul(x_d), 32767)
+    else:
+        fused = norms.quantize_rows(x_d, 32767, mode=norms.RMSNORM, weight=w_d, eps=1e-5)
+        unfused = norms.quantize_rows(norms.rmsnorm(x_d, w_d, 1e-5), 32767)
+    for got, want in zip(fused, unfused, strict=True):
+        np.testing.assert_array_equal(got.copy_to_host(), want.copy_to_host())
+
+
+@FEW
+@given(
+    tokens=st.sampled_from([1, 3]),
     k=st.sampled_from([1, 17, 130]),  # 130: more elements than the block's 128 threads
     qmax=st.sampled_from([127, 32767]),
     seed=st.integers(0, 2**16),

@@ -42,6 +42,7 @@ from kernels_cpu.moe import group_by_expert_into, route_top_k_into
 from kernels_gpu import activations, elementwise, embedding, moe, norms, rope
 from kernels_gpu.matmul_f32 import matmul_f32
 from kernels_gpu.matmul_int8 import gemm_w8
+from kernels_gpu.norms import GATED, PLAIN, RMSNORM
 from kernels_gpu.paged_attention import (
     attention_splits,
     paged_attention,
@@ -260,11 +261,20 @@ class CUDABackend:
         return self._linear(x, weight, out)
 
     def _linear(
-        self, x: DeviceArray, weight: Weight, out: DeviceArray | None, accumulate: bool = False
+        self,
+        x: DeviceArray,
+        weight: Weight,
+        out: DeviceArray | None,
+        accumulate: bool = False,
+        prologue: int = PLAIN,
+        norm: DeviceArray | None = None,
+        eps: float = 0.0,
     ) -> DeviceArray:
-        """The linear itself, bias included, stored into `out` or added into it
-        (`accumulate`), in the matmul's epilogue; the fused ops call it too (not through
-        `linear`, which the bench's kernel timer wraps: their time would count twice)."""
+        """The linear of rmsnorm(x) (`prologue` RMSNORM), silu(gate) * up (GATED) or x, bias
+        included, stored into `out` or added into it (`accumulate`). An int8 weight does all
+        of it in two launches (the prologue inside the activations' quantisation, the rest
+        in the matmul's epilogue). The fused ops call it too (not through `linear`, which the
+        bench's kernel timer wraps: their time would count twice)."""
         if not isinstance(weight, DenseWeight | Int8Weight):
             raise TypeError(f"CUDABackend has no kernel for {type(weight).__name__}")
         if isinstance(weight.data, np.ndarray):
@@ -272,15 +282,17 @@ class CUDABackend:
                 "the CUDA backend was handed a weight in host memory: weights reach the GPU "
                 "through prepare_weights, or a device layer stream's buffers"
             )
+        s, take = self.stream, self.scratch.take
         if isinstance(weight, Int8Weight):
-            tokens, k = x.shape
-            act = (
-                self.scratch.take("act", (tokens, k), np.int16),
-                self.scratch.take("act_scale", (tokens,), np.float32),
-            )
-            return gemm_w8(x, weight.data, weight.scale, INT16_MAX, out, self.stream, act,
-                           weight.bias, accumulate)  # fmt: skip
-        return matmul_f32(x, weight.data, out, self.stream, weight.bias, accumulate)
+            tokens, k = x.shape[0], weight.in_features
+            act = (take("act", (tokens, k), np.int16), take("act_scale", (tokens,), np.float32))
+            return gemm_w8(x, weight.data, weight.scale, INT16_MAX, out, s, act, weight.bias,
+                           accumulate, prologue, norm, eps)  # fmt: skip
+        if prologue == RMSNORM:
+            x = norms.rmsnorm(x, norm, eps, take("h", x.shape, np.float32), s)
+        elif prologue == GATED:
+            x = activations.silu_mul(x, take("h", (x.shape[0], x.shape[1] // 2), np.float32), s)
+        return matmul_f32(x, weight.data, out, s, weight.bias, accumulate)
 
     def norm_linear(
         self,
@@ -291,18 +303,13 @@ class CUDABackend:
         *,
         out: DeviceArray | None = None,
     ) -> DeviceArray:
-        """rmsnorm into scratch, then the linear (two launches; fusing them is the device
-        decode issue's work)."""
-        h = self.scratch.take("h", x.shape, np.float32)
-        return self._linear(norms.rmsnorm(x, norm, eps, h, self.stream), weight, out)
+        return self._linear(x, weight, out, prologue=RMSNORM, norm=norm, eps=eps)
 
     def linear_add_(
         self, residual: DeviceArray, x: DeviceArray, weight: Weight, *, gated: bool = False
     ) -> DeviceArray:
-        if gated:
-            h = self.scratch.take("h", (x.shape[0], x.shape[1] // 2), np.float32)
-            x = activations.silu_mul(x, h, self.stream)
-        return self._linear(x, weight, residual, accumulate=True)
+        prologue = GATED if gated else PLAIN
+        return self._linear(x, weight, residual, accumulate=True, prologue=prologue)
 
     def attention(
         self,
@@ -453,11 +460,10 @@ class CUDABackend:
         h = take("moe_gate_up", (n, gate_up.out_features), f32)
         self._linear(x_e, gate_up, h)
         moe.scale_up_half_(h, scales, s)
-        gated = activations.silu_mul(h, take("moe_gated", (n, h.shape[1] // 2), f32), s)
         if whole:
-            self._linear(gated, down, residual, accumulate=True)
+            self._linear(h, down, residual, accumulate=True, prologue=GATED)
         else:
-            out = self._linear(gated, down, take("moe_out", (n, hidden), f32))
+            out = self._linear(h, down, take("moe_out", (n, hidden), f32), prologue=GATED)
             moe.add_rows_at(residual, rows, out, s)
 
     def scale_(self, x: DeviceArray, factor: float) -> DeviceArray:
