@@ -7,9 +7,11 @@ works but makes numba copy them in and out around every launch.
 
 The kernels are plain CUDA: shared-memory tiles and reductions, no warp shuffles, because
 numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which runs them in CI on machines without a
-GPU, has none. Modules: matmul_f32 and matmul_int8 (GEMV/GEMM), norms, rope, activations,
-elementwise (residual add, bias, QKV split), embedding (row gathers), paged_attention,
-moe (an expert's routing weights, and its rows added back into the residual), and launch
+GPU, has none. Modules: matmul_f32 and matmul_int8 (GEMV/GEMM, with bias and residual in
+their epilogue), norms (and the int8 activation quantisation), rope (the QKV split with its
+rotation), activations, elementwise (residual add, scale, soft cap), embedding (row
+gathers), paged_attention, moe (an expert's routing weights, and its rows added back into
+the residual), and launch
 (launch geometry, result buffers, and the conventions the kernels follow and why).
 """
 

@@ -1,6 +1,5 @@
-"""Small elementwise ops the forward pass needs between the big kernels: residual adds, bias
-adds, scaling and soft-capping, and splitting the fused QKV projection into contiguous q, k,
-v."""
+"""Small elementwise ops the forward pass needs between the big kernels: residual adds (the
+ones a matmul's epilogue does not do), scaling and soft-capping."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid, result
+from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid
 
 
 @cuda.jit(cache=True)
@@ -19,32 +18,6 @@ def _add_rows(x, y):
     for idx in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
         t = idx // n
         x[t, idx - t * n] += y[t, idx - t * n]
-
-
-@cuda.jit(cache=True)
-def _add_bias(x, bias):
-    """x (T, N) += bias (N,) on every row."""
-    rows, n = x.shape
-    for idx in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
-        t = idx // n
-        x[t, idx - t * n] += bias[idx - t * n]
-
-
-@cuda.jit(cache=True)
-def _split(qkv, q, k, v):
-    """Copy the column ranges [q | k | v] of qkv (T, W) into the (T, *) arrays q, k, v."""
-    rows, width = qkv.shape
-    q_end = q.shape[1]
-    k_end = q_end + k.shape[1]
-    for idx in range(cuda.grid(1), rows * width, cuda.gridsize(1)):
-        t = idx // width
-        c = idx - t * width
-        if c < q_end:
-            q[t, c] = qkv[t, c]
-        elif c < k_end:
-            k[t, c - q_end] = qkv[t, c]
-        else:
-            v[t, c - k_end] = qkv[t, c]
 
 
 @cuda.jit(cache=True)
@@ -80,25 +53,8 @@ def softcap_inplace(x, cap: float, stream=0):
 
 
 def add_inplace(x, y, stream=0):
-    """x (T, N) += y, where y is (T, N) or a bias (N,) added to every row; returns x."""
+    """x (T, N) += y (T, N); returns x."""
     n = x.shape[0] * x.shape[1]
     if n:
-        kernel = _add_bias if y.ndim == 1 else _add_rows
-        kernel[elementwise_grid(n), ELEMENTWISE_THREADS, stream](x, y)
+        _add_rows[elementwise_grid(n), ELEMENTWISE_THREADS, stream](x, y)
     return x
-
-
-def split_qkv(qkv, heads: int, kv_heads: int, head_dim: int, out=None, stream=0):
-    """Fused (T, (H + 2 Hkv) D) projections -> contiguous q (T, H, D), k and v (T, Hkv, D),
-    copied into `out` = (q, k, v) when given, else into new arrays."""
-    tokens = qkv.shape[0]
-    q_out, k_out, v_out = (None, None, None) if out is None else out
-    q = result(q_out, (tokens, heads, head_dim), np.float32, stream)
-    k = result(k_out, (tokens, kv_heads, head_dim), np.float32, stream)
-    v = result(v_out, (tokens, kv_heads, head_dim), np.float32, stream)
-    n = tokens * qkv.shape[1]
-    if n:
-        q_rows = q.reshape(tokens, heads * head_dim)
-        k_rows, v_rows = (a.reshape(tokens, kv_heads * head_dim) for a in (k, v))
-        _split[elementwise_grid(n), ELEMENTWISE_THREADS, stream](qkv, q_rows, k_rows, v_rows)
-    return q, k, v

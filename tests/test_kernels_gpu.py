@@ -225,22 +225,26 @@ def test_head_rmsnorm_equals_cpu(tokens, heads, seed):
     start=st.integers(0, 9000),
     seed=st.integers(0, 2**16),
 )
-def test_rope_equals_cpu(tokens, heads, half, start, seed):
+def test_split_rope_equals_cpu(tokens, heads, half, start, seed):
+    """q and k rotated as the CPU rotates them, v copied, from the fused projections."""
     rng = np.random.default_rng(seed)
-    dim = 2 * half
-    x = rand(rng, tokens, heads, dim)
+    dim, kv_heads = 2 * half, max(1, heads - 1)
+    qkv = rand(rng, tokens, (heads + 2 * kv_heads) * dim)
     inv_freq = (1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
     pos = np.arange(start, start + tokens, dtype=np.int64)
-    x_d, pos_d, freq_d = on_device(x, pos, inv_freq)
-    rope.rope_inplace(x_d, pos_d, freq_d)
-    ref = np.empty_like(x)
+    q, k, v = rope.split_rope(*on_device(qkv), heads, kv_heads, dim, *on_device(pos, inv_freq))
     cos = np.empty((tokens, half), dtype=np.float32)
     sin = np.empty_like(cos)
     kernels_cpu.rope_angles_into(pos, inv_freq, cos, sin)
-    for t in range(tokens):
-        kernels_cpu.rope_heads(x.reshape(tokens, -1), t, 0, cos, sin, ref)
-    # cos/sin of angles up to ~9000 rad: the two libms may differ by an ulp of the angle.
-    np.testing.assert_allclose(x_d.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+    for got, first, count in ((q, 0, heads), (k, heads, kv_heads)):
+        x = np.ascontiguousarray(qkv[:, first * dim : (first + count) * dim])
+        ref = np.empty((tokens, count, dim), np.float32)
+        for t in range(tokens):
+            kernels_cpu.rope_heads(x, t, 0, cos, sin, ref)
+        # cos/sin of angles up to ~9000 rad: the two libms may differ by an ulp of the angle.
+        np.testing.assert_allclose(got.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+    v_cols = qkv[:, (heads + kv_heads) * dim :]
+    np.testing.assert_array_equal(v.copy_to_host().reshape(tokens, -1), v_cols)
 
 
 @FEW
@@ -289,20 +293,12 @@ def test_row_gathers_equal_cpu(vocab, k, tokens, seed):
     head_dim=st.sampled_from([1, 8]),
     seed=st.integers(0, 2**16),
 )
-def test_split_qkv_and_adds(tokens, heads, head_dim, seed):
+def test_add_inplace(tokens, heads, head_dim, seed):
     rng = np.random.default_rng(seed)
-    h, kv = heads
-    qkv = rand(rng, tokens, (h + 2 * kv) * head_dim)
-    q, k, v = elementwise.split_qkv(*on_device(qkv), h, kv, head_dim)
-    np.testing.assert_array_equal(q.copy_to_host().reshape(tokens, -1), qkv[:, : h * head_dim])
-    np.testing.assert_array_equal(
-        np.concatenate([k.copy_to_host(), v.copy_to_host()], axis=1).reshape(tokens, -1),
-        qkv[:, h * head_dim :],
-    )
-    x, y, bias = rand(rng, tokens, 5), rand(rng, tokens, 5), rand(rng, 5)
-    x_d, y_d, bias_d = on_device(x, y, bias)
-    elementwise.add_inplace(elementwise.add_inplace(x_d, y_d), bias_d)
-    np.testing.assert_array_equal(x_d.copy_to_host(), x + y + bias)
+    width = (heads[0] + 2 * heads[1]) * head_dim
+    x, y = rand(rng, tokens, width), rand(rng, tokens, width)
+    x_d, y_d = on_device(x, y)
+    np.testing.assert_array_equal(elementwise.add_inplace(x_d, y_d).copy_to_host(), x + y)
 
 
 @FEW
@@ -531,8 +527,9 @@ def test_wrappers_fill_the_buffers_given():
     qkv = on_device(rand(rng, tokens, (heads + 2 * kv_heads) * dim))[0]
     shapes = [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)]
     buffers = [empty(shape) for shape in shapes]
-    got = elementwise.split_qkv(qkv, heads, kv_heads, dim, out=buffers)
-    want = elementwise.split_qkv(qkv, heads, kv_heads, dim)
+    where = on_device(np.array([3, 9]), np.full(dim // 2, 0.1, np.float32))
+    got = rope.split_rope(qkv, heads, kv_heads, dim, *where, out=buffers)
+    want = rope.split_rope(qkv, heads, kv_heads, dim, *where)
     for a, buffer, ref in zip(got, buffers, want, strict=True):
         assert a is buffer
         np.testing.assert_array_equal(a.copy_to_host(), ref.copy_to_host())

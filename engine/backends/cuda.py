@@ -332,11 +332,9 @@ class CUDABackend:
         take = self.scratch.take
         q, k, v = (take(n, (tokens, h, dim), np.float32) for n, h in
                    (("q", heads), ("k", kv_heads), ("v", kv_heads)))  # fmt: skip
-        elementwise.split_qkv(qkv, heads, kv_heads, dim, (q, k, v), s)
         # The pass's own copy: dynamic NTK and LongRoPE make new frequencies every pass
         positions, freqs = up(batch.positions, "positions"), up(inv_freq, "inv_freq")
-        rope.rope_inplace(q, positions, freqs, stream=s)
-        rope.rope_inplace(k, positions, freqs, stream=s)
+        rope.split_rope(qkv, heads, kv_heads, dim, positions, freqs, (q, k, v), s)
         slots = up(batch.slots, "slots")
         where = tuple(
             up(getattr(batch, name), name)
