@@ -183,10 +183,9 @@ def test_predictor_in_a_ray_data_pipeline(cluster, llm):
     ds = ray.data.from_items(rows).map_batches(
         LaminaPredictor,
         fn_constructor_kwargs={"defaults": GREEDY, "threads": 1, **ENGINE},
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=2),
         num_cpus=1,
         batch_size=2,
-        max_concurrency=2,
     )
     got = {row["id"]: row for row in ds.take_all()}
     from engine import SamplingParams

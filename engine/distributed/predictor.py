@@ -2,8 +2,8 @@
 
     ds = ray.data.read_json("requests.jsonl", override_num_blocks=1000)
     ds.map_batches(LaminaPredictor, fn_constructor_kwargs={"model": PATH, "quant": "int8"},
-                   compute=ray.data.ActorPoolStrategy(size=4), num_cpus=8,
-                   batch_size=4, max_concurrency=32)
+                   compute=ray.data.ActorPoolStrategy(size=4, max_concurrent_calls_per_actor=32),
+                   num_cpus=8, batch_size=4)
 
 Rows carry the fields of a `lamina batch` line ("prompt" or "messages", any sampling field,
 "id", "chat_template_kwargs", "response_format"); other columns pass through. Each result
@@ -14,10 +14,11 @@ the same message the local job gives; a bad row costs only itself).
 `__call__` is a coroutine, so an actor works on several batches at once: every row in
 flight goes into the actor's one continuous-batching engine (engine/async_engine.py), the
 way `lamina batch` runs a file, and a batch returns as soon as its own rows are done. Ray
-Data runs up to `max_concurrency` tasks (blocks) per actor and up to 4 batches of a block
-at once, so split the dataset into many small blocks (`override_num_blocks`, or
-`repartition`) and keep about twice `max_num_seqs` rows in flight per actor to keep its
-engine full: with blocks of one batch, batch_size x max_concurrency.
+Data runs up to `max_concurrent_calls_per_actor` tasks (blocks) per actor and up to 4
+batches of a block at once, so split the dataset into many small blocks
+(`override_num_blocks`, or `repartition`) and keep about twice `max_num_seqs` rows in flight
+per actor to keep its engine full: with blocks of one batch, batch_size x
+max_concurrent_calls_per_actor.
 """
 
 from __future__ import annotations

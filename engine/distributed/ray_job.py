@@ -213,8 +213,9 @@ def _pipeline(ray, rows, actors, threads, summary, start, *, model, ship, engine
             "model": model, "shipped": shipped, **predictor_kwargs, **engine_kwargs,
             "threads": threads,
         },
-        batch_size=ROWS_PER_TASK, num_cpus=threads, max_concurrency=tasks,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks),
+        batch_size=ROWS_PER_TASK, num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks,
+                                           max_concurrent_calls_per_actor=tasks),
     )  # fmt: skip
 
 
