@@ -455,7 +455,7 @@ class _BatchJob:
         self.template_kwargs = template_kwargs
         self.log = log
         self.summary = BatchSummary()
-        self.out: TextIO | None = None  # OUT, open while the job runs
+        self.results: ResultWriter | None = None  # into OUT, open while the job runs
         self.lines = InputLines(in_path, done)
         # generate_iter request id -> (line number, id) of requests pulled but not finished.
         self.pending: dict[str, tuple[int, Any]] = {}
@@ -468,7 +468,8 @@ class _BatchJob:
         start = time.perf_counter()
         outputs = self.llm.generate_iter(self._requests())
         try:
-            with self.out_path.open("a", encoding="utf-8") as self.out:
+            with self.out_path.open("a", encoding="utf-8") as out:
+                self.results = ResultWriter(out, self.in_path, self.summary, self.progress)
                 for output in outputs:
                     self._finish(output)
         except KeyboardInterrupt:
@@ -500,25 +501,32 @@ class _BatchJob:
 
     def _finish(self, output: RequestOutput) -> None:
         number, request_id = self.pending.pop(output.request_id)
-        record = output_record(request_id, number, output)
-        if "error" in record:
-            self._fail(number, request_id, record["error"])
-            return
-        self._write(record)
-        self.summary.written += 1
-        self.summary.generated_tokens += output.metrics.generated_tokens
-        self.progress.advance(output.metrics.generated_tokens)
+        self.results.write(output_record(request_id, number, output))
 
     def _fail(self, number: int, request_id: Any, reason: str) -> None:
         """One line produced no result: say so in OUT and on the log, and go on."""
-        self._write(error_record(request_id, number, reason))
-        self.summary.failed += 1
-        self.progress.note(f"{self.in_path}:{number}: {reason}")
-        self.progress.advance()
+        self.results.write(error_record(request_id, number, reason))
 
-    def _write(self, record: dict) -> None:
+
+class ResultWriter:
+    """Appends records to OUT, each flushed as it is written (OUT is the checkpoint), and
+    counts them in the summary and on the progress bar; an error record is also reported on
+    the log as IN:LINE: reason. The local job and the Ray job's driver write through it."""
+
+    def __init__(self, out: TextIO, in_path: Path, summary: BatchSummary, progress: Progress):
+        self.out, self.in_path, self.summary, self.progress = out, in_path, summary, progress
+
+    def write(self, record: dict) -> None:
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.out.flush()
+        if "error" in record:
+            self.summary.failed += 1
+            self.progress.note(f"{self.in_path}:{record['line']}: {record['error']}")
+            self.progress.advance()
+        else:
+            self.summary.written += 1
+            self.summary.generated_tokens += record["completion_tokens"]
+            self.progress.advance(record["completion_tokens"])
 
 
 def _refuse_constant(name: str) -> Any:

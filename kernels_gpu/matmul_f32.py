@@ -16,7 +16,7 @@ converted to float as it is loaded.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, int32
 
 from kernels_gpu.launch import no_scale, result
 
@@ -26,6 +26,14 @@ TOKENS = 4  # tokens per pass over a weight row; their sums live in registers
 GEMV_MAX_TOKENS = 8  # above this the tiled kernel's reuse of weight tiles wins
 TILE = 16
 TILE_PAD = TILE + 1  # row length of shared tiles: the padding avoids bank conflicts
+
+
+@cuda.jit(device=True)
+def signed_byte(word, b):
+    """Byte b (little-endian) of an int32 word, sign-extended to int32: how the GEMVs read
+    int8 rows four weights per load. No `cuda.*`, so matmul_int8 calls it too."""
+    byte = (word >> (8 * b)) & 0xFF
+    return int32(byte - ((byte & 0x80) << 1))
 
 
 @cuda.jit(device=True)
@@ -102,8 +110,7 @@ def _gemv_words(x, w4, scale, bias, out, accumulate):
             for c in range(lane, words, WARP):
                 word = w4[row, c]
                 for b in range(4):
-                    byte = (word >> (8 * b)) & 0xFF
-                    wb = float32(byte - ((byte & 0x80) << 1))  # sign-extend
+                    wb = float32(signed_byte(word, b))
                     for j in range(nt):
                         acc[j] += x[t0 + j, 4 * c + b] * wb
         _store_row_sums(acc, part, t0, nt, row, live, scale, bias, out, accumulate)

@@ -33,6 +33,7 @@ from kernels_gpu.matmul_f32 import (
     WARP,
     _epilogue,
     float_matmul,
+    signed_byte,
 )
 from kernels_gpu.norms import GATED, PLAIN, quantize_rows
 
@@ -63,8 +64,7 @@ def _gemv_int(a, a_scale, w4, scale, bias, out, accumulate):
             for c in range(lane, words, WARP):
                 word = w4[row, c]
                 for b in range(4):
-                    byte = (word >> (8 * b)) & 0xFF
-                    wb = int32(byte - ((byte & 0x80) << 1))  # sign-extend
+                    wb = signed_byte(word, b)
                     for j in range(nt):
                         acc[j] += int32(a[t0 + j, 4 * c + b]) * wb
         cuda.syncthreads()  # the previous pass has finished reading `part`

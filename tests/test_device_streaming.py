@@ -239,4 +239,4 @@ def test_the_gpu_device_script_runs_end_to_end_under_the_simulator(toy, tmp_path
     decode, streamed = rows[2], rows[3]
     assert decode["decode_tok_s"] > 0 and decode["transformers_bf16"]["decode_tok_s"] > 0
     assert streamed["copies"] > 0 and streamed["h2d_gbps"] > 0
-    assert rows[1]["share_of_d2d"] > 0
+    assert rows[1]["share_of_d2d"] > 0 and streamed["h2d_vs_pinned_probe"] > 0

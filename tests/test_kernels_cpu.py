@@ -213,13 +213,24 @@ def test_gemv_w8_tokens_together_equal_one_by_one_bit_for_bit(tokens, n, k, accu
     tile: a verification pass or a batch of two gives each token its own decode's bits."""
     from kernels_cpu.matmul_int8 import gemv_w8_into
 
+    def together(x, w, scale, out, a, a_scale, accumulate):
+        gemv_w8_into(x, w, scale, out, a, a_scale, accumulate=accumulate)
+
+    assert_rows_equal_one_by_one(together, tokens, n, k, accumulate, seed)
+
+
+def assert_rows_equal_one_by_one(run, tokens, n, k, accumulate, seed) -> None:
+    """`run` over all tokens gives each token's row the bits of the one-token GEMV, storing
+    or adding into out."""
+    from kernels_cpu.matmul_int8 import gemv_w8_into
+
     rng = np.random.default_rng(seed)
     x = rand(rng, tokens, k)
     w, scale = int8_matrix(rng, n, k)
     start = rand(rng, tokens, n)
     got = start.copy()
     a, a_scale = np.empty((tokens, k), np.int16), np.empty(tokens, np.float32)
-    gemv_w8_into(x, w, scale, got, a, a_scale, accumulate=accumulate)
+    run(x, w, scale, got, a, a_scale, accumulate)
     for t in range(tokens):
         one = start[t : t + 1].copy()
         gemv_w8_into(x[t : t + 1], w, scale, one, a[:1], a_scale[:1], accumulate=accumulate)
@@ -237,19 +248,12 @@ def test_gemv_w8_tokens_together_equal_one_by_one_bit_for_bit(tokens, n, k, accu
 def test_gemm_w8_rows_equal_gemv_w8_bit_for_bit(tokens, n, k, accumulate, seed):
     """Every GEMM tile (the scaled 4x4 and 4x2 tiles, the edge tiles) rounds as the GEMV does,
     storing or adding into out: a token's output does not depend on its batch."""
-    from kernels_cpu.matmul_int8 import INT16_MAX, gemm_w8_into, gemv_w8_into
+    from kernels_cpu.matmul_int8 import INT16_MAX, gemm_w8_into
 
-    rng = np.random.default_rng(seed)
-    x = rand(rng, tokens, k)
-    w, scale = int8_matrix(rng, n, k)
-    start = rand(rng, tokens, n)
-    got = start.copy()
-    a, a_scale = np.empty((tokens, k), np.int16), np.empty(tokens, np.float32)
-    gemm_w8_into(x, w, scale, INT16_MAX, got, a, a_scale, accumulate=accumulate)
-    for t in range(tokens):
-        one = start[t : t + 1].copy()
-        gemv_w8_into(x[t : t + 1], w, scale, one, a[:1], a_scale[:1], accumulate=accumulate)
-        assert np.array_equal(got[t], one[0])
+    def gemm(x, w, scale, out, a, a_scale, accumulate):
+        gemm_w8_into(x, w, scale, INT16_MAX, out, a, a_scale, accumulate=accumulate)
+
+    assert_rows_equal_one_by_one(gemm, tokens, n, k, accumulate, seed)
 
 
 def test_zero_activations_give_zero_and_no_nan():

@@ -14,6 +14,7 @@ A driver killed mid-job loses only the lines it had not written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -25,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.batch_job import BatchSummary, InputLines, Line, Progress, check_job, error_record
+from engine.batch_job import (
+    BatchSummary,
+    InputLines,
+    Line,
+    Progress,
+    ResultWriter,
+    check_job,
+    error_record,
+)
 from engine.distributed.predictor import LaminaPredictor
 from engine.distributed.rows import batch_rows
 from engine.engine_config import DEFAULT_MAX_NUM_SEQS
@@ -52,8 +61,6 @@ class _LinePredictor(LaminaPredictor):
     OUT record as JSON text, with the actor's name, tokens and busy time for its stats."""
 
     async def __call__(self, batch: Any) -> dict[str, list[Any]]:
-        import asyncio
-
         rows = batch_rows(batch)
         records = await asyncio.gather(
             *(self.run_row(json.loads(row["json"]), row["line"]) for row in rows)
@@ -167,9 +174,10 @@ def run_ray_batch(
     started = False
     try:
         with out_path.open("a", encoding="utf-8") as out:
-            job = _Job(out, in_path, summary, bar)
+            results = ResultWriter(out, in_path, summary, bar)
             for record in bad:
-                job.write(record)
+                results.write(record)
+            job = _Job(results, summary)
             if rows:  # Ray starts only for lines that run
                 started = connect(ray, address)
                 results = _pipeline(
@@ -226,10 +234,10 @@ def _absolute(path: str | None) -> str | None:
 
 
 class _Job:
-    """Appends the records to OUT, once per line, and keeps the counts."""
+    """Writes each line's record to OUT once, and keeps the actors' stats."""
 
-    def __init__(self, out: TextIO, in_path: Path, summary: RayBatchSummary, bar: Progress):
-        self.out, self.in_path, self.summary, self.bar = out, in_path, summary, bar
+    def __init__(self, results: ResultWriter, summary: RayBatchSummary) -> None:
+        self.results, self.summary = results, summary
         self.written: set[int] = set()
 
     def result(self, row: Mapping[str, Any]) -> None:
@@ -241,19 +249,7 @@ class _Job:
         stats.lines += 1
         stats.tokens = max(stats.tokens, int(row["actor_tokens"]))
         stats.busy_s = max(stats.busy_s, float(row["actor_busy_s"]))
-        self.write(json.loads(row["record"]))
-
-    def write(self, record: dict) -> None:
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.out.flush()
-        if "error" in record:
-            self.summary.failed += 1
-            self.bar.note(f"{self.in_path}:{record['line']}: {record['error']}")
-            self.bar.advance()
-        else:
-            self.summary.written += 1
-            self.summary.generated_tokens += record["completion_tokens"]
-            self.bar.advance(record["completion_tokens"])
+        self.results.write(json.loads(row["record"]))
 
 
 def _lamina_error(exc: BaseException) -> LaminaError | None:
