@@ -40,16 +40,18 @@ def result(out, shape: tuple[int, ...], dtype: type, stream=0):
     return out
 
 
-_EMPTY: dict[int, object] = {}
+_EMPTY: dict[tuple[int, str], object] = {}
 
 
-def empty(ndim: int = 1):
-    """An empty float32 device array of `ndim` dimensions, made once and shared: an argument
-    a launch does not read (numba cannot pass None to a kernel on a real GPU), so a warm
-    step calls the allocator for nothing."""
-    if ndim not in _EMPTY:
-        _EMPTY[ndim] = cuda.device_array((0,) * ndim, dtype=np.float32)
-    return _EMPTY[ndim]
+def empty(ndim: int = 1, dtype: type = np.float32):
+    """An empty device array of `ndim` dimensions, made once and shared: an argument a
+    launch does not read (numba cannot pass None to a kernel on a real GPU), so a warm step
+    calls the allocator for nothing. `dtype` only where the kernel's code types it (bit
+    operations compile for integers only)."""
+    key = (ndim, np.dtype(dtype).str)
+    if key not in _EMPTY:
+        _EMPTY[key] = cuda.device_array((0,) * ndim, dtype=dtype)
+    return _EMPTY[key]
 
 
 def no_scale():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int16
+from numba import cuda, float32, float64, int16, int32
 
 from kernels_gpu.activations import silu_mul_value
 from kernels_gpu.launch import ROW_THREADS, result
@@ -132,3 +132,61 @@ def quantize_rows(x, qmax: int, out=None, stream=0, mode: int = PLAIN, weight=No
     if tokens:
         _quantize_rows[tokens, ROW_THREADS, stream](x, mode, weight, float(eps), qmax, a, a_scale)
     return a, a_scale
+
+
+# The block formats' activation blocks: one int8 scale per BLOCK inputs, sums per SUM_SPAN
+# (kernels_cpu.simd_blocks' BLOCK and SUM_SPAN; kernels do not import the CPU's modules).
+BLOCK, SUM_SPAN = 32, 16
+
+
+@cuda.jit(cache=True)
+def _quantize_blocks(x, mode, weight, eps, k, xq, xsum, xs, xm):
+    """One block per row t: each thread takes whole 32-input blocks b of the row `_input`
+    gives, padded with zeros from k to xq's width: xq = rint(h * 127 / max|h|) as int8,
+    xs[b] = max|h| / 127, and per 16 inputs their integer sum xsum and xsum * xs (xm).
+
+    The float32 operations of the CPU's block `_quantize_row` in its order, so the integers
+    and scales are identical."""
+    t = cuda.blockIdx.x
+    inv = _inverse_rms(x, t, 0, k, eps) if mode == RMSNORM else float32(1)
+    for b in range(cuda.threadIdx.x, xs.shape[1], ROW_THREADS):
+        lo = b * BLOCK
+        hi = lo + BLOCK if lo + BLOCK < k else k
+        peak = float32(0)
+        for i in range(lo, hi):
+            v = abs(_input(x, t, i, mode, weight, inv, k))
+            peak = v if v > peak else peak
+        scale = peak / float32(127.0)
+        inv_s = float32(127.0) / peak if peak > 0 else float32(0)
+        for half in range(2):
+            total = int32(0)
+            for i in range(lo + half * SUM_SPAN, lo + half * SUM_SPAN + SUM_SPAN):
+                q = int32(0)
+                if i < hi:
+                    q = int32(round(_input(x, t, i, mode, weight, inv, k) * inv_s))
+                xq[t, i] = q
+                total += q
+            xsum[t, 2 * b + half] = total
+            xm[t, 2 * b + half] = float32(total) * scale
+        xs[t, b] = scale
+
+
+def quantize_blocks(x, k: int, act, stream=0, mode: int = PLAIN, weight=None, eps=0.0):
+    """The block matmuls' activations: x (T, k) float32, or rmsnorm(x) with `weight` (k,)
+    (mode RMSNORM), or silu(gate) * up of x (T, 2k) (GATED), quantised per 32 inputs into
+    `act` = (xq (T, Kp) int8, xsum (T, Kp / 16) int32, xs (T, Kp / 32) float32, xm (T, Kp /
+    16) float32) with Kp >= k a multiple of 32, which it fills and returns."""
+    xq, xsum, xs, xm = act
+    tokens, kp = xq.shape
+    if kp % BLOCK or kp < k or xs.shape != (tokens, kp // BLOCK):
+        raise ValueError("the activation scratch does not fit k and the tokens")
+    if xsum.shape != (tokens, kp // SUM_SPAN) or xm.shape != xsum.shape:
+        raise ValueError("xsum and xm must be (T, Kp / 16)")
+    if x.shape != (tokens, 2 * k if mode == GATED else k):
+        raise ValueError(f"x is {tuple(x.shape)} for {tokens} tokens of {k} inputs")
+    if mode == RMSNORM and (weight is None or weight.shape[0] != k):
+        raise ValueError("an rmsnorm prologue needs its (k,) weight")
+    weight = x[0] if weight is None else weight  # unread: any float32 vector
+    if tokens:
+        _quantize_blocks[tokens, ROW_THREADS, stream](x, mode, weight, float(eps), k, *act)
+    return act
