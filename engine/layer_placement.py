@@ -25,6 +25,7 @@ from engine.loader.checkpoint import (
     build_layer,
     checkpoint_layer_tensors,
     layer_arrays,
+    layer_descriptors,
     open_layer_stream,
 )
 from engine.loader.model_loader import LoadedModel
@@ -225,9 +226,16 @@ def _place_on_device(
     if plan.fully_resident:
         return Placement(plan, ResidentLayers(weights.layers), expert_cache=backend.expert_cache)
     source = str(folder or loaded.path)
+    # What a streamed layer's format says, from the host: reading it from the layer's
+    # device buffer would copy it back (a wait) each time the layer is built.
+    descriptors = {
+        i: layer_descriptors(_layer_arrays(weights.layers[i], i, bool(host_experts)))
+        for i in range(n)
+        if i not in resident
+    }
 
     def build(i: int, arrays: dict) -> LayerWeights:
-        return build_layer(arrays, i, source, host_experts.get(i))
+        return build_layer({**arrays, **descriptors[i]}, i, source, host_experts.get(i))
 
     pinned = {}
     for i in plan.layers(Tier.HOST_TO_DEVICE):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -29,8 +30,16 @@ from engine.kv_cache import ForwardBatch, PagedKVCache
 from engine.layer_placement import ResidentLayers
 from engine.loader.model_loader import load_model
 from engine.model import Transformer, Workspace
-from engine.weights import ColskipInt8Weight, Int8Weight, ModelWeights, SparseInt8Weight
+from engine.weights import (
+    BlockWeight,
+    ColskipInt8Weight,
+    Int8Weight,
+    ModelWeights,
+    SparseInt8Weight,
+    StackedWeight,
+)
 from tests.cudasim import pooled_blocks
+from tests.test_block_formats import BLOCK_FORMATS, block_weight
 from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels_gpu.available(), reason="no CUDA GPU or simulator")
@@ -176,6 +185,54 @@ def test_f32_tied_prompt_logits_match_cpu(tied):
     assert gpu.loaded.weights.lm_head is gpu.loaded.weights.embed
     # Float32 all the way: summation orders and libm differ (measured: 3e-7 of the range).
     assert_logits_close(gpu.prompt_logits(PROMPTS[0]), cpu.prompt_logits(PROMPTS[0]), 3e-6)
+
+
+@pytest.mark.parametrize("fmt", [*BLOCK_FORMATS, "stacked"])
+def test_block_linears_and_lookups_match_cpu(fmt):
+    """Every block format (lamina's int4, each GGUF type) and a stacked q/k/v of two, with a
+    bias: decode, prefill, a fused rmsnorm and an add into the stream. Both devices compute
+    the same integer block dots; they sum the blocks' float products in other orders."""
+    rng = np.random.default_rng(7)
+    if fmt == "stacked":  # as a Q4_K_M file's attention: Q4_K q and k, Q6_K v
+        parts = [block_weight(rng, name, n, 256) for name, n in (("Q4_K", 20), ("Q6_K", 5))]
+        weight = StackedWeight(parts, rng.standard_normal(25).astype(np.float32))
+    else:
+        weight = block_weight(rng, fmt, 20, 40)
+        weight.bias = rng.standard_normal(20).astype(np.float32)
+    k, n = weight.in_features, weight.out_features
+    cpu, gpu = CPUBackend(), CUDABackend()
+    moved = ModelWeights(weight, [], np.ones(k, np.float32), weight)
+    gpu.prepare_weights(moved)
+    norm = (1 + rng.standard_normal(k)).astype(np.float32)
+    for tokens in (1, 9):
+        x = rng.standard_normal((tokens, k)).astype(np.float32)
+        residual = rng.standard_normal((tokens, n)).astype(np.float32)
+        x_d, norm_d, residual_d = (cuda.to_device(a) for a in (x, norm, residual))
+        pairs = [
+            (gpu.linear(x_d, moved.lm_head), cpu.linear(x, weight)),
+            (gpu.norm_linear(x_d, norm_d, 1e-5, moved.lm_head),
+             cpu.norm_linear(x, norm, 1e-5, weight)),
+            (gpu.linear_add_(residual_d, x_d, moved.lm_head),
+             cpu.linear_add_(residual.copy(), x, weight)),
+        ]  # fmt: skip
+        for ours, ref in pairs:  # sums of terms up to max|ref|: their float32 rounding
+            atol = 1e-5 * np.abs(ref).max()
+            np.testing.assert_allclose(gpu.to_numpy(ours), ref, rtol=1e-5, atol=atol)
+    if fmt != "stacked":
+        ids = np.array([19, 0, 7], np.int64)
+        ours = gpu.to_numpy(gpu.embed(moved.embed, ids))
+        np.testing.assert_array_equal(ours, cpu.embed(weight, ids))
+
+
+def test_int4_prompt_logits_and_greedy_tokens_match_cpu(untied):
+    cpu, gpu = on_both(untied, quant="int4")
+    assert isinstance(gpu.loaded.weights.layers[0].qkv, BlockWeight)
+    # Both round the activations to the same int8 blocks (norms agree to the last bit or
+    # so); the float sums of the blocks' products run in other orders.
+    assert_logits_close(gpu.prompt_logits(PROMPTS[0]), cpu.prompt_logits(PROMPTS[0]), 5e-5)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    expected = [out.token_ids for out in cpu.generate(PROMPTS, params)]
+    assert [out.token_ids for out in gpu.generate(PROMPTS, params)] == expected
 
 
 def test_qwen3_head_norms_match_cpu(tmp_path):
@@ -369,7 +426,9 @@ ALLOCATORS = ("device_array", "device_array_like", "to_device", "pinned_array", 
 
 def warm_step_calls(llm: LLM, monkeypatch, steps: int = 3) -> list[list[str]]:
     """Two sequences decode; after warm-up, the allocator calls (device or page-locked) and
-    waits for the device of each of `steps` decode steps, in order."""
+    waits for the device (a stream, an event, all of it) that the engine's thread makes in
+    each of `steps` decode steps, in order. (A disk stream's uploader thread waits for its
+    own copies; when it does is up to the disk.)"""
     loop = llm.engine_loop
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     for prompt in PROMPTS:
@@ -377,14 +436,23 @@ def warm_step_calls(llm: LLM, monkeypatch, steps: int = 3) -> list[list[str]]:
     for _ in range(4):  # prefill, then decode steps
         loop.step()
     calls: list[str] = []
+    engine_thread = threading.current_thread()
+
+    def note(name: str) -> None:
+        if threading.current_thread() is engine_thread:
+            calls.append(name)
+
     for name in ALLOCATORS:
         original = getattr(cuda, name)
-        monkeypatch.setattr(cuda, name, lambda *a, _f=original, _n=name, **k: calls.append(_n)
+        monkeypatch.setattr(cuda, name, lambda *a, _f=original, _n=name, **k: note(_n)
                             or _f(*a, **k))  # fmt: skip
-    stream_type = type(loop.runner.backend.stream)
-    wait = stream_type.synchronize
-    monkeypatch.setattr(stream_type, "synchronize", lambda s: calls.append("wait") or wait(s))
-    monkeypatch.setattr(cuda, "synchronize", lambda: calls.append("device wait"))
+    for kind, label in (
+        (type(loop.runner.backend.stream), "wait"),
+        (type(cuda.event()), "event wait"),
+    ):
+        wait = kind.synchronize
+        monkeypatch.setattr(kind, "synchronize", lambda s, _w=wait, _l=label: note(_l) or _w(s))
+    monkeypatch.setattr(cuda, "synchronize", lambda: note("device wait"))
     per_step = []
     for _ in range(steps):
         calls.clear()
@@ -393,7 +461,9 @@ def warm_step_calls(llm: LLM, monkeypatch, steps: int = 3) -> list[list[str]]:
     return per_step
 
 
-@pytest.mark.parametrize(("quant", "kv"), [("int8", "float32"), ("f32", "int8")])
+@pytest.mark.parametrize(
+    ("quant", "kv"), [("int8", "float32"), ("f32", "int8"), ("int4", "float32")]
+)
 def test_a_warm_decode_step_allocates_nothing_and_waits_once(untied, quant, kv, monkeypatch):
     """...and the one wait is for the logits."""
     llm = LLM(untied, device="cuda", kv_cache_mb=1, quant=quant, kv_cache_dtype=kv)

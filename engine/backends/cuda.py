@@ -14,6 +14,7 @@ its router's logits (`moe_add_`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from engine.weights import (
 )
 from kernels_cpu.moe import group_by_expert_into, route_top_k_into
 from kernels_gpu import activations, elementwise, embedding, moe, norms, rope
+from kernels_gpu.matmul_blocks import activation_shapes, block_rows, gemm_blocks, padded_inputs
 from kernels_gpu.matmul_f32 import matmul_f32
 from kernels_gpu.matmul_int8 import gemm_w8
 from kernels_gpu.norms import GATED, PLAIN, RMSNORM
@@ -69,9 +71,11 @@ _NO_KERNEL = {
     ColskipInt8Weight: "activation-sparse int8 (from `lamina quantize --activation-sparsity`)",
     ColskipBlockWeight: "activation-sparse int4 (from `lamina quantize --weights int4 "
     "--activation-sparsity`)",
-    BlockWeight: "4-bit and GGUF block-type (a GGUF run as it is, or --quant int4)",
-    StackedWeight: "GGUF block-type (a GGUF run as it is)",
 }
+# The formats with kernels (a StackedWeight's parts must be of them too).
+_RUNNABLE = (DenseWeight, Int8Weight, BlockWeight)
+# Scratch names of the block kernels' quantised activations (matmul_blocks.activation_shapes).
+_BLOCK_SCRATCH = ("block_xq", "block_xsum", "block_xs", "block_xm")
 
 # The gated activations of `glu`, by name (as the CPU backend's).
 _GATES = {"silu": activations.silu_mul, "gelu_tanh": activations.gelu_tanh_mul}
@@ -213,13 +217,20 @@ class CUDABackend:
         return cuda.to_device(np.ascontiguousarray(host), stream=self.stream)
 
     def _to_device_weight(self, weight: Weight) -> Weight:
+        """The same weight over device copies of its arrays (a stacked one's parts each)."""
         _check_kernel(weight)
-        if not isinstance(weight.data, np.ndarray):  # moved already
+        if not _in_host_memory(weight):  # moved already
             return weight
-        bias = None if weight.bias is None else self._to_device(weight.bias)
-        if isinstance(weight, DenseWeight):
-            return DenseWeight(self._to_device(weight.data), bias)
-        return Int8Weight(self._to_device(weight.data), self._to_device(weight.scale), bias)
+        if isinstance(weight, StackedWeight):
+            parts = [self._to_device_weight(part) for part in weight.parts]
+            bias = None if weight.bias is None else self._to_device(weight.bias)
+            return StackedWeight(parts, bias)
+        arrays = {
+            field.name: self._to_device(value)
+            for field in dataclasses.fields(weight)
+            if isinstance(value := getattr(weight, field.name), np.ndarray)
+        }
+        return dataclasses.replace(weight, **arrays)
 
     def device_empty(self, nbytes: int) -> DeviceArray:
         """Uninitialised device bytes: a streaming buffer for layers copied in."""
@@ -253,6 +264,8 @@ class CUDABackend:
             return embedding.embed_rows_w8(table.data, table.scale, ids, out, self.stream)
         if isinstance(table, DenseWeight):
             return embedding.gather_rows(table.data, ids, out, self.stream)
+        if isinstance(table, BlockWeight):
+            return block_rows(table.kernel_arrays, table.in_features, ids, out, self.stream)
         raise TypeError(f"CUDABackend cannot embed with {type(table).__name__}")
 
     def linear(
@@ -275,24 +288,49 @@ class CUDABackend:
         of it in two launches (the prologue inside the activations' quantisation, the rest
         in the matmul's epilogue). The fused ops call it too (not through `linear`, which the
         bench's kernel timer wraps: their time would count twice)."""
-        if not isinstance(weight, DenseWeight | Int8Weight):
+        if not isinstance(weight, (*_RUNNABLE, StackedWeight)):
             raise TypeError(f"CUDABackend has no kernel for {type(weight).__name__}")
-        if isinstance(weight.data, np.ndarray):
+        if _in_host_memory(weight):
             raise LaminaError(
                 "the CUDA backend was handed a weight in host memory: weights reach the GPU "
                 "through prepare_weights, or a device layer stream's buffers"
             )
         s, take = self.stream, self.scratch.take
+        tokens = x.shape[0]
         if isinstance(weight, Int8Weight):
-            tokens, k = x.shape[0], weight.in_features
+            k = weight.in_features
             act = (take("act", (tokens, k), np.int16), take("act_scale", (tokens,), np.float32))
             return gemm_w8(x, weight.data, weight.scale, INT16_MAX, out, s, act, weight.bias,
                            accumulate, prologue, norm, eps)  # fmt: skip
+        if isinstance(weight, BlockWeight):
+            shapes = activation_shapes(tokens, padded_inputs(weight.scale, weight.group))
+            act = tuple(take(name, *shape) for name, shape in zip(_BLOCK_SCRATCH, shapes))
+            return gemm_blocks(x, weight.kernel_arrays, weight.in_features, weight.out_features, out,
+                               s, act, weight.bias, accumulate, prologue, norm, eps)  # fmt: skip
         if prologue == RMSNORM:
             x = norms.rmsnorm(x, norm, eps, take("h", x.shape, np.float32), s)
         elif prologue == GATED:
             x = activations.silu_mul(x, take("h", (x.shape[0], x.shape[1] // 2), np.float32), s)
+        if isinstance(weight, StackedWeight):
+            return self._linear_stacked(x, weight, out, accumulate)
         return matmul_f32(x, weight.data, out, s, weight.bias, accumulate)
+
+    def _linear_stacked(
+        self, x: DeviceArray, weight: StackedWeight, out: DeviceArray | None, accumulate: bool
+    ) -> DeviceArray:
+        """Parts in different formats (a Q4_K_M file's Q4_K q and Q6_K v): each into its own
+        columns of `out`, with its share of the bias; x is the input, prologue done."""
+        if out is None:  # a new array, as every kernel makes one (the model passes `out`)
+            shape = (x.shape[0], weight.out_features)
+            out = cuda.device_array(shape, np.float32, stream=self.stream)
+        start = 0
+        for part in weight.parts:
+            end = start + part.out_features
+            if weight.bias is not None:
+                part = dataclasses.replace(part, bias=weight.bias[start:end])
+            self._linear(x, part, out[:, start:end], accumulate)
+            start = end
+        return out
 
     def norm_linear(
         self,
@@ -400,7 +438,7 @@ class CUDABackend:
         """Expert e's (gate_up, down) on the device: as they are, or from the expert cache
         when they were left in host memory."""
         gate_up, down = experts.gate_up[e], experts.down[e]
-        if not isinstance(gate_up.data, np.ndarray):
+        if not _in_host_memory(gate_up):
             return gate_up, down
         if self.expert_cache is None:
             raise LaminaError(
@@ -533,10 +571,19 @@ class CUDABackend:
 
 def _check_kernel(weight: Weight) -> None:
     """Refuse a weight format with no CUDA kernel, by the name users know it by."""
-    if isinstance(weight, DenseWeight | Int8Weight):
-        return
-    what = _NO_KERNEL.get(type(weight), type(weight).__name__)
-    raise LaminaError(
-        f"the CUDA backend has no kernel for {what} weights; run this model with "
-        "--device cpu, or with --quant int8 (or f32)"
-    )
+    parts = weight.parts if isinstance(weight, StackedWeight) else [weight]
+    for part in parts:
+        if not isinstance(part, _RUNNABLE):
+            what = _NO_KERNEL.get(type(part), type(part).__name__)
+            raise LaminaError(
+                f"the CUDA backend has no kernel for {what} weights; run this model with "
+                "--device cpu, or with --quant int8 (or f32)"
+            )
+
+
+def _in_host_memory(weight: Weight) -> bool:
+    """Whether a weight's arrays are numpy arrays (not yet on the device)."""
+    if isinstance(weight, StackedWeight):
+        return _in_host_memory(weight.parts[0])
+    first = weight.values if isinstance(weight, BlockWeight) else weight.data
+    return isinstance(first, np.ndarray)

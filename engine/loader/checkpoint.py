@@ -106,6 +106,24 @@ def save_weights_file(w: ModelWeights, path: Path) -> bool:
     return tied
 
 
+# Suffixes of the tensors that describe a weight (its format, shape, parts) rather than
+# hold it. `build_layer` reads them as host values, so a layer built over device arrays
+# takes them from the host instead (`layer_descriptors`).
+DESCRIPTOR_SUFFIXES = (
+    ".parts",
+    ".block_layout",
+    ".block_kind",
+    ".shape_t",
+    ".act_threshold",
+    ".in_features",
+)
+
+
+def layer_descriptors(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The descriptor tensors among a layer's `layer_arrays`."""
+    return {name: a for name, a in arrays.items() if name.endswith(DESCRIPTOR_SUFFIXES)}
+
+
 def layer_arrays(layer: LayerWeights, i: int) -> dict[str, np.ndarray]:
     """Decoder layer i's arrays under their checkpoint names (layers.i.qkv.data, ...):
     what `build_layer` turns back into the layer."""
