@@ -16,9 +16,13 @@ is done" before overwriting it. The second event is recorded when the consumer r
 the layer, which is when it has queued every kernel of it (the CPU stream's contract, made
 asynchronous).
 
-Only a disk layer makes the host wait: its staging buffer belongs to the LayerStream, which
-refills it once the next disk layer is asked for, so the copy out of it must be finished
-first.
+A disk layer's copy is queued by an uploader thread, never by the thread that queues the
+kernels: it waits for the LayerStream's read into a pinned staging buffer, queues the copy,
+and, before asking for the next disk layer (which lets the LayerStream refill that staging
+buffer), waits for the copy to finish. So fetching layer i queues layer i + 1's read and
+copy and returns at once; compute waits on the host only when the disk is behind (for the
+upload of the very layer it needs). Events order work, they do not time it (timing events
+are separate, `_Clock`).
 
 Plain pinned memory, not mapped memory: kernels read the weights from device buffers,
 because a tiled GEMM reads each weight several times and PCIe is far slower than device
@@ -35,9 +39,11 @@ the asynchrony of the copies are written for a real GPU but were not run on one.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,25 +106,29 @@ class _Clock:
     def __init__(self, events: bool) -> None:
         self.events = events
         self._pending: deque[tuple[Any, Any, Callable[[float], None]]] = deque()
+        self._lock = threading.Lock()  # the uploader thread times its copies too
 
     def time(self, stream: Any, work: Callable[[], None], add: Callable[[float], None]) -> None:
         if not self.events:
             start = time.perf_counter()
             work()
-            add(time.perf_counter() - start)
+            with self._lock:
+                add(time.perf_counter() - start)
             return
         begin, end = cuda.event(), cuda.event()
         begin.record(stream)
         work()
         end.record(stream)
-        self._pending.append((begin, end, add))
-        if len(self._pending) > _PENDING_TIMINGS:
-            self._read(*self._pending.popleft())
+        with self._lock:
+            self._pending.append((begin, end, add))
+            if len(self._pending) > _PENDING_TIMINGS:
+                self._read(*self._pending.popleft())
 
     def settle(self) -> None:
         """Read back every pending duration (waits for the work still running)."""
-        while self._pending:
-            self._read(*self._pending.popleft())
+        with self._lock:
+            while self._pending:
+                self._read(*self._pending.popleft())
 
     @staticmethod
     def _read(begin: Any, end: Any, add: Callable[[float], None]) -> None:
@@ -135,6 +145,13 @@ class _Slot:
     released: Any  # recorded on the compute stream after the last kernel using the buffer
     layer: int | None = None
     built: Any = None  # the layer object over this buffer
+    upload: Future | None = None  # a disk layer's copy, queued by the uploader thread
+
+
+def _ordering_event() -> Any:
+    """An event that orders streams without timing them (cheaper to record and wait on);
+    the simulator's events take no arguments."""
+    return cuda.event() if config.ENABLE_CUDASIM else cuda.event(timing=False)
 
 
 class DeviceLayerStream:
@@ -185,11 +202,14 @@ class DeviceLayerStream:
         self._stats = DeviceStreamStats("CUDA events" if self._clock.events else "host timers")
         nbytes = max((layout.nbytes for layout in self._layouts.values()), default=0)
         self._slots = [
-            _Slot(device_empty(nbytes), cuda.event(), cuda.event())
+            _Slot(device_empty(nbytes), _ordering_event(), _ordering_event())
             for _ in range(min(buffers, len(streamed)))
         ]
         self._current: _Slot | None = None
         self._staged: Any = None  # the event of the last copy out of a disk staging buffer
+        self._uploader = None
+        if on_disk:
+            self._uploader = ThreadPoolExecutor(1, thread_name_prefix="lamina-upload")
         self._closed = False
         for slot, layer in zip(self._slots, streamed):  # the first pass's first layers
             self._copy(slot, layer)
@@ -224,6 +244,12 @@ class DeviceLayerStream:
             slot = next((s for s in self._slots if s.layer not in wanted), self._slots[0])
             self._copy(slot, i)
             self._stats.sync_copies += 1
+        if slot.upload is not None:  # a disk layer: its copy is queued once its read is done
+            start, pending = time.perf_counter(), not slot.upload.done()
+            slot.upload.result()  # re-raises a failed read
+            slot.upload = None
+            if pending:
+                self._add_wait(time.perf_counter() - start)
         copied = slot.copied
         self._clock.time(self._compute, lambda: copied.wait(self._compute), self._add_wait)
         self._current = slot
@@ -256,27 +282,33 @@ class DeviceLayerStream:
 
     def _copy(self, slot: _Slot, layer: int) -> None:
         """Queue the copy of `layer` into `slot` on the copy stream, after compute is done
-        with the slot's previous layer."""
+        with the slot's previous layer (whose release event is already recorded): from its
+        pinned image here, from disk through the uploader thread."""
         layout = self._layouts[layer]
+        slot.layer, slot.built = layer, None
+        self._stats.copies += 1
+        self._stats.bytes_copied += layout.nbytes
         if layer in self._pinned:
-            source = self._pinned[layer][0][: layout.nbytes]
+            self._queue_copy(slot, self._pinned[layer][0][: layout.nbytes], layout.nbytes)
         else:
-            if self._staged is not None:  # the LayerStream is about to reuse that buffer
-                start = time.perf_counter()
-                self._staged.synchronize()
-                self._add_wait(time.perf_counter() - start)
-            source = self._disk.read_bytes(layer)
+            slot.upload = self._uploader.submit(self._upload, slot, layer, layout.nbytes)
+
+    def _upload(self, slot: _Slot, layer: int, nbytes: int) -> None:
+        """On the uploader thread: wait until the copy out of the previous staging buffer is
+        done (asking for the next layer lets the LayerStream refill it), wait for the disk
+        read, queue the copy."""
+        if self._staged is not None:
+            self._staged.synchronize()
+        self._queue_copy(slot, self._disk.read_bytes(layer), nbytes)
+        self._staged = slot.copied
+
+    def _queue_copy(self, slot: _Slot, source: np.ndarray, nbytes: int) -> None:
         slot.released.wait(self._copy_stream)
-        target, stream = slot.buffer[: layout.nbytes], self._copy_stream
+        target, stream = slot.buffer[:nbytes], self._copy_stream
         self._clock.time(
             stream, lambda: target.copy_to_device(source, stream=stream), self._add_copy
         )
         slot.copied.record(stream)
-        if layer not in self._pinned:
-            self._staged = slot.copied
-        slot.layer, slot.built = layer, None
-        self._stats.copies += 1
-        self._stats.bytes_copied += layout.nbytes
 
     def _add_copy(self, seconds: float) -> None:
         self._stats.copy_s += seconds
@@ -289,6 +321,8 @@ class DeviceLayerStream:
         if self._closed:
             return
         self._closed = True
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=True, cancel_futures=True)
         self._copy_stream.synchronize()
         self._clock.settle()
         self._slots = []
