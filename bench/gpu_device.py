@@ -21,15 +21,16 @@ keeps what it had), in this order:
 - `tests`: the CUDA tests without the simulator (pass / fail counts and the failures' names);
 - `bandwidth`: a device-to-device copy and a pinned host-to-device copy (GB/s), the probes
   the other figures are ratios of;
-- `gemv`: the int8 decode GEMV (one token) on 4096 x 11008 and 11008 x 4096, its bytes per
-  second against the device-to-device copy;
-- `decode` per model (random weights of a real shape, int8, resident): prefill and decode
-  tok/s of lamina, and of transformers on torch CUDA in bf16 on the same weights, same run;
+- `gemv`: the int8 and the int4 (group 32, float16 scales) decode GEMV, one token, on
+  4096 x 11008 and 11008 x 4096, its bytes per second against the device-to-device copy;
+- `decode` per model and weights (random weights of a real shape, int8 then int4,
+  resident): prefill and decode tok/s of lamina, and of transformers on torch CUDA in bf16
+  on the same weights, same run (measured once per model, with int8);
 - `streaming`: the 1.1B model under a GPU budget of 40% of its int8 weights: tok/s, the
   host-to-device GB/s of its layer copies against the pinned probe, and the share of the
   copying hidden behind compute.
 Each section catches its own failure (recorded as `error`), so one bad figure loses only
-itself. 4-bit weights have no CUDA kernel yet: they are not measured.
+itself.
 
 Under numba's CUDA simulator the same code runs on toy shapes (`tests/test_bench.py`), which
 checks the plumbing, not the speed.
@@ -51,8 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-CUDA_TESTS = ("tests/test_kernels_gpu.py", "tests/test_cuda_backend.py",
-              "tests/test_device_streaming.py", "tests/test_expert_cache.py")  # fmt: skip
+CUDA_TESTS = ("tests/test_kernels_gpu.py", "tests/test_kernels_gpu_blocks.py",
+              "tests/test_cuda_backend.py", "tests/test_device_streaming.py",
+              "tests/test_expert_cache.py")  # fmt: skip
+WEIGHTS = ("int8", "int4")
 GEMV_SHAPES = ((11008, 4096), (4096, 11008))
 PROMPT, GEN, RUNS = 128, 64, 3
 STREAM_KV_MB = 64
@@ -82,9 +85,16 @@ def main(argv: list[str] | None = None) -> int:
 
     sections.append(("bandwidth", measure_probe))
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.gemv.split(",") if s]
-    sections += [("gemv", lambda s=s: gemv_share(*s, probe.get("d2d_gbps"))) for s in shapes]
+    sections += [
+        ("gemv", lambda s=s, q=q: gemv_share(*s, q, probe.get("d2d_gbps")))
+        for q in WEIGHTS
+        for s in shapes
+    ]
+    peers: dict[str, dict] = {}  # transformers per model, measured with the first weights
     for name in [m for m in args.models.split(",") if m]:
-        sections.append(("decode", lambda n=name: decode(n, args.tokenizer, args.prompt, args.gen)))
+        for quant in WEIGHTS:
+            run = (name, quant, args.tokenizer, args.prompt, args.gen, peers)
+            sections.append(("decode", lambda run=run: decode(*run)))
     first = next((m for m in args.models.split(",") if m), None)
     if first is not None:
         sections.append(
@@ -167,24 +177,41 @@ def bandwidth(probe_mb: int) -> dict:
     return {"probe_mb": probe_mb, "d2d_gbps": 2 * n / d2d / 1e9, "h2d_pinned_gbps": n / h2d / 1e9}
 
 
-def gemv_share(n: int, k: int, d2d_gbps: float | None) -> dict:
-    """The int8 decode GEMV (one token, exact int16 x int8 sums, its activation quantisation
-    launch included) on an (n, k) weight: its weight bytes per second against the
+def gemv_share(n: int, k: int, quant: str, d2d_gbps: float | None) -> dict:
+    """The decode GEMV (one token, its activation quantisation launch included) on an (n, k)
+    weight, int8 (exact int16 x int8 sums) or int4 (lamina's group-32 blocks with float16
+    scales, int8 activations per 32 inputs): its weight bytes per second against the
     device-to-device copy's."""
     from numba import cuda
 
-    from kernels_gpu.matmul_int8 import gemm_w8
-
     rng = np.random.default_rng(0)
-    w = cuda.to_device(rng.integers(-127, 128, (n, k), dtype=np.int8))
-    scale = cuda.to_device(rng.random(n).astype(np.float32))
     x = cuda.to_device(rng.standard_normal((1, k)).astype(np.float32))
     out = cuda.device_array((1, n), np.float32)
-    act = (cuda.device_array((1, k), np.int16), cuda.device_array(1, np.float32))
-    seconds = _timed(lambda: gemm_w8(x, w, scale, 32767, out, 0, act), 20)
-    gbps = (n * k + 4 * n) / seconds / 1e9
+    if quant == "int8":
+        from kernels_gpu.matmul_int8 import gemm_w8
+
+        w = cuda.to_device(rng.integers(-127, 128, (n, k), dtype=np.int8))
+        scale = cuda.to_device(rng.random(n).astype(np.float32))
+        act = (cuda.device_array((1, k), np.int16), cuda.device_array(1, np.float32))
+        nbytes = w.nbytes + scale.nbytes
+        seconds = _timed(lambda: gemm_w8(x, w, scale, 32767, out, 0, act), 20)
+    else:
+        from engine.weights import BlockWeight
+        from kernels_gpu.matmul_blocks import activation_shapes, gemm_blocks
+
+        q = rng.integers(0, 16, (n, k), dtype=np.uint8)
+        scales = (rng.random((n, k // 32)) * 0.01).astype(np.float16).view(np.uint16)
+        host = BlockWeight.from_rows(q, 4, scales, k, "int4-g32", zero=8)
+        blocks = tuple(
+            cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in host.kernel_arrays
+        )
+        act = tuple(cuda.device_array(sh, dt) for sh, dt in activation_shapes(1, k))
+        nbytes = host.nbytes
+        seconds = _timed(lambda: gemm_blocks(x, blocks, k, n, out, 0, act), 20)
+    gbps = nbytes / seconds / 1e9
     share = gbps / d2d_gbps if d2d_gbps else None
-    return {"shape": [n, k], "us": seconds * 1e6, "gbps": gbps, "share_of_d2d": share}
+    return {"weights": quant, "shape": [n, k], "us": seconds * 1e6, "gbps": gbps,
+            "share_of_d2d": share}  # fmt: skip
 
 
 def _model(name: str, tokenizer: Path | None) -> Path:
@@ -194,22 +221,27 @@ def _model(name: str, tokenizer: Path | None) -> Path:
     return Path(name) if Path(name).exists() else random_model_path(f"random:{name}", tokenizer)
 
 
-def decode(name: str, tokenizer: Path | None, prompt: int, gen: int) -> dict:
-    """Resident int8 lamina against transformers bf16 on torch CUDA, same weights and run."""
+def decode(
+    name: str, quant: str, tokenizer: Path | None, prompt: int, gen: int, peers: dict
+) -> dict:
+    """Resident lamina in `quant` weights against transformers bf16 on torch CUDA, same
+    weights and run (the peer measured once per model, into `peers`)."""
     from engine import LLM, SamplingParams
 
     path = _model(name, tokenizer)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
-    with LLM(path, device="cuda", quant="int8", max_model_len=prompt + gen + 16) as llm:
+    with LLM(path, device="cuda", quant=quant, max_model_len=prompt + gen + 16) as llm:
         ids = _prompt(llm, prompt)
         llm.generate([ids], params)  # warm-up
         outs = [llm.generate([ids], params)[0].metrics for _ in range(RUNS)]
     row = {
-        "model": name, "weights": "int8", "prompt": prompt, "gen": gen,
+        "model": name, "weights": quant, "prompt": prompt, "gen": gen,
         "prefill_tok_s": statistics.median(prompt / m.ttft_s for m in outs),
         "decode_tok_s": statistics.median(m.tokens_per_s for m in outs),
     }  # fmt: skip
-    peer = _transformers(path, ids, gen)
+    if name not in peers:
+        peers[name] = _transformers(path, ids, gen)
+    peer = peers[name]
     row["transformers_bf16"] = peer
     row["decode_vs_transformers"] = row["decode_tok_s"] / peer["decode_tok_s"]
     return row

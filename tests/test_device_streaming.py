@@ -244,13 +244,18 @@ def test_the_gpu_device_script_runs_end_to_end_under_the_simulator(toy, tmp_path
     of issue 21 is this script; here only its plumbing is checked, not its speed)."""
     from bench.gpu_device import main as gpu_device
 
-    argv = [str(tmp_path), "--skip-tests", "--models", str(toy), "--gemv", "8x16",
+    argv = [str(tmp_path), "--skip-tests", "--models", str(toy), "--gemv", "8x32",
             "--probe-mb", "1", "--prompt", "4", "--gen", "3"]  # fmt: skip
     assert gpu_device(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in rows] == ["bandwidth", "gemv", "decode", "streaming"]
+    kinds = ["bandwidth", "gemv", "gemv", "decode", "decode", "streaming"]
+    assert [r["kind"] for r in rows] == kinds
     assert all("error" not in r for r in rows), [r.get("traceback") for r in rows]
-    decode, streamed = rows[2], rows[3]
-    assert decode["decode_tok_s"] > 0 and decode["transformers_bf16"]["decode_tok_s"] > 0
+    assert [r["weights"] for r in rows[1:5]] == ["int8", "int4"] * 2
+    for gemv in rows[1:3]:
+        assert gemv["share_of_d2d"] > 0
+    for decode in rows[3:5]:
+        assert decode["decode_tok_s"] > 0 and decode["transformers_bf16"]["decode_tok_s"] > 0
+    streamed = rows[5]
     assert streamed["copies"] > 0 and streamed["h2d_gbps"] > 0
-    assert rows[1]["share_of_d2d"] > 0 and streamed["h2d_vs_pinned_probe"] > 0
+    assert streamed["h2d_vs_pinned_probe"] > 0
