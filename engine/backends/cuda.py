@@ -140,7 +140,9 @@ class CUDABackend:
 
     Int8 linears use the GPU twin of the CPU's int8 GEMM (int16 activations, exact integer
     sums), so int8 models give the CPU's logits bit for bit up to attention, norms and
-    activations, whose float rounding differs slightly between the devices.
+    activations, whose float rounding differs slightly between the devices. Block formats
+    (int4, GGUF types) run kernels_gpu.matmul_blocks on the CPU's layout and arithmetic, its
+    float sums in another order.
     """
 
     name = "cuda"
