@@ -248,6 +248,31 @@ def test_split_rope_equals_cpu(tokens, heads, half, start, seed):
 
 
 @FEW
+@given(tokens=st.sampled_from([1, 5]), kv_heads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_split_rope_into_the_cache_equals_split_then_write_kv(tokens, kv_heads, seed):
+    """k and v written straight into their cache slots: the bits of the split into scratch
+    followed by write_kv, and no other cache row touched."""
+    rng = np.random.default_rng(seed)
+    heads, dim, blocks, block_size = 2 * kv_heads, 8, 3, 4
+    qkv, inv_freq = rand(rng, tokens, (heads + 2 * kv_heads) * dim), rand(rng, dim // 2)
+    pos = np.arange(7, 7 + tokens, dtype=np.int64)
+    slots = rng.choice(blocks * block_size, tokens, replace=False).astype(np.int64)
+    shape = (blocks, block_size, kv_heads, dim)
+    start = [rand(rng, *shape), rand(rng, *shape)]
+    where = on_device(qkv, pos, inv_freq)
+    fused = on_device(*start)
+    q = cuda.device_array((tokens, heads, dim), np.float32)
+    rope.split_rope(where[0], heads, kv_heads, dim, *where[1:], (q, *fused),
+                    slots=on_device(slots)[0])  # fmt: skip
+    q_ref, k, v = rope.split_rope(where[0], heads, kv_heads, dim, *where[1:])
+    unfused = on_device(*start)
+    gpu_attention.write_kv(*unfused, k, v, *on_device(slots))
+    np.testing.assert_array_equal(q.copy_to_host(), q_ref.copy_to_host())
+    for got, want in zip(fused, unfused, strict=True):
+        np.testing.assert_array_equal(got.copy_to_host(), want.copy_to_host())
+
+
+@FEW
 @given(
     tokens=st.sampled_from([1, 3]),
     width=st.sampled_from([1, 17, 96]),

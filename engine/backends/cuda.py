@@ -50,7 +50,6 @@ from kernels_gpu.paged_attention import (
     paged_attention,
     paged_attention_int8,
     partials_shapes,
-    write_kv,
     write_kv_int8,
 )
 
@@ -364,18 +363,23 @@ class CUDABackend:
         out: DeviceArray | None = None,
         softcap: float = 0.0,
     ) -> DeviceArray:
-        """Split qkv into scratch q, k and v, rotate q and k, write k and v into the paged
-        cache, then attend q of every sequence over its own blocks; -> (T, H * D)."""
+        """Split qkv into scratch q and, rotating q and k, k and v into the paged cache (for
+        an int8 cache through scratch and its quantising write), then attend q of every
+        sequence over its own blocks; -> (T, H * D)."""
         cache, up, s = batch.cache, self._pass.get, self.stream
         kv_heads, dim = cache.k[layer].shape[2], cache.k[layer].shape[3]
         tokens = qkv.shape[0]
         take = self.scratch.take
-        q, k, v = (take(n, (tokens, h, dim), np.float32) for n, h in
-                   (("q", heads), ("k", kv_heads), ("v", kv_heads)))  # fmt: skip
+        q = take("q", (tokens, heads, dim), np.float32)
         # The pass's own copy: dynamic NTK and LongRoPE make new frequencies every pass
         positions, freqs = up(batch.positions, "positions"), up(inv_freq, "inv_freq")
-        rope.split_rope(qkv, heads, kv_heads, dim, positions, freqs, (q, k, v), s)
         slots = up(batch.slots, "slots")
+        kc, vc = cache.k[layer], cache.v[layer]
+        if cache.k_scale is None:  # k and v go straight into the cache
+            rope.split_rope(qkv, heads, kv_heads, dim, positions, freqs, (q, kc, vc), s, slots)
+        else:  # quantised per row after the split (a row's scale needs all of it)
+            k, v = (take(n, (tokens, kv_heads, dim), np.float32) for n in ("k", "v"))
+            rope.split_rope(qkv, heads, kv_heads, dim, positions, freqs, (q, k, v), s)
         where = tuple(
             up(getattr(batch, name), name)
             for name in ("block_tables", "query_start", "context_lens")
@@ -389,9 +393,7 @@ class CUDABackend:
             names = ("part_acc", "part_max", "part_sum")
             parts = [self.scratch.take(n, sh, np.float32) for n, sh in zip(names, shapes)]
         out3 = None if out is None else out.reshape(tokens, heads, dim)
-        kc, vc = cache.k[layer], cache.v[layer]
         if cache.k_scale is None:
-            write_kv(kc, vc, k, v, slots, stream=s)
             out3 = paged_attention(
                 q, kc, vc, *where, scale, window, splits, out3, s, parts, softcap
             )
