@@ -1,10 +1,12 @@
 """Launch geometry and result buffers shared by the host-side wrappers, and kernel conventions.
 
-Conventions of the kernels, forced by numba's CUDA simulator (which runs them in CI) and by
+Conventions of the kernels, shaped by numba's CUDA simulator (which runs them in CI) and by
 numba 0.68's built-in CUDA target:
-- No warp shuffles (the simulator has none). A block reduction stores one partial per thread in
-  shared memory, waits at one barrier, and every thread then reads all partials (broadcast
-  reads, no bank conflicts): one barrier instead of a tree of log2(threads), no broadcast step.
+- Warp reductions by shuffles (warp.py, which lends the simulator the shuffle it lacks: every
+  thread of a block must reach each shuffle). A block reduction across warps stores one
+  partial per thread in shared memory, waits at one barrier, and every thread then reads all
+  partials (broadcast reads, no bank conflicts): one barrier instead of a tree of
+  log2(threads), no broadcast step.
 - No builtin min/max in kernels: the built-in target fails to compile their varargs overloads.
   Conditional expressions instead.
 - Device functions that use `cuda.*` live in the module of the kernels that call them: the

@@ -19,8 +19,8 @@ import numpy as np
 from numba import cuda, float32, int32
 
 from kernels_gpu.launch import no_scale, result
+from kernels_gpu.warp import WARP, lane_totals
 
-WARP = 32
 ROWS = 4  # output rows (warps) per GEMV block
 TOKENS = 4  # tokens per pass over a weight row; their sums live in registers
 GEMV_MAX_TOKENS = 8  # above this the tiled kernel's reuse of weight tiles wins
@@ -49,23 +49,15 @@ def _epilogue(value, t, row, bias, out, accumulate):
 
 
 @cuda.jit(device=True)
-def _store_row_sums(acc, part, t0, nt, row, live, scale, bias, out, accumulate):
-    """Sum the lanes' partials acc[:nt] of one row through shared `part`, write out[t0:, row]
-    through `_epilogue`.
+def _store_row_sums(acc, t0, nt, row, live, scale, bias, out, accumulate):
+    """Sum the lanes' partials acc[:nt] of one row by warp shuffles, write out[t0:, row]
+    through `_epilogue`, lane j token t0 + j. All threads of the block call it.
 
-    All threads of the block call it (barriers); `part` is (ROWS, TOKENS, WARP) float32.
     An empty `scale` means unscaled, an empty `bias` no bias.
     """
     lane = cuda.threadIdx.x
-    warp = cuda.threadIdx.y
-    cuda.syncthreads()  # the previous pass has finished reading `part`
-    for j in range(TOKENS):
-        part[warp, j, lane] = acc[j]
-    cuda.syncthreads()
+    total = lane_totals(acc, nt, lane)
     if live and lane < nt:
-        total = part[warp, lane, 0]
-        for i in range(1, WARP):
-            total += part[warp, lane, i]
         if scale.size > 0:
             total *= scale[row]
         _epilogue(total, t0 + lane, row, bias, out, accumulate)
@@ -78,7 +70,6 @@ def _gemv(x, w, scale, bias, out, accumulate):
     row = cuda.blockIdx.x * ROWS + cuda.threadIdx.y
     tokens, k = x.shape
     live = row < w.shape[0]
-    part = cuda.shared.array((ROWS, TOKENS, WARP), float32)
     acc = cuda.local.array(TOKENS, float32)
     for t0 in range(0, tokens, TOKENS):
         nt = TOKENS if tokens - t0 > TOKENS else tokens - t0
@@ -89,7 +80,7 @@ def _gemv(x, w, scale, bias, out, accumulate):
                 wc = float32(w[row, c])
                 for j in range(nt):
                     acc[j] += x[t0 + j, c] * wc
-        _store_row_sums(acc, part, t0, nt, row, live, scale, bias, out, accumulate)
+        _store_row_sums(acc, t0, nt, row, live, scale, bias, out, accumulate)
 
 
 @cuda.jit(cache=True)
@@ -100,7 +91,6 @@ def _gemv_words(x, w4, scale, bias, out, accumulate):
     tokens = x.shape[0]
     words = w4.shape[1]
     live = row < w4.shape[0]
-    part = cuda.shared.array((ROWS, TOKENS, WARP), float32)
     acc = cuda.local.array(TOKENS, float32)
     for t0 in range(0, tokens, TOKENS):
         nt = TOKENS if tokens - t0 > TOKENS else tokens - t0
@@ -113,7 +103,7 @@ def _gemv_words(x, w4, scale, bias, out, accumulate):
                     wb = float32(signed_byte(word, b))
                     for j in range(nt):
                         acc[j] += x[t0 + j, 4 * c + b] * wb
-        _store_row_sums(acc, part, t0, nt, row, live, scale, bias, out, accumulate)
+        _store_row_sums(acc, t0, nt, row, live, scale, bias, out, accumulate)
 
 
 @cuda.jit(cache=True)

@@ -36,6 +36,7 @@ from kernels_gpu.matmul_f32 import (
     signed_byte,
 )
 from kernels_gpu.norms import GATED, PLAIN, quantize_rows
+from kernels_gpu.warp import lane_totals
 
 
 @cuda.jit(device=True)
@@ -54,7 +55,6 @@ def _gemv_int(a, a_scale, w4, scale, bias, out, accumulate):
     tokens = a.shape[0]
     words = w4.shape[1]
     live = row < w4.shape[0]
-    part = cuda.shared.array((ROWS, TOKENS, WARP), int64)
     acc = cuda.local.array(TOKENS, int64)
     for t0 in range(0, tokens, TOKENS):
         nt = TOKENS if tokens - t0 > TOKENS else tokens - t0
@@ -67,14 +67,8 @@ def _gemv_int(a, a_scale, w4, scale, bias, out, accumulate):
                     wb = signed_byte(word, b)
                     for j in range(nt):
                         acc[j] += int32(a[t0 + j, 4 * c + b]) * wb
-        cuda.syncthreads()  # the previous pass has finished reading `part`
-        for j in range(TOKENS):
-            part[warp, j, lane] = acc[j]
-        cuda.syncthreads()
+        total = lane_totals(acc, nt, lane)
         if live and lane < nt:
-            total = part[warp, lane, 0]
-            for i in range(1, WARP):
-                total += part[warp, lane, i]
             t = t0 + lane
             _epilogue(_scaled(total, t, row, a_scale, scale), t, row, bias, out, accumulate)
 
