@@ -31,6 +31,7 @@ from engine.layer_placement import ResidentLayers
 from engine.loader.model_loader import load_model
 from engine.model import Transformer, Workspace
 from engine.weights import (
+    BLOCK_ARRAYS,
     BlockWeight,
     ColskipInt8Weight,
     Int8Weight,
@@ -40,6 +41,7 @@ from engine.weights import (
 )
 from tests.cudasim import pooled_blocks
 from tests.test_block_formats import BLOCK_FORMATS, block_weight
+from tests.test_load_fuzz import write_tiny_gguf
 from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels_gpu.available(), reason="no CUDA GPU or simulator")
@@ -235,6 +237,21 @@ def test_int4_prompt_logits_and_greedy_tokens_match_cpu(untied):
     assert [out.token_ids for out in gpu.generate(PROMPTS, params)] == expected
 
 
+def test_a_gguf_of_mixed_block_types_runs_on_the_gpu_as_on_the_cpu(tmp_path):
+    """A GGUF run as it is: each layer matrix in another legacy type, v in Q8_0 beside a Q4_1
+    k (q/k/v stacked across two layouts); prompt logits and greedy tokens as on the CPU."""
+    kinds = {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q5_0",
+             "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "ffn_down": "Q5_1"}  # fmt: skip
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", block_type=kinds.get)
+    cpu, gpu = on_both(path)
+    layer = gpu.loaded.weights.layers[0]
+    assert isinstance(layer.qkv, StackedWeight) and layer.down.kind == "Q5_1"
+    ids = [40, 41, 42, 43, 44, 45]
+    assert_logits_close(gpu.prompt_logits(ids), cpu.prompt_logits(ids), 5e-5)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert gpu.generate([ids], params)[0].token_ids == cpu.generate([ids], params)[0].token_ids
+
+
 def test_qwen3_head_norms_match_cpu(tmp_path):
     build_toy_llama(tmp_path / "qwen3", tied=False, qwen3=True)
     cpu, gpu = on_both(tmp_path / "qwen3")
@@ -301,8 +318,13 @@ def moe_logits(backend, folder, quant: str) -> list[np.ndarray]:
     loaded = load_model(folder, quant)
     weights = loaded.weights
     head = weights.lm_head
-    cut = {"scale": head.scale[:MOE_VOCAB]} if isinstance(head, Int8Weight) else {}
-    weights.lm_head = dataclasses.replace(head, data=head.data[:MOE_VOCAB], **cut)
+    if isinstance(head, BlockWeight):  # its first 16-row groups
+        groups = -(-MOE_VOCAB // 16)
+        cut = {f: a[:groups] for f in BLOCK_ARRAYS if (a := getattr(head, f)) is not None}
+        weights.lm_head = dataclasses.replace(head, out_features=MOE_VOCAB, **cut)
+    else:
+        cut = {"scale": head.scale[:MOE_VOCAB]} if isinstance(head, Int8Weight) else {}
+        weights.lm_head = dataclasses.replace(head, data=head.data[:MOE_VOCAB], **cut)
     c = dataclasses.replace(loaded.config, vocab_size=MOE_VOCAB)
     backend.prepare_weights(weights)
     model = Transformer(c, weights, ResidentLayers(weights.layers), backend)
@@ -328,6 +350,7 @@ def moe_logits(backend, folder, quant: str) -> list[np.ndarray]:
         # paged test: its tolerance (measured: 4e-5 and 2e-5).
         ("qwen3_moe-renorm", "int8", 1e-4),
         ("mixtral-window", "int8", 1e-4),
+        ("mixtral-window", "int4", 1e-4),  # int8 activations per 32 inputs: as int8's
         ("gemma2-softcap", "f32", 3e-6),  # soft-capped attention and logits
     ],
 )

@@ -92,6 +92,18 @@ def test_experts_served_by_the_cache_give_the_resident_logits(toy, resident):
     assert cached.engine_loop.runner.placement.expert_cache.device_bytes == 0
 
 
+def test_int4_experts_served_by_the_cache_give_the_resident_logits(toy):
+    """Block-format experts (int4) are copied into the slots array by array, as int8 ones."""
+    resident = LLM(toy, device="cuda", kv_cache_mb=1, quant="int4")
+    budget = budget_with_slots(resident, 4)
+    with LLM(toy, device="cuda", kv_cache_mb=1, quant="int4", gpu_memory=budget) as cached:
+        assert cached.placement.expert_cache is not None
+        layer = cached.loaded.weights.layers[1]
+        assert isinstance(layer.experts.gate_up[0].values, np.ndarray)  # left on the host
+        np.testing.assert_array_equal(cached.prompt_logits(PROMPT), resident.prompt_logits(PROMPT))
+        assert cached.expert_cache_stats.misses >= 1
+
+
 def test_greedy_tokens_equal_the_cpu_with_dense_parts_streamed_from_disk(toy, tmp_path, capsys):
     ck = tmp_path / "int8"
     save_checkpoint(load_model(toy, "int8"), ck)

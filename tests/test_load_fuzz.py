@@ -16,7 +16,7 @@ import collections
 import json
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +78,11 @@ def _byte_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, merges: list[str] = MERGES) -> Path:
-    """A one-layer llama GGUF with a byte-level BPE tokenizer, F16/F32/Q8_0 tensors (~60 KB)."""
+def write_tiny_gguf(
+    path: Path, merges: list[str] = MERGES, block_type: Callable[[str], str] = lambda _: "Q8_0"
+) -> Path:
+    """A one-layer llama GGUF with a byte-level BPE tokenizer, F16/F32 tensors and the layer's
+    matrices in `block_type(their GGUF name)` (Q8_0; any type gguf can quantise) (~60 KB)."""
     tokens = SPECIALS + _byte_alphabet() + [m.replace(" ", "") for m in MERGES]
     w = gguf.GGUFWriter(path, "llama")
     w.add_context_length(CONTEXT)
@@ -119,8 +122,9 @@ def write_tiny_gguf(path: Path, merges: list[str] = MERGES) -> Path:
         ("ffn_up", (FFN, HIDDEN)),
         ("ffn_down", (HIDDEN, FFN)),
     ]:
-        q8 = gguf.quants.quantize(weight(*shape), gguf.GGMLQuantizationType.Q8_0)
-        w.add_tensor(f"blk.0.{name}.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        kind = gguf.GGMLQuantizationType[block_type(name)]
+        blocks = gguf.quants.quantize(weight(*shape), kind)
+        w.add_tensor(f"blk.0.{name}.weight", blocks, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
