@@ -16,13 +16,13 @@ is done" before overwriting it. The second event is recorded when the consumer r
 the layer, which is when it has queued every kernel of it (the CPU stream's contract, made
 asynchronous).
 
-A disk layer's copy is queued by an uploader thread, never by the thread that queues the
+A disk layer's copy is made by an uploader thread, never by the thread that queues the
 kernels: it waits for the LayerStream's read into a pinned staging buffer, queues the copy,
-and, before asking for the next disk layer (which lets the LayerStream refill that staging
-buffer), waits for the copy to finish. So fetching layer i queues layer i + 1's read and
-copy and returns at once; compute waits on the host only when the disk is behind (for the
-upload of the very layer it needs). Events order work, they do not time it (timing events
-are separate, `_Clock`).
+and waits for it (timing it on the host), so the staging buffer is free before it asks for
+the next disk layer, which lets the LayerStream refill it. So fetching layer i starts layer
+i + 1's upload and returns at once; the engine's thread waits only for an upload not yet
+done when it needs that very layer (the disk is behind), while the GPU runs the kernels
+queued before. Events that order streams do not time them (`_Clock` makes its own).
 
 Plain pinned memory, not mapped memory: kernels read the weights from device buffers,
 because a tiled GEMM reads each weight several times and PCIe is far slower than device
@@ -106,29 +106,25 @@ class _Clock:
     def __init__(self, events: bool) -> None:
         self.events = events
         self._pending: deque[tuple[Any, Any, Callable[[float], None]]] = deque()
-        self._lock = threading.Lock()  # the uploader thread times its copies too
 
     def time(self, stream: Any, work: Callable[[], None], add: Callable[[float], None]) -> None:
         if not self.events:
             start = time.perf_counter()
             work()
-            with self._lock:
-                add(time.perf_counter() - start)
+            add(time.perf_counter() - start)
             return
         begin, end = cuda.event(), cuda.event()
         begin.record(stream)
         work()
         end.record(stream)
-        with self._lock:
-            self._pending.append((begin, end, add))
-            if len(self._pending) > _PENDING_TIMINGS:
-                self._read(*self._pending.popleft())
+        self._pending.append((begin, end, add))
+        if len(self._pending) > _PENDING_TIMINGS:
+            self._read(*self._pending.popleft())
 
     def settle(self) -> None:
         """Read back every pending duration (waits for the work still running)."""
-        with self._lock:
-            while self._pending:
-                self._read(*self._pending.popleft())
+        while self._pending:
+            self._read(*self._pending.popleft())
 
     @staticmethod
     def _read(begin: Any, end: Any, add: Callable[[float], None]) -> None:
@@ -206,10 +202,12 @@ class DeviceLayerStream:
             for _ in range(min(buffers, len(streamed)))
         ]
         self._current: _Slot | None = None
-        self._staged: Any = None  # the event of the last copy out of a disk staging buffer
+        self._stats_lock = threading.Lock()  # the uploader thread adds its copies' time
         self._uploader = None
-        if on_disk:
-            self._uploader = ThreadPoolExecutor(1, thread_name_prefix="lamina-upload")
+        if on_disk:  # its CUDA calls need the context current on its thread
+            self._uploader = ThreadPoolExecutor(
+                1, thread_name_prefix="lamina-upload", initializer=cuda.current_context
+            )
         self._closed = False
         for slot, layer in zip(self._slots, streamed):  # the first pass's first layers
             self._copy(slot, layer)
@@ -285,6 +283,9 @@ class DeviceLayerStream:
         with the slot's previous layer (whose release event is already recorded): from its
         pinned image here, from disk through the uploader thread."""
         layout = self._layouts[layer]
+        if slot.upload is not None:  # an upload into this buffer is still due (random access)
+            slot.upload.result()
+            slot.upload = None
         slot.layer, slot.built = layer, None
         self._stats.copies += 1
         self._stats.bytes_copied += layout.nbytes
@@ -294,15 +295,18 @@ class DeviceLayerStream:
             slot.upload = self._uploader.submit(self._upload, slot, layer, layout.nbytes)
 
     def _upload(self, slot: _Slot, layer: int, nbytes: int) -> None:
-        """On the uploader thread: wait until the copy out of the previous staging buffer is
-        done (asking for the next layer lets the LayerStream refill it), wait for the disk
-        read, queue the copy."""
-        if self._staged is not None:
-            self._staged.synchronize()
-        self._queue_copy(slot, self._disk.read_bytes(layer), nbytes)
-        self._staged = slot.copied
+        """On the uploader thread: wait for the disk read, copy it in, wait for the copy
+        (asking for the next disk layer lets the LayerStream refill this staging buffer)."""
+        source = self._disk.read_bytes(layer)
+        start = time.perf_counter()
+        slot.released.wait(self._copy_stream)
+        slot.buffer[:nbytes].copy_to_device(source, stream=self._copy_stream)
+        slot.copied.record(self._copy_stream)
+        slot.copied.synchronize()
+        self._add_copy(time.perf_counter() - start)
 
     def _queue_copy(self, slot: _Slot, source: np.ndarray, nbytes: int) -> None:
+        """Queue a pinned image's copy into `slot` after compute released it, timed by events."""
         slot.released.wait(self._copy_stream)
         target, stream = slot.buffer[:nbytes], self._copy_stream
         self._clock.time(
@@ -311,10 +315,12 @@ class DeviceLayerStream:
         slot.copied.record(stream)
 
     def _add_copy(self, seconds: float) -> None:
-        self._stats.copy_s += seconds
+        with self._stats_lock:
+            self._stats.copy_s += seconds
 
     def _add_wait(self, seconds: float) -> None:
-        self._stats.wait_s += seconds
+        with self._stats_lock:
+            self._stats.wait_s += seconds
 
     def close(self) -> None:
         """Wait for the copies in flight, then release buffers, images, events and stream."""
@@ -328,7 +334,6 @@ class DeviceLayerStream:
         self._slots = []
         self._pinned = {}
         self._current = None
-        self._staged = None
         self._copy_stream = None
 
     def __enter__(self) -> Self:

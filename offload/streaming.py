@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 # Buffers start on a cache-line boundary; each run keeps its file offset's alignment modulo
 # this, so views have the same alignment as views into a memory map of the file.
 _ALIGN = 64
+_WORD = 4  # the least alignment of a tensor's place in a buffer: kernels read int32 words
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,10 @@ class TensorSpec:
 @dataclass(frozen=True)
 class LayerLayout:
     """How one layer's tensors are read: adjacent tensors are merged into runs, one read
-    each, and every tensor becomes a view at a fixed place in a buffer."""
+    each, and every tensor becomes a view at a fixed place in a buffer, aligned to its item
+    size and at least 4 bytes (kernels read block values as int32 words, which a GPU needs
+    aligned; a checkpoint's odd-length tensors, such as a block weight's kind, can leave the
+    next one's file offset odd)."""
 
     runs: tuple[tuple[int, int, int], ...]  # (file offset, buffer offset, length)
     views: tuple[tuple[str, slice, np.dtype, tuple[int, ...]], ...]  # name, bytes, dtype, shape
@@ -76,12 +80,13 @@ class LayerLayout:
         views = []
         end = 0
         for spec in sorted(specs, key=lambda s: s.offset):
-            if runs and spec.offset == runs[-1][1]:
-                runs[-1][1] += spec.nbytes
-            elif runs and spec.offset < runs[-1][1]:
+            aligned = spec.offset % max(_WORD, np.dtype(spec.dtype).itemsize) == 0
+            if runs and spec.offset < runs[-1][1]:
                 raise ValueError(f"tensor {spec.name!r} overlaps another in the file")
-            else:
-                end += (spec.offset - end) % _ALIGN
+            if runs and spec.offset == runs[-1][1] and aligned:
+                runs[-1][1] += spec.nbytes
+            else:  # a misaligned tensor (after an odd-length one) reads into its own run
+                end += (spec.offset - end) % _ALIGN if aligned else -end % _ALIGN
                 runs.append([spec.offset, spec.offset + spec.nbytes, end])
             run_start, run_end, buf_start = runs[-1]
             at = buf_start + spec.offset - run_start

@@ -284,6 +284,24 @@ def test_layer_layout_merges_adjacent_tensors_and_keeps_alignment():
     assert {name for name, *_ in layout.views} == {"a", "b", "c"}
 
 
+def test_a_tensor_at_an_odd_file_offset_reads_into_an_aligned_place(tmp_path):
+    """A checkpoint's odd-length tensor (a block weight's kind) leaves the next one at an odd
+    file offset: that one gets its own run at a 4-byte boundary of the buffer, and reads
+    back whole (a GPU reads block values as int32 words, aligned)."""
+    kind = np.frombuffer(b"int4-g128", np.uint8)
+    values = np.arange(64, dtype=np.uint8)
+    offsets = [64, 64 + kind.size]
+    (tmp_path / "blob").write_bytes(bytes(64) + kind.tobytes() + values.tobytes())
+    specs = [TensorSpec("kind", offsets[0], kind.dtype, kind.shape),
+             TensorSpec("values", offsets[1], values.dtype, values.shape)]  # fmt: skip
+    layout = LayerLayout.of(specs)
+    assert len(layout.runs) == 2
+    assert all(where.start % 4 == 0 for _, where, *_ in layout.views)
+    with LayerStream(tmp_path / "blob", 1, {}, {0: specs}, lambda i, a: a) as stream:
+        got = stream.fetch(0)
+        assert np.array_equal(got["kind"], kind) and np.array_equal(got["values"], values)
+
+
 _RSS_SCRIPT = """
 import json, sys
 import numpy as np
