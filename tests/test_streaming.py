@@ -180,7 +180,8 @@ def test_unclosed_stream_is_released_when_collected(small_int8):
     llm.generate(PROMPT, GREEDY)
     del llm
     gc.collect()
-    assert process.num_fds() == fds
+    # No more than before: earlier tests' background threads (Ray's, say) may close theirs.
+    assert process.num_fds() <= fds
 
 
 def test_non_checkpoint_too_large_says_to_quantize(tmp_path, tokenizer):
