@@ -25,14 +25,14 @@ multiply-adds, plus m times the block's activation sum.
 from __future__ import annotations
 
 import numpy as np
+from kernels_cpu.matmul_blocks import activation_shapes, padded_inputs
+from kernels_cpu.simd_blocks import ROWS, SUPER
 from numba import cuda, float32, int32
 
 from kernels_gpu.launch import ELEMENTWISE_THREADS, elementwise_grid, empty, no_scale, result
 from kernels_gpu.matmul_f32 import GEMV_MAX_TOKENS, TOKENS, _epilogue, signed_byte
 from kernels_gpu.norms import BLOCK, PLAIN, quantize_blocks
 
-ROWS = 16  # rows of an interleaved group (kernels_cpu.simd_blocks.ROWS)
-SUPER = 256  # inputs per second-level factor (the K-quants' super-block)
 SLOTS = 8  # partial sums per (row, token): a GEMV block's threads per row
 GEMM_TOKENS = 16  # tokens per GEMM block, beside its 16 rows
 
@@ -248,22 +248,6 @@ def _operands(blocks: tuple) -> tuple:
 
     return (values.view(np.int32), high, bits, factors(scale), factors(scale_sup),
             factors(mins), factors(mins_sup), group, zero)  # fmt: skip
-
-
-def padded_inputs(scale, group: int) -> int:
-    """Kp, the padded inputs of a block-format matrix, from its (groups, Kp / group * 16)
-    factors (kernels_cpu.matmul_blocks.padded_inputs)."""
-    return scale.shape[1] * group // ROWS
-
-
-def activation_shapes(tokens: int, kp: int) -> tuple[tuple[tuple[int, int], type], ...]:
-    """(shape, dtype) of the activation scratch (xq, xsum, xs, xm) over kp padded inputs."""
-    return (
-        ((tokens, kp), np.int8),
-        ((tokens, kp // 16), np.int32),
-        ((tokens, kp // BLOCK), np.float32),
-        ((tokens, kp // 16), np.float32),
-    )
 
 
 def gemm_blocks(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from kernels_cpu.simd_blocks import BLOCK, SUM_SPAN
 from numba import cuda, float32, float64, int16, int32
 
 from kernels_gpu.activations import silu_mul_value
@@ -132,11 +133,6 @@ def quantize_rows(x, qmax: int, out=None, stream=0, mode: int = PLAIN, weight=No
     if tokens:
         _quantize_rows[tokens, ROW_THREADS, stream](x, mode, weight, float(eps), qmax, a, a_scale)
     return a, a_scale
-
-
-# The block formats' activation blocks: one int8 scale per BLOCK inputs, sums per SUM_SPAN
-# (kernels_cpu.simd_blocks' BLOCK and SUM_SPAN; kernels do not import the CPU's modules).
-BLOCK, SUM_SPAN = 32, 16
 
 
 @cuda.jit(cache=True)
